@@ -1,0 +1,2 @@
+//! Issuer: signs short-lived workload certificates over the Linkerd identity API.
+#![forbid(unsafe_code)]

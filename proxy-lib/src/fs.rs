@@ -1,0 +1,148 @@
+//! Atomic, mode-correct file writes: a file is either absent, the old one, or the complete new
+//! one, and a secret file is never readable by anyone it should not be, not even for an instant.
+
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Mode for private keys and token files.
+pub const SECRET_MODE: u32 = 0o600;
+/// Mode for private keys readable by a configured group.
+pub const GROUP_SECRET_MODE: u32 = 0o640;
+/// Mode for public material.
+pub const PUBLIC_MODE: u32 = 0o644;
+
+/// A failed file operation, with the path it was about.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct FsError {
+    /// What was being done.
+    pub op: &'static str,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+impl FsError {
+    /// Wraps an IO error with context.
+    pub fn new(op: &'static str, path: &Path, source: io::Error) -> Self {
+        Self {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Creates `path` exclusively (never overwriting) with exactly `mode` (and group `gid` when
+/// given, set before any byte is written), writes `data` and fsyncs it. Blocks.
+pub fn create_new(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Result<(), FsError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| FsError::new("create", path, e))?;
+    let res = (|| {
+        set_owner_mode(&f, mode, gid)?;
+        f.write_all(data)?;
+        f.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(path);
+        return Err(FsError::new("write", path, e));
+    }
+    Ok(())
+}
+
+/// Replaces `path` atomically: writes a temporary file beside it with the final mode, fsyncs
+/// it, renames it over `path` and fsyncs the directory. Blocks.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Result<(), FsError> {
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{:016x}", rand::random::<u64>()));
+    create_new(&tmp, data, mode, gid)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(FsError::new("rename into", path, e));
+    }
+    fsync_dir(dir)
+}
+
+/// Fsyncs a directory so that renames and creations in it survive a crash. Blocks.
+pub fn fsync_dir(dir: &Path) -> Result<(), FsError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FsError::new("fsync", dir, e))
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn set_owner_mode(f: &File, mode: u32, gid: Option<u32>) -> io::Result<()> {
+    if let Some(gid) = gid {
+        std::os::unix::fs::fchown(f, None, Some(gid))?;
+    }
+    // The umask may have narrowed the mode given to open(2): set it exactly, while the file
+    // is still empty.
+    f.set_permissions(Permissions::from_mode(mode))
+}
+
+/// Holds an exclusive advisory lock (flock) on a lock file until dropped.
+#[derive(Debug)]
+pub struct LockGuard {
+    _file: File,
+}
+
+/// Takes an exclusive lock on `path` (created 0600 if missing), waiting for other holders. Blocks.
+pub fn lock_exclusive(path: &Path) -> Result<LockGuard, FsError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(SECRET_MODE)
+        .open(path)
+        .map_err(|e| FsError::new("open lock", path, e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| FsError::new("lock", path, e.into()))?;
+    Ok(LockGuard { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn create_new_refuses_to_overwrite_and_sets_exact_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        create_new(&p, b"one", SECRET_MODE, None).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert!(create_new(&p, b"two", SECRET_MODE, None).is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        write_atomic(&p, b"a", GROUP_SECRET_MODE, None).unwrap();
+        write_atomic(&p, b"b", SECRET_MODE, None).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"b");
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}

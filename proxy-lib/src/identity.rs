@@ -1,0 +1,270 @@
+//! Mesh identity names (Linkerd form) and the SPIFFE IDs derived from them.
+//!
+//! An identity is `<sa>.<ns>.serviceaccount.identity.linkerd.<trust-domain>`; it is carried as
+//! the single DNS SAN of a workload certificate, and the SPIFFE ID
+//! `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` is added as a URI SAN.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The trust domain used when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+const MARKER: &str = ".serviceaccount.identity.linkerd.";
+
+/// Why a name is not a valid identity or trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The name does not have the `<sa>.<ns>.serviceaccount.identity.linkerd.<td>` shape.
+    #[error(
+        "identity {0:?} is not of the form <serviceaccount>.<namespace>.serviceaccount.identity.linkerd.<trust-domain>"
+    )]
+    Shape(String),
+    /// A label is empty, too long or has characters a DNS name cannot hold.
+    #[error("{what} {value:?} is not a valid DNS label or name")]
+    InvalidDns {
+        /// Which part of the name was wrong.
+        what: &'static str,
+        /// The offending text.
+        value: String,
+    },
+    /// The identity belongs to another trust domain.
+    #[error("identity {identity:?} is outside the trust domain {expected:?}")]
+    OutsideTrustDomain {
+        /// The identity that was asked for.
+        identity: String,
+        /// The trust domain that is served.
+        expected: String,
+    },
+}
+
+/// A validated trust domain, e.g. `cluster.local`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TrustDomain(String);
+
+impl TrustDomain {
+    /// Validates a trust domain (a lowercase DNS name).
+    pub fn new(s: &str) -> Result<Self, IdentityError> {
+        let s = s.trim().trim_end_matches('.');
+        if !is_dns_name(s) {
+            return Err(IdentityError::InvalidDns {
+                what: "trust domain",
+                value: s.to_string(),
+            });
+        }
+        Ok(Self(s.to_ascii_lowercase()))
+    }
+
+    /// The trust domain as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The default server name of the identity service in this trust domain
+    /// (`linkerd-identity.linkerd.serviceaccount.identity.linkerd.<td>`).
+    pub fn identity_service_name(&self) -> Identity {
+        Identity::new("linkerd-identity", "linkerd", self).expect("fixed labels are valid")
+    }
+}
+
+impl Default for TrustDomain {
+    fn default() -> Self {
+        Self(DEFAULT_TRUST_DOMAIN.to_string())
+    }
+}
+
+impl fmt::Display for TrustDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for TrustDomain {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+/// A validated mesh identity name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    name: String,
+    sa_end: usize,
+    ns_end: usize,
+    td_start: usize,
+}
+
+impl Identity {
+    /// Builds the identity of service account `sa` in namespace `ns`.
+    pub fn new(sa: &str, ns: &str, td: &TrustDomain) -> Result<Self, IdentityError> {
+        Self::parse(&format!("{sa}.{ns}{MARKER}{td}"))
+    }
+
+    /// Parses and validates an identity name (ASCII case is folded to lowercase).
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let Some(m) = name.find(MARKER) else {
+            return Err(IdentityError::Shape(s.to_string()));
+        };
+        let head = &name[..m];
+        let td = &name[m + MARKER.len()..];
+        let Some((sa, ns)) = head.split_once('.') else {
+            return Err(IdentityError::Shape(s.to_string()));
+        };
+        if ns.contains('.') {
+            return Err(IdentityError::Shape(s.to_string()));
+        }
+        for (what, v) in [("service account", sa), ("namespace", ns)] {
+            if !is_dns_label(v) {
+                return Err(IdentityError::InvalidDns {
+                    what,
+                    value: v.to_string(),
+                });
+            }
+        }
+        if !is_dns_name(td) {
+            return Err(IdentityError::InvalidDns {
+                what: "trust domain",
+                value: td.to_string(),
+            });
+        }
+        if name.len() > 253 {
+            return Err(IdentityError::InvalidDns {
+                what: "identity",
+                value: name,
+            });
+        }
+        Ok(Self {
+            sa_end: sa.len(),
+            ns_end: sa.len() + 1 + ns.len(),
+            td_start: m + MARKER.len(),
+            name,
+        })
+    }
+
+    /// Parses an identity and checks that it belongs to `td`.
+    pub fn parse_in(s: &str, td: &TrustDomain) -> Result<Self, IdentityError> {
+        let id = Self::parse(s)?;
+        if id.trust_domain() != td.as_str() {
+            return Err(IdentityError::OutsideTrustDomain {
+                identity: id.name,
+                expected: td.to_string(),
+            });
+        }
+        Ok(id)
+    }
+
+    /// The full DNS name.
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// The service account label.
+    pub fn service_account(&self) -> &str {
+        &self.name[..self.sa_end]
+    }
+
+    /// The namespace label.
+    pub fn namespace(&self) -> &str {
+        &self.name[self.sa_end + 1..self.ns_end]
+    }
+
+    /// The trust domain part.
+    pub fn trust_domain(&self) -> &str {
+        &self.name[self.td_start..]
+    }
+
+    /// The SPIFFE ID, `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain(),
+            self.namespace(),
+            self.service_account()
+        )
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl FromStr for Identity {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+fn is_dns_label(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= 63
+        && l.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !l.starts_with('-')
+        && !l.ends_with('-')
+}
+
+fn is_dns_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_linkerd_identity_and_derives_spiffe_id() {
+        let id = Identity::parse(
+            "legacy-database.external-services.serviceaccount.identity.linkerd.cluster.local",
+        )
+        .unwrap();
+        assert_eq!(id.service_account(), "legacy-database");
+        assert_eq!(id.namespace(), "external-services");
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(
+            id.spiffe_id(),
+            "spiffe://cluster.local/ns/external-services/sa/legacy-database"
+        );
+        assert!(id.as_str().len() > 64);
+    }
+
+    #[test]
+    fn rejects_malformed_names() {
+        for bad in [
+            "",
+            "foo.bar",
+            "a.b.c.serviceaccount.identity.linkerd.cluster.local",
+            "a.serviceaccount.identity.linkerd.cluster.local",
+            "a_b.ns.serviceaccount.identity.linkerd.cluster.local",
+            "-a.ns.serviceaccount.identity.linkerd.cluster.local",
+            "a.ns.serviceaccount.identity.linkerd.",
+            "a.ns.serviceaccount.identity.linkerd.bad..domain",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn trust_domain_is_enforced() {
+        let td = TrustDomain::new("example.org").unwrap();
+        assert!(
+            Identity::parse_in("a.b.serviceaccount.identity.linkerd.example.org", &td).is_ok()
+        );
+        let err =
+            Identity::parse_in("a.b.serviceaccount.identity.linkerd.cluster.local", &td).unwrap_err();
+        assert!(matches!(err, IdentityError::OutsideTrustDomain { .. }));
+    }
+
+    #[test]
+    fn identity_service_name_matches_linkerd() {
+        assert_eq!(
+            TrustDomain::default().identity_service_name().as_str(),
+            "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local"
+        );
+    }
+}

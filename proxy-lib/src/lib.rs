@@ -1,0 +1,34 @@
+//! The mesh-TLS floor that issuer, rotator and mtls-proxy stand on, and the proxy itself.
+//! 
+//! Layout:
+//! - [`clock`]: the injectable wall clock.
+//! - [`identity`]: Linkerd identity names and SPIFFE IDs.
+//! - [`pem`]: PEM/DER loading of certificates and keys.
+//! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
+//! - [`verify`]: path validation against trust anchors.
+//! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
+//! - [`fs`]: atomic, mode-correct file writes.
+//! - [`admin`]: the admin HTTP endpoints every binary serves.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod bundle;
+pub mod cert;
+pub mod clock;
+pub mod fs;
+pub mod identity;
+pub mod pem;
+pub mod verify;
+
+/// Installs the workspace's one rustls crypto provider (ring) as the process default.
+///
+/// Every `main` calls this first; calling it again is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The crypto provider used everywhere (ring), for building rustls configs explicitly.
+pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}

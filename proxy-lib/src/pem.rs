@@ -1,0 +1,210 @@
+//! PEM/DER loading of certificates and private keys.
+//!
+//! Files may hold PEM (any number of blocks) or a single DER object; parsing is done by
+//! `rustls-pki-types`. Errors name the file and what was wrong, never the key bytes.
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
+
+/// Why certificates or a key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PemError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The bytes are neither PEM nor DER of the expected kind.
+    #[error("{what}: {reason}")]
+    Malformed {
+        /// What was being parsed (usually a path).
+        what: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// No certificate was found.
+    #[error("{0}: no certificate found")]
+    NoCertificate(String),
+}
+
+/// Reads a file into memory. Blocks.
+pub fn read(path: &Path) -> Result<Vec<u8>, PemError> {
+    std::fs::read(path).map_err(|source| PemError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Whether `bytes` look like PEM text (after leading whitespace).
+pub fn is_pem(bytes: &[u8]) -> bool {
+    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
+    bytes[start..].starts_with(b"-----BEGIN")
+}
+
+/// Parses every certificate in PEM text, or one DER certificate. `what` names the source in errors.
+pub fn certs_from_bytes(bytes: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    if !is_pem(bytes) {
+        if bytes.first() == Some(&0x30) {
+            return Ok(vec![CertificateDer::from(bytes.to_vec())]);
+        }
+        return Err(PemError::Malformed {
+            what: what.to_string(),
+            reason: "not PEM and not a DER certificate".into(),
+        });
+    }
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PemError::Malformed {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(PemError::NoCertificate(what.to_string()));
+    }
+    Ok(certs)
+}
+
+/// Reads every certificate in a PEM (or DER) file. Blocks.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    certs_from_bytes(&read(path)?, &path.display().to_string())
+}
+
+/// A private key held in memory: PKCS#8 DER, zeroized when dropped, redacted in `Debug`.
+#[derive(Clone)]
+pub struct PrivateKey(Zeroizing<Vec<u8>>);
+
+impl PrivateKey {
+    /// Wraps PKCS#8 DER bytes.
+    pub fn from_pkcs8_der(der: Vec<u8>) -> Self {
+        Self(Zeroizing::new(der))
+    }
+
+    /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1 labels) or PKCS#8 DER.
+    ///
+    /// Only PKCS#8 is kept as-is; SEC1 EC keys are accepted by rustls too, so the DER
+    /// is kept in whatever form the file had and [`PrivateKey::to_rustls`] labels it.
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Self, PemError> {
+        if !is_pem(bytes) {
+            if bytes.first() == Some(&0x30) {
+                return Ok(Self::from_pkcs8_der(bytes.to_vec()));
+            }
+            return Err(PemError::Malformed {
+                what: what.to_string(),
+                reason: "not PEM and not a DER private key".into(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(bytes).map_err(|e| PemError::Malformed {
+            what: what.to_string(),
+            reason: format!("no usable private key ({e})"),
+        })?;
+        match key {
+            PrivateKeyDer::Pkcs8(k) => Ok(Self::from_pkcs8_der(k.secret_pkcs8_der().to_vec())),
+            other => {
+                // Convert SEC1/PKCS#1 to PKCS#8 through rcgen, which understands both.
+                let pair = rcgen::KeyPair::try_from(&other).map_err(|e| PemError::Malformed {
+                    what: what.to_string(),
+                    reason: format!("unsupported private key ({e})"),
+                })?;
+                Ok(Self::from_pkcs8_der(pair.serialize_der()))
+            }
+        }
+    }
+
+    /// Reads a private key file. Blocks.
+    pub fn read(path: &Path) -> Result<Self, PemError> {
+        let bytes = Zeroizing::new(read(path)?);
+        Self::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// The PKCS#8 DER bytes.
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The key as PKCS#8 PEM text (zeroized when dropped).
+    pub fn to_pem(&self) -> Zeroizing<String> {
+        let block = ::pem::Pem::new("PRIVATE KEY", self.0.to_vec());
+        let text = Zeroizing::new(::pem::encode_config(&block, pem_config()));
+        let mut contents = block.into_contents();
+        zeroize::Zeroize::zeroize(&mut contents);
+        text
+    }
+
+    /// A rustls key (owned copy).
+    pub fn to_rustls(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.to_vec()))
+    }
+
+    /// An rcgen key pair, for signing with this key.
+    pub fn to_rcgen(&self) -> Result<rcgen::KeyPair, PemError> {
+        rcgen::KeyPair::try_from(self.0.as_slice()).map_err(|e| PemError::Malformed {
+            what: "private key".into(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey([secret key elided])")
+    }
+}
+
+/// PEM text for a list of DER certificates.
+pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
+    let mut out = String::new();
+    for c in certs {
+        out.push_str(&der_to_pem("CERTIFICATE", c.as_ref()));
+    }
+    out
+}
+
+/// PEM text for one DER object with the given label.
+pub fn der_to_pem(label: &str, der: &[u8]) -> String {
+    ::pem::encode_config(&::pem::Pem::new(label, der.to_vec()), pem_config())
+}
+
+fn pem_config() -> ::pem::EncodeConfig {
+    ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certs_round_trip_through_pem_and_der() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = cert.der().clone();
+        let pem = certs_to_pem([&der, &der]);
+        assert_eq!(pem, format!("{}{}", cert.pem(), cert.pem()).replace("\r\n", "\n"));
+        let back = certs_from_bytes(pem.as_bytes(), "t").unwrap();
+        assert_eq!(back, vec![der.clone(), der.clone()]);
+        assert_eq!(certs_from_bytes(der.as_ref(), "t").unwrap(), vec![der]);
+        assert!(certs_from_bytes(b"garbage", "t").is_err());
+        assert!(certs_from_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "t").is_err());
+    }
+
+    #[test]
+    fn key_round_trips_and_debug_is_redacted() {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        let key = PrivateKey::from_bytes(pair.serialize_pem().as_bytes(), "k").unwrap();
+        assert_eq!(key.pkcs8_der(), pair.serialize_der().as_slice());
+        let again = PrivateKey::from_bytes(key.to_pem().as_bytes(), "k").unwrap();
+        assert_eq!(again.pkcs8_der(), key.pkcs8_der());
+        assert_eq!(*key.to_pem(), pair.serialize_pem().replace("\r\n", "\n"));
+        assert!(!format!("{key:?}").contains(&format!("{:?}", &key.pkcs8_der()[..8])));
+        assert!(PrivateKey::from_bytes(b"nope", "k").is_err());
+    }
+}

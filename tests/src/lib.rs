@@ -1,0 +1,106 @@
+//! Test kit shared by the end-to-end tests: locating the workspace binaries, temp dirs,
+//! child processes that are always stopped, and free loopback ports.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// Path of a workspace binary (`issuer`, `rotator`, `mtls-proxy`), built once on first use
+/// with the same profile as the running test.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = target_dir();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--bins", "--workspace"]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the workspace binaries");
+        assert!(status.success(), "cargo build of the workspace binaries failed");
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "binary {} was not built", path.display());
+    path
+}
+
+/// `target/<profile>` of the running test binary.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// A child process that is killed and reaped when dropped.
+#[derive(Debug)]
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Sends a signal to the child.
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, sig).expect("kill");
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests that bind it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Installs a test log subscriber once (output captured by the test harness).
+pub fn trace_init() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .try_init();
+}
+
+/// Whether interop tests must run (set by `.ci/run`): a missing tool is then a failure.
+pub fn require_interop() -> bool {
+    std::env::var("REQUIRE_INTEROP").is_ok_and(|v| v == "1")
+}
+
+/// Whether a command-line tool is on PATH.
+pub fn have_tool(name: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {name} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
