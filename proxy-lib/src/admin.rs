@@ -88,12 +88,18 @@ mod tests {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert!(String::from_utf8_lossy(&body).contains("demo_events_total 3"));
 
-        assert_eq!(app.clone().oneshot(get("/live")).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            app.clone().oneshot(get("/live")).await.unwrap().status(),
+            StatusCode::OK
+        );
         assert_eq!(
             app.clone().oneshot(get("/ready")).await.unwrap().status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         flag.store(true, Ordering::SeqCst);
-        assert_eq!(app.oneshot(get("/ready")).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            app.oneshot(get("/ready")).await.unwrap().status(),
+            StatusCode::OK
+        );
     }
 }

@@ -231,7 +231,10 @@ mod tests {
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let mut lp = rcgen::CertificateParams::new(vec!["a.b.serviceaccount.identity.linkerd.cluster.local".into()]).unwrap();
+        let mut lp = rcgen::CertificateParams::new(vec![
+            "a.b.serviceaccount.identity.linkerd.cluster.local".into(),
+        ])
+        .unwrap();
         lp.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -252,21 +255,34 @@ mod tests {
         crate::install_crypto_provider();
         let p = pki();
         let anchors = TrustAnchors::from_certs(vec![p.ca_der.clone()]).unwrap();
-        let b = CertBundle::from_parts(vec![p.leaf_der.clone()], p.leaf_key.clone(), anchors.clone())
-            .unwrap();
+        let b = CertBundle::from_parts(
+            vec![p.leaf_der.clone()],
+            p.leaf_key.clone(),
+            anchors.clone(),
+        )
+        .unwrap();
         b.check(p.now).unwrap();
         b.certified_key().unwrap();
 
         let late = p.now + Duration::from_secs(86_400 * 3);
-        assert!(matches!(b.check(late), Err(BundleError::NotValidNow { .. })));
+        assert!(matches!(
+            b.check(late),
+            Err(BundleError::NotValidNow { .. })
+        ));
 
         let other = PrivateKey::from_pkcs8_der(rcgen::KeyPair::generate().unwrap().serialize_der());
         let wrong_key = CertBundle::from_parts(vec![p.leaf_der.clone()], other, anchors).unwrap();
-        assert!(matches!(wrong_key.check(p.now), Err(BundleError::KeyMismatch { .. })));
+        assert!(matches!(
+            wrong_key.check(p.now),
+            Err(BundleError::KeyMismatch { .. })
+        ));
 
         let foreign = TrustAnchors::from_certs(vec![pki().ca_der]).unwrap();
         let untrusted = CertBundle::from_parts(vec![p.leaf_der], p.leaf_key, foreign).unwrap();
-        assert!(matches!(untrusted.check(p.now), Err(BundleError::Untrusted { .. })));
+        assert!(matches!(
+            untrusted.check(p.now),
+            Err(BundleError::Untrusted { .. })
+        ));
     }
 
     #[test]

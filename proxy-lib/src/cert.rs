@@ -48,7 +48,9 @@ impl CertInfo {
         let (rest, cert) =
             X509Certificate::from_der(der).map_err(|e| CertParseError(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(CertParseError("trailing bytes after the certificate".into()));
+            return Err(CertParseError(
+                "trailing bytes after the certificate".into(),
+            ));
         }
         let mut info = CertInfo {
             serial: cert.tbs_certificate.raw_serial_as_string().replace(':', ""),
@@ -122,8 +124,9 @@ mod tests {
     fn reads_names_validity_and_fingerprint() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(vec!["a.test".into()]).unwrap();
-        p.subject_alt_names
-            .push(rcgen::SanType::URI("spiffe://td/ns/n/sa/s".try_into().unwrap()));
+        p.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://td/ns/n/sa/s".try_into().unwrap(),
+        ));
         p.not_before = rcgen::date_time_ymd(2030, 1, 1);
         p.not_after = rcgen::date_time_ymd(2030, 1, 2);
         let cert = p.self_signed(&key).unwrap();
@@ -132,7 +135,10 @@ mod tests {
         assert_eq!(info.uri_sans, vec!["spiffe://td/ns/n/sa/s"]);
         assert_eq!(info.lifetime(), Duration::from_secs(86_400));
         assert_eq!(info.sha256, sha256_hex(cert.der()));
-        assert_eq!(info.spki_der, rcgen::PublicKeyData::subject_public_key_info(&key));
+        assert_eq!(
+            info.spki_der,
+            rcgen::PublicKeyData::subject_public_key_info(&key)
+        );
         assert!(!info.is_ca);
         assert!(CertInfo::from_der(b"\x30\x03abc").is_err());
     }

@@ -252,11 +252,9 @@ mod tests {
     #[test]
     fn trust_domain_is_enforced() {
         let td = TrustDomain::new("example.org").unwrap();
-        assert!(
-            Identity::parse_in("a.b.serviceaccount.identity.linkerd.example.org", &td).is_ok()
-        );
-        let err =
-            Identity::parse_in("a.b.serviceaccount.identity.linkerd.cluster.local", &td).unwrap_err();
+        assert!(Identity::parse_in("a.b.serviceaccount.identity.linkerd.example.org", &td).is_ok());
+        let err = Identity::parse_in("a.b.serviceaccount.identity.linkerd.cluster.local", &td)
+            .unwrap_err();
         assert!(matches!(err, IdentityError::OutsideTrustDomain { .. }));
     }
 

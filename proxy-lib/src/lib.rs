@@ -1,5 +1,5 @@
 //! The mesh-TLS floor that issuer, rotator and mtls-proxy stand on, and the proxy itself.
-//! 
+//!
 //! Layout:
 //! - [`clock`]: the injectable wall clock.
 //! - [`identity`]: Linkerd identity names and SPIFFE IDs.
@@ -19,6 +19,8 @@ pub mod clock;
 pub mod fs;
 pub mod identity;
 pub mod pem;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod verify;
 
 /// Installs the workspace's one rustls crypto provider (ring) as the process default.

@@ -44,12 +44,18 @@ pub fn read(path: &Path) -> Result<Vec<u8>, PemError> {
 
 /// Whether `bytes` look like PEM text (after leading whitespace).
 pub fn is_pem(bytes: &[u8]) -> bool {
-    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
     bytes[start..].starts_with(b"-----BEGIN")
 }
 
 /// Parses every certificate in PEM text, or one DER certificate. `what` names the source in errors.
-pub fn certs_from_bytes(bytes: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, PemError> {
+pub fn certs_from_bytes(
+    bytes: &[u8],
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, PemError> {
     if !is_pem(bytes) {
         if bytes.first() == Some(&0x30) {
             return Ok(vec![CertificateDer::from(bytes.to_vec())]);
@@ -188,12 +194,21 @@ mod tests {
             .unwrap();
         let der = cert.der().clone();
         let pem = certs_to_pem([&der, &der]);
-        assert_eq!(pem, format!("{}{}", cert.pem(), cert.pem()).replace("\r\n", "\n"));
+        assert_eq!(
+            pem,
+            format!("{}{}", cert.pem(), cert.pem()).replace("\r\n", "\n")
+        );
         let back = certs_from_bytes(pem.as_bytes(), "t").unwrap();
         assert_eq!(back, vec![der.clone(), der.clone()]);
         assert_eq!(certs_from_bytes(der.as_ref(), "t").unwrap(), vec![der]);
         assert!(certs_from_bytes(b"garbage", "t").is_err());
-        assert!(certs_from_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "t").is_err());
+        assert!(
+            certs_from_bytes(
+                b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                "t"
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -100,7 +100,10 @@ impl TrustAnchors {
     ) -> Result<(), VerifyError> {
         let ee = webpki::EndEntityCert::try_from(leaf)
             .map_err(|e| VerifyError::Untrusted(format!("leaf: {e:?}")))?;
-        let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
         let usage = match usage {
             Usage::Server => webpki::KeyUsage::server_auth(),

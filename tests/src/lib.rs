@@ -19,8 +19,13 @@ pub fn bin(name: &str) -> PathBuf {
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("run cargo build for the workspace binaries");
-        assert!(status.success(), "cargo build of the workspace binaries failed");
+        let status = cmd
+            .status()
+            .expect("run cargo build for the workspace binaries");
+        assert!(
+            status.success(),
+            "cargo build of the workspace binaries failed"
+        );
     });
     let path = dir.join(name);
     assert!(path.exists(), "binary {} was not built", path.display());
@@ -68,7 +73,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -86,8 +94,7 @@ pub fn trace_init() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .try_init();
 }

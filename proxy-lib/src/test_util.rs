@@ -1,0 +1,127 @@
+//! Test fixtures (feature `test-util`): a throwaway PKI made with rcgen at test time, and a
+//! writer of the `..data` cert-dir layout. Never used by shipped code paths.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateDer;
+
+use crate::bundle::{CA_FILE, CERT_FILE, CertBundle, DATA_LINK, KEY_FILE};
+use crate::identity::Identity;
+use crate::pem::{PrivateKey, certs_to_pem};
+use crate::verify::TrustAnchors;
+
+/// A trust anchor and an issuer CA under it, valid around `now`.
+pub struct TestPki {
+    /// The anchor certificate (self-signed root).
+    pub anchor: CertificateDer<'static>,
+    /// The anchor's key.
+    pub anchor_key: KeyPair,
+    /// The issuer CA certificate (pathlen 0).
+    pub issuer: CertificateDer<'static>,
+    /// The issuer CA's key.
+    pub issuer_key: KeyPair,
+    issuer_params: CertificateParams,
+}
+
+impl TestPki {
+    /// A fresh anchor (valid 10 years around `now`) and issuer CA (valid 1 year around `now`).
+    pub fn new(now: SystemTime) -> Self {
+        let anchor_key = KeyPair::generate().expect("keygen");
+        let mut ap = CertificateParams::new(Vec::new()).expect("params");
+        ap.distinguished_name
+            .push(DnType::CommonName, "root.linkerd.cluster.local");
+        ap.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ap.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ap.not_before = (now - Duration::from_secs(3600)).into();
+        ap.not_after = (now + Duration::from_secs(3650 * 86_400)).into();
+        let anchor = ap.self_signed(&anchor_key).expect("sign anchor");
+        let anchor_issuer = Issuer::new(ap, &anchor_key);
+
+        let issuer_key = KeyPair::generate().expect("keygen");
+        let mut ip = CertificateParams::new(Vec::new()).expect("params");
+        ip.distinguished_name
+            .push(DnType::CommonName, "identity.linkerd.cluster.local");
+        ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ip.use_authority_key_identifier_extension = true;
+        ip.not_before = (now - Duration::from_secs(3600)).into();
+        ip.not_after = (now + Duration::from_secs(365 * 86_400)).into();
+        let issuer = ip
+            .signed_by(&issuer_key, &anchor_issuer)
+            .expect("sign issuer");
+        Self {
+            anchor: anchor.der().clone(),
+            anchor_key,
+            issuer: issuer.der().clone(),
+            issuer_key,
+            issuer_params: ip,
+        }
+    }
+
+    /// The anchors as `TrustAnchors`.
+    pub fn anchors(&self) -> TrustAnchors {
+        TrustAnchors::from_certs(vec![self.anchor.clone()]).expect("anchor")
+    }
+
+    /// A workload leaf for `identity` valid `[not_before, not_after]`, chained through the
+    /// issuer, with a fresh key: the bundle (leaf + issuer, key, anchors).
+    pub fn leaf(
+        &self,
+        identity: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> CertBundle {
+        let key = KeyPair::generate().expect("keygen");
+        let mut p = CertificateParams::new(vec![identity.to_string()]).expect("params");
+        p.subject_alt_names.push(SanType::URI(
+            identity
+                .spiffe_id()
+                .try_into()
+                .expect("spiffe id is an ia5 string"),
+        ));
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = not_before.into();
+        p.not_after = not_after.into();
+        let issuer = Issuer::from_params(&self.issuer_params, &self.issuer_key);
+        let cert = p.signed_by(&key, &issuer).expect("sign leaf");
+        CertBundle::from_parts(
+            vec![cert.der().clone(), self.issuer.clone()],
+            PrivateKey::from_pkcs8_der(key.serialize_der()),
+            self.anchors(),
+        )
+        .expect("bundle")
+    }
+}
+
+/// Writes `bundle` as a new version dir under `dir` and points `..data` (and the top-level
+/// symlinks) at it with a rename, like the rotator does (without its crash-safety work).
+/// Returns the version dir.
+pub fn write_data_dir(dir: &Path, bundle: &CertBundle) -> PathBuf {
+    let name = format!("..test.{:016x}", rand::random::<u64>());
+    let version = dir.join(&name);
+    std::fs::create_dir_all(&version).expect("mkdir version");
+    std::fs::write(version.join(CERT_FILE), certs_to_pem(&bundle.chain)).expect("write cert");
+    std::fs::write(version.join(KEY_FILE), bundle.key.to_pem().as_bytes()).expect("write key");
+    std::fs::write(version.join(CA_FILE), certs_to_pem(bundle.anchors.certs())).expect("write ca");
+    let tmp = dir.join(format!("..data_tmp.{:016x}", rand::random::<u64>()));
+    std::os::unix::fs::symlink(&name, &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join(DATA_LINK)).expect("rename ..data");
+    for f in [CERT_FILE, KEY_FILE, CA_FILE] {
+        let link = dir.join(f);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new(DATA_LINK).join(f), &link).expect("symlink file");
+        }
+    }
+    version
+}
