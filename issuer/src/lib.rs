@@ -1,2 +1,20 @@
 //! Issuer: signs short-lived workload certificates over the Linkerd identity API.
+//!
+//! Layout:
+//! - [`error`]: the error type and its mapping to gRPC status codes.
+//! - [`csr`]: CSR validation (pure).
+//! - [`policy`]: identities and validity windows (pure).
+//! - [`ca`]: loading and validating the issuer CA.
+//! - [`signer`]: building leaves from policy.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod ca;
+pub mod csr;
+pub mod error;
+pub mod policy;
+pub mod signer;
+pub mod tokens;
+
+pub use error::{Error, Result};

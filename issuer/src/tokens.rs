@@ -1,0 +1,620 @@
+//! Bootstrap tokens: creation, the on-disk store (SHA-256 at rest, atomic rewrite under a
+//! lock), lookup in constant time, expiry, allowed source addresses and revocation.
+//!
+//! A token is 256 random bits, shown once as 64 hex characters. The store keeps revoked
+//! records, so "revoked" stays distinguishable from "unknown".
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use proxy_lib::identity::Identity;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::error::{AuthError, Error, Result};
+
+/// Version of the store file format.
+const STORE_VERSION: u32 = 1;
+
+/// An address or network a token may be used from: `10.1.2.3` or `10.1.0.0/16`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` lies inside this network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR network"))?;
+        let addr = addr.to_canonical();
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let max = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == max {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One token record as stored (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public id, for `list`, `revoke`, logs and audit.
+    pub id: String,
+    /// SHA-256 of the token, hex.
+    pub sha256: String,
+    /// The identity the token may request.
+    pub identity: String,
+    /// Creation time, Unix seconds.
+    pub created: u64,
+    /// Expiry, Unix seconds; `None` = until revoked.
+    #[serde(default)]
+    pub expires: Option<u64>,
+    /// Source addresses allowed; empty = any.
+    #[serde(default)]
+    pub allowed_ips: Vec<IpNet>,
+    /// Revocation time, Unix seconds.
+    #[serde(default)]
+    pub revoked: Option<u64>,
+}
+
+impl TokenRecord {
+    /// `active`, `expired` or `revoked` at `now`.
+    pub fn status(&self, now: SystemTime) -> &'static str {
+        if self.revoked.is_some() {
+            "revoked"
+        } else if self
+            .expires
+            .is_some_and(|e| proxy_lib::clock::unix_secs(now) >= e)
+        {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StoreFile {
+    version: u32,
+    #[serde(default)]
+    tokens: Vec<TokenRecord>,
+}
+
+/// A freshly created token: the secret (shown once) and its record.
+pub struct NewToken {
+    /// The token text (64 hex characters), zeroized on drop.
+    pub secret: Zeroizing<String>,
+    /// What was stored.
+    pub record: TokenRecord,
+}
+
+impl std::fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewToken")
+            .field("secret", &"[elided]")
+            .field("record", &self.record)
+            .finish()
+    }
+}
+
+/// Options for [`create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// The identity (already checked against the trust domain).
+    pub identity: Identity,
+    /// Time to live; `None` = until revoked.
+    pub ttl: Option<Duration>,
+    /// Allowed source addresses; empty = any.
+    pub allowed_ips: Vec<IpNet>,
+}
+
+fn sha256_of(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// The token as presented: surrounding ASCII whitespace is ignored.
+pub fn trim_token(token: &[u8]) -> &[u8] {
+    token.trim_ascii()
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+fn read_file(path: &Path) -> Result<StoreFile> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let file: StoreFile =
+                serde_json::from_slice(&bytes).map_err(|e| Error::TokenStore {
+                    path: path.to_path_buf(),
+                    reason: format!("not a valid token store ({e})"),
+                })?;
+            if file.version != STORE_VERSION {
+                return Err(Error::TokenStore {
+                    path: path.to_path_buf(),
+                    reason: format!("unsupported version {}", file.version),
+                });
+            }
+            Ok(file)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreFile {
+            version: STORE_VERSION,
+            tokens: Vec::new(),
+        }),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Reads, changes and atomically rewrites the store under its lock file. Blocks.
+fn modify<T>(path: &Path, f: impl FnOnce(&mut StoreFile) -> Result<T>) -> Result<T> {
+    let _guard = proxy_lib::fs::lock_exclusive(&lock_path(path))?;
+    let mut file = read_file(path)?;
+    let out = f(&mut file)?;
+    let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::TokenStore {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    proxy_lib::fs::write_atomic(path, &json, proxy_lib::fs::SECRET_MODE, None)?;
+    Ok(out)
+}
+
+/// Creates a token and appends its record to the store at `path`. Blocks.
+pub fn create(path: &Path, opts: &CreateOptions, now: SystemTime) -> Result<NewToken> {
+    let bytes: Zeroizing<[u8; 32]> = Zeroizing::new(rand::random());
+    let secret = Zeroizing::new(hex::encode(*bytes));
+    let created = proxy_lib::clock::unix_secs(now);
+    let record = TokenRecord {
+        id: hex::encode(rand::random::<[u8; 6]>()),
+        sha256: hex::encode(sha256_of(secret.as_bytes())),
+        identity: opts.identity.to_string(),
+        created,
+        expires: opts.ttl.map(|t| created + t.as_secs().max(1)),
+        allowed_ips: opts.allowed_ips.clone(),
+        revoked: None,
+    };
+    let stored = record.clone();
+    modify(path, move |f| {
+        f.tokens.push(stored);
+        Ok(())
+    })?;
+    Ok(NewToken { secret, record })
+}
+
+/// Marks the token `id` revoked (the record is kept). Blocks.
+pub fn revoke(path: &Path, id: &str, now: SystemTime) -> Result<TokenRecord> {
+    modify(path, |f| {
+        let rec = f
+            .tokens
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or_else(|| Error::NoSuchToken(id.to_string()))?;
+        if rec.revoked.is_none() {
+            rec.revoked = Some(proxy_lib::clock::unix_secs(now));
+        }
+        Ok(rec.clone())
+    })
+}
+
+/// All records in the store. Blocks.
+pub fn list(path: &Path) -> Result<Vec<TokenRecord>> {
+    Ok(read_file(path)?.tokens)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: Option<SystemTime>,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: m.modified().ok(),
+    })
+}
+
+struct Loaded {
+    records: Vec<(TokenRecord, [u8; 32])>,
+}
+
+/// The server's view of the store: re-read when the file changes (its inode, size or mtime
+/// differ), checked on every lookup (one `stat`). A store that fails to parse is logged and
+/// the last good contents are kept.
+pub struct TokenStore {
+    path: PathBuf,
+    loaded: ArcSwap<Loaded>,
+    stamp: Mutex<Option<FileStamp>>,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl TokenStore {
+    /// Opens the store at `path` (a missing file is an empty store). Blocks.
+    pub fn open(path: &Path) -> Result<Self> {
+        let s = Self {
+            path: path.to_path_buf(),
+            loaded: ArcSwap::from_pointee(Loaded {
+                records: Vec::new(),
+            }),
+            stamp: Mutex::new(None),
+        };
+        let st = stamp(path);
+        let file = read_file(path)?;
+        s.install(file);
+        *s.stamp.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        Ok(s)
+    }
+
+    fn install(&self, file: StoreFile) {
+        let records = file
+            .tokens
+            .into_iter()
+            .filter_map(|r| {
+                let mut h = [0u8; 32];
+                hex::decode_to_slice(&r.sha256, &mut h).ok()?;
+                Some((r, h))
+            })
+            .collect();
+        self.loaded.store(Arc::new(Loaded { records }));
+    }
+
+    /// Re-reads the file if it changed since the last look. Blocks (one `stat`).
+    pub fn refresh(&self) {
+        let now = stamp(&self.path);
+        let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == now {
+            return;
+        }
+        match read_file(&self.path) {
+            Ok(file) => {
+                let n = file.tokens.len();
+                self.install(file);
+                *last = now;
+                tracing::info!(path = %self.path.display(), tokens = n, "token store reloaded");
+            }
+            Err(error) => {
+                *last = now;
+                tracing::warn!(%error, "token store unreadable; keeping the previous contents");
+            }
+        }
+    }
+
+    /// Looks a presented token up and checks it for `identity`, from `peer`, at `now`.
+    /// `Ok(None)`: the token is not one of ours (another authenticator may know it).
+    pub fn check(
+        &self,
+        token: &[u8],
+        identity: &Identity,
+        peer: Option<IpAddr>,
+        now: SystemTime,
+    ) -> std::result::Result<Option<TokenRecord>, AuthError> {
+        self.refresh();
+        let token = trim_token(token);
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let h = sha256_of(token);
+        let loaded = self.loaded.load();
+        // Compare against every record so the time taken does not depend on which matched.
+        let mut found: Option<&TokenRecord> = None;
+        for (rec, hash) in &loaded.records {
+            if bool::from(hash.ct_eq(&h)) {
+                found = Some(rec);
+            }
+        }
+        let Some(rec) = found else {
+            return Ok(None);
+        };
+        if rec.revoked.is_some() {
+            return Err(AuthError::Revoked { id: rec.id.clone() });
+        }
+        if let Some(exp) = rec.expires {
+            if proxy_lib::clock::unix_secs(now) >= exp {
+                return Err(AuthError::Expired {
+                    id: rec.id.clone(),
+                    at: proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(exp)),
+                });
+            }
+        }
+        if !rec.identity.eq_ignore_ascii_case(identity.as_str()) {
+            return Err(AuthError::WrongIdentity {
+                id: rec.id.clone(),
+                requested: identity.to_string(),
+            });
+        }
+        if !rec.allowed_ips.is_empty() {
+            let Some(ip) = peer else {
+                return Err(AuthError::PeerUnknown { id: rec.id.clone() });
+            };
+            if !rec.allowed_ips.iter().any(|n| n.contains(ip)) {
+                return Err(AuthError::SourceNotAllowed {
+                    id: rec.id.clone(),
+                    peer: ip,
+                });
+            }
+        }
+        Ok(Some(rec.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proxy_lib::clock::{Clock, FakeClock};
+    use std::os::unix::fs::MetadataExt;
+
+    fn id(sa: &str) -> Identity {
+        Identity::parse(&format!(
+            "{sa}.ns.serviceaccount.identity.linkerd.cluster.local"
+        ))
+        .unwrap()
+    }
+
+    fn opts(sa: &str) -> CreateOptions {
+        CreateOptions {
+            identity: id(sa),
+            ttl: None,
+            allowed_ips: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn create_stores_only_the_hash_with_mode_0600() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let clock = FakeClock::at_unix(2_000_000_000);
+        let t = create(&p, &opts("a"), clock.now()).unwrap();
+        assert_eq!(t.secret.len(), 64);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(!text.contains(t.secret.as_str()));
+        assert!(text.contains(&t.record.sha256));
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert!(!format!("{t:?}").contains(t.secret.as_str()));
+        assert_eq!(list(&p).unwrap(), vec![t.record.clone()]);
+    }
+
+    #[test]
+    fn check_covers_every_outcome() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let clock = FakeClock::at_unix(2_000_000_000);
+        let good = create(&p, &opts("a"), clock.now()).unwrap();
+        let expiring = create(
+            &p,
+            &CreateOptions {
+                ttl: Some(Duration::from_secs(60)),
+                ..opts("a")
+            },
+            clock.now(),
+        )
+        .unwrap();
+        let bound = create(
+            &p,
+            &CreateOptions {
+                allowed_ips: vec!["10.1.0.0/16".parse().unwrap(), "::1".parse().unwrap()],
+                ..opts("a")
+            },
+            clock.now(),
+        )
+        .unwrap();
+        let revoked = create(&p, &opts("a"), clock.now()).unwrap();
+        revoke(&p, &revoked.record.id, clock.now()).unwrap();
+        let store = TokenStore::open(&p).unwrap();
+        let any = Some("192.0.2.1".parse().unwrap());
+
+        // whitespace around the token is ignored
+        let padded = format!("  {}\n", good.secret.as_str());
+        assert!(
+            store
+                .check(padded.as_bytes(), &id("a"), any, clock.now())
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(store.check(b"", &id("a"), any, clock.now()), Ok(None));
+        assert_eq!(store.check(b"  \n", &id("a"), any, clock.now()), Ok(None));
+        assert_eq!(store.check(b"nope", &id("a"), any, clock.now()), Ok(None));
+        assert!(matches!(
+            store.check(revoked.secret.as_bytes(), &id("a"), any, clock.now()),
+            Err(AuthError::Revoked { .. })
+        ));
+        assert!(matches!(
+            store.check(good.secret.as_bytes(), &id("b"), any, clock.now()),
+            Err(AuthError::WrongIdentity { .. })
+        ));
+        // expiry on the fake clock
+        assert!(
+            store
+                .check(expiring.secret.as_bytes(), &id("a"), any, clock.now())
+                .is_ok()
+        );
+        clock.advance(Duration::from_secs(59));
+        assert!(
+            store
+                .check(expiring.secret.as_bytes(), &id("a"), any, clock.now())
+                .unwrap()
+                .is_some()
+        );
+        clock.advance(Duration::from_secs(1));
+        assert!(matches!(
+            store.check(expiring.secret.as_bytes(), &id("a"), any, clock.now()),
+            Err(AuthError::Expired { .. })
+        ));
+        // source addresses, failing closed without a peer
+        let b = bound.secret.as_bytes();
+        assert!(
+            store
+                .check(b, &id("a"), Some("10.1.2.3".parse().unwrap()), clock.now())
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .check(
+                    b,
+                    &id("a"),
+                    Some("::ffff:10.1.2.3".parse().unwrap()),
+                    clock.now()
+                )
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .check(b, &id("a"), Some("::1".parse().unwrap()), clock.now())
+                .unwrap()
+                .is_some()
+        );
+        assert!(matches!(
+            store.check(b, &id("a"), Some("10.2.0.1".parse().unwrap()), clock.now()),
+            Err(AuthError::SourceNotAllowed { .. })
+        ));
+        assert!(matches!(
+            store.check(b, &id("a"), None, clock.now()),
+            Err(AuthError::PeerUnknown { .. })
+        ));
+    }
+
+    #[test]
+    fn server_view_follows_file_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let clock = FakeClock::at_unix(2_000_000_000);
+        let store = TokenStore::open(&p).unwrap();
+        let t = create(&p, &opts("a"), clock.now()).unwrap();
+        assert!(
+            store
+                .check(t.secret.as_bytes(), &id("a"), None, clock.now())
+                .unwrap()
+                .is_some()
+        );
+        revoke(&p, &t.record.id, clock.now()).unwrap();
+        assert!(matches!(
+            store.check(t.secret.as_bytes(), &id("a"), None, clock.now()),
+            Err(AuthError::Revoked { .. })
+        ));
+        // a corrupt rewrite keeps the last good contents
+        proxy_lib::fs::write_atomic(&p, b"{not json", 0o600, None).unwrap();
+        assert!(matches!(
+            store.check(t.secret.as_bytes(), &id("a"), None, clock.now()),
+            Err(AuthError::Revoked { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_creates_lose_no_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..5 {
+                        create(&p, &opts("a"), UNIX_EPOCH + Duration::from_secs(10)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(list(&p).unwrap().len(), 40);
+    }
+
+    #[test]
+    fn ipnet_parsing() {
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("bogus".parse::<IpNet>().is_err());
+        let n: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(n.contains("8.8.8.8".parse().unwrap()));
+        assert!(!n.contains("::2".parse().unwrap()));
+        assert_eq!(
+            "10.1.0.0/16".parse::<IpNet>().unwrap().to_string(),
+            "10.1.0.0/16"
+        );
+        assert_eq!(
+            revoke(Path::new("/nonexistent/x/tokens"), "x", UNIX_EPOCH).is_err(),
+            true
+        );
+    }
+}
