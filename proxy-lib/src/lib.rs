@@ -9,6 +9,9 @@
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
 //! - [`fs`]: atomic, mode-correct file writes.
 //! - [`admin`]: the admin HTTP endpoints every binary serves.
+//! - `proxy` (feature `proxy`): the reloadable mTLS proxy behind the `mtls-proxy` binary, and
+//!   the embedding API (`proxy::Reloader`) for services that want rustls configs that follow
+//!   certificate reloads.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -19,6 +22,8 @@ pub mod clock;
 pub mod fs;
 pub mod identity;
 pub mod pem;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod verify;

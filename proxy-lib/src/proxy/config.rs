@@ -1,0 +1,584 @@
+//! The proxy's configuration: the command line and the TOML file (same keys) as a raw layer,
+//! validated once into [`Config`]. Every bad field is reported, not just the first.
+//!
+//! ```toml
+//! certs = "/var/lib/mtls/certs"          # the rotator's dir (..data layout)
+//! # trust_anchors = "/etc/mtls/ca.crt"   # default: the snapshot's own ca.crt
+//! inbound = ["0.0.0.0:4143=127.0.0.1:5432"]
+//! outbound = ["127.0.0.1:4140=db.example.net:4143@legacy-database.external-services.serviceaccount.identity.linkerd.cluster.local"]
+//! admin = "127.0.0.1:4191"
+//! pidfile = "/run/mtls-proxy.pid"
+//! allow_client = []                      # identities allowed inbound; empty = any in the mesh
+//! connect_timeout = "5s"
+//! handshake_timeout = "10s"
+//! idle_timeout = "10m"
+//! max_connections = 10000
+//! drain_timeout = "10s"
+//! watch_interval = "5s"                  # "0s" = reload only on SIGHUP / POST /reload
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use serde::Deserialize;
+
+/// Default admin listen address (loopback).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
+/// Default timeout for connecting to the app or an outbound target.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default timeout for a TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle timeout: a connection with no bytes either way for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default limit of connections open at once (all listeners together).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default time open connections get to finish after SIGTERM before they are cut.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default interval of the `..data` change check (a cheap readlink), besides SIGHUP.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the configuration is unusable (a usage error: the binary exits 64).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML of the expected shape.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// One or more fields are invalid; each problem is listed.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+/// The raw layer: every key optional, as read from the file and/or flags.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Cert dir.
+    pub certs: Option<PathBuf>,
+    /// Anchors file (default: the snapshot's `ca.crt`).
+    pub trust_anchors: Option<PathBuf>,
+    /// `LISTEN=APP_HOST:PORT` entries.
+    #[serde(default)]
+    pub inbound: Vec<String>,
+    /// `LISTEN=HOST:PORT@IDENTITY` entries.
+    #[serde(default)]
+    pub outbound: Vec<String>,
+    /// Admin listen address.
+    pub admin: Option<String>,
+    /// Allow a non-loopback admin address.
+    pub admin_allow_remote: Option<bool>,
+    /// Allow a non-loopback outbound (plaintext) listen address.
+    pub outbound_allow_remote: Option<bool>,
+    /// Pidfile path.
+    pub pidfile: Option<PathBuf>,
+    /// Client identities allowed inbound (empty: any that chains to the anchors).
+    #[serde(default)]
+    pub allow_client: Vec<String>,
+    /// Connect timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// Handshake timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    /// Idle timeout.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Connection limit.
+    pub max_connections: Option<usize>,
+    /// Drain timeout at shutdown.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    /// `..data` check interval (0 = off).
+    #[serde(default, with = "humantime_serde")]
+    pub watch_interval: Option<Duration>,
+}
+
+impl RawConfig {
+    /// Parses TOML text; `path` names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads a TOML file. Blocks.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// `self` with every key set in `over` replaced (lists replace, not append).
+    pub fn overlay(mut self, over: RawConfig) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
+        }
+        take!(
+            certs,
+            trust_anchors,
+            admin,
+            admin_allow_remote,
+            outbound_allow_remote,
+            pidfile,
+            connect_timeout,
+            handshake_timeout,
+            idle_timeout,
+            max_connections,
+            drain_timeout,
+            watch_interval
+        );
+        for (mine, theirs) in [
+            (&mut self.inbound, over.inbound),
+            (&mut self.outbound, over.outbound),
+            (&mut self.allow_client, over.allow_client),
+        ] {
+            if !theirs.is_empty() {
+                *mine = theirs;
+            }
+        }
+        self
+    }
+}
+
+/// An inbound listener: terminate mTLS on `listen`, forward to `app`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// The local app, `host:port`.
+    pub app: String,
+}
+
+/// An outbound listener: accept plaintext on `listen`, originate mTLS to `target`, requiring
+/// the server's certificate to carry `identity`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// Address to listen on (loopback unless explicitly allowed).
+    pub listen: SocketAddr,
+    /// The target, `host:port`.
+    pub target: String,
+    /// The identity (DNS SAN) the target's certificate must carry; also sent as SNI.
+    pub identity: ServerName<'static>,
+}
+
+/// Timeouts and limits of the data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connecting to the app or target.
+    pub connect_timeout: Duration,
+    /// Completing a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// No bytes either way for this long closes the connection.
+    pub idle_timeout: Duration,
+    /// Connections open at once, all listeners together.
+    pub max_connections: usize,
+    /// Grace period for open connections at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Cert dir.
+    pub certs: PathBuf,
+    /// Separate anchors file, or `None` for the snapshot's `ca.crt`.
+    pub trust_anchors: Option<PathBuf>,
+    /// Inbound listeners.
+    pub inbound: Vec<Inbound>,
+    /// Outbound listeners.
+    pub outbound: Vec<Outbound>,
+    /// Admin listen address.
+    pub admin: SocketAddr,
+    /// Pidfile, written at start and removed on clean exit.
+    pub pidfile: Option<PathBuf>,
+    /// Allowed client identities (empty: any).
+    pub allow_client: Vec<String>,
+    /// Timeouts and limits.
+    pub limits: Limits,
+    /// `..data` change check interval; `None` = off.
+    pub watch_interval: Option<Duration>,
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let mut bad = Vec::new();
+        let certs = raw.certs.clone().unwrap_or_else(|| {
+            bad.push("certs: the certificate directory is required (--certs DIR)".into());
+            PathBuf::new()
+        });
+        let inbound: Vec<Inbound> = raw
+            .inbound
+            .iter()
+            .filter_map(|s| {
+                parse_inbound(s)
+                    .map_err(|e| bad.push(format!("inbound {s:?}: {e}")))
+                    .ok()
+            })
+            .collect();
+        let outbound: Vec<Outbound> = raw
+            .outbound
+            .iter()
+            .filter_map(|s| {
+                parse_outbound(s)
+                    .map_err(|e| bad.push(format!("outbound {s:?}: {e}")))
+                    .ok()
+            })
+            .collect();
+        if raw.inbound.is_empty() && raw.outbound.is_empty() {
+            bad.push("no listener: give at least one --inbound or --outbound".into());
+        }
+        if !raw.outbound_allow_remote.unwrap_or(false) {
+            for o in &outbound {
+                if !o.listen.ip().is_loopback() {
+                    bad.push(format!(
+                        "outbound listen address {} is not loopback: plaintext would be exposed \
+                         to the network (set outbound_allow_remote = true to allow)",
+                        o.listen
+                    ));
+                }
+            }
+        }
+        let admin_text = raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN);
+        let admin = match admin_text.parse::<SocketAddr>() {
+            Ok(a) => {
+                if !a.ip().is_loopback() && !raw.admin_allow_remote.unwrap_or(false) {
+                    bad.push(format!(
+                        "admin address {a} is not loopback (set admin_allow_remote = true to allow \
+                         POST /reload from the network)"
+                    ));
+                }
+                a
+            }
+            Err(e) => {
+                bad.push(format!("admin {admin_text:?}: {e} (want IP:PORT)"));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        let mut allow_client = Vec::new();
+        for id in &raw.allow_client {
+            match ServerName::try_from(id.trim()) {
+                Ok(ServerName::DnsName(_)) => allow_client.push(id.trim().to_ascii_lowercase()),
+                _ => bad.push(format!("allow_client {id:?}: not a DNS identity name")),
+            }
+        }
+        let mut nonzero = |what: &str, d: Option<Duration>, default: Duration| {
+            let d = d.unwrap_or(default);
+            if d.is_zero() {
+                bad.push(format!("{what}: must be greater than zero"));
+            }
+            d
+        };
+        let connect_timeout = nonzero(
+            "connect_timeout",
+            raw.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let handshake_timeout = nonzero(
+            "handshake_timeout",
+            raw.handshake_timeout,
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        );
+        let idle_timeout = nonzero("idle_timeout", raw.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        // The semaphore's limit; also keeps `acquire_many` at shutdown within u32.
+        if max_connections == 0 || max_connections > 1_000_000 {
+            bad.push(format!(
+                "max_connections {max_connections}: must be between 1 and 1000000"
+            ));
+        }
+        let drain_timeout = raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+        let watch_interval = match raw.watch_interval.unwrap_or(DEFAULT_WATCH_INTERVAL) {
+            d if d.is_zero() => None,
+            d => Some(d),
+        };
+        if !bad.is_empty() {
+            return Err(ConfigError::Invalid(bad));
+        }
+        Ok(Config {
+            certs,
+            trust_anchors: raw.trust_anchors,
+            inbound,
+            outbound,
+            admin,
+            pidfile: raw.pidfile,
+            allow_client,
+            limits: Limits {
+                connect_timeout,
+                handshake_timeout,
+                idle_timeout,
+                max_connections,
+                drain_timeout,
+            },
+            watch_interval,
+        })
+    }
+}
+
+fn parse_inbound(s: &str) -> Result<Inbound, String> {
+    let (listen, app) = s
+        .split_once('=')
+        .ok_or("want LISTEN_IP:PORT=APP_HOST:PORT")?;
+    Ok(Inbound {
+        listen: parse_listen(listen)?,
+        app: parse_host_port(app)?,
+    })
+}
+
+fn parse_outbound(s: &str) -> Result<Outbound, String> {
+    let (listen, rest) = s
+        .split_once('=')
+        .ok_or("want LISTEN_IP:PORT=HOST:PORT@IDENTITY")?;
+    let (target, identity) = rest
+        .rsplit_once('@')
+        .ok_or("missing @IDENTITY after the target (want LISTEN_IP:PORT=HOST:PORT@IDENTITY)")?;
+    let identity = match ServerName::try_from(identity.trim().to_ascii_lowercase()) {
+        Ok(n @ ServerName::DnsName(_)) => n,
+        _ => return Err(format!("identity {identity:?} is not a DNS name")),
+    };
+    Ok(Outbound {
+        listen: parse_listen(listen)?,
+        target: parse_host_port(target)?,
+        identity,
+    })
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.trim()
+        .parse()
+        .map_err(|e| format!("listen address {s:?}: {e} (want IP:PORT)"))
+}
+
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: port must be 1..65535"))?;
+    Ok(s.to_string())
+}
+
+/// `mtls-proxy` command line. Flags override the config file's keys.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "mtls-proxy",
+    version,
+    about = "mTLS proxy serving the rotator's certificates, reloaded without dropping connections"
+)]
+pub struct Args {
+    /// TOML config file with the same keys as these flags.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The rotator's cert dir (`..data` layout, or plain tls.crt/tls.key/ca.crt).
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Trust anchors (PEM) for peers, re-read at every reload [default: DIR's ca.crt].
+    #[arg(long, value_name = "FILE")]
+    pub trust_anchors: Option<PathBuf>,
+    /// Inbound listener: terminate mTLS, forward to the app, e.g. 0.0.0.0:4143=127.0.0.1:8080.
+    #[arg(long, value_name = "LISTEN=APP")]
+    pub inbound: Vec<String>,
+    /// Outbound listener: plaintext in, mTLS out to a server carrying IDENTITY.
+    #[arg(long, value_name = "LISTEN=HOST:PORT@IDENTITY")]
+    pub outbound: Vec<String>,
+    /// Admin HTTP address (/metrics, /live, /ready, POST /reload) [default: 127.0.0.1:4191].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Allow a non-loopback admin address.
+    #[arg(long)]
+    pub admin_allow_remote: bool,
+    /// Allow a non-loopback outbound (plaintext) listen address.
+    #[arg(long)]
+    pub outbound_allow_remote: bool,
+    /// Write the pid here at start (after the SIGHUP handler is installed); removed on exit.
+    #[arg(long, value_name = "FILE")]
+    pub pidfile: Option<PathBuf>,
+    /// Client identity allowed inbound (repeatable) [default: any that chains to the anchors].
+    #[arg(long, value_name = "IDENTITY")]
+    pub allow_client: Vec<String>,
+    /// Timeout connecting to the app or target [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Timeout of a TLS handshake [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Close a connection idle (no bytes either way) this long [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Connections open at once, all listeners together [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Grace period for open connections after SIGTERM/SIGINT [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Check `DIR/..data` for a new version this often, besides SIGHUP; 0s = off [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub watch_interval: Option<Duration>,
+}
+
+impl Args {
+    /// The raw layer: the config file (if any) overlaid with the flags. Blocks (reads the file).
+    pub fn into_raw(self) -> Result<RawConfig, ConfigError> {
+        let base = match &self.config {
+            Some(path) => RawConfig::read(path)?,
+            None => RawConfig::default(),
+        };
+        let flags = RawConfig {
+            certs: self.certs,
+            trust_anchors: self.trust_anchors,
+            inbound: self.inbound,
+            outbound: self.outbound,
+            admin: self.admin,
+            admin_allow_remote: self.admin_allow_remote.then_some(true),
+            outbound_allow_remote: self.outbound_allow_remote.then_some(true),
+            pidfile: self.pidfile,
+            allow_client: self.allow_client,
+            connect_timeout: self.connect_timeout,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+            drain_timeout: self.drain_timeout,
+            watch_interval: self.watch_interval,
+        };
+        Ok(base.overlay(flags))
+    }
+
+    /// The validated config. Blocks (reads the file).
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        Config::try_from(self.into_raw()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    const ID: &str = "web.apps.serviceaccount.identity.linkerd.cluster.local";
+
+    #[test]
+    fn flags_parse_into_a_config_with_documented_defaults() {
+        let args = Args::try_parse_from([
+            "mtls-proxy",
+            "--certs",
+            "/certs",
+            "--inbound",
+            "0.0.0.0:4143=127.0.0.1:8080",
+            "--outbound",
+            &format!("127.0.0.1:4140=db.example:4143@{ID}"),
+        ])
+        .unwrap();
+        let c = args.into_config().unwrap();
+        assert_eq!(c.certs, PathBuf::from("/certs"));
+        assert_eq!(c.inbound[0].listen, "0.0.0.0:4143".parse().unwrap());
+        assert_eq!(c.inbound[0].app, "127.0.0.1:8080");
+        assert_eq!(c.outbound[0].target, "db.example:4143");
+        assert_eq!(c.outbound[0].identity.to_str(), ID);
+        assert_eq!(c.admin, DEFAULT_ADMIN.parse().unwrap());
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.watch_interval, Some(DEFAULT_WATCH_INTERVAL));
+    }
+
+    #[test]
+    fn toml_file_has_the_same_keys_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "certs = \"/from-file\"\ninbound = [\"127.0.0.1:1=127.0.0.1:2\"]\n\
+                 idle_timeout = \"30s\"\nmax_connections = 7\nallow_client = [\"{ID}\"]\n\
+                 watch_interval = \"0s\"\n"
+            ),
+        )
+        .unwrap();
+        let args = Args::try_parse_from([
+            "mtls-proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--certs",
+            "/from-flag",
+        ])
+        .unwrap();
+        let c = args.into_config().unwrap();
+        assert_eq!(c.certs, PathBuf::from("/from-flag"));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.max_connections, 7);
+        assert_eq!(c.allow_client, vec![ID.to_string()]);
+        assert_eq!(c.watch_interval, None);
+
+        std::fs::write(&path, "certs = \"/x\"\nbogus = 1\n").unwrap();
+        let err = RawConfig::read(&path).unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn every_bad_field_is_reported() {
+        let raw = RawConfig {
+            inbound: vec!["nonsense".into()],
+            outbound: vec![
+                "127.0.0.1:4140=host:99999@id.example".into(),
+                "0.0.0.0:4140=host:1@id.example".into(),
+                "127.0.0.1:4141=host:1".into(),
+            ],
+            admin: Some("0.0.0.0:4191".into()),
+            idle_timeout: Some(Duration::ZERO),
+            max_connections: Some(0),
+            ..RawConfig::default()
+        };
+        let Err(ConfigError::Invalid(problems)) = Config::try_from(raw) else {
+            panic!("expected an invalid config");
+        };
+        let text = problems.join("\n");
+        for want in [
+            "certs",
+            "inbound \"nonsense\"",
+            "port must be 1..65535",
+            "0.0.0.0:4140 is not loopback",
+            "missing @IDENTITY",
+            "admin address 0.0.0.0:4191 is not loopback",
+            "idle_timeout",
+            "max_connections 0",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert_eq!(problems.len(), 8, "{text}");
+    }
+}

@@ -1,0 +1,317 @@
+//! The mTLS proxy (feature `proxy`): inbound listeners that terminate mTLS and forward to a
+//! local app, outbound listeners that originate mTLS to a named identity, certificates reloaded
+//! from the rotator's dir without touching open connections, and the admin server.
+//!
+//! Layout:
+//! - [`config`]: command line and TOML file, validated into [`Config`].
+//! - [`reload`]: [`Reloader`], the atomically swapped credentials (also the embedding API).
+//! - [`tls`]: rustls server/client configs built from one snapshot.
+//! - [`listener`]: accept loops and byte forwarding.
+//! - [`admin`]: `/metrics`, `/live`, `/ready`, `POST /reload`.
+//! - [`metrics`]: the SPEC §7 metrics.
+//! - [`signal`]: SIGHUP / SIGTERM / SIGINT.
+//! - [`pidfile`]: the pidfile the rotator signals through.
+//!
+//! In-process use (tests, embedding the whole proxy):
+//! ```no_run
+//! # async fn demo(config: proxy_lib::proxy::Config) -> Result<(), proxy_lib::proxy::Error> {
+//! let proxy = proxy_lib::proxy::Proxy::bind(&config, std::sync::Arc::new(proxy_lib::clock::SystemClock)).await?;
+//! println!("inbound on {:?}, admin on {}", proxy.inbound_addrs(), proxy.admin_addr());
+//! proxy.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod admin;
+pub mod config;
+pub mod listener;
+pub mod metrics;
+pub mod pidfile;
+pub mod reload;
+pub mod signal;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+pub use config::{Args, Config, ConfigError, RawConfig};
+pub use metrics::Metrics;
+pub use reload::{Credentials, ReloadError, Reloader, Source};
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::fs::FsError;
+use config::Limits;
+use listener::Shared;
+use tls::AllowList;
+
+/// Why the proxy could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// The pidfile could not be written.
+    #[error("cannot write the pidfile: {0}")]
+    Pidfile(#[from] FsError),
+    /// The admin server failed.
+    #[error("admin server failed: {0}")]
+    Admin(std::io::Error),
+}
+
+struct InboundListener {
+    listener: TcpListener,
+    app: Arc<str>,
+}
+
+struct OutboundListener {
+    listener: TcpListener,
+    target: Arc<str>,
+    identity: rustls_pki_types::ServerName<'static>,
+}
+
+/// A proxy with its listeners bound and its first certificate load attempted.
+pub struct Proxy {
+    inbound: Vec<InboundListener>,
+    outbound: Vec<OutboundListener>,
+    admin: TcpListener,
+    reloader: Arc<Reloader>,
+    metrics: Metrics,
+    registry: Arc<Registry>,
+    limits: Limits,
+    watch_interval: Option<Duration>,
+}
+
+impl Proxy {
+    /// Binds every listener and loads the certificates once. A missing or refused set is
+    /// logged and the proxy starts not ready (connections are refused until a reload
+    /// succeeds), so it can start before the rotator's first certificate.
+    pub async fn bind(config: &Config, clock: SharedClock) -> Result<Self, Error> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let reloader = Arc::new(Reloader::with_metrics(
+            Source::new(config.certs.clone(), config.trust_anchors.clone()),
+            AllowList::new(config.allow_client.iter().cloned()),
+            clock,
+            metrics.clone(),
+        ));
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { what, addr, source })
+        };
+        let mut inbound = Vec::new();
+        for i in &config.inbound {
+            inbound.push(InboundListener {
+                listener: bind("inbound", i.listen).await?,
+                app: i.app.as_str().into(),
+            });
+        }
+        let mut outbound = Vec::new();
+        for o in &config.outbound {
+            outbound.push(OutboundListener {
+                listener: bind("outbound", o.listen).await?,
+                target: o.target.as_str().into(),
+                identity: o.identity.clone(),
+            });
+        }
+        let admin = bind("admin", config.admin).await?;
+        let r = reloader.clone();
+        // Errors are logged and counted by the reloader itself.
+        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+        Ok(Self {
+            inbound,
+            outbound,
+            admin,
+            reloader,
+            metrics,
+            registry: Arc::new(registry),
+            limits: config.limits,
+            watch_interval: config.watch_interval,
+        })
+    }
+
+    /// The credentials (reload them, subscribe to them, ask readiness).
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Bound inbound addresses, in config order.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        addrs(self.inbound.iter().map(|l| &l.listener))
+    }
+
+    /// Bound outbound addresses, in config order.
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        addrs(self.outbound.iter().map(|l| &l.listener))
+    }
+
+    /// Bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, gives open connections the
+    /// drain timeout to finish, and cuts the rest.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (cut_tx, cut_rx) = watch::channel(false);
+        let max = self.limits.max_connections;
+        let permits = Arc::new(Semaphore::new(max));
+        let shared = Shared {
+            reloader: self.reloader.clone(),
+            metrics: self.metrics.clone(),
+            limits: self.limits,
+            permits: permits.clone(),
+            cut: cut_rx,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.inbound {
+            tasks.spawn(listener::serve_inbound(
+                l.listener,
+                l.app,
+                shared.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        for l in self.outbound {
+            tasks.spawn(listener::serve_outbound(
+                l.listener,
+                l.target,
+                l.identity,
+                shared.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        if let Some(every) = self.watch_interval {
+            tasks.spawn(watch_dir(self.reloader.clone(), every, stop_rx.clone()));
+        }
+        let mut admin_stop = stop_rx.clone();
+        let admin = tokio::spawn(crate::admin::serve(
+            self.admin,
+            admin::router(self.reloader.clone(), self.registry.clone()),
+            async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            },
+        ));
+        tracing::info!("proxy started");
+
+        let admin_failed = tokio::select! {
+            () = shutdown => None,
+            r = admin => Some(r),
+        };
+        tracing::info!("shutting down: no new connections");
+        let _ = stop_tx.send(true);
+        while tasks.join_next().await.is_some() {}
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        match tokio::time::timeout(self.limits.drain_timeout, permits.acquire_many(all)).await {
+            Ok(_) => tracing::info!("all connections closed"),
+            Err(_) => {
+                let open = max - permits.available_permits();
+                tracing::warn!(open, "drain timeout: cutting open connections");
+                let _ = cut_tx.send(true);
+            }
+        }
+        match admin_failed {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::Admin(e)),
+            Some(Err(e)) => Err(Error::Admin(std::io::Error::other(e))),
+        }
+    }
+}
+
+fn addrs<'a>(ls: impl Iterator<Item = &'a TcpListener>) -> Vec<SocketAddr> {
+    ls.filter_map(|l| l.local_addr().ok()).collect()
+}
+
+/// What identifies the version on disk: the resolved `..data` target, the mtime of its
+/// `tls.crt` (plain-file dirs) and of a separate anchors file.
+type Stamp = (PathBuf, Option<SystemTime>, Option<SystemTime>);
+
+fn stamp(source: &Source) -> Stamp {
+    let version = crate::bundle::resolve_data_dir(&source.certs_dir);
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let cert = mtime(&version.join(crate::bundle::CERT_FILE));
+    let anchors = source.trust_anchors.as_deref().and_then(mtime);
+    (version, cert, anchors)
+}
+
+/// Reloads when the version on disk changes (a readlink and two stats per tick), for setups
+/// where nothing sends SIGHUP or `POST /reload`. Each new version is tried once.
+async fn watch_dir(reloader: Arc<Reloader>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let source = reloader.source().clone();
+    let s = source.clone();
+    let mut last = tokio::task::spawn_blocking(move || stamp(&s)).await.ok();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let s = source.clone();
+        let r = reloader.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || stamp(&s)).await else {
+            continue;
+        };
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        tracing::info!(version = %now.0.display(), "certificate dir changed, reloading");
+        last = Some(now);
+        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+    }
+}
+
+/// The binary's entry point: installs signal handlers, binds, loads, writes the pidfile, then
+/// serves until SIGTERM/SIGINT, reloading on SIGHUP; removes the pidfile on the way out.
+pub async fn run(config: Config) -> Result<(), Error> {
+    // Handlers first: from the moment the pidfile exists, SIGHUP means reload, not death.
+    let mut signals = signal::Signals::install().map_err(Error::Signals)?;
+    let proxy = Proxy::bind(&config, Arc::new(SystemClock)).await?;
+    let pidfile = match &config.pidfile {
+        Some(path) => Some(pidfile::Pidfile::create(path)?),
+        None => None,
+    };
+    tracing::info!(
+        inbound = ?proxy.inbound_addrs(),
+        outbound = ?proxy.outbound_addrs(),
+        admin = %proxy.admin_addr(),
+        pidfile = ?pidfile.as_ref().map(|p| p.path().display().to_string()),
+        ready = proxy.reloader().is_ready(),
+        "listening"
+    );
+    let reloader = proxy.reloader().clone();
+    let signal_loop = async move {
+        while let signal::Event::Reload = signals.recv().await {
+            tracing::info!("SIGHUP: reloading certificates");
+            let r = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+        }
+    };
+    let result = proxy.run(signal_loop).await;
+    drop(pidfile);
+    tracing::info!("stopped");
+    result
+}

@@ -1,0 +1,206 @@
+//! Building the rustls configs the proxy serves and originates with, from one checked
+//! certificate snapshot: TLS 1.3 only, client certificates required and verified against the
+//! anchors (plus an optional identity allow-list), server identity checked by DNS SAN.
+//!
+//! Peer-certificate validity is judged by the injected [`Clock`](crate::clock::Clock), the same
+//! clock that decides readiness.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, UnixTime};
+
+use crate::bundle::CertBundle;
+use crate::cert::CertInfo;
+use crate::clock::SharedClock;
+use crate::verify::TrustAnchors;
+
+/// Why a rustls config could not be built from a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The verifier could not be built from the anchors.
+    #[error("cannot build a certificate verifier from the trust anchors: {0}")]
+    Verifier(String),
+    /// rustls refused the certificate chain or key.
+    #[error("rustls refused the certificate or key: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Identities a client certificate may carry (its DNS SAN). Empty = any client that chains to
+/// the anchors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AllowList(Arc<[String]>);
+
+impl AllowList {
+    /// An allow-list of identity names (compared ASCII-case-insensitively).
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        Self(
+            names
+                .into_iter()
+                .map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+        )
+    }
+
+    /// Whether every authenticated client is allowed.
+    pub fn is_open(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether a client whose leaf carries these DNS SANs is allowed.
+    pub fn allows(&self, dns_sans: &[String]) -> bool {
+        self.is_open()
+            || dns_sans
+                .iter()
+                .any(|d| self.0.iter().any(|a| a.eq_ignore_ascii_case(d)))
+    }
+}
+
+/// A rustls time provider reading the injected clock.
+#[derive(Debug, Clone)]
+pub struct ClockTime(pub SharedClock);
+
+impl rustls::time_provider::TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<UnixTime> {
+        let d = self.0.now().duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(UnixTime::since_unix_epoch(d))
+    }
+}
+
+/// The inbound (server) config: our chain and key, TLS 1.3, client certs required and
+/// verified against `anchors`, then checked against `allow`.
+pub fn server_config(
+    bundle: &CertBundle,
+    anchors: &TrustAnchors,
+    allow: &AllowList,
+    clock: &SharedClock,
+) -> Result<ServerConfig, TlsError> {
+    let provider = crate::crypto_provider();
+    let inner = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(anchors.root_store()),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier: Arc<dyn ClientCertVerifier> = if allow.is_open() {
+        inner
+    } else {
+        Arc::new(AllowListVerifier {
+            inner,
+            allow: allow.clone(),
+        })
+    };
+    let config = ServerConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
+    Ok(config)
+}
+
+/// The outbound (client) config: our chain and key as the client certificate, TLS 1.3, the
+/// server verified against `anchors`; the expected identity is the `ServerName` given to
+/// each connect (it must be a DNS SAN of the server's leaf).
+pub fn client_config(
+    bundle: &CertBundle,
+    anchors: &TrustAnchors,
+    clock: &SharedClock,
+) -> Result<ClientConfig, TlsError> {
+    let provider = crate::crypto_provider();
+    let verifier: Arc<dyn ServerCertVerifier> = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(anchors.root_store()),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let config = ClientConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
+    Ok(config)
+}
+
+/// Marker error for a client identity that is not on the allow-list.
+#[derive(Debug)]
+pub struct NotAllowed;
+
+impl fmt::Display for NotAllowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("client identity is not on the allow-list")
+    }
+}
+
+impl std::error::Error for NotAllowed {}
+
+/// Webpki client verification followed by the allow-list check on the leaf's DNS SANs.
+#[derive(Debug)]
+struct AllowListVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allow: AllowList,
+}
+
+impl ClientCertVerifier for AllowListVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let info = CertInfo::from_der(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if self.allow.allows(&info.dns_sans) {
+            Ok(verified)
+        } else {
+            tracing::debug!(identities = ?info.dns_sans, "client identity not allowed");
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotAllowed))),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

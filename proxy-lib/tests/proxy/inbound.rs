@@ -1,0 +1,141 @@
+//! Acceptance 1: the inbound listener echoes for an authenticated, allowed client and refuses
+//! everyone else, counting each outcome.
+
+use proxy_lib::test_util::{TestPki, write_data_dir};
+
+use crate::support::*;
+
+#[tokio::test]
+async fn inbound_serves_valid_clients_and_refuses_others_counting_each() {
+    init();
+    let pki = TestPki::new(now());
+    let server_id = id("db", "data");
+    let web = id("web", "apps");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &server_id));
+
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    cfg.allow_client = vec![web.to_string()];
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let addr = proxy.inbound[0];
+    let anchors = pki.anchors();
+    let sample = |result: &str| {
+        format!(r#"proxy_tls_handshakes_total{{direction="inbound",result="{result}"}}"#)
+    };
+
+    // A valid, allowed client gets its bytes echoed by the app.
+    let web_cert = leaf(&pki, &web);
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let back = echo_through_tls(
+        addr,
+        client_config(&anchors, Some(&web_cert)),
+        &server_id,
+        &data,
+    )
+    .await
+    .expect("valid client is served");
+    assert_eq!(back, data);
+    wait_metric(proxy.admin, &sample("ok"), 1.0).await;
+
+    // No client certificate: refused.
+    let r = echo_through_tls(addr, client_config(&anchors, None), &server_id, b"x").await;
+    assert!(r.is_err(), "client without a cert was served");
+    wait_metric(proxy.admin, &sample("no_client_cert"), 1.0).await;
+
+    // A client certificate from another anchor: refused.
+    let foreign = TestPki::new(now());
+    let foreign_cert = leaf(&foreign, &web);
+    let r = echo_through_tls(
+        addr,
+        client_config(&anchors, Some(&foreign_cert)),
+        &server_id,
+        b"x",
+    )
+    .await;
+    assert!(r.is_err(), "client from a foreign anchor was served");
+    wait_metric(proxy.admin, &sample("untrusted"), 1.0).await;
+
+    // A valid client whose identity is not on the allow-list: refused.
+    let intruder = leaf(&pki, &id("intruder", "apps"));
+    let r = echo_through_tls(
+        addr,
+        client_config(&anchors, Some(&intruder)),
+        &server_id,
+        b"x",
+    )
+    .await;
+    assert!(r.is_err(), "client off the allow-list was served");
+    let text = wait_metric(proxy.admin, &sample("not_allowed"), 1.0).await;
+
+    // Each refusal was counted once and none of them counted as a success.
+    assert_eq!(metric(&text, &sample("ok")), 1.0, "{text}");
+    assert_eq!(
+        metric(&text, r#"proxy_bytes_total{direction="inbound"}"#),
+        2.0 * data.len() as f64,
+        "{text}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn inbound_without_allow_list_accepts_any_client_of_the_mesh() {
+    init();
+    let pki = TestPki::new(now());
+    let server_id = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &server_id));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    for sa in ["a", "b"] {
+        let c = leaf(&pki, &id(sa, "x"));
+        echo_through_tls(
+            proxy.inbound[0],
+            client_config(&pki.anchors(), Some(&c)),
+            &server_id,
+            b"hi",
+        )
+        .await
+        .unwrap();
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn inbound_refuses_clients_whose_cert_expired_by_the_proxy_clock() {
+    init();
+    let pki = TestPki::new(now());
+    let server_id = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    // The server's own cert is valid for a day so it stays servable after the clock moves.
+    let n = now();
+    write_data_dir(dir.path(), &pki.leaf(&server_id, n - HOUR, n + 24 * HOUR));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    let (fake, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let client = leaf(&pki, &id("web", "apps")); // valid now ± 1 h
+    let cc = client_config(&pki.anchors(), Some(&client));
+    echo_through_tls(proxy.inbound[0], cc.clone(), &server_id, b"ok")
+        .await
+        .unwrap();
+    fake.advance(2 * HOUR);
+    assert!(
+        echo_through_tls(proxy.inbound[0], cc, &server_id, b"late")
+            .await
+            .is_err()
+    );
+    wait_metric(
+        proxy.admin,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="untrusted"}"#,
+        1.0,
+    )
+    .await;
+    proxy.stop().await;
+}

@@ -1,0 +1,79 @@
+//! Acceptance 2: plaintext → outbound → mTLS → inbound → app round trip, and an outbound
+//! target whose certificate carries another identity is refused.
+
+use proxy_lib::test_util::{TestPki, write_data_dir};
+use tokio::net::TcpStream;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn outbound_to_inbound_round_trip_and_wrong_identity_is_refused() {
+    init();
+    let pki = TestPki::new(now());
+    let db = id("db", "data");
+    let web = id("web", "apps");
+
+    // Server side: inbound for `db`, only `web` may connect.
+    let db_dir = tempfile::tempdir().unwrap();
+    write_data_dir(db_dir.path(), &leaf(&pki, &db));
+    let app = echo_app().await;
+    let mut db_cfg = config(db_dir.path());
+    db_cfg.inbound.push(inbound_to(app));
+    db_cfg.allow_client = vec![web.to_string()];
+    let (_, clock) = fake_clock();
+    let server = start(&db_cfg, clock.clone()).await;
+
+    // Client side: outbound as `web`, once expecting `db` (right) and once `cache` (wrong).
+    let web_dir = tempfile::tempdir().unwrap();
+    write_data_dir(web_dir.path(), &leaf(&pki, &web));
+    let mut web_cfg = config(web_dir.path());
+    web_cfg.outbound.push(outbound_to(server.inbound[0], &db));
+    web_cfg
+        .outbound
+        .push(outbound_to(server.inbound[0], &id("cache", "data")));
+    let client = start(&web_cfg, clock).await;
+
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let tcp = TcpStream::connect(client.outbound[0]).await.unwrap();
+    let back = round_trip(tcp, &data).await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "payload changed in transit");
+
+    // Wrong identity: the outbound side refuses the server, the local client gets nothing.
+    let tcp = TcpStream::connect(client.outbound[1]).await.unwrap();
+    let back = round_trip(tcp, b"secret").await.unwrap_or_default();
+    assert!(
+        back.is_empty(),
+        "data went to a server with the wrong identity"
+    );
+
+    let text = wait_metric(
+        client.admin,
+        r#"proxy_tls_handshakes_total{direction="outbound",result="wrong_identity"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"proxy_tls_handshakes_total{direction="outbound",result="ok"}"#
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, r#"proxy_bytes_total{direction="outbound"}"#),
+        2.0 * data.len() as f64
+    );
+    let stext = metrics_text(server.admin).await;
+    assert_eq!(
+        metric(
+            &stext,
+            r#"proxy_tls_handshakes_total{direction="inbound",result="ok"}"#
+        ),
+        1.0,
+        "{stext}"
+    );
+    client.stop().await;
+    server.stop().await;
+}
