@@ -9,11 +9,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod auth;
 pub mod ca;
+pub mod cli;
+pub mod config;
 pub mod csr;
 pub mod error;
+pub mod init;
+pub mod metrics;
 pub mod policy;
+pub mod reload;
+pub mod server;
+pub mod service;
 pub mod signer;
 pub mod tokens;
 

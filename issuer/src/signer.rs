@@ -48,10 +48,50 @@ pub fn random_serial() -> [u8; SERIAL_LEN] {
     s
 }
 
-/// Signs a leaf for `identity` with `public_key` over `grant`.
+/// Signs a leaf for `identity` (DNS SAN + SPIFFE URI SAN) with `public_key` over `grant`.
 pub fn sign_leaf(
     ca: &Ca,
     identity: &Identity,
+    public_key: &impl PublicKeyData,
+    grant: &Grant,
+    kind: LeafKind,
+) -> Result<Leaf> {
+    let sans = vec![dns_san(identity.as_str())?, uri_san(&identity.spiffe_id())?];
+    sign(ca, sans, public_key, grant, kind)
+}
+
+/// Signs the issuer's own serving certificate for `server_name` (a DNS name; when it has the
+/// identity form its SPIFFE ID is added as a URI SAN, as for any workload).
+pub fn sign_server_leaf(
+    ca: &Ca,
+    server_name: &str,
+    public_key: &impl PublicKeyData,
+    grant: &Grant,
+) -> Result<Leaf> {
+    let mut sans = vec![dns_san(server_name)?];
+    if let Ok(id) = Identity::parse(server_name) {
+        sans.push(uri_san(&id.spiffe_id())?);
+    }
+    sign(ca, sans, public_key, grant, LeafKind::Server)
+}
+
+fn dns_san(name: &str) -> Result<SanType> {
+    Ok(SanType::DnsName(
+        name.try_into()
+            .map_err(|e: rcgen::Error| Error::Sign(e.to_string()))?,
+    ))
+}
+
+fn uri_san(uri: &str) -> Result<SanType> {
+    Ok(SanType::URI(
+        uri.try_into()
+            .map_err(|e: rcgen::Error| Error::Sign(e.to_string()))?,
+    ))
+}
+
+fn sign(
+    ca: &Ca,
+    sans: Vec<SanType>,
     public_key: &impl PublicKeyData,
     grant: &Grant,
     kind: LeafKind,
@@ -61,18 +101,7 @@ pub fn sign_leaf(
     // Empty subject (the SAN is then critical): identity names are often longer than the
     // 64 characters a CN may hold.
     p.distinguished_name = DistinguishedName::new();
-    p.subject_alt_names = vec![SanType::DnsName(
-        identity
-            .as_str()
-            .try_into()
-            .map_err(|e: rcgen::Error| Error::Sign(e.to_string()))?,
-    )];
-    p.subject_alt_names.push(SanType::URI(
-        identity
-            .spiffe_id()
-            .try_into()
-            .map_err(|e: rcgen::Error| Error::Sign(e.to_string()))?,
-    ));
+    p.subject_alt_names = sans;
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = match kind {

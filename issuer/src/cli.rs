@@ -1,0 +1,377 @@
+//! The `issuer` command line: `init`, `token create|list|revoke`, `serve`. Each subcommand
+//! turns its flags into library calls; `main.rs` only parses and maps the exit code.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use proxy_lib::clock::{SharedClock, SystemClock};
+use proxy_lib::identity::{Identity, TrustDomain};
+
+use crate::config::{Config, Overrides};
+use crate::error::{Error, Result};
+use crate::tokens::IpNet;
+
+/// Exit code for usage errors.
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for configuration errors.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Signs short-lived workload certificates over Linkerd's identity API.
+#[derive(Debug, Parser)]
+#[command(name = "issuer", version, about)]
+pub struct Cli {
+    /// Log as JSON lines (on stderr).
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a trust anchor and issuer CA in DIR, with an issuer.toml naming them.
+    Init(InitArgs),
+    /// Manage bootstrap tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Serve the Certify API.
+    Serve(ServeArgs),
+}
+
+/// Where the configuration is.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ConfigArgs {
+    /// Short for `--config DIR/issuer.toml`.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// The configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// The config file path.
+    pub fn path(&self) -> PathBuf {
+        match (&self.config, &self.dir) {
+            (Some(c), _) => c.clone(),
+            (None, Some(d)) => Config::path_in_dir(d),
+            (None, None) => PathBuf::from(crate::config::CONFIG_FILE),
+        }
+    }
+}
+
+/// `issuer init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Directory to create the CA in.
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Trust domain.
+    #[arg(long, default_value = proxy_lib::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: TrustDomain,
+    /// Validity of the trust anchor.
+    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+    pub anchor_validity: Duration,
+    /// Validity of the issuer certificate.
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub issuer_validity: Duration,
+}
+
+/// `issuer token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for one identity; prints it alone on stdout (or writes it to --out).
+    Create(TokenCreateArgs),
+    /// List tokens (never the tokens themselves).
+    List(TokenListArgs),
+    /// Revoke tokens by id.
+    Revoke(TokenRevokeArgs),
+}
+
+/// `issuer token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+    /// The identity the token may request.
+    #[arg(long)]
+    pub identity: String,
+    /// Time to live (default: until revoked).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// A source address or CIDR network the token may be used from (repeatable).
+    #[arg(long = "allow-ip", value_name = "IP[/PREFIX]")]
+    pub allow_ip: Vec<IpNet>,
+    /// Write the token to FILE (created 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `issuer token list`.
+#[derive(Debug, Args)]
+pub struct TokenListArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `issuer token revoke`.
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+    /// Ids of the tokens to revoke (see `token list`).
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+/// `issuer serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+    /// gRPC listen address.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Admin listen address.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Leaf lifetime.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lifetime: Option<Duration>,
+    /// Minimum leaf lifetime (below it, Certify answers UNAVAILABLE).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_lifetime: Option<Duration>,
+    /// notBefore backdating.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub clock_skew: Option<Duration>,
+    /// Serve without TLS (loopback addresses only).
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("issuer: error: {e}");
+            match e {
+                Error::Config { .. } => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    match cli.command {
+        Command::Init(a) => init(a, clock),
+        Command::Token(TokenCommand::Create(a)) => token_create(a, clock),
+        Command::Token(TokenCommand::List(a)) => token_list(a, clock),
+        Command::Token(TokenCommand::Revoke(a)) => token_revoke(a, clock),
+        Command::Serve(a) => serve(a, clock),
+    }
+}
+
+fn init(a: InitArgs, clock: SharedClock) -> Result<()> {
+    let opts = crate::init::InitOptions {
+        dir: a.dir,
+        trust_domain: a.trust_domain,
+        anchor_validity: a.anchor_validity,
+        issuer_validity: a.issuer_validity,
+    };
+    let out = crate::init::run_at(&opts, clock.now())?;
+    for f in &out.files {
+        eprintln!("wrote {}", f.display());
+    }
+    eprintln!(
+        "keep {} offline: it is only needed to sign the next issuer certificate",
+        opts.dir.join(crate::init::ANCHOR_KEY_FILE).display()
+    );
+    Ok(())
+}
+
+fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
+    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    let identity = Identity::parse_in(&a.identity, &cfg.policy.trust_domain)?;
+    let opts = crate::tokens::CreateOptions {
+        identity,
+        ttl: a.ttl,
+        allowed_ips: a.allow_ip,
+    };
+    if let Some(out) = &a.out {
+        if std::fs::symlink_metadata(out).is_ok() {
+            return Err(Error::WouldOverwrite(vec![out.clone()]));
+        }
+    }
+    let t = crate::tokens::create(&cfg.tokens, &opts, clock.now())?;
+    let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
+    line.push(b'\n');
+    match &a.out {
+        Some(out) => {
+            if let Err(e) = proxy_lib::fs::create_new(out, &line, proxy_lib::fs::SECRET_MODE, None)
+            {
+                // Do not leave a usable token nobody holds.
+                let _ = crate::tokens::revoke(&cfg.tokens, &t.record.id, clock.now());
+                return Err(e.into());
+            }
+            eprintln!("token written to {}", out.display());
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&line)
+                .and_then(|()| stdout.flush())
+                .map_err(|source| Error::Io {
+                    path: "<stdout>".into(),
+                    source,
+                })?;
+        }
+    }
+    let validity = match t.record.expires {
+        None => "valid until revoked (use --ttl to limit it)".to_string(),
+        Some(e) => format!(
+            "valid until {}",
+            proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(e))
+        ),
+    };
+    let ips = if t.record.allowed_ips.is_empty() {
+        "from any address".to_string()
+    } else {
+        format!(
+            "from {}",
+            t.record
+                .allowed_ips
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    eprintln!(
+        "created token {} for {}, {validity}, {ips}",
+        t.record.id, t.record.identity
+    );
+    Ok(())
+}
+
+fn token_list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
+    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    let records = crate::tokens::list(&cfg.tokens)?;
+    let now = clock.now();
+    let ts = |s: u64| proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
+    let mut out = std::io::stdout().lock();
+    let res = if a.json {
+        let rows: Vec<_> = records
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id,
+                    "identity": r.identity,
+                    "status": r.status(now),
+                    "created": ts(r.created),
+                    "expires": r.expires.map(ts),
+                    "revoked": r.revoked.map(ts),
+                    "allowed_ips": r.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Array(rows))
+    } else {
+        (|| {
+            writeln!(
+                out,
+                "ID            STATUS   EXPIRES               ALLOWED-IPS  IDENTITY"
+            )?;
+            for r in &records {
+                let ips = if r.allowed_ips.is_empty() {
+                    "any".to_string()
+                } else {
+                    r.allowed_ips
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                writeln!(
+                    out,
+                    "{:<13} {:<8} {:<21} {:<12} {}",
+                    r.id,
+                    r.status(now),
+                    r.expires.map(ts).unwrap_or_else(|| "never".into()),
+                    ips,
+                    r.identity
+                )?;
+            }
+            Ok(())
+        })()
+    };
+    res.map_err(|source| Error::Io {
+        path: "<stdout>".into(),
+        source,
+    })
+}
+
+fn token_revoke(a: TokenRevokeArgs, clock: SharedClock) -> Result<()> {
+    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    for id in &a.ids {
+        let r = crate::tokens::revoke(&cfg.tokens, id, clock.now())?;
+        eprintln!("revoked token {} for {}", r.id, r.identity);
+    }
+    Ok(())
+}
+
+fn serve(a: ServeArgs, clock: SharedClock) -> Result<()> {
+    let overrides = Overrides {
+        listen: a.listen,
+        admin: a.admin,
+        lifetime: a.lifetime,
+        min_lifetime: a.min_lifetime,
+        clock_skew: a.clock_skew,
+        plaintext: a.plaintext,
+    };
+    let cfg = Config::load(&a.config.path(), &overrides)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Server(format!("runtime: {e}")))?;
+    rt.block_on(async move {
+        let listener = crate::server::bind(cfg.listen).await?;
+        let admin = crate::server::bind(cfg.admin).await?;
+        crate::server::serve(cfg, listener, Some(admin), clock, shutdown_signal()).await
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, "cannot install the SIGTERM handler");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}

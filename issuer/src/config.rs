@@ -1,0 +1,446 @@
+//! `issuer.toml`: the raw file, flag overrides, and the validated [`Config`] the rest of the
+//! crate uses. Every bad field is reported, not just the first.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proxy_lib::identity::TrustDomain;
+use serde::Deserialize;
+
+use crate::audit::AuditTarget;
+use crate::ca::CaFiles;
+use crate::error::{Error, Result};
+use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, Policy};
+
+/// The config file name inside `--dir`.
+pub const CONFIG_FILE: &str = "issuer.toml";
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listen address.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9990";
+/// Default token store file name (next to the config file).
+pub const DEFAULT_TOKENS_FILE: &str = "tokens";
+/// Default request size limit.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 65_536;
+/// Default signing concurrency limit.
+pub const DEFAULT_MAX_CONCURRENT_SIGNING: usize = 64;
+/// Default per-credential-and-peer rate (and burst) per minute.
+pub const DEFAULT_PER_CREDENTIAL_PER_MINUTE: u32 = 600;
+/// Default: warn when the issuer certificate has less than this left.
+pub const DEFAULT_CA_WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+/// `issuer.toml` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+    /// gRPC listen address.
+    pub listen: Option<String>,
+    /// Admin listen address.
+    pub admin: Option<String>,
+    /// Serve without TLS (loopback only).
+    pub plaintext: Option<bool>,
+    /// Leaf lifetime (humantime).
+    pub lifetime: Option<String>,
+    /// Minimum leaf lifetime (humantime).
+    pub min_lifetime: Option<String>,
+    /// notBefore backdating (humantime).
+    pub clock_skew: Option<String>,
+    /// The name the issuer's serving certificate carries.
+    pub server_name: Option<String>,
+    /// `[ca]`.
+    #[serde(default)]
+    pub ca: RawCa,
+    /// `[auth]`.
+    #[serde(default)]
+    pub auth: RawAuth,
+    /// `[audit]`.
+    #[serde(default)]
+    pub audit: RawAudit,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[ca]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCa {
+    /// `files` (or `kubernetes`, a later issue).
+    pub source: Option<String>,
+    /// Directory holding ca.crt, issuer.crt, issuer.key.
+    pub dir: Option<PathBuf>,
+    /// Warn when the issuer certificate has less than this left (humantime).
+    pub warn_before: Option<String>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Token store file.
+    pub tokens: Option<PathBuf>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// `-` for stdout, or a file to append to.
+    pub path: Option<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Largest request accepted.
+    pub max_request_bytes: Option<usize>,
+    /// Signings in flight.
+    pub max_concurrent_signing: Option<usize>,
+    /// Requests per minute per credential and peer (also the burst).
+    pub per_credential_per_minute: Option<u32>,
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--admin`.
+    pub admin: Option<SocketAddr>,
+    /// `--lifetime`.
+    pub lifetime: Option<Duration>,
+    /// `--min-lifetime`.
+    pub min_lifetime: Option<Duration>,
+    /// `--clock-skew`.
+    pub clock_skew: Option<Duration>,
+    /// `--plaintext`.
+    pub plaintext: bool,
+}
+
+/// Limits on requests.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request accepted (checked in the handler).
+    pub max_request_bytes: usize,
+    /// Signings in flight.
+    pub max_concurrent_signing: usize,
+    /// Requests per minute per credential and peer, with a burst of the same size.
+    pub per_credential_per_minute: NonZeroU32,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Issuing policy (trust domain, lifetimes, skew).
+    pub policy: Policy,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Admin listen address.
+    pub admin: SocketAddr,
+    /// Serve without TLS (loopback only).
+    pub plaintext: bool,
+    /// The serving certificate's DNS name.
+    pub server_name: String,
+    /// CA files.
+    pub ca_files: CaFiles,
+    /// Warn when the issuer certificate has less than this left.
+    pub ca_warn_before: Duration,
+    /// Token store.
+    pub tokens: PathBuf,
+    /// Audit log destination.
+    pub audit: AuditTarget,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// The config file of `--dir DIR`.
+    pub fn path_in_dir(dir: &Path) -> PathBuf {
+        dir.join(CONFIG_FILE)
+    }
+
+    /// Reads and validates `path`, applying `overrides`. Blocks.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            problems: vec![e.message().to_string()],
+        })?;
+        Self::from_raw(raw, path, overrides)
+    }
+
+    /// Validates a raw config read from `path` (relative paths are resolved against its
+    /// directory).
+    pub fn from_raw(raw: RawConfig, path: &Path, o: &Overrides) -> Result<Self> {
+        let base = proxy_lib::fs::parent_dir(path).to_path_buf();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut problems = Vec::new();
+        let mut dur =
+            |name: &str, v: &Option<String>, flag: Option<Duration>, default: Duration| {
+                if let Some(d) = flag {
+                    return d;
+                }
+                match v {
+                    None => default,
+                    Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
+                        problems.push(format!("{name} = {s:?}: {e}"));
+                        default
+                    }),
+                }
+            };
+        let lifetime = dur("lifetime", &raw.lifetime, o.lifetime, DEFAULT_LIFETIME);
+        let min_lifetime = dur(
+            "min_lifetime",
+            &raw.min_lifetime,
+            o.min_lifetime,
+            DEFAULT_MIN_LIFETIME,
+        );
+        let clock_skew = dur(
+            "clock_skew",
+            &raw.clock_skew,
+            o.clock_skew,
+            DEFAULT_CLOCK_SKEW,
+        );
+        let ca_warn_before = dur(
+            "ca.warn_before",
+            &raw.ca.warn_before,
+            None,
+            DEFAULT_CA_WARN_BEFORE,
+        );
+
+        let trust_domain = match raw.trust_domain.as_deref() {
+            None => TrustDomain::default(),
+            Some(s) => TrustDomain::new(s).unwrap_or_else(|e| {
+                problems.push(format!("trust_domain: {e}"));
+                TrustDomain::default()
+            }),
+        };
+        let mut addr = |name: &str, v: &Option<String>, flag: Option<SocketAddr>, default: &str| {
+            flag.unwrap_or_else(|| {
+                let s = v.as_deref().unwrap_or(default);
+                s.parse().unwrap_or_else(|_| {
+                    problems.push(format!("{name} = {s:?} is not an IP:port address"));
+                    default.parse().expect("default address parses")
+                })
+            })
+        };
+        let listen = addr("listen", &raw.listen, o.listen, DEFAULT_LISTEN);
+        let admin = addr("admin", &raw.admin, o.admin, DEFAULT_ADMIN);
+        let plaintext = o.plaintext || raw.plaintext.unwrap_or(false);
+
+        if lifetime.is_zero() {
+            problems.push("lifetime must be greater than zero".into());
+        }
+        if min_lifetime.is_zero() {
+            problems.push("min_lifetime must be greater than zero".into());
+        }
+        if clock_skew > Duration::from_secs(3600) {
+            problems.push("clock_skew must be at most 1h".into());
+        }
+        if plaintext && !listen.ip().is_loopback() {
+            problems.push(format!(
+                "plaintext serving is only allowed on a loopback address, not {listen}"
+            ));
+        }
+        match raw.ca.source.as_deref() {
+            None | Some("files") => {}
+            Some("kubernetes") => problems.push(
+                "ca.source = \"kubernetes\" is not supported by this version (use \"files\")"
+                    .into(),
+            ),
+            Some(other) => problems.push(format!(
+                "ca.source = {other:?}: expected \"files\" or \"kubernetes\""
+            )),
+        }
+        let server_name = raw
+            .server_name
+            .clone()
+            .unwrap_or_else(|| trust_domain.identity_service_name().to_string());
+        if rustls_pki_types::ServerName::try_from(server_name.as_str())
+            .map(|n| !matches!(n, rustls_pki_types::ServerName::DnsName(_)))
+            .unwrap_or(true)
+        {
+            problems.push(format!("server_name = {server_name:?} is not a DNS name"));
+        }
+        let ca_dir = raw
+            .ca
+            .dir
+            .as_deref()
+            .map(resolve)
+            .unwrap_or_else(|| base.clone());
+        let tokens = raw
+            .auth
+            .tokens
+            .as_deref()
+            .map(resolve)
+            .unwrap_or_else(|| base.join(DEFAULT_TOKENS_FILE));
+        let audit = match raw.audit.path.as_deref() {
+            None | Some("-") => AuditTarget::Stdout,
+            Some(p) => AuditTarget::File(resolve(Path::new(p))),
+        };
+        let l = &raw.limits;
+        let max_request_bytes = l.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+        if max_request_bytes < 512 {
+            problems.push("limits.max_request_bytes must be at least 512".into());
+        }
+        let max_concurrent_signing = l
+            .max_concurrent_signing
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_SIGNING);
+        if max_concurrent_signing == 0 {
+            problems.push("limits.max_concurrent_signing must be at least 1".into());
+        }
+        let per_minute = NonZeroU32::new(
+            l.per_credential_per_minute
+                .unwrap_or(DEFAULT_PER_CREDENTIAL_PER_MINUTE),
+        );
+        if per_minute.is_none() {
+            problems.push("limits.per_credential_per_minute must be at least 1".into());
+        }
+        if !problems.is_empty() {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                problems,
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            policy: Policy {
+                trust_domain,
+                lifetime,
+                min_lifetime,
+                clock_skew,
+            },
+            listen,
+            admin,
+            plaintext,
+            server_name,
+            ca_files: CaFiles::in_dir(&ca_dir),
+            ca_warn_before,
+            tokens,
+            audit,
+            limits: Limits {
+                max_request_bytes,
+                max_concurrent_signing,
+                per_credential_per_minute: per_minute.unwrap_or(NonZeroU32::MIN),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, o: &Overrides) -> Result<Config> {
+        let raw: RawConfig = toml::from_str(text).unwrap();
+        Config::from_raw(raw, Path::new("/etc/issuer/issuer.toml"), o)
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!(c.policy.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin.to_string(), "127.0.0.1:9990");
+        assert_eq!(c.policy.lifetime, Duration::from_secs(86_400));
+        assert_eq!(c.policy.min_lifetime, Duration::from_secs(3600));
+        assert_eq!(c.policy.clock_skew, Duration::from_secs(20));
+        assert_eq!(
+            c.server_name,
+            "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local"
+        );
+        assert_eq!(c.ca_files, CaFiles::in_dir(Path::new("/etc/issuer")));
+        assert_eq!(c.tokens, Path::new("/etc/issuer/tokens"));
+        assert_eq!(c.audit, AuditTarget::Stdout);
+        assert_eq!(c.limits.max_request_bytes, 65_536);
+        assert_eq!(c.limits.per_credential_per_minute.get(), 600);
+    }
+
+    #[test]
+    fn the_spec_example_parses_and_flags_override() {
+        let text = r#"
+trust_domain = "example.org"
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:9990"
+plaintext = false
+lifetime = "24h"
+min_lifetime = "1h"
+clock_skew = "20s"
+server_name = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.example.org"
+[ca]
+source = "files"
+dir = "ca"
+[auth]
+tokens = "/var/lib/issuer/tokens"
+[audit]
+path = "audit.log"
+[limits]
+max_request_bytes = 65536
+max_concurrent_signing = 64
+per_credential_per_minute = 600
+"#;
+        let o = Overrides {
+            lifetime: Some(Duration::from_secs(10)),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            plaintext: true,
+            ..Overrides::default()
+        };
+        let c = parse(text, &o).unwrap();
+        assert_eq!(c.policy.trust_domain.as_str(), "example.org");
+        assert_eq!(c.policy.lifetime, Duration::from_secs(10));
+        assert_eq!(c.listen.port(), 1);
+        assert!(c.plaintext);
+        assert_eq!(c.ca_files.cert, Path::new("/etc/issuer/ca/issuer.crt"));
+        assert_eq!(c.audit, AuditTarget::File("/etc/issuer/audit.log".into()));
+    }
+
+    #[test]
+    fn every_bad_field_is_reported() {
+        let text = r#"
+trust_domain = "Bad_Domain"
+listen = "0.0.0.0:8080"
+plaintext = true
+lifetime = "soon"
+server_name = "10.0.0.1"
+[ca]
+source = "kubernetes"
+[limits]
+per_credential_per_minute = 0
+"#;
+        let Err(Error::Config { problems, .. }) = parse(text, &Overrides::default()) else {
+            panic!("accepted");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "trust_domain",
+            "plaintext",
+            "lifetime",
+            "server_name",
+            "kubernetes",
+            "per_credential",
+        ] {
+            assert!(all.contains(needle), "{needle} missing from {all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<RawConfig>("lifetme = \"1h\"").is_err());
+    }
+}

@@ -1,0 +1,266 @@
+//! `issuer init`: a fresh trust anchor and issuer CA, written with the right modes, plus an
+//! `issuer.toml` naming them. Refuses (changing nothing) if any target file exists.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use proxy_lib::clock::{Clock, SystemClock};
+use proxy_lib::fs::{PUBLIC_MODE, SECRET_MODE};
+use proxy_lib::identity::TrustDomain;
+use proxy_lib::pem::{PrivateKey, der_to_pem};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+use crate::ca::{ANCHORS_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE};
+use crate::config::{CONFIG_FILE, DEFAULT_TOKENS_FILE};
+use crate::error::{Error, Result};
+
+/// The anchor's private key file (keep it offline).
+pub const ANCHOR_KEY_FILE: &str = "anchor.key";
+/// Default anchor validity.
+pub const DEFAULT_ANCHOR_VALIDITY: Duration = Duration::from_secs(3650 * 86_400);
+/// Default issuer validity.
+pub const DEFAULT_ISSUER_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// How far notBefore of the new CA certificates is backdated.
+const BACKDATE: Duration = Duration::from_secs(300);
+
+/// What `init` creates.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Target directory (created if missing).
+    pub dir: PathBuf,
+    /// Trust domain recorded in `issuer.toml` and in the CA names.
+    pub trust_domain: TrustDomain,
+    /// Anchor validity.
+    pub anchor_validity: Duration,
+    /// Issuer certificate validity.
+    pub issuer_validity: Duration,
+}
+
+impl InitOptions {
+    /// Defaults for `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            trust_domain: TrustDomain::default(),
+            anchor_validity: DEFAULT_ANCHOR_VALIDITY,
+            issuer_validity: DEFAULT_ISSUER_VALIDITY,
+        }
+    }
+}
+
+/// The files written, in order.
+#[derive(Debug, Clone)]
+pub struct InitOutput {
+    /// `ca.crt`, `anchor.key`, `issuer.crt`, `issuer.key`, `issuer.toml`.
+    pub files: Vec<PathBuf>,
+}
+
+/// Runs `init` at the system clock's now. Blocks.
+pub fn run(opts: &InitOptions) -> Result<InitOutput> {
+    run_at(opts, SystemClock.now())
+}
+
+/// Runs `init` with certificates valid from `now`. Blocks.
+pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
+    if opts.issuer_validity > opts.anchor_validity {
+        return Err(Error::Config {
+            path: "<flags>".into(),
+            problems: vec!["--issuer-validity must not exceed --anchor-validity".into()],
+        });
+    }
+    if opts.issuer_validity < Duration::from_secs(60) {
+        return Err(Error::Config {
+            path: "<flags>".into(),
+            problems: vec!["--issuer-validity must be at least 1m".into()],
+        });
+    }
+    let names = [
+        ANCHORS_FILE,
+        ANCHOR_KEY_FILE,
+        ISSUER_CERT_FILE,
+        ISSUER_KEY_FILE,
+        CONFIG_FILE,
+    ];
+    let existing: Vec<PathBuf> = names
+        .iter()
+        .map(|n| opts.dir.join(n))
+        .filter(|p| std::fs::symlink_metadata(p).is_ok())
+        .collect();
+    if !existing.is_empty() {
+        return Err(Error::WouldOverwrite(existing));
+    }
+    let td = &opts.trust_domain;
+    let sign = |e: rcgen::Error| Error::Sign(e.to_string());
+
+    let anchor_key = KeyPair::generate().map_err(sign)?;
+    let mut ap = CertificateParams::new(Vec::new()).map_err(sign)?;
+    ap.distinguished_name
+        .push(DnType::CommonName, format!("root.linkerd.{td}"));
+    ap.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    ap.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ap.serial_number = Some(rcgen::SerialNumber::from_slice(
+        &crate::signer::random_serial(),
+    ));
+    ap.not_before = (now - BACKDATE).into();
+    ap.not_after = (now + opts.anchor_validity).into();
+    let anchor = ap.self_signed(&anchor_key).map_err(sign)?;
+    let anchor_issuer = Issuer::new(ap, &anchor_key);
+
+    let issuer_key = KeyPair::generate().map_err(sign)?;
+    let mut ip = CertificateParams::new(Vec::new()).map_err(sign)?;
+    ip.distinguished_name
+        .push(DnType::CommonName, format!("identity.linkerd.{td}"));
+    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ip.use_authority_key_identifier_extension = true;
+    ip.serial_number = Some(rcgen::SerialNumber::from_slice(
+        &crate::signer::random_serial(),
+    ));
+    ip.not_before = (now - BACKDATE).into();
+    ip.not_after = (now + opts.issuer_validity).into();
+    let issuer = ip.signed_by(&issuer_key, &anchor_issuer).map_err(sign)?;
+
+    std::fs::create_dir_all(&opts.dir).map_err(|source| Error::Io {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let dir = std::fs::canonicalize(&opts.dir).map_err(|source| Error::Io {
+        path: opts.dir.clone(),
+        source,
+    })?;
+    let anchor_pem = der_to_pem("CERTIFICATE", anchor.der());
+    let issuer_pem = der_to_pem("CERTIFICATE", issuer.der());
+    let anchor_key_pem = PrivateKey::from_pkcs8_der(anchor_key.serialize_der()).to_pem();
+    let issuer_key_pem = PrivateKey::from_pkcs8_der(issuer_key.serialize_der()).to_pem();
+    let toml = config_text(&dir, td);
+    let files: [(&str, &[u8], u32); 5] = [
+        (ANCHORS_FILE, anchor_pem.as_bytes(), PUBLIC_MODE),
+        (ANCHOR_KEY_FILE, anchor_key_pem.as_bytes(), SECRET_MODE),
+        (ISSUER_CERT_FILE, issuer_pem.as_bytes(), PUBLIC_MODE),
+        (ISSUER_KEY_FILE, issuer_key_pem.as_bytes(), SECRET_MODE),
+        (CONFIG_FILE, toml.as_bytes(), PUBLIC_MODE),
+    ];
+    let mut written = Vec::new();
+    for (name, data, mode) in files {
+        let path = dir.join(name);
+        if let Err(e) = proxy_lib::fs::create_new(&path, data, mode, None) {
+            // Leave the directory as it was: remove what this run created.
+            for p in &written {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e.into());
+        }
+        written.push(path);
+    }
+    proxy_lib::fs::fsync_dir(&dir)?;
+    Ok(InitOutput { files: written })
+}
+
+fn config_text(dir: &Path, td: &TrustDomain) -> String {
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let dir_s = dir.display().to_string();
+    let tokens = dir.join(DEFAULT_TOKENS_FILE).display().to_string();
+    format!(
+        "# Written by `issuer init`. Flags given to `issuer serve` override these values.\n\
+         trust_domain = {td}\n\
+         listen = \"127.0.0.1:8080\"\n\
+         admin = \"127.0.0.1:9990\"\n\
+         plaintext = false\n\
+         lifetime = \"24h\"\n\
+         min_lifetime = \"1h\"\n\
+         clock_skew = \"20s\"\n\
+         server_name = {name}\n\
+         \n\
+         [ca]\n\
+         source = \"files\"\n\
+         dir = {dir}\n\
+         \n\
+         [auth]\n\
+         tokens = {tokens}\n\
+         \n\
+         [audit]\n\
+         path = \"-\"\n\
+         \n\
+         [limits]\n\
+         max_request_bytes = 65536\n\
+         max_concurrent_signing = 64\n\
+         per_credential_per_minute = 600\n",
+        td = q(td.as_str()),
+        name = q(td.identity_service_name().as_str()),
+        dir = q(&dir_s),
+        tokens = q(&tokens),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{Ca, CaFiles};
+    use crate::config::{Config, Overrides};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn writes_a_valid_ca_with_secret_modes_and_refuses_a_second_run() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("issuer");
+        let now: SystemTime = rcgen::date_time_ymd(2030, 6, 1).into();
+        let mut opts = InitOptions::new(&dir);
+        opts.trust_domain = TrustDomain::new("example.org").unwrap();
+        let out = run_at(&opts, now).unwrap();
+        assert_eq!(out.files.len(), 5);
+        for (name, mode) in [
+            (ANCHOR_KEY_FILE, 0o600),
+            (ISSUER_KEY_FILE, 0o600),
+            (ANCHORS_FILE, 0o644),
+            (ISSUER_CERT_FILE, 0o644),
+        ] {
+            assert_eq!(
+                std::fs::metadata(dir.join(name)).unwrap().mode() & 0o777,
+                mode,
+                "{name}"
+            );
+        }
+        let ca = Ca::load(&CaFiles::in_dir(&dir), now).unwrap();
+        assert!(ca.info().subject.contains("identity.linkerd.example.org"));
+        let cfg = Config::load(&dir.join(CONFIG_FILE), &Overrides::default()).unwrap();
+        assert_eq!(cfg.policy.trust_domain.as_str(), "example.org");
+        assert_eq!(
+            cfg.ca_files,
+            CaFiles::in_dir(&std::fs::canonicalize(&dir).unwrap())
+        );
+
+        let before: Vec<_> = out
+            .files
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+        let err = run_at(&opts, now).unwrap_err();
+        assert!(
+            matches!(err, Error::WouldOverwrite(ref v) if v.len() == 5),
+            "{err}"
+        );
+        let after: Vec<_> = out
+            .files
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn refuses_when_only_one_target_exists_and_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(ISSUER_KEY_FILE), "keep").unwrap();
+        let err = run_at(
+            &InitOptions::new(d.path()),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("issuer.key"), "{err}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read(d.path().join(ISSUER_KEY_FILE)).unwrap(),
+            b"keep"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! The issuer's Prometheus metrics (names are public interface, see SPEC §5).
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The `result` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `issued`, a refusal class, or for reloads `loaded`/`refused`.
+    pub result: &'static str,
+}
+
+/// All issuer metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// `issuer_certify_total{result}`.
+    pub certify: Family<ResultLabel, Counter>,
+    /// `issuer_certify_duration_seconds`.
+    pub duration: Histogram,
+    /// `issuer_ca_expiration_timestamp_seconds`.
+    pub ca_expiration: Gauge<i64, AtomicI64>,
+    /// `issuer_ca_reloads_total{result}`.
+    pub ca_reloads: Family<ResultLabel, Counter>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            certify: Family::default(),
+            duration: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            ca_expiration: Gauge::default(),
+            ca_reloads: Family::default(),
+        };
+        registry.register(
+            "issuer_certify",
+            "Certify decisions by result",
+            m.certify.clone(),
+        );
+        registry.register(
+            "issuer_certify_duration_seconds",
+            "Time to answer a Certify request",
+            m.duration.clone(),
+        );
+        registry.register(
+            "issuer_ca_expiration_timestamp_seconds",
+            "notAfter of the issuer certificate in use, Unix seconds",
+            m.ca_expiration.clone(),
+        );
+        registry.register(
+            "issuer_ca_reloads",
+            "Issuer CA reload attempts by result",
+            m.ca_reloads.clone(),
+        );
+        m
+    }
+
+    /// Counts one Certify decision.
+    pub fn certify(&self, result: &'static str, seconds: f64) {
+        self.certify.get_or_create(&ResultLabel { result }).inc();
+        self.duration.observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_match_the_spec() {
+        let mut reg = Registry::default();
+        let m = Metrics::new(&mut reg);
+        m.certify("issued", 0.001);
+        m.certify("unauthenticated", 0.001);
+        m.ca_expiration.set(42);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("issuer_certify_total{result=\"issued\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("issuer_certify_duration_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("issuer_ca_expiration_timestamp_seconds 42"),
+            "{text}"
+        );
+    }
+}

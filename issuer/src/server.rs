@@ -1,0 +1,515 @@
+//! The running issuer: gRPC Certify over TLS 1.3 (tokio-rustls, no ALPN required) or
+//! loopback plaintext, a serving certificate minted from the issuer CA and re-minted before
+//! expiry and on CA reload, the reload loop, and the admin endpoints.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use linkerd2_proxy_api::identity::identity_server::IdentityServer;
+use prometheus_client::registry::Registry;
+use proxy_lib::clock::SharedClock;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
+
+use crate::audit::AuditLog;
+use crate::auth::{AuthChain, TokenAuthenticator};
+use crate::ca::Ca;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::reload::{Watch, fingerprint};
+use crate::service::{CertifyService, PeerInfo, Shared};
+use crate::tokens::TokenStore;
+
+/// How often the maintenance loop runs (CA file poll, serving-cert check, expiry warning).
+pub const TICK: Duration = Duration::from_secs(1);
+/// Lifetime of the serving certificate (capped at the issuer's notAfter).
+pub const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One accepted connection: plaintext (loopback only) or TLS.
+pub enum Conn {
+    /// Plaintext.
+    Plain(TcpStream, PeerInfo),
+    /// TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerInfo),
+}
+
+impl Connected for Conn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        match self {
+            Conn::Plain(_, p) | Conn::Tls(_, p) => p.clone(),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Facts about the serving certificate in use.
+#[derive(Debug, Clone)]
+pub struct ServingInfo {
+    /// SHA-256 of the serving leaf (hex).
+    pub sha256: String,
+    /// SHA-256 of the issuer certificate that signed it.
+    pub issuer_sha256: String,
+    /// Its notAfter.
+    pub not_after: SystemTime,
+    /// When it will be re-minted.
+    pub renew_at: SystemTime,
+}
+
+/// The issuer server: shared state, TLS config, reload state.
+pub struct Server {
+    config: Config,
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+    tls: ArcSwap<rustls::ServerConfig>,
+    serving: ArcSwap<ServingInfo>,
+    watch: Mutex<Watch>,
+    warned: Mutex<Option<SystemTime>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listen", &self.config.listen)
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Loads the CA (errors name the missing or bad file), the token store and the audit log,
+    /// and mints the first serving certificate. Blocks.
+    pub fn new(config: Config, clock: SharedClock) -> Result<Arc<Self>> {
+        let now = clock.now();
+        let files = config.ca_files.clone();
+        let watch = Watch::new(fingerprint(&files));
+        let ca = Ca::load(&files, now)?;
+        let store = TokenStore::open(&config.tokens)?;
+        let audit = AuditLog::open(&config.audit)?;
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let auth = AuthChain::new(vec![Arc::new(TokenAuthenticator::new(
+            store,
+            clock.clone(),
+        ))]);
+        let shared = Arc::new(Shared::new(
+            ca,
+            config.policy.clone(),
+            auth,
+            config.limits.clone(),
+            audit,
+            metrics,
+            clock,
+        ));
+        let (tls, serving) = mint_serving(&shared, &config.server_name)?;
+        let server = Arc::new(Self {
+            config,
+            shared,
+            registry: Arc::new(registry),
+            tls: ArcSwap::new(tls),
+            serving: ArcSwap::from_pointee(serving),
+            watch: Mutex::new(watch),
+            warned: Mutex::new(None),
+        });
+        server.warn_if_expiring();
+        Ok(server)
+    }
+
+    /// The shared state (CA, policy, metrics...).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The metrics registry served on `/metrics`.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// `/ready`: the CA in use can issue now.
+    pub fn ready(&self) -> bool {
+        self.shared.ca_usable()
+    }
+
+    /// The serving certificate in use.
+    pub fn serving(&self) -> Arc<ServingInfo> {
+        self.serving.load_full()
+    }
+
+    /// Reloads the CA files now (what SIGHUP does). Blocks.
+    pub fn reload_ca(&self) -> Result<()> {
+        let files = &self.config.ca_files;
+        self.watch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tried(fingerprint(files));
+        let res = crate::reload::reload(&self.shared, files);
+        self.refresh_serving(true);
+        self.warn_if_expiring();
+        res
+    }
+
+    /// One maintenance step: reload changed CA files (debounced), re-mint the serving
+    /// certificate when due, warn about an expiring issuer. Blocks briefly.
+    pub fn tick(&self) {
+        let files = &self.config.ca_files;
+        let due = self
+            .watch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .poll(fingerprint(files));
+        if due {
+            let _ = crate::reload::reload(&self.shared, files);
+            self.warn_if_expiring();
+        }
+        self.refresh_serving(false);
+    }
+
+    fn refresh_serving(&self, force: bool) {
+        let now = self.shared.clock.now();
+        let cur = self.serving.load();
+        let ca = self.shared.ca.load();
+        let ca_changed = cur.issuer_sha256 != proxy_lib::cert::sha256_hex(ca.cert());
+        if !force && !ca_changed && now < cur.renew_at {
+            return;
+        }
+        if !ca.info().is_valid_at(now) {
+            return;
+        }
+        match mint_serving(&self.shared, &self.config.server_name) {
+            Ok((tls, info)) => {
+                tracing::info!(
+                    sha256 = %info.sha256,
+                    not_after = %proxy_lib::clock::rfc3339(info.not_after),
+                    "serving certificate minted"
+                );
+                self.tls.store(tls);
+                self.serving.store(Arc::new(info));
+            }
+            Err(error) => tracing::error!(%error, "serving certificate could not be minted"),
+        }
+    }
+
+    fn warn_if_expiring(&self) {
+        let now = self.shared.clock.now();
+        let ca = self.shared.ca.load();
+        let left = ca.info().not_after.duration_since(now).unwrap_or_default();
+        if left >= self.config.ca_warn_before {
+            return;
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(3600))
+        {
+            return;
+        }
+        *warned = Some(now);
+        tracing::warn!(
+            not_after = %proxy_lib::clock::rfc3339(ca.info().not_after),
+            seconds_left = left.as_secs(),
+            "issuer certificate expires soon; rotate it"
+        );
+    }
+
+    /// Serves Certify on `listener` (and the admin endpoints on `admin`) until `shutdown`
+    /// completes. In-flight requests finish; new connections stop.
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::Server(format!("listener address: {e}")))?;
+        if self.config.plaintext && !local.ip().is_loopback() {
+            return Err(Error::Server(format!(
+                "plaintext serving is only allowed on a loopback address, not {local}"
+            )));
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopper = tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut tasks = Vec::new();
+        if let Some(admin) = admin {
+            let me = self.clone();
+            let ready: proxy_lib::admin::ReadyFn = Arc::new(move || me.ready());
+            let router = proxy_lib::admin::router(self.registry.clone(), ready);
+            let stop = wait_stop(stop_rx.clone());
+            let addr = admin.local_addr().ok();
+            tracing::info!(addr = ?addr, "admin listening");
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = proxy_lib::admin::serve(admin, router, stop).await {
+                    tracing::error!(%error, "admin server failed");
+                }
+            }));
+        }
+        {
+            let me = self.clone();
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval(TICK);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut n: u64 = 0;
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = every.tick() => {
+                            let m = me.clone();
+                            let _ = tokio::task::spawn_blocking(move || m.tick()).await;
+                            n += 1;
+                            if n % 60 == 0 {
+                                me.shared.limiter.retain_recent();
+                                me.warn_if_expiring();
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
+        tasks.push(tokio::spawn(accept_loop(
+            self.clone(),
+            listener,
+            tx,
+            stop_rx.clone(),
+        )));
+        tracing::info!(
+            addr = %local,
+            tls = !self.config.plaintext,
+            server_name = %self.config.server_name,
+            "issuer listening"
+        );
+        let svc = IdentityServer::new(CertifyService::new(self.shared.clone()))
+            .max_decoding_message_size(
+                self.config
+                    .limits
+                    .max_request_bytes
+                    .saturating_mul(4)
+                    .max(1 << 20),
+            );
+        let res = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                wait_stop(stop_rx.clone()),
+            )
+            .await
+            .map_err(|e| Error::Server(e.to_string()));
+        stopper.abort();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+        tracing::info!("issuer stopped");
+        res
+    }
+}
+
+async fn wait_stop(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn accept_loop(
+    server: Arc<Server>,
+    listener: TcpListener,
+    tx: mpsc::Sender<io::Result<Conn>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = stop.changed() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        if server.config.plaintext {
+            let peer = PeerInfo {
+                addr: Some(addr),
+                client_certs: None,
+            };
+            if tx.send(Ok(Conn::Plain(tcp, peer))).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let acceptor = TlsAcceptor::from(server.tls.load_full());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let certs = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                    let peer = PeerInfo {
+                        addr: Some(addr),
+                        client_certs: certs,
+                    };
+                    let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                }
+                Ok(Err(error)) => tracing::debug!(%error, peer = %addr, "tls handshake failed"),
+                Err(_) => tracing::debug!(peer = %addr, "tls handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Mints a serving certificate for `server_name` from the CA in use and builds the TLS 1.3
+/// server config around it (client certificates requested, not required).
+fn mint_serving(
+    shared: &Shared,
+    server_name: &str,
+) -> Result<(Arc<rustls::ServerConfig>, ServingInfo)> {
+    let ca = shared.ca.load_full();
+    let now = crate::policy::whole_seconds(shared.clock.now());
+    let not_before = (now - shared.policy.clock_skew).max(ca.info().not_before);
+    let not_after = (now + SERVING_LIFETIME).min(ca.info().not_after);
+    let key = rcgen::KeyPair::generate().map_err(|e| Error::Sign(e.to_string()))?;
+    let grant = crate::policy::Grant {
+        not_before,
+        not_after,
+    };
+    let leaf = crate::signer::sign_server_leaf(&ca, server_name, &key, &grant)?;
+    let key_der = proxy_lib::pem::PrivateKey::from_pkcs8_der(key.serialize_der());
+    let provider = proxy_lib::crypto_provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(ca.anchors().root_store()),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| Error::Server(format!("client verifier: {e}")))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Server(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![leaf.der.clone(), ca.cert().clone()],
+            key_der.to_rustls(),
+        )
+        .map_err(|e| Error::Server(format!("serving certificate: {e}")))?;
+    // Offer h2, but a client without ALPN (linkerd2-proxy) is accepted as well.
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let info = ServingInfo {
+        sha256: leaf.sha256.clone(),
+        issuer_sha256: proxy_lib::cert::sha256_hex(ca.cert()),
+        not_after,
+        renew_at: not_before + life * 2 / 3,
+    };
+    Ok((Arc::new(cfg), info))
+}
+
+/// Starts the issuer in-process: loads everything, handles SIGHUP (CA reload), and serves on
+/// `listener` (+ admin) until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    clock: SharedClock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let server = Server::new(config, clock)?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| Error::Server(format!("installing the SIGHUP handler: {e}")))?;
+    let me = server.clone();
+    let hup_task = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the issuer ca");
+            let m = me.clone();
+            let _ = tokio::task::spawn_blocking(move || m.reload_ca()).await;
+        }
+    });
+    let res = server.run(listener, admin, shutdown).await;
+    hup_task.abort();
+    res
+}
+
+/// Binds `addr` (a helper for the binary).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Server(format!("cannot listen on {addr}: {e}")))
+}

@@ -1,0 +1,228 @@
+//! The gRPC `io.linkerd.proxy.identity.Identity/Certify` handler. Thin: size check,
+//! identity, authentication, rate and concurrency limits, CSR, signing, then one audit line
+//! and the metrics for every decision.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use linkerd2_proxy_api::identity::identity_server::Identity as IdentityApi;
+use linkerd2_proxy_api::identity::{CertifyRequest, CertifyResponse};
+use prost::Message;
+use proxy_lib::clock::SharedClock;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::Semaphore;
+
+use crate::audit::{AuditEvent, AuditLog, truncate};
+use crate::auth::{AuthChain, AuthRequest, Principal};
+use crate::ca::Ca;
+use crate::config::Limits;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::signer::{Leaf, LeafKind};
+
+/// What the transport knows about the peer; set on every request by the server.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The peer's address.
+    pub addr: Option<SocketAddr>,
+    /// The client certificate chain, when the peer presented one over TLS.
+    pub client_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// State shared by the handler, the reloader and the admin endpoints.
+pub struct Shared {
+    /// The CA in use; swapped whole on reload.
+    pub ca: ArcSwap<Ca>,
+    /// Issuing policy.
+    pub policy: Policy,
+    /// Authenticators.
+    pub auth: AuthChain,
+    /// Request limits.
+    pub limits: Limits,
+    /// Rate limiter keyed by credential and peer address.
+    pub limiter: DefaultKeyedRateLimiter<(String, Option<IpAddr>)>,
+    /// Signings in flight.
+    pub signing: Semaphore,
+    /// Audit sink.
+    pub audit: AuditLog,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Wall clock.
+    pub clock: SharedClock,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ca", &self.ca.load())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Assembles the shared state.
+    pub fn new(
+        ca: Ca,
+        policy: Policy,
+        auth: AuthChain,
+        limits: Limits,
+        audit: AuditLog,
+        metrics: Metrics,
+        clock: SharedClock,
+    ) -> Self {
+        let per_minute = limits.per_credential_per_minute;
+        metrics
+            .ca_expiration
+            .set(proxy_lib::clock::unix_secs(ca.info().not_after) as i64);
+        Self {
+            ca: ArcSwap::from_pointee(ca),
+            policy,
+            auth,
+            limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(per_minute)),
+            signing: Semaphore::new(limits.max_concurrent_signing),
+            limits,
+            audit,
+            metrics,
+            clock,
+        }
+    }
+
+    /// Whether the CA in use can issue now (valid, with at least the minimum lifetime left).
+    pub fn ca_usable(&self) -> bool {
+        let ca = self.ca.load();
+        self.policy
+            .check_issuer(self.clock.now(), ca.info().not_before, ca.info().not_after)
+            .is_ok()
+    }
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct CertifyService {
+    shared: Arc<Shared>,
+}
+
+impl CertifyService {
+    /// A handler over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    async fn decide(
+        &self,
+        req: &CertifyRequest,
+        peer: &PeerInfo,
+        principal: &mut Option<Principal>,
+    ) -> Result<(Leaf, Arc<Ca>), Error> {
+        let s = &*self.shared;
+        let size = req.encoded_len();
+        if size > s.limits.max_request_bytes {
+            return Err(Error::RequestTooLarge {
+                size,
+                max: s.limits.max_request_bytes,
+            });
+        }
+        let identity = s.policy.identity(&req.identity)?;
+        let p = s
+            .auth
+            .authenticate(&AuthRequest {
+                identity: &identity,
+                token: &req.token,
+                peer: peer.addr,
+                client_certs: peer.client_certs.as_deref().map(|v| v.as_slice()),
+            })
+            .await?;
+        let key = (
+            p.credential.clone(),
+            peer.addr.map(|a| a.ip().to_canonical()),
+        );
+        *principal = Some(p);
+        if s.limiter.check_key(&key).is_err() {
+            return Err(Error::RateLimited);
+        }
+        let _permit = s.signing.try_acquire().map_err(|_| Error::Overloaded)?;
+        let csr = crate::csr::validate(&req.certificate_signing_request, &identity)?;
+        let ca = s.ca.load_full();
+        let grant = s
+            .policy
+            .grant(s.clock.now(), ca.info().not_before, ca.info().not_after)?;
+        let leaf =
+            crate::signer::sign_leaf(&ca, &identity, &csr.public_key, &grant, LeafKind::Workload)?;
+        Ok((leaf, ca))
+    }
+}
+
+#[tonic::async_trait]
+impl IdentityApi for CertifyService {
+    async fn certify(
+        &self,
+        request: tonic::Request<CertifyRequest>,
+    ) -> Result<tonic::Response<CertifyResponse>, tonic::Status> {
+        let started = Instant::now();
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or_default();
+        let req = request.into_inner();
+        let mut principal = None;
+        let outcome = self.decide(&req, &peer, &mut principal).await;
+        let s = &*self.shared;
+        let peer_text = peer.addr.map(|a| a.to_string());
+        let identity = truncate(&req.identity, 256);
+        let mut event = AuditEvent {
+            time: proxy_lib::clock::rfc3339(s.clock.now()),
+            decision: "issued",
+            identity,
+            peer: peer_text,
+            authenticator: principal.as_ref().map(|p| p.authenticator),
+            credential: principal.as_ref().map(|p| p.credential.as_str()),
+            serial: None,
+            sha256: None,
+            not_after: None,
+            code: None,
+            reason: None,
+        };
+        match outcome {
+            Ok((leaf, ca)) => {
+                event.serial = Some(&leaf.serial);
+                event.sha256 = Some(&leaf.sha256);
+                event.not_after = Some(proxy_lib::clock::rfc3339(leaf.not_after));
+                s.audit.record(&event);
+                s.metrics.certify("issued", started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    identity = %identity,
+                    serial = %leaf.serial,
+                    not_after = %proxy_lib::clock::rfc3339(leaf.not_after),
+                    peer = ?peer.addr,
+                    "certificate issued"
+                );
+                Ok(tonic::Response::new(CertifyResponse {
+                    leaf_certificate: leaf.der.to_vec(),
+                    intermediate_certificates: vec![ca.cert().to_vec()],
+                    valid_until: Some(leaf.not_after.into()),
+                }))
+            }
+            Err(error) => {
+                let status = error.to_status();
+                event.decision = "refused";
+                event.code = Some(error.result_label());
+                event.reason = Some(error.to_string());
+                s.audit.record(&event);
+                s.metrics
+                    .certify(error.result_label(), started.elapsed().as_secs_f64());
+                if status.code() == tonic::Code::Internal {
+                    tracing::error!(%error, identity = %identity, "certify failed");
+                } else {
+                    tracing::debug!(%error, identity = %identity, peer = ?peer.addr, "certify refused");
+                }
+                Err(status)
+            }
+        }
+    }
+}
