@@ -136,8 +136,8 @@ impl Ca {
         let certs = pem::certs_from_bytes(cert, &files.cert.display().to_string())
             .map_err(|e| bad(&files.cert, e.to_string()))?;
         let cert = certs[0].clone();
-        let key = PrivateKey::from_bytes(key, &files.key.display().to_string())
-            .map_err(|e| bad(&files.key, e.to_string()))?;
+        let key =
+            read_key(key, &files.key.display().to_string()).map_err(|e| bad(&files.key, e))?;
         Self::from_parts(anchors, cert, key, now).map_err(|reason| bad(&files.cert, reason))
     }
 
@@ -234,6 +234,59 @@ impl Ca {
     pub(crate) fn issuer(&self) -> &Issuer<'static, IssuerKey> {
         &self.issuer
     }
+}
+
+/// Reads an issuer key: PKCS#8 (PEM or DER), or a SEC1 `EC PRIVATE KEY` as written by
+/// `openssl ecparam -genkey`, converted to PKCS#8 in memory.
+pub fn read_key(bytes: &[u8], what: &str) -> std::result::Result<PrivateKey, String> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject;
+    if pem::is_pem(bytes) {
+        if let Ok(PrivateKeyDer::Sec1(k)) = PrivateKeyDer::from_pem_slice(bytes) {
+            return sec1_to_pkcs8(k.secret_sec1_der())
+                .map(|der| PrivateKey::from_pkcs8_der(der.to_vec()))
+                .map_err(|e| format!("{what}: {e}"));
+        }
+    }
+    PrivateKey::from_bytes(bytes, what).map_err(|e| e.to_string())
+}
+
+const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+/// Wraps a SEC1 ECPrivateKey (which must name its curve) in a PKCS#8 PrivateKeyInfo.
+fn sec1_to_pkcs8(sec1: &[u8]) -> std::result::Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let curve = if sec1.windows(OID_P256.len()).any(|w| w == OID_P256) {
+        OID_P256
+    } else if sec1.windows(OID_P384.len()).any(|w| w == OID_P384) {
+        OID_P384
+    } else {
+        return Err(
+            "EC private key on an unsupported or unnamed curve (use P-256 or P-384)".into(),
+        );
+    };
+    fn tlv(tag: u8, body: &[u8], out: &mut Vec<u8>) {
+        out.push(tag);
+        let n = body.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else if n < 0x100 {
+            out.extend_from_slice(&[0x81, n as u8]);
+        } else {
+            out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
+        }
+        out.extend_from_slice(body);
+    }
+    let mut alg = Vec::new();
+    alg.extend_from_slice(OID_EC_PUBLIC_KEY);
+    alg.extend_from_slice(curve);
+    let mut body = zeroize::Zeroizing::new(vec![0x02, 0x01, 0x00]);
+    tlv(0x30, &alg, &mut body);
+    tlv(0x04, sec1, &mut body);
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(body.len() + 4));
+    tlv(0x30, &body, &mut out);
+    Ok(out)
 }
 
 fn check_ca_extensions(der: &[u8]) -> std::result::Result<(), String> {
