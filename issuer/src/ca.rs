@@ -241,12 +241,12 @@ impl Ca {
 pub fn read_key(bytes: &[u8], what: &str) -> std::result::Result<PrivateKey, String> {
     use rustls_pki_types::PrivateKeyDer;
     use rustls_pki_types::pem::PemObject;
-    if pem::is_pem(bytes) {
-        if let Ok(PrivateKeyDer::Sec1(k)) = PrivateKeyDer::from_pem_slice(bytes) {
-            return sec1_to_pkcs8(k.secret_sec1_der())
-                .map(|der| PrivateKey::from_pkcs8_der(der.to_vec()))
-                .map_err(|e| format!("{what}: {e}"));
-        }
+    if pem::is_pem(bytes)
+        && let Ok(PrivateKeyDer::Sec1(k)) = PrivateKeyDer::from_pem_slice(bytes)
+    {
+        return sec1_to_pkcs8(k.secret_sec1_der())
+            .map(|der| PrivateKey::from_pkcs8_der(der.to_vec()))
+            .map_err(|e| format!("{what}: {e}"));
     }
     PrivateKey::from_bytes(bytes, what).map_err(|e| e.to_string())
 }

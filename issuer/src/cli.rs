@@ -215,10 +215,10 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
         ttl: a.ttl,
         allowed_ips: a.allow_ip,
     };
-    if let Some(out) = &a.out {
-        if std::fs::symlink_metadata(out).is_ok() {
-            return Err(Error::WouldOverwrite(vec![out.clone()]));
-        }
+    if let Some(out) = &a.out
+        && std::fs::symlink_metadata(out).is_ok()
+    {
+        return Err(Error::WouldOverwrite(vec![out.clone()]));
     }
     let t = crate::tokens::create(&cfg.tokens, &opts, clock.now())?;
     let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());

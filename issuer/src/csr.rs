@@ -278,7 +278,8 @@ mod tests {
             p.subject_alt_names.push(san);
             p
         };
-        let cases: Vec<(Vec<u8>, fn(&CsrError) -> bool)> = vec![
+        type Case = (Vec<u8>, fn(&CsrError) -> bool);
+        let cases: Vec<Case> = vec![
             (b"garbage".to_vec(), |e| matches!(e, CsrError::Malformed(_))),
             (Vec::new(), |e| matches!(e, CsrError::Malformed(_))),
             (csr(&params(&[other], None), &key), |e| {

@@ -11,7 +11,10 @@ use crate::service::Shared;
 
 /// What the CA files look like on disk (device, inode, size, mtime of each; `None` = absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fingerprint(Vec<Option<(u64, u64, u64, i64, i64)>>);
+pub struct Fingerprint(Vec<Option<FileStamp>>);
+
+/// (device, inode, size, mtime seconds, mtime nanoseconds) of one file.
+type FileStamp = (u64, u64, u64, i64, i64);
 
 /// Fingerprints the CA files. Blocks (three `stat`s).
 pub fn fingerprint(files: &CaFiles) -> Fingerprint {

@@ -328,7 +328,7 @@ impl Server {
                             let m = me.clone();
                             let _ = tokio::task::spawn_blocking(move || m.tick()).await;
                             n += 1;
-                            if n % 60 == 0 {
+                            if n.is_multiple_of(60) {
                                 me.shared.limiter.retain_recent();
                                 me.warn_if_expiring();
                             }

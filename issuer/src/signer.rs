@@ -180,7 +180,7 @@ mod tests {
         assert_eq!(info.sha256, leaf.sha256);
         for usage in [Usage::Server, Usage::Client] {
             pki.anchors()
-                .verify_leaf(&leaf.der, &[pki.issuer.clone()], now(), usage)
+                .verify_leaf(&leaf.der, std::slice::from_ref(&pki.issuer), now(), usage)
                 .unwrap();
         }
         let (_, x) = X509Certificate::from_der(&leaf.der).unwrap();

@@ -389,13 +389,13 @@ impl TokenStore {
         if rec.revoked.is_some() {
             return Err(AuthError::Revoked { id: rec.id.clone() });
         }
-        if let Some(exp) = rec.expires {
-            if proxy_lib::clock::unix_secs(now) >= exp {
-                return Err(AuthError::Expired {
-                    id: rec.id.clone(),
-                    at: proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(exp)),
-                });
-            }
+        if let Some(exp) = rec.expires
+            && proxy_lib::clock::unix_secs(now) >= exp
+        {
+            return Err(AuthError::Expired {
+                id: rec.id.clone(),
+                at: proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(exp)),
+            });
         }
         if !rec.identity.eq_ignore_ascii_case(identity.as_str()) {
             return Err(AuthError::WrongIdentity {
@@ -612,9 +612,6 @@ mod tests {
             "10.1.0.0/16".parse::<IpNet>().unwrap().to_string(),
             "10.1.0.0/16"
         );
-        assert_eq!(
-            revoke(Path::new("/nonexistent/x/tokens"), "x", UNIX_EPOCH).is_err(),
-            true
-        );
+        assert!(revoke(Path::new("/nonexistent/x/tokens"), "x", UNIX_EPOCH).is_err());
     }
 }
