@@ -1,0 +1,297 @@
+//! Talking to the issuer: the [`Issue`] trait the renewal cycle uses, and its gRPC
+//! implementation (Linkerd's `Identity/Certify` over TLS verified against `ca.crt`).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use linkerd2_proxy_api::identity as api;
+use proxy_lib::verify::TrustAnchors;
+use zeroize::Zeroizing;
+
+use crate::config::HostPort;
+
+/// One Certify request.
+pub struct CertifyRequest {
+    /// The identity asked for.
+    pub identity: String,
+    /// The token (zeroized on drop, never logged).
+    pub token: Zeroizing<Vec<u8>>,
+    /// The CSR, DER.
+    pub csr_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for CertifyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifyRequest")
+            .field("identity", &self.identity)
+            .field("token", &"[redacted]")
+            .field("csr_len", &self.csr_der.len())
+            .finish()
+    }
+}
+
+/// The issuer's answer, not yet validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertifyResponse {
+    /// Leaf certificate (DER, though PEM is tolerated).
+    pub leaf: Vec<u8>,
+    /// Intermediates (DER).
+    pub intermediates: Vec<Vec<u8>>,
+    /// The issuer's `valid_until`.
+    pub valid_until: Option<SystemTime>,
+}
+
+/// Why a Certify call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// The token file could not be read or is empty.
+    #[error("token file {path}: {reason}")]
+    Token {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The anchors could not be loaded.
+    #[error("trust anchors: {0}")]
+    Anchors(String),
+    /// No connection to the issuer.
+    #[error("cannot reach the issuer at {addr}: {reason}")]
+    Connect {
+        /// The issuer address.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The issuer answered with an error status.
+    #[error("the issuer refused: {code:?}: {message}")]
+    Status {
+        /// The gRPC code.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// The call took too long.
+    #[error("the issuer did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl IssueError {
+    /// Whether retrying later may help (everything but a refusal of the request itself).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            IssueError::Status {
+                code: tonic::Code::InvalidArgument,
+                ..
+            }
+        )
+    }
+}
+
+/// Something that can certify a CSR.
+pub trait Issue: Send + Sync {
+    /// Sends one Certify request.
+    fn certify(
+        &self,
+        req: CertifyRequest,
+    ) -> impl Future<Output = Result<CertifyResponse, IssueError>> + Send;
+}
+
+/// Reads the token file fresh, trimming leading and trailing whitespace. Blocks.
+pub fn read_token(path: &Path) -> Result<Zeroizing<Vec<u8>>, IssueError> {
+    let err = |reason: String| IssueError::Token {
+        path: path.display().to_string(),
+        reason,
+    };
+    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+    let start = raw.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(start) = start else {
+        return Err(err("the file is empty".into()));
+    };
+    let end = raw
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .expect("non-empty");
+    Ok(Zeroizing::new(raw[start..=end].to_vec()))
+}
+
+/// The gRPC client for a real issuer.
+#[derive(Debug, Clone)]
+pub struct GrpcIssuer {
+    addr: HostPort,
+    server_name: String,
+    anchors: Option<TrustAnchors>,
+    timeout: Duration,
+}
+
+impl GrpcIssuer {
+    /// A TLS client: the issuer's cert must chain to `anchors` and carry `server_name`.
+    pub fn tls(
+        addr: HostPort,
+        server_name: String,
+        anchors: TrustAnchors,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            addr,
+            server_name,
+            anchors: Some(anchors),
+            timeout,
+        }
+    }
+
+    /// A plaintext client (the config allows it only for a loopback issuer).
+    pub fn plaintext(addr: HostPort, timeout: Duration) -> Self {
+        Self {
+            addr,
+            server_name: String::new(),
+            anchors: None,
+            timeout,
+        }
+    }
+
+    async fn call(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
+        let connect_err = |reason: String| IssueError::Connect {
+            addr: self.addr.to_string(),
+            reason,
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|e| connect_err(e.to_string()))?
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout);
+        let addr = self.addr.clone();
+        let channel = match &self.anchors {
+            None => {
+                let connector = tower::service_fn(move |_: http::Uri| {
+                    let addr = addr.clone();
+                    async move {
+                        let tcp =
+                            tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+                        tcp.set_nodelay(true)?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
+                    }
+                });
+                endpoint.connect_with_connector(connector).await
+            }
+            Some(anchors) => {
+                let config =
+                    rustls::ClientConfig::builder_with_provider(proxy_lib::crypto_provider())
+                        .with_protocol_versions(&[&rustls::version::TLS13])
+                        .map_err(|e| connect_err(e.to_string()))?
+                        .with_root_certificates(anchors.root_store())
+                        .with_no_client_auth();
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+                let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
+                    .map_err(|e| connect_err(format!("server name {:?}: {e}", self.server_name)))?;
+                let connector = tower::service_fn(move |_: http::Uri| {
+                    let addr = addr.clone();
+                    let tls = tls.clone();
+                    let name = name.clone();
+                    async move {
+                        let tcp =
+                            tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+                        tcp.set_nodelay(true)?;
+                        let stream = tls.connect(name, tcp).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                });
+                endpoint.connect_with_connector(connector).await
+            }
+        }
+        .map_err(|e| connect_err(error_chain(&e)))?;
+
+        let mut client = api::identity_client::IdentityClient::new(channel);
+        let request = api::CertifyRequest {
+            identity: req.identity.clone(),
+            token: req.token.to_vec(),
+            certificate_signing_request: req.csr_der.clone(),
+        };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.timeout);
+        let result = client.certify(request).await;
+        let resp = match result {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && s.message().contains("transport") => {
+                return Err(connect_err(s.message().to_string()));
+            }
+            Err(s)
+                if s.code() == tonic::Code::Cancelled
+                    || s.code() == tonic::Code::DeadlineExceeded =>
+            {
+                return Err(IssueError::Timeout(self.timeout));
+            }
+            Err(s) => {
+                return Err(IssueError::Status {
+                    code: s.code(),
+                    message: s.message().to_string(),
+                });
+            }
+        };
+        let valid_until = resp.valid_until.and_then(|t| {
+            (t.seconds >= 0).then(|| UNIX_EPOCH + Duration::from_secs(t.seconds as u64))
+        });
+        Ok(CertifyResponse {
+            leaf: resp.leaf_certificate,
+            intermediates: resp.intermediate_certificates,
+            valid_until,
+        })
+    }
+}
+
+impl Issue for GrpcIssuer {
+    async fn certify(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
+        match tokio::time::timeout(self.timeout, self.call(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(IssueError::Timeout(self.timeout)),
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_trimmed_and_empty_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        std::fs::write(&p, "\n  s3cr3t-token \n\n").unwrap();
+        assert_eq!(&read_token(&p).unwrap()[..], b"s3cr3t-token");
+        std::fs::write(&p, " \n").unwrap();
+        let e = read_token(&p).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        let e = read_token(&d.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn request_debug_redacts_the_token() {
+        let r = CertifyRequest {
+            identity: "x".into(),
+            token: Zeroizing::new(b"s3cr3t".to_vec()),
+            csr_der: vec![1, 2],
+        };
+        assert!(!format!("{r:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,205 @@
+//! The daemon loop: sleep until the next renewal, a forced renewal (SIGHUP), a shutdown
+//! (SIGTERM, never mid-swap) or at most five minutes, then decide again from the wall clock.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use proxy_lib::clock::{rfc3339, unix_secs};
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+
+use crate::client::Issue;
+use crate::notify::{Notice, Notify};
+use crate::reload::Reload;
+use crate::renew::{Current, Rotator};
+use crate::schedule::{self, Decision};
+use crate::state::State;
+
+/// How the loop is driven from outside: forced renewals and shutdown.
+#[derive(Debug)]
+pub struct Controls {
+    /// One message per forced renewal (SIGHUP).
+    pub force: mpsc::UnboundedReceiver<()>,
+    /// Becomes true on shutdown (SIGTERM/SIGINT).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The sending side of [`Controls`].
+#[derive(Debug, Clone)]
+pub struct Handle {
+    force: mpsc::UnboundedSender<()>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Handle {
+    /// Asks for a renewal now.
+    pub fn force(&self) {
+        let _ = self.force.send(());
+    }
+
+    /// Asks the loop to stop (after any swap in progress).
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// A connected handle and controls.
+pub fn controls() -> (Handle, Controls) {
+    let (ftx, frx) = mpsc::unbounded_channel();
+    let (stx, srx) = watch::channel(false);
+    (
+        Handle {
+            force: ftx,
+            shutdown: stx,
+        },
+        Controls {
+            force: frx,
+            shutdown: srx,
+        },
+    )
+}
+
+/// Options of the loop.
+#[derive(Debug, Clone, Default)]
+pub struct LoopOptions {
+    /// Ping the watchdog this often.
+    pub watchdog: Option<Duration>,
+    /// Seed for the backoff jitter (random when `None`).
+    pub seed: Option<u64>,
+}
+
+/// Runs the daemon until shutdown.
+pub async fn run<I: Issue, R: Reload>(
+    mut rotator: Rotator<I, R>,
+    notifier: Arc<dyn Notify>,
+    mut ctl: Controls,
+    opts: LoopOptions,
+) {
+    let mut rng = match opts.seed {
+        Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+        None => rand::rngs::StdRng::from_os_rng(),
+    };
+    let mut ready = false;
+    let mut attempt: u32 = 0;
+    let mut retry: Option<SystemTime> = None;
+    let mut force = false;
+    let mut last_status = String::new();
+    let mut verified_at_start = rotator.config().verify.is_none();
+
+    loop {
+        if *ctl.shutdown.borrow() {
+            break;
+        }
+        let now = rotator.clock().now();
+        let (current, decision) = rotator.decide();
+        if let Some(t) = current.times() {
+            rotator
+                .metrics()
+                .cert_expiration
+                .set(unix_secs(t.not_after) as i64);
+        }
+        let due = force
+            || match retry {
+                Some(r) => r <= now,
+                None => decision == Decision::RenewNow,
+            };
+        if retry.is_some() && !due && decision != Decision::RenewNow {
+            // Someone else (a one-shot rotate) installed a good cert meanwhile.
+            retry = None;
+            attempt = 0;
+        }
+        if due {
+            force = false;
+            match rotator.cycle(true).await {
+                Ok(_) => {
+                    retry = None;
+                    attempt = 0;
+                    verified_at_start = true;
+                }
+                Err(e) if e.installed() => {
+                    // The new cert is on disk; the next cycle comes on its normal schedule.
+                    retry = None;
+                    attempt = 0;
+                }
+                Err(_) => {
+                    let times = rotator.current().times().copied();
+                    let at = schedule::retry_at(
+                        rotator.clock().now(),
+                        attempt,
+                        times.as_ref(),
+                        &rotator.config().policy,
+                        rng.random::<f64>(),
+                    );
+                    tracing::debug!(attempt, retry_at = %rfc3339(at), "backing off");
+                    attempt = attempt.saturating_add(1);
+                    retry = Some(at);
+                }
+            }
+            continue;
+        }
+        if !verified_at_start && matches!(current, Current::Valid { .. }) {
+            verified_at_start = true;
+            if let Err(e) = rotator.verify_current().await {
+                tracing::warn!(error = %e, "the listener does not serve the cert on disk");
+                rotator.metrics().rotation(false);
+                let mut st = State::load(&rotator.config().dir);
+                st.last_error = Some(e.to_string());
+                st.last_error_at = Some(unix_secs(rotator.clock().now()));
+                let _ = st.save(&rotator.config().dir);
+                continue;
+            }
+        }
+        if matches!(current, Current::Valid { .. }) && verified_at_start {
+            rotator.metrics().set_ready(true);
+            if !ready {
+                ready = true;
+                notifier.notify(Notice::Ready);
+            }
+        }
+        let deadline = match (retry, decision) {
+            (Some(r), _) => r,
+            (None, Decision::At(t)) => t,
+            (None, Decision::RenewNow) => now,
+        };
+        let status = if retry.is_some() {
+            format!(
+                "renewal failing (attempt {attempt}); next try at {}",
+                rfc3339(deadline)
+            )
+        } else {
+            format!("next renewal at {}", rfc3339(deadline))
+        };
+        if status != last_status {
+            notifier.notify(Notice::Status(status.clone()));
+            let mut st = State::load(&rotator.config().dir);
+            if st.next_renewal != Some(unix_secs(deadline)) {
+                st.next_renewal = Some(unix_secs(deadline));
+                let _ = st.save(&rotator.config().dir);
+            }
+            tracing::debug!(next = %rfc3339(deadline), "sleeping");
+            last_status = status;
+        }
+        let mut nap = schedule::sleep_for(now, deadline);
+        if let Some(w) = opts.watchdog {
+            nap = nap.min(w);
+        }
+        tokio::select! {
+            biased;
+            changed = ctl.shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            Some(()) = ctl.force.recv() => {
+                tracing::info!("renewal forced");
+                force = true;
+            }
+            _ = tokio::time::sleep(nap) => {}
+        }
+        if opts.watchdog.is_some() {
+            notifier.notify(Notice::Watchdog);
+        }
+    }
+    notifier.notify(Notice::Stopping);
+    tracing::info!("shutting down");
+}

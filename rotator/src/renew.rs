@@ -1,0 +1,464 @@
+//! One renewal cycle, shared by `run` and `rotate`: look at the cert on disk, decide, and
+//! when due fetch a new cert, validate it, swap it in, reload and verify.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use proxy_lib::bundle::CertBundle;
+use proxy_lib::cert::CertInfo;
+use proxy_lib::clock::{SharedClock, rfc3339, unix_secs};
+use proxy_lib::verify::Usage;
+
+use crate::client::{CertifyRequest, Issue, IssueError, read_token};
+use crate::config::Config;
+use crate::keygen::{self, KeygenError};
+use crate::metrics::Metrics;
+use crate::reload::{Reload, ReloadError};
+use crate::schedule::{self, CertTimes, Decision};
+use crate::state::State;
+use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
+use crate::validate::{self, ValidateError};
+use crate::verify::VerifyError;
+
+/// Why a renewal cycle failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CycleError {
+    /// The configured trust anchors are unusable.
+    #[error("trust anchors: {0}")]
+    Anchors(String),
+    /// The request could not be made or the issuer refused it.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// No key could be generated.
+    #[error(transparent)]
+    Keygen(#[from] KeygenError),
+    /// The issuer's answer was refused; nothing was written.
+    #[error("refused the issuer's answer: {0}")]
+    Invalid(#[from] ValidateError),
+    /// The swap failed.
+    #[error("installing the new cert failed: {0}")]
+    Store(#[from] StoreError),
+    /// The new cert is installed but a reload hook failed.
+    #[error("new cert (serial {serial}) installed, but reload failed: {}", join(.errors))]
+    Reload {
+        /// The new serial.
+        serial: String,
+        /// Each failure.
+        errors: Vec<ReloadError>,
+    },
+    /// The new cert is installed but the listener does not serve it.
+    #[error(
+        "new cert (serial {serial}) installed, but verify failed after {attempts} attempts: {error}"
+    )]
+    Verify {
+        /// The new serial.
+        serial: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        error: VerifyError,
+    },
+}
+
+fn join(errors: &[ReloadError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl CycleError {
+    /// Whether the new cert was installed (only the reload/verify afterwards failed), so a
+    /// retry must not fetch yet another cert.
+    pub fn installed(&self) -> bool {
+        matches!(self, CycleError::Reload { .. } | CycleError::Verify { .. })
+    }
+}
+
+/// The cert found on disk.
+#[derive(Debug, Clone)]
+pub enum Current {
+    /// A complete, matching set for our identity, chaining to the configured anchors.
+    Valid {
+        /// Its times (issued = when received, if the state file knows, else notBefore + skew).
+        times: CertTimes,
+        /// The leaf.
+        leaf: Box<CertInfo>,
+    },
+    /// Missing, unreadable, mismatched, expired, for another identity or untrusted.
+    Unusable(String),
+}
+
+impl Current {
+    /// The times, for a usable cert.
+    pub fn times(&self) -> Option<&CertTimes> {
+        match self {
+            Current::Valid { times, .. } => Some(times),
+            Current::Unusable(_) => None,
+        }
+    }
+}
+
+/// What a cycle did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new cert was installed (and reloaded, and verified when configured).
+    Rotated {
+        /// New serial.
+        serial: String,
+        /// New SHA-256.
+        sha256: String,
+        /// New notAfter.
+        not_after: SystemTime,
+        /// The next renewal of the new cert.
+        next: SystemTime,
+    },
+    /// Nothing was due.
+    NotDue {
+        /// When it will be.
+        until: SystemTime,
+    },
+}
+
+/// A stable jitter sample in [-1, 1] for a cert, from its fingerprint: the same cert always
+/// gets the same renewal point (across restarts and between `run` and `rotate`), different
+/// certs spread out.
+pub fn jitter_sample(sha256_hex: &str) -> f64 {
+    let n = u64::from_str_radix(sha256_hex.get(..16).unwrap_or("0"), 16).unwrap_or(0);
+    (n as f64 / u64::MAX as f64) * 2.0 - 1.0
+}
+
+/// The rotator: config, clock, issuer, hooks, store and metrics.
+pub struct Rotator<I, R> {
+    config: Config,
+    clock: SharedClock,
+    issuer: I,
+    reload: R,
+    store: Store,
+    fs: Arc<dyn FsOps + Send + Sync>,
+    metrics: Metrics,
+    cache: Option<(PathBuf, Current)>,
+}
+
+impl<I: Issue, R: Reload> Rotator<I, R> {
+    /// A rotator writing through the real filesystem.
+    pub fn new(config: Config, clock: SharedClock, issuer: I, reload: R, metrics: Metrics) -> Self {
+        let store = Store::new(config.dir.clone(), config.key_group);
+        Self {
+            config,
+            clock,
+            issuer,
+            reload,
+            store,
+            fs: Arc::new(RealFs),
+            metrics,
+            cache: None,
+        }
+    }
+
+    /// Replaces the filesystem layer (tests crash it on purpose).
+    pub fn with_fs(mut self, fs: Arc<dyn FsOps + Send + Sync>) -> Self {
+        self.fs = fs;
+        self
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Looks at the cert on disk (cached per version dir; re-read only when `..data`
+    /// changes). Blocks briefly.
+    pub fn current(&mut self) -> Current {
+        let now = self.clock.now();
+        let version = proxy_lib::bundle::resolve_data_dir(&self.config.dir);
+        let cached = match &self.cache {
+            Some((v, c)) if *v == version && version != self.config.dir => Some(c.clone()),
+            _ => None,
+        };
+        let current = cached.unwrap_or_else(|| {
+            let c = inspect(&self.config, now);
+            self.cache = Some((version, c.clone()));
+            c
+        });
+        // Validity moves with time even when the files do not.
+        match current {
+            Current::Valid { times, .. } if now >= times.not_after => {
+                Current::Unusable(format!("expired at {}", rfc3339(times.not_after)))
+            }
+            Current::Valid { times, .. } if now < times.not_before => {
+                Current::Unusable(format!("not valid before {}", rfc3339(times.not_before)))
+            }
+            c => c,
+        }
+    }
+
+    /// The renewal decision for what is on disk now.
+    pub fn decide(&mut self) -> (Current, Decision) {
+        let now = self.clock.now();
+        let current = self.current();
+        let d = match &current {
+            Current::Valid { times, leaf } => schedule::next_renewal(
+                times,
+                now,
+                &self.config.policy,
+                jitter_sample(&leaf.sha256),
+                self.config.schedule.as_ref(),
+            ),
+            Current::Unusable(_) => Decision::RenewNow,
+        };
+        (current, d)
+    }
+
+    /// One cycle: when due (or `force`), renew, install, reload and verify. Records the
+    /// result in the metrics and the state file.
+    pub async fn cycle(&mut self, force: bool) -> Result<Outcome, CycleError> {
+        let (current, decision) = self.decide();
+        if !force && let Decision::At(until) = decision {
+            return Ok(Outcome::NotDue { until });
+        }
+        if let Current::Unusable(why) = &current {
+            tracing::info!(reason = %why, "no usable cert on disk; renewing now");
+        }
+        let span = tracing::info_span!("renewal", identity = %self.config.identity, forced = force);
+        let result = tracing::Instrument::instrument(self.renew(), span).await;
+        let now = self.clock.now();
+        let mut state = State::load(&self.config.dir);
+        match &result {
+            Ok(out) => {
+                self.metrics.rotation(true);
+                self.metrics.last_success.set(unix_secs(now) as i64);
+                state.last_success = Some(unix_secs(now));
+                state.last_error = None;
+                state.last_error_at = None;
+                state.failures = 0;
+                if let Outcome::Rotated { serial, next, .. } = out {
+                    tracing::info!(%serial, next_renewal = %rfc3339(*next), "rotated");
+                    state.next_renewal = Some(unix_secs(*next));
+                }
+            }
+            Err(e) => {
+                self.metrics.rotation(false);
+                tracing::warn!(error = %e, "renewal failed");
+                state.last_error = Some(e.to_string());
+                state.last_error_at = Some(unix_secs(now));
+                state.failures = state.failures.saturating_add(1);
+            }
+        }
+        if let Err(e) = state.save(&self.config.dir) {
+            tracing::warn!(error = %e, "cannot write the state file");
+        }
+        result
+    }
+
+    async fn renew(&mut self) -> Result<Outcome, CycleError> {
+        let cfg = &self.config;
+        let anchors = cfg
+            .trust_anchors
+            .load()
+            .map_err(|e| CycleError::Anchors(e.to_string()))?;
+        let token = read_token(&cfg.token_file)?;
+        let fresh = keygen::generate(&cfg.identity, false)?;
+        let resp = self
+            .issuer
+            .certify(CertifyRequest {
+                identity: cfg.identity.to_string(),
+                token,
+                csr_der: fresh.csr_der.clone(),
+            })
+            .await?;
+        let received = self.clock.now();
+        let valid = validate::validate(
+            &resp.leaf,
+            &resp.intermediates,
+            &cfg.identity,
+            &fresh.spki_der,
+            &anchors,
+            received,
+            cfg.policy.clock_skew,
+        )?;
+        let serial = valid.leaf.serial.clone();
+        let version = {
+            let _lock = self.store.lock()?;
+            self.store.swap(
+                self.fs.as_ref(),
+                &NewSet {
+                    chain: &valid.chain,
+                    key: &fresh.key,
+                    anchors: anchors.certs(),
+                },
+                received,
+            )?
+        };
+        let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
+        // What was just validated and written is what is on disk: no need to re-read it.
+        self.cache = Some((
+            version,
+            Current::Valid {
+                times,
+                leaf: Box::new(valid.leaf.clone()),
+            },
+        ));
+        let mut state = State::load(&cfg.dir);
+        state.serial = Some(serial.clone());
+        state.received = Some(unix_secs(received));
+        if let Err(e) = state.save(&cfg.dir) {
+            tracing::warn!(error = %e, "cannot write the state file");
+        }
+        self.metrics
+            .cert_expiration
+            .set(unix_secs(valid.leaf.not_after) as i64);
+        self.metrics.set_ready(true);
+        let next = match schedule::next_renewal(
+            &times,
+            received,
+            &cfg.policy,
+            jitter_sample(&valid.leaf.sha256),
+            cfg.schedule.as_ref(),
+        ) {
+            Decision::At(t) => t,
+            Decision::RenewNow => received,
+        };
+        let bundle = CertBundle::from_parts(valid.chain.clone(), fresh.key.clone(), anchors)
+            .map_err(|e| CycleError::Anchors(e.to_string()))?;
+        self.reload_and_verify(&bundle).await?;
+        Ok(Outcome::Rotated {
+            serial,
+            sha256: valid.leaf.sha256,
+            not_after: valid.leaf.not_after,
+            next,
+        })
+    }
+
+    /// Runs the reload hooks, then (with `[verify]`) checks the listener serves `bundle`,
+    /// running the hooks again between attempts.
+    pub async fn reload_and_verify(&self, bundle: &CertBundle) -> Result<(), CycleError> {
+        let serial = bundle.leaf.serial.clone();
+        let attempts = self.config.verify.as_ref().map_or(1, |v| v.attempts.max(1));
+        let mut last = None;
+        for attempt in 1..=attempts {
+            let outcomes = self.reload.reload().await;
+            let mut errors = Vec::new();
+            for o in outcomes {
+                self.metrics.reload(o.result.is_ok());
+                if let Err(e) = o.result {
+                    errors.push(e);
+                }
+            }
+            let Some(v) = &self.config.verify else {
+                if errors.is_empty() {
+                    return Ok(());
+                }
+                return Err(CycleError::Reload { serial, errors });
+            };
+            tokio::time::sleep(v.delay).await;
+            let name = v
+                .server_name
+                .clone()
+                .unwrap_or_else(|| self.config.identity.to_string());
+            match crate::verify::served_leaf_matches(&v.addr, &name, bundle, self.config.timeout)
+                .await
+            {
+                Ok(_) => {
+                    self.metrics.reload(true);
+                    tracing::info!(%serial, attempt, "listener serves the new cert");
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.metrics.reload(false);
+                    tracing::warn!(%serial, attempt, error = %e, "listener does not serve the new cert yet");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(CycleError::Verify {
+            serial,
+            attempts,
+            error: last.expect("at least one attempt"),
+        })
+    }
+
+    /// Checks that the listener serves the cert on disk (start-up of the daemon with
+    /// `[verify]`), reloading when it does not.
+    pub async fn verify_current(&self) -> Result<(), CycleError> {
+        if self.config.verify.is_none() {
+            return Ok(());
+        }
+        let (bundle, _) = CertBundle::load_dir(&self.config.dir)
+            .map_err(|e| CycleError::Anchors(e.to_string()))?;
+        if let Some(v) = &self.config.verify {
+            let name = v
+                .server_name
+                .clone()
+                .unwrap_or_else(|| self.config.identity.to_string());
+            if crate::verify::served_leaf_matches(&v.addr, &name, &bundle, self.config.timeout)
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        self.reload_and_verify(&bundle).await
+    }
+}
+
+/// Reads and checks the cert on disk against the config at `now`. Blocks.
+pub fn inspect(config: &Config, now: SystemTime) -> Current {
+    let (bundle, _) = match CertBundle::load_dir(&config.dir) {
+        Ok(b) => b,
+        Err(e) => return Current::Unusable(format!("cannot load the cert set: {e}")),
+    };
+    if let Err(e) = bundle.check(now) {
+        return Current::Unusable(e.to_string());
+    }
+    let leaf = bundle.leaf.clone();
+    let id = &config.identity;
+    if leaf.dns_sans != [id.to_string()] || leaf.uri_sans != [id.spiffe_id()] {
+        return Current::Unusable(format!(
+            "the cert is for {:?} / {:?}, not {}",
+            leaf.dns_sans, leaf.uri_sans, id
+        ));
+    }
+    // The configured anchors may have rotated: the cert must chain to them too.
+    match config.trust_anchors.load() {
+        Ok(anchors) => {
+            if let Err(e) =
+                anchors.verify_leaf(&bundle.chain[0], &bundle.chain[1..], now, Usage::Server)
+            {
+                return Current::Unusable(format!(
+                    "the cert does not chain to the configured anchors: {e}"
+                ));
+            }
+        }
+        Err(e) => return Current::Unusable(format!("the configured anchors are unusable: {e}")),
+    }
+    let state = State::load(&config.dir);
+    let times = match state.received_for(&leaf.serial) {
+        Some(secs) => CertTimes::received(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            leaf.not_before,
+            leaf.not_after,
+        ),
+        None => CertTimes::found_on_disk(leaf.not_before, leaf.not_after, config.policy.clock_skew),
+    };
+    Current::Valid {
+        times,
+        leaf: Box::new(leaf),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,560 @@
+//! Cycle and daemon-loop tests against the in-process fake issuer, on simulated time.
+
+use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_lib::bundle::{CERT_FILE, KEY_FILE};
+use proxy_lib::clock::Clock;
+use proxy_lib::identity::Identity;
+
+use crate::daemon::{self, LoopOptions};
+use crate::notify::{Notice, Notify};
+use crate::testing::{CountingReload, FakeIssuer, ID, PausedClock, advance, config_in, identity};
+
+const H: u64 = 3600;
+const DAY: Duration = Duration::from_secs(24 * H);
+
+/// 2026-11-27T12:00:00Z, a Friday.
+fn start() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_795_780_800)
+}
+
+struct Rig {
+    _tmp: tempfile::TempDir,
+    clock: PausedClock,
+    issuer: Arc<FakeIssuer>,
+    reloads: CountingReload,
+    config: Config,
+}
+
+fn rig(lifetime: Duration, extra: &str) -> Rig {
+    proxy_lib::install_crypto_provider();
+    let tmp = crate::testing::fast_tempdir();
+    let clock = PausedClock::new(start());
+    let issuer = FakeIssuer::new(Arc::new(clock.clone()), lifetime);
+    let config = config_in(tmp.path(), &issuer, extra);
+    Rig {
+        _tmp: tmp,
+        clock,
+        issuer,
+        reloads: CountingReload::default(),
+        config,
+    }
+}
+
+impl Rig {
+    fn rotator(&self) -> Rotator<Arc<FakeIssuer>, CountingReload> {
+        Rotator::new(
+            self.config.clone(),
+            Arc::new(self.clock.clone()),
+            self.issuer.clone(),
+            self.reloads.clone(),
+            Metrics::new(),
+        )
+    }
+
+    fn calls(&self) -> usize {
+        self.issuer.calls.load(Ordering::SeqCst)
+    }
+
+    fn serial_on_disk(&self) -> Option<String> {
+        CertBundle::load_dir(&self.config.dir)
+            .ok()
+            .map(|(b, _)| b.leaf.serial)
+    }
+}
+
+/// Records notifications with whether a valid cert was on disk at that moment.
+#[derive(Debug, Default)]
+struct Recorder {
+    dir: PathBuf,
+    clock: Option<PausedClock>,
+    seen: Mutex<Vec<(Notice, bool)>>,
+}
+
+impl Notify for Recorder {
+    fn notify(&self, notice: Notice) {
+        let valid = CertBundle::load_dir(&self.dir)
+            .is_ok_and(|(b, _)| b.check(self.clock.as_ref().unwrap().now()).is_ok());
+        self.seen.lock().unwrap().push((notice, valid));
+    }
+}
+
+/// Every file under `dir` with its bytes, except the state file.
+fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = p.strip_prefix(dir).unwrap().display().to_string();
+            if name == crate::state::STATE_FILE {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                out.push((name, Vec::new()));
+                stack.push(p);
+            } else if m.file_type().is_symlink() {
+                out.push((
+                    name,
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .display()
+                        .to_string()
+                        .into_bytes(),
+                ));
+            } else {
+                out.push((name, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn first_cycle_installs_and_second_is_not_due() {
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    let out = r.cycle(false).await.unwrap();
+    let Outcome::Rotated { serial, next, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(rig.serial_on_disk().as_deref(), Some(serial.as_str()));
+    assert_eq!(rig.reloads.0.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        r.cycle(false).await.unwrap(),
+        Outcome::NotDue { until: next }
+    );
+    assert_eq!(rig.calls(), 1);
+    // The token went out trimmed.
+    assert_eq!(
+        rig.issuer.tokens.lock().unwrap()[0],
+        b"the-secret-token-value"
+    );
+    let m = r.metrics().encode();
+    assert!(
+        m.contains("rotator_rotations_total{result=\"success\"} 1"),
+        "{m}"
+    );
+}
+
+type Tweak = fn(&mut rcgen::CertificateParams, SystemTime);
+
+fn bad_tweaks() -> Vec<(&'static str, Tweak)> {
+    vec![
+        ("another identity", |p, _| {
+            let o =
+                Identity::parse("web.ext.serviceaccount.identity.linkerd.cluster.local").unwrap();
+            p.subject_alt_names = vec![
+                rcgen::SanType::DnsName(o.to_string().try_into().unwrap()),
+                rcgen::SanType::URI(o.spiffe_id().try_into().unwrap()),
+            ];
+        }),
+        ("an extra SAN", |p, _| {
+            p.subject_alt_names
+                .push(rcgen::SanType::DnsName("evil.example".try_into().unwrap()))
+        }),
+        ("expired", |p, now| {
+            p.not_before = (now - Duration::from_secs(7200)).into();
+            p.not_after = (now - Duration::from_secs(1)).into();
+        }),
+        ("valid only in the future", |p, now| {
+            p.not_before = (now + Duration::from_secs(3600)).into();
+            p.not_after = (now + Duration::from_secs(7200)).into();
+        }),
+    ]
+}
+
+/// Feeds every kind of bad answer to a forced cycle; each must be refused with the dir
+/// (apart from the state file) byte-for-byte unchanged and no reload run.
+async fn refuse_all(rig: &Rig, r: &mut Rotator<Arc<FakeIssuer>, CountingReload>) {
+    let before = snapshot(&rig.config.dir);
+    let reloads = rig.reloads.0.load(Ordering::SeqCst);
+    let check = |what: &str, res: Result<Outcome, CycleError>| {
+        let err = res.expect_err(what);
+        assert!(matches!(err, CycleError::Invalid(_)), "{what}: {err}");
+        assert_eq!(
+            snapshot(&rig.config.dir),
+            before,
+            "{what}: something was written"
+        );
+    };
+    for (what, tweak) in bad_tweaks() {
+        rig.issuer.script(move |iss, req| {
+            let now = iss.clock.now();
+            Ok(iss.sign(&req.csr_der, |p| tweak(p, now)))
+        });
+        check(what, r.cycle(true).await);
+    }
+    rig.issuer.script(|iss, _| Ok(iss.sign_with_other_key()));
+    check("another public key", r.cycle(true).await);
+    let foreign = FakeIssuer::new(rig.issuer.clock.clone(), DAY);
+    rig.issuer
+        .script(move |_, req| Ok(foreign.sign(&req.csr_der, |_| {})));
+    check("not chaining to ca.crt", r.cycle(true).await);
+    for (what, bytes) in [
+        ("garbage DER", b"\x30\x82\x01garbage".to_vec()),
+        ("garbage bytes", b"garbage".to_vec()),
+        ("empty response", Vec::new()),
+    ] {
+        rig.issuer.script(move |_, _| {
+            Ok(crate::client::CertifyResponse {
+                leaf: bytes,
+                ..Default::default()
+            })
+        });
+        check(what, r.cycle(true).await);
+    }
+    assert_eq!(
+        rig.reloads.0.load(Ordering::SeqCst),
+        reloads,
+        "no reload for a refused answer"
+    );
+    if rig.config.dir.exists() {
+        let state = State::load(&rig.config.dir);
+        assert!(state.last_error.unwrap().contains("refused"));
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn each_bad_issuer_answer_is_refused_and_nothing_is_written() {
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    // Into an empty dir, then over an installed set.
+    refuse_all(&rig, &mut r).await;
+    assert!(rig.serial_on_disk().is_none());
+    r.cycle(true).await.unwrap();
+    let installed = rig.serial_on_disk().unwrap();
+    refuse_all(&rig, &mut r).await;
+    assert_eq!(rig.serial_on_disk().unwrap(), installed);
+    assert!(r.metrics().rotations_with(false) >= 16);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn an_unusable_cert_on_disk_means_renew_now() {
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    assert_eq!(r.decide().1, Decision::RenewNow, "missing");
+    r.cycle(false).await.unwrap();
+    assert!(matches!(r.decide().1, Decision::At(_)));
+    let dir = rig.config.dir.clone();
+    let version = proxy_lib::bundle::resolve_data_dir(&dir);
+
+    // Mismatched key.
+    let good_key = std::fs::read(version.join(KEY_FILE)).unwrap();
+    let other = crate::keygen::generate(&identity(), false).unwrap();
+    std::fs::write(version.join(KEY_FILE), other.key.to_pem().as_bytes()).unwrap();
+    assert_eq!(inspect_decision(&rig), Decision::RenewNow, "mismatched key");
+    std::fs::write(version.join(KEY_FILE), &good_key).unwrap();
+    assert!(matches!(inspect_decision(&rig), Decision::At(_)));
+
+    // Unreadable cert.
+    let good_crt = std::fs::read(version.join(CERT_FILE)).unwrap();
+    std::fs::write(version.join(CERT_FILE), b"garbage").unwrap();
+    assert_eq!(inspect_decision(&rig), Decision::RenewNow, "garbage cert");
+    std::fs::write(version.join(CERT_FILE), &good_crt).unwrap();
+
+    // Another identity's cert.
+    let other_id =
+        Identity::parse("web.ext.serviceaccount.identity.linkerd.cluster.local").unwrap();
+    let now = rig.clock.now();
+    let b = rig
+        .issuer
+        .pki
+        .leaf(&other_id, now - Duration::from_secs(20), now + DAY);
+    proxy_lib::test_util::write_data_dir(&dir, &b);
+    assert_eq!(r.decide().1, Decision::RenewNow, "another identity");
+
+    // Expired (time moves on while the files stay).
+    let mut r = rig.rotator();
+    r.cycle(true).await.unwrap();
+    assert!(matches!(r.decide().1, Decision::At(_)));
+    rig.clock.fake.advance(DAY * 2);
+    assert_eq!(r.decide().1, Decision::RenewNow, "expired");
+}
+
+fn inspect_decision(rig: &Rig) -> Decision {
+    rig.rotator().decide().1
+}
+
+/// Rotation times (issuer calls) recorded by a scripted issuer that otherwise signs.
+fn record_calls(rig: &Rig, n: usize) -> Arc<Mutex<Vec<SystemTime>>> {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..n {
+        let t = times.clone();
+        rig.issuer.script(move |iss, req| {
+            let now = iss.clock.now();
+            t.lock().unwrap().push(now);
+            if iss.down.load(Ordering::SeqCst) {
+                return Err(crate::client::IssueError::Connect {
+                    addr: "fake".into(),
+                    reason: "down".into(),
+                });
+            }
+            Ok(iss.sign(&req.csr_der, |_| {}))
+        });
+    }
+    times
+}
+
+fn spawn_daemon(
+    rig: &Rig,
+    notifier: Arc<dyn Notify>,
+) -> (daemon::Handle, tokio::task::JoinHandle<()>) {
+    let (handle, controls) = daemon::controls();
+    let r = rig.rotator();
+    let task = tokio::spawn(daemon::run(
+        r,
+        notifier,
+        controls,
+        LoopOptions {
+            watchdog: None,
+            seed: Some(7),
+        },
+    ));
+    (handle, task)
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn thirty_days_of_day_certs_renew_at_70_percent_and_never_expire() {
+    let rig = rig(DAY, "");
+    let times = record_calls(&rig, 100);
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    // Every simulated hour a valid cert is on disk (and every gap below is shorter than a
+    // lifetime, so there is none in between either).
+    advance(Duration::from_secs(1)).await;
+    for _ in 0..(30 * 24) {
+        advance(Duration::from_secs(3600)).await;
+        let (b, _) = CertBundle::load_dir(&rig.config.dir).expect("a cert is installed");
+        b.check(rig.clock.now()).expect("the cert on disk is valid");
+    }
+    handle.shutdown();
+    task.await.unwrap();
+    let t = times.lock().unwrap().clone();
+    assert!(
+        t.len() >= 30 * 24 / 20,
+        "only {} rotations in 30 days",
+        t.len()
+    );
+    for w in t.windows(2) {
+        let gap = w[1].duration_since(w[0]).unwrap().as_secs_f64() / DAY.as_secs_f64();
+        assert!(
+            (0.6..=0.8 + 1e-6).contains(&gap),
+            "renewed at {gap:.3} of the lifetime"
+        );
+    }
+    assert_eq!(t[0], start(), "the first cert is fetched at once");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn issuer_outage_backs_off_exponentially_to_the_cap_and_recovers_within_one_period() {
+    let rig = rig(DAY, "");
+    let times = record_calls(&rig, 100_000);
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(times.lock().unwrap().len(), 1);
+    rig.issuer.down.store(true, Ordering::SeqCst);
+    advance(Duration::from_secs(20 * H)).await;
+    let failed = times.lock().unwrap().clone();
+    rig.issuer.down.store(false, Ordering::SeqCst);
+    let up_at = rig.clock.now();
+    let serial_before = rig.serial_on_disk();
+    advance(Duration::from_secs(300)).await;
+    handle.shutdown();
+    task.await.unwrap();
+
+    let attempts = &failed[1..];
+    assert!(attempts.len() > 10, "{} attempts", attempts.len());
+    let cap = Duration::from_secs(300);
+    let mut longest = Duration::ZERO;
+    for (i, w) in attempts.windows(2).enumerate() {
+        let gap = w[1].duration_since(w[0]).unwrap();
+        let bound = Duration::from_secs(1u64 << i.min(20)).min(cap);
+        assert!(gap >= Duration::from_secs(1), "gap {i} is {gap:?}");
+        assert!(
+            gap <= bound + Duration::from_millis(1),
+            "gap {i} is {gap:?} > {bound:?}"
+        );
+        longest = longest.max(gap);
+    }
+    assert!(
+        longest >= cap / 2,
+        "backoff never approached the cap: {longest:?}"
+    );
+    // After the issuer returns, a new cert within one backoff period.
+    let all = times.lock().unwrap().clone();
+    let recovered = all
+        .iter()
+        .find(|t| **t >= up_at)
+        .expect("a call after the issuer returned");
+    assert!(recovered.duration_since(up_at).unwrap() <= cap);
+    assert_ne!(rig.serial_on_disk(), serial_before);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_ten_hour_suspend_is_noticed_within_five_minutes() {
+    let rig = rig(DAY, "");
+    let times = record_calls(&rig, 100);
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    advance(Duration::from_secs(10 * H)).await;
+    assert_eq!(times.lock().unwrap().len(), 1, "not due after 10 h");
+    // Suspend: the wall clock jumps 10 h, tokio's monotonic clock does not.
+    rig.clock.fake.advance(Duration::from_secs(10 * H));
+    advance(Duration::from_secs(300)).await;
+    let t = times.lock().unwrap().clone();
+    assert_eq!(t.len(), 2, "renewal after the suspend");
+    let resumed = start() + Duration::from_secs(20 * H);
+    assert!(t[1].duration_since(resumed).unwrap() <= Duration::from_secs(300));
+    handle.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn cron_schedule_fires_on_sundays_at_its_time() {
+    use chrono::{Datelike, Timelike};
+    // 30-day certs so only the schedule triggers renewals.
+    let rig = rig(DAY * 30, "schedule = \"30 3 * * 0\"\n");
+    let times = record_calls(&rig, 100);
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    advance(Duration::from_secs(22 * 86_400)).await;
+    handle.shutdown();
+    task.await.unwrap();
+    let t = times.lock().unwrap().clone();
+    assert_eq!(t[0], start(), "no cert at start: fetched at once");
+    let fires: Vec<chrono::DateTime<chrono::Utc>> = t[1..].iter().map(|x| (*x).into()).collect();
+    assert_eq!(fires.len(), 3, "{fires:?}");
+    for (i, f) in fires.iter().enumerate() {
+        assert_eq!(f.weekday(), chrono::Weekday::Sun, "{f}");
+        assert_eq!((f.hour(), f.minute(), f.second()), (3, 30, 0), "{f}");
+        assert_eq!(f.day(), [29, 6, 13][i], "{f}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn sighup_forces_exactly_one_rotation_and_one_reload() {
+    let rig = rig(DAY, "");
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    advance(Duration::from_secs(1)).await;
+    assert_eq!((rig.calls(), rig.reloads.0.load(Ordering::SeqCst)), (1, 1));
+    for i in 2..5 {
+        handle.force();
+        advance(Duration::from_secs(1)).await;
+        assert_eq!((rig.calls(), rig.reloads.0.load(Ordering::SeqCst)), (i, i));
+    }
+    handle.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn ready_is_sent_only_after_a_valid_cert_is_installed() {
+    let rig = rig(DAY, "");
+    rig.issuer.down.store(true, Ordering::SeqCst);
+    let rec = Arc::new(Recorder {
+        dir: rig.config.dir.clone(),
+        clock: Some(rig.clock.clone()),
+        ..Recorder::default()
+    });
+    let (handle, task) = spawn_daemon(&rig, rec.clone());
+    advance(Duration::from_secs(600)).await;
+    assert!(
+        !rec.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(n, _)| *n == Notice::Ready),
+        "READY while the issuer is down"
+    );
+    rig.issuer.down.store(false, Ordering::SeqCst);
+    advance(Duration::from_secs(600)).await;
+    handle.shutdown();
+    task.await.unwrap();
+    let seen = rec.seen.lock().unwrap().clone();
+    let ready: Vec<_> = seen.iter().filter(|(n, _)| *n == Notice::Ready).collect();
+    assert_eq!(ready.len(), 1, "{seen:?}");
+    assert!(ready[0].1, "READY before the cert was installed");
+    assert!(
+        seen.iter()
+            .any(|(n, _)| matches!(n, Notice::Status(s) if s.starts_with("next renewal at")))
+    );
+    assert_eq!(seen.last().unwrap().0, Notice::Stopping);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_token_and_key_never_reach_the_logs_or_other_files() {
+    use std::io::Write;
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || w.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(sub);
+    // Other tests run without a subscriber; make every callsite ask ours again.
+    tracing::callsite::rebuild_interest_cache();
+
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    r.cycle(false).await.unwrap();
+    rig.issuer.script(|_, _| {
+        Err(crate::client::IssueError::Status {
+            code: tonic::Code::Unauthenticated,
+            message: "bad token".into(),
+        })
+    });
+    let e = r.cycle(true).await.unwrap_err();
+    tracing::warn!(error = %e, "logged like the binary does");
+    r.cycle(true).await.unwrap();
+
+    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("rotated"), "logs were captured: {logs}");
+    assert!(
+        !logs.contains("the-secret-token-value"),
+        "token logged:\n{logs}"
+    );
+    let key = proxy_lib::pem::PrivateKey::read(&rig.config.dir.join(KEY_FILE)).unwrap();
+    let key_pem = key.to_pem();
+    // The base64 body without the fixed P-256 PKCS#8 prefix.
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let secret = &body[48..];
+    assert!(!logs.replace('\n', "").contains(secret), "key logged");
+    assert!(!logs.contains("PRIVATE KEY"));
+    // The key's bytes appear in exactly one file: the version dir's tls.key.
+    let der = key.pkcs8_der().to_vec();
+    let mut holders = Vec::new();
+    for (name, bytes) in snapshot(rig._tmp.path()) {
+        let text = String::from_utf8_lossy(&bytes).replace('\n', "");
+        if bytes.windows(der.len()).any(|w| w == der) || text.contains(secret) {
+            holders.push(name);
+        }
+    }
+    let version = proxy_lib::bundle::resolve_data_dir(&rig.config.dir);
+    let expect = version
+        .join(KEY_FILE)
+        .strip_prefix(rig._tmp.path())
+        .unwrap()
+        .display()
+        .to_string();
+    assert_eq!(holders, vec![expect]);
+    let _ = ID;
+}

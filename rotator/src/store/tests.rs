@@ -1,0 +1,319 @@
+use super::*;
+use std::cell::Cell;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_lib::bundle::CertBundle;
+use proxy_lib::identity::Identity;
+use proxy_lib::test_util::TestPki;
+
+/// Fails every operation from step `crash_at` on, as a killed process would stop; the
+/// crashing write leaves a torn (half-written, unsynced) file behind.
+struct CrashingFs {
+    crash_at: usize,
+    step: Cell<usize>,
+}
+
+impl CrashingFs {
+    fn new(crash_at: usize) -> Self {
+        Self {
+            crash_at,
+            step: Cell::new(0),
+        }
+    }
+
+    fn next(&self) -> io::Result<bool> {
+        let s = self.step.get();
+        self.step.set(s + 1);
+        if s > self.crash_at {
+            return Err(io::Error::other("crashed earlier"));
+        }
+        Ok(s == self.crash_at)
+    }
+}
+
+fn crash() -> io::Error {
+    io::Error::other("simulated crash")
+}
+
+impl FsOps for CrashingFs {
+    fn create_dir(&self, path: &Path, mode: u32) -> io::Result<()> {
+        if self.next()? {
+            return Err(crash());
+        }
+        RealFs.create_dir(path, mode)
+    }
+    fn write_new(&self, path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> io::Result<()> {
+        if self.next()? {
+            // Torn write: half the bytes, no fsync.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(path)?;
+            std::io::Write::write_all(&mut f, &data[..data.len() / 2])?;
+            return Err(crash());
+        }
+        RealFs.write_new(path, data, mode, gid)
+    }
+    fn fsync_dir(&self, path: &Path) -> io::Result<()> {
+        if self.next()? {
+            return Err(crash());
+        }
+        RealFs.fsync_dir(path)
+    }
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+        if self.next()? {
+            return Err(crash());
+        }
+        RealFs.symlink(target, link)
+    }
+    fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.next()? {
+            return Err(crash());
+        }
+        RealFs.hard_link(from, to)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.next()? {
+            return Err(crash());
+        }
+        RealFs.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        if self.next()? {
+            return Err(crash());
+        }
+        RealFs.remove_file(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        if self.next()? {
+            // A half-removed tree: one file gone, the rest left.
+            if let Some(e) = std::fs::read_dir(path)?.flatten().next() {
+                std::fs::remove_file(e.path())?;
+            }
+            return Err(crash());
+        }
+        RealFs.remove_dir_all(path)
+    }
+}
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_900_000_000)
+}
+
+fn identity() -> Identity {
+    Identity::parse("db.ext.serviceaccount.identity.linkerd.cluster.local").unwrap()
+}
+
+fn bundle(pki: &TestPki) -> CertBundle {
+    pki.leaf(
+        &identity(),
+        now() - Duration::from_secs(60),
+        now() + Duration::from_secs(86_400),
+    )
+}
+
+fn install(
+    store: &Store,
+    fs: &dyn FsOps,
+    b: &CertBundle,
+    at: SystemTime,
+) -> Result<PathBuf, StoreError> {
+    store.swap(
+        fs,
+        &NewSet {
+            chain: &b.chain,
+            key: &b.key,
+            anchors: b.anchors.certs(),
+        },
+        at,
+    )
+}
+
+/// What a reader sees: the serial of a complete, matching, chaining set.
+fn reader_serial(dir: &Path) -> String {
+    let (b, _) = CertBundle::load_dir(dir).expect("a reader loads a complete set");
+    b.check(now())
+        .expect("the set a reader sees is valid and matching");
+    // The top-level paths form a matching set too, unless a crash interrupted the one-time
+    // replacement of plain files (three names cannot be replaced at once; the next swap
+    // completes it).
+    let links = [CERT_FILE, KEY_FILE, CA_FILE]
+        .iter()
+        .filter(|f| {
+            std::fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.file_type().is_symlink())
+        })
+        .count();
+    if links == 3 || links == 0 {
+        let top = proxy_lib::pem::read_certs(&dir.join(CERT_FILE)).unwrap();
+        let key = PrivateKey::read(&dir.join(KEY_FILE)).unwrap();
+        let via = CertBundle::from_parts(top, key, b.anchors.clone()).unwrap();
+        via.check(now())
+            .expect("top-level files form a matching set");
+    }
+    b.leaf.serial
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("_tmp."))
+        .collect()
+}
+
+#[test]
+fn first_swap_creates_the_data_layout_with_exact_modes() {
+    proxy_lib::install_crypto_provider();
+    let pki = TestPki::new(now());
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::new(d.path(), None);
+    let b = bundle(&pki);
+    let v = install(&store, &RealFs, &b, now()).unwrap();
+    assert_eq!(resolve(d.path()), v);
+    for f in [CERT_FILE, KEY_FILE, CA_FILE] {
+        let link = std::fs::read_link(d.path().join(f)).unwrap();
+        assert_eq!(link, Path::new(DATA_LINK).join(f));
+    }
+    assert_eq!(mode_and_gid(&v.join(KEY_FILE)).unwrap().0, 0o600);
+    assert_eq!(mode_and_gid(&v.join(CERT_FILE)).unwrap().0, 0o644);
+    assert_eq!(reader_serial(d.path()), b.leaf.serial);
+    // tls.crt holds the leaf followed by the intermediate.
+    let chain = proxy_lib::pem::read_certs(&d.path().join(CERT_FILE)).unwrap();
+    assert_eq!(chain, b.chain);
+    assert_eq!(chain.len(), 2);
+}
+
+fn resolve(dir: &Path) -> PathBuf {
+    proxy_lib::bundle::resolve_data_dir(dir)
+}
+
+#[test]
+fn key_group_gives_0640_with_that_group() {
+    let pki = TestPki::new(now());
+    let d = tempfile::tempdir().unwrap();
+    // Our own primary group is always one we may chown a file to.
+    let gid = std::fs::metadata(d.path()).unwrap().gid();
+    let store = Store::new(d.path(), Some(gid));
+    let v = install(&store, &RealFs, &bundle(&pki), now()).unwrap();
+    assert_eq!(mode_and_gid(&v.join(KEY_FILE)).unwrap(), (0o640, gid));
+}
+
+#[test]
+fn at_most_one_previous_version_remains() {
+    let pki = TestPki::new(now());
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::new(d.path(), None);
+    let mut last = Vec::new();
+    for i in 0..4 {
+        let v = install(
+            &store,
+            &RealFs,
+            &bundle(&pki),
+            now() + Duration::from_secs(i),
+        )
+        .unwrap();
+        last.push(v.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    let mut want = last[2..].to_vec();
+    want.sort();
+    assert_eq!(version_dirs(d.path()), want);
+    assert!(leftovers(d.path()).is_empty());
+}
+
+#[test]
+fn plain_files_from_an_old_script_are_moved_aside_and_replaced() {
+    let pki = TestPki::new(now());
+    let d = tempfile::tempdir().unwrap();
+    let old = bundle(&pki);
+    std::fs::write(d.path().join(CERT_FILE), certs_to_pem(&old.chain)).unwrap();
+    std::fs::write(d.path().join(KEY_FILE), old.key.to_pem().as_bytes()).unwrap();
+    std::fs::write(d.path().join(CA_FILE), certs_to_pem(old.anchors.certs())).unwrap();
+    assert_eq!(reader_serial(d.path()), old.leaf.serial);
+
+    let new = bundle(&pki);
+    let store = Store::new(d.path(), None);
+    install(&store, &RealFs, &new, now()).unwrap();
+    assert_eq!(reader_serial(d.path()), new.leaf.serial);
+    for f in [CERT_FILE, KEY_FILE, CA_FILE] {
+        assert!(
+            std::fs::symlink_metadata(d.path().join(f))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+    let aside: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(LEGACY_PREFIX))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    let kept = proxy_lib::pem::read_certs(&aside[0].path().join(CERT_FILE)).unwrap();
+    assert_eq!(kept, old.chain);
+}
+
+#[test]
+fn a_crash_after_any_step_leaves_the_old_or_the_new_set_and_the_next_swap_cleans_up() {
+    proxy_lib::install_crypto_provider();
+    let pki = TestPki::new(now());
+    let mut total_steps = None;
+    for fresh_dir in [false, true] {
+        for k in 0..100 {
+            let d = tempfile::tempdir().unwrap();
+            let store = Store::new(d.path(), None);
+            let mut before = None;
+            if fresh_dir {
+                // First run over plain files from a script.
+                let old = bundle(&pki);
+                std::fs::write(d.path().join(CERT_FILE), certs_to_pem(&old.chain)).unwrap();
+                std::fs::write(d.path().join(KEY_FILE), old.key.to_pem().as_bytes()).unwrap();
+                std::fs::write(d.path().join(CA_FILE), certs_to_pem(old.anchors.certs())).unwrap();
+                before = Some(old.leaf.serial.clone());
+            } else {
+                for i in 0..2 {
+                    let b = bundle(&pki);
+                    install(&store, &RealFs, &b, now() + Duration::from_secs(i)).unwrap();
+                    before = Some(b.leaf.serial.clone());
+                }
+            }
+            let before = before.unwrap();
+            let new = bundle(&pki);
+            let fs = CrashingFs::new(k);
+            let res = install(&store, &fs, &new, now() + Duration::from_secs(10));
+            let seen = reader_serial(d.path());
+            assert!(
+                seen == before || seen == new.leaf.serial,
+                "crash at step {k}: reader saw {seen}"
+            );
+            let done = res.is_ok();
+            if done {
+                assert_eq!(seen, new.leaf.serial);
+                total_steps.get_or_insert(fs.step.get());
+            }
+            // The next swap succeeds and leaves only the new and one previous version.
+            let next = bundle(&pki);
+            install(&store, &RealFs, &next, now() + Duration::from_secs(20)).unwrap();
+            assert_eq!(reader_serial(d.path()), next.leaf.serial);
+            assert!(
+                version_dirs(d.path()).len() <= 2,
+                "crash at {k}: {:?}",
+                version_dirs(d.path())
+            );
+            assert!(
+                leftovers(d.path()).is_empty(),
+                "crash at {k}: {:?}",
+                leftovers(d.path())
+            );
+            if done {
+                break;
+            }
+        }
+    }
+    assert!(
+        total_steps.unwrap() >= 10,
+        "the swap has every step covered"
+    );
+}

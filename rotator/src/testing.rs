@@ -1,0 +1,208 @@
+//! Test fixtures: a scripted in-process issuer signing with a throwaway PKI, a clock that
+//! follows tokio's paused time, and config helpers.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use proxy_lib::clock::{Clock, FakeClock, SharedClock};
+use proxy_lib::identity::Identity;
+use proxy_lib::pem::certs_to_pem;
+use proxy_lib::test_util::TestPki;
+use rcgen::{
+    CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::client::{CertifyRequest, CertifyResponse, Issue, IssueError};
+use crate::config::{Config, MapEnv, RawConfig};
+use crate::reload::{HookOutcome, Reload};
+
+pub const ID: &str = "db.ext.serviceaccount.identity.linkerd.cluster.local";
+
+pub fn identity() -> Identity {
+    Identity::parse(ID).unwrap()
+}
+
+/// A wall clock that moves with tokio's (paused) time, plus jumps of its own.
+///
+/// FakeClock gives `now()`; tokio's paused `Instant` gives the sleeps. Reading the wall
+/// time as fake + elapsed paused time moves both together exactly, whichever timer tokio's
+/// auto-advance jumps to; `FakeClock::advance` alone then models a suspend or clock step
+/// (wall time jumps, monotonic time does not).
+#[derive(Debug, Clone)]
+pub struct PausedClock {
+    pub fake: FakeClock,
+    start: tokio::time::Instant,
+}
+
+impl PausedClock {
+    pub fn new(start: SystemTime) -> Self {
+        Self {
+            fake: FakeClock::new(start),
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for PausedClock {
+    fn now(&self) -> SystemTime {
+        self.fake.now() + (tokio::time::Instant::now() - self.start)
+    }
+}
+
+/// Advances simulated time by `d` (wall clock and tokio's paused clock together).
+pub async fn advance(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+/// A temp dir on tmpfs when there is one (`/dev/shm`), where fsync costs nothing, so
+/// simulations of many rotations stay fast; the normal temp dir otherwise.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// How the fake issuer answers one call.
+pub type Script =
+    Box<dyn FnOnce(&FakeIssuer, &CertifyRequest) -> Result<CertifyResponse, IssueError> + Send>;
+
+/// An issuer that signs with a [`TestPki`] (or answers from a script).
+pub struct FakeIssuer {
+    pub pki: TestPki,
+    pub clock: SharedClock,
+    pub lifetime: Duration,
+    pub down: AtomicBool,
+    pub calls: AtomicUsize,
+    pub tokens: Mutex<Vec<Vec<u8>>>,
+    scripts: Mutex<VecDeque<Script>>,
+}
+
+impl FakeIssuer {
+    pub fn new(clock: SharedClock, lifetime: Duration) -> Arc<Self> {
+        let now = clock.now();
+        Arc::new(Self {
+            pki: TestPki::new(now - Duration::from_secs(86_400)),
+            clock,
+            lifetime,
+            down: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+            tokens: Mutex::new(Vec::new()),
+            scripts: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// Queues a scripted answer for the next call.
+    pub fn script(
+        &self,
+        f: impl FnOnce(&FakeIssuer, &CertifyRequest) -> Result<CertifyResponse, IssueError>
+        + Send
+        + 'static,
+    ) {
+        self.scripts.lock().unwrap().push_back(Box::new(f));
+    }
+
+    pub fn anchors_pem(&self) -> String {
+        certs_to_pem([&self.pki.anchor])
+    }
+
+    /// Signs `csr` like a real issuer, with `tweak` applied to the leaf params.
+    pub fn sign(
+        &self,
+        csr_der: &[u8],
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> CertifyResponse {
+        let csr =
+            rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).unwrap();
+        let id = identity();
+        let now = self.clock.now();
+        let mut p = CertificateParams::new(vec![id.to_string()]).unwrap();
+        p.subject_alt_names
+            .push(SanType::URI(id.spiffe_id().try_into().unwrap()));
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = (now - Duration::from_secs(20)).into();
+        p.not_after = (now + self.lifetime).into();
+        p.serial_number = Some(rand::random::<u64>().to_be_bytes().to_vec().into());
+        tweak(&mut p);
+        let issuer = Issuer::from_ca_cert_der(&self.pki.issuer, &self.pki.issuer_key).unwrap();
+        let cert = p.signed_by(&csr.public_key, &issuer).unwrap();
+        CertifyResponse {
+            leaf: cert.der().to_vec(),
+            intermediates: vec![self.pki.issuer.to_vec()],
+            valid_until: Some(now + self.lifetime),
+        }
+    }
+
+    /// Signs with a key of its own choosing (not the CSR's).
+    pub fn sign_with_other_key(&self) -> CertifyResponse {
+        let other = KeyPair::generate().unwrap();
+        let csr = CertificateParams::new(vec![ID.to_string()])
+            .unwrap()
+            .serialize_request(&other)
+            .unwrap();
+        self.sign(csr.der(), |_| {})
+    }
+}
+
+impl Issue for Arc<FakeIssuer> {
+    async fn certify(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.tokens.lock().unwrap().push(req.token.to_vec());
+        let script = self.scripts.lock().unwrap().pop_front();
+        if let Some(s) = script {
+            return s(self, &req);
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(IssueError::Connect {
+                addr: "fake".into(),
+                reason: "connection refused".into(),
+            });
+        }
+        Ok(self.sign(&req.csr_der, |_| {}))
+    }
+}
+
+/// Reload hooks that only count.
+#[derive(Debug, Default, Clone)]
+pub struct CountingReload(pub Arc<AtomicUsize>);
+
+impl Reload for CountingReload {
+    async fn reload(&self) -> Vec<HookOutcome> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        vec![HookOutcome {
+            hook: "exec",
+            result: Ok(()),
+        }]
+    }
+}
+
+/// A config for `dir` with anchors and token files written there.
+pub fn config_in(dir: &Path, issuer: &FakeIssuer, extra: &str) -> Config {
+    let ca = dir.join("anchors.pem");
+    std::fs::write(&ca, issuer.anchors_pem()).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "  the-secret-token-value\n").unwrap();
+    let certs = dir.join("certs");
+    let text = format!(
+        "identity = \"{ID}\"\ndir = \"{}\"\ntrust_anchors = \"{}\"\ntoken_file = \"{}\"\nissuer_addr = \"127.0.0.1:1\"\n{extra}",
+        certs.display(),
+        ca.display(),
+        token.display()
+    );
+    let mut raw = RawConfig::from_toml(&text, Path::new("test.toml")).unwrap();
+    raw.apply_env(&MapEnv::default());
+    raw.validate().unwrap()
+}
