@@ -279,7 +279,8 @@ async fn openssl_made_issuer_pair_interoperates() {
     }
     let mut cfg = Config::load(&dir.join("issuer.toml"), &Overrides::default()).unwrap();
     cfg.audit = AuditTarget::File(dir.join("audit.log"));
-    let h = Harness::launch(h0, dir, cfg, FakeClock::new(now)).await;
+    // openssl stamps notBefore = the time it ran, after `now` above
+    let h = Harness::launch(h0, dir, cfg, FakeClock::new(SystemClock.now())).await;
     let (token, _) = h.token(ID, |_| {});
     let mut client = h.client().await;
     let (_, csr) = p256_csr(ID);
