@@ -23,8 +23,26 @@ pub const ISSUER_CERT_FILE: &str = "issuer.crt";
 /// Issuer key file name.
 pub const ISSUER_KEY_FILE: &str = "issuer.key";
 
-/// The issuer's signing key: zeroized on drop, redacted in `Debug`.
+/// A signing key (the issuer's, the anchor's at init, the serving certificate's): zeroized
+/// on drop, redacted in `Debug`.
 pub struct IssuerKey(KeyPair);
+
+impl IssuerKey {
+    /// Wraps a key pair.
+    pub fn new(pair: KeyPair) -> Self {
+        Self(pair)
+    }
+
+    /// A fresh ECDSA P-256 key.
+    pub fn generate() -> std::result::Result<Self, rcgen::Error> {
+        KeyPair::generate().map(Self)
+    }
+
+    /// The key as PKCS#8 DER (zeroized when dropped).
+    pub fn pkcs8_der(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        zeroize::Zeroizing::new(self.0.serialize_der())
+    }
+}
 
 impl Drop for IssuerKey {
     fn drop(&mut self) {

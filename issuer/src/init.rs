@@ -8,9 +8,9 @@ use proxy_lib::clock::{Clock, SystemClock};
 use proxy_lib::fs::{PUBLIC_MODE, SECRET_MODE};
 use proxy_lib::identity::TrustDomain;
 use proxy_lib::pem::{PrivateKey, der_to_pem};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyUsagePurpose};
 
-use crate::ca::{ANCHORS_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE};
+use crate::ca::{ANCHORS_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE, IssuerKey};
 use crate::config::{CONFIG_FILE, DEFAULT_TOKENS_FILE};
 use crate::error::{Error, Result};
 
@@ -92,7 +92,7 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
     let td = &opts.trust_domain;
     let sign = |e: rcgen::Error| Error::Sign(e.to_string());
 
-    let anchor_key = KeyPair::generate().map_err(sign)?;
+    let anchor_key = IssuerKey::generate().map_err(sign)?;
     let mut ap = CertificateParams::new(Vec::new()).map_err(sign)?;
     ap.distinguished_name
         .push(DnType::CommonName, format!("root.linkerd.{td}"));
@@ -106,7 +106,7 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
     let anchor = ap.self_signed(&anchor_key).map_err(sign)?;
     let anchor_issuer = Issuer::new(ap, &anchor_key);
 
-    let issuer_key = KeyPair::generate().map_err(sign)?;
+    let issuer_key = IssuerKey::generate().map_err(sign)?;
     let mut ip = CertificateParams::new(Vec::new()).map_err(sign)?;
     ip.distinguished_name
         .push(DnType::CommonName, format!("identity.linkerd.{td}"));
@@ -130,8 +130,8 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
     })?;
     let anchor_pem = der_to_pem("CERTIFICATE", anchor.der());
     let issuer_pem = der_to_pem("CERTIFICATE", issuer.der());
-    let anchor_key_pem = PrivateKey::from_pkcs8_der(anchor_key.serialize_der()).to_pem();
-    let issuer_key_pem = PrivateKey::from_pkcs8_der(issuer_key.serialize_der()).to_pem();
+    let anchor_key_pem = PrivateKey::from_pkcs8_der(anchor_key.pkcs8_der().to_vec()).to_pem();
+    let issuer_key_pem = PrivateKey::from_pkcs8_der(issuer_key.pkcs8_der().to_vec()).to_pem();
     let toml = config_text(&dir, td);
     let files: [(&str, &[u8], u32); 5] = [
         (ANCHORS_FILE, anchor_pem.as_bytes(), PUBLIC_MODE),

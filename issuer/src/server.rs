@@ -123,6 +123,8 @@ pub struct ServingInfo {
     pub not_after: SystemTime,
     /// When it will be re-minted.
     pub renew_at: SystemTime,
+    /// The CA (anchors and issuer) it was minted from and whose anchors verify clients.
+    ca: Arc<Ca>,
 }
 
 /// The issuer server: shared state, TLS config, reload state.
@@ -237,7 +239,9 @@ impl Server {
         let now = self.shared.clock.now();
         let cur = self.serving.load();
         let ca = self.shared.ca.load();
-        let ca_changed = cur.issuer_sha256 != proxy_lib::cert::sha256_hex(ca.cert());
+        // Any reload (a new issuer pair, or new anchors with the same issuer) re-mints, so the
+        // client verifier follows the anchors too.
+        let ca_changed = !Arc::ptr_eq(&cur.ca, &ca);
         if !force && !ca_changed && now < cur.renew_at {
             return;
         }
@@ -446,13 +450,13 @@ fn mint_serving(
     let now = crate::policy::whole_seconds(shared.clock.now());
     let not_before = (now - shared.policy.clock_skew).max(ca.info().not_before);
     let not_after = (now + SERVING_LIFETIME).min(ca.info().not_after);
-    let key = rcgen::KeyPair::generate().map_err(|e| Error::Sign(e.to_string()))?;
+    let key = crate::ca::IssuerKey::generate().map_err(|e| Error::Sign(e.to_string()))?;
     let grant = crate::policy::Grant {
         not_before,
         not_after,
     };
     let leaf = crate::signer::sign_server_leaf(&ca, server_name, &key, &grant)?;
-    let key_der = proxy_lib::pem::PrivateKey::from_pkcs8_der(key.serialize_der());
+    let key_der = proxy_lib::pem::PrivateKey::from_pkcs8_der(key.pkcs8_der().to_vec());
     let provider = proxy_lib::crypto_provider();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(ca.anchors().root_store()),
@@ -478,6 +482,7 @@ fn mint_serving(
         issuer_sha256: proxy_lib::cert::sha256_hex(ca.cert()),
         not_after,
         renew_at: not_before + life * 2 / 3,
+        ca,
     };
     Ok((Arc::new(cfg), info))
 }

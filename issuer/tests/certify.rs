@@ -774,6 +774,26 @@ async fn serving_certificate_is_reminted_before_expiry_and_on_reload() {
     .await;
     assert!(info(&third[1]).subject.contains("second issuer"));
     assert_ne!(info(&third[0]).sha256, after.sha256);
+
+    // an anchor bundle that gains a second anchor (anchor rotation) with the same issuer
+    // pair is also a reload: re-minted, and the new bundle still verifies it
+    let extra = tempfile::tempdir().unwrap();
+    issuer::init::run_at(&issuer::init::InitOptions::new(extra.path()), now).unwrap();
+    let mut bundle = std::fs::read(h.dir.join("ca.crt")).unwrap();
+    bundle.extend(std::fs::read(extra.path().join("ca.crt")).unwrap());
+    std::fs::write(h.dir.join("ca.crt"), &bundle).unwrap();
+    let before_anchor = h.server.serving().sha256.clone();
+    h.server.reload_ca().unwrap();
+    assert_eq!(h.server.shared().ca.load().anchors().certs().len(), 2);
+    assert_ne!(h.server.serving().sha256, before_anchor);
+    let fourth = serving_chain(
+        h.addr,
+        &bundle,
+        &h.cfg.server_name,
+        Arc::new(h.clock.clone()),
+    )
+    .await;
+    assert_eq!(info(&fourth[0]).sha256, h.server.serving().sha256);
     h.stop().await;
 }
 
