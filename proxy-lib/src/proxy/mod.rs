@@ -96,6 +96,7 @@ pub struct Proxy {
     registry: Arc<Registry>,
     limits: Limits,
     watch_interval: Option<Duration>,
+    stamp: Option<Stamp>,
 }
 
 impl Proxy {
@@ -132,6 +133,12 @@ impl Proxy {
             });
         }
         let admin = bind("admin", config.admin).await?;
+        // The stamp is taken before the load: a change in between makes the watcher reload
+        // (perhaps redundantly) rather than miss it.
+        let source = reloader.source().clone();
+        let stamp = tokio::task::spawn_blocking(move || stamp(&source))
+            .await
+            .ok();
         let r = reloader.clone();
         // Errors are logged and counted by the reloader itself.
         let _ = tokio::task::spawn_blocking(move || r.reload()).await;
@@ -144,6 +151,7 @@ impl Proxy {
             registry: Arc::new(registry),
             limits: config.limits,
             watch_interval: config.watch_interval,
+            stamp,
         })
     }
 
@@ -207,7 +215,12 @@ impl Proxy {
             ));
         }
         if let Some(every) = self.watch_interval {
-            tasks.spawn(watch_dir(self.reloader.clone(), every, stop_rx.clone()));
+            tasks.spawn(watch_dir(
+                self.reloader.clone(),
+                self.stamp,
+                every,
+                stop_rx.clone(),
+            ));
         }
         let mut admin_stop = stop_rx.clone();
         let admin = tokio::spawn(crate::admin::serve(
@@ -261,10 +274,13 @@ fn stamp(source: &Source) -> Stamp {
 
 /// Reloads when the version on disk changes (a readlink and two stats per tick), for setups
 /// where nothing sends SIGHUP or `POST /reload`. Each new version is tried once.
-async fn watch_dir(reloader: Arc<Reloader>, every: Duration, mut stop: watch::Receiver<bool>) {
+async fn watch_dir(
+    reloader: Arc<Reloader>,
+    mut last: Option<Stamp>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let source = reloader.source().clone();
-    let s = source.clone();
-    let mut last = tokio::task::spawn_blocking(move || stamp(&s)).await.ok();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}

@@ -75,6 +75,22 @@ impl rustls::time_provider::TimeProvider for ClockTime {
     }
 }
 
+/// The workspace's crypto provider with the TLS 1.3 suites ordered AES-128-GCM first, as
+/// linkerd2-proxy and Go's crypto/tls do on AES-NI hardware: 128-bit security at a lower cost
+/// per byte than AES-256-GCM.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    let mut p = (*crate::crypto_provider()).clone();
+    p.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
 /// The inbound (server) config: our chain and key, TLS 1.3, client certs required and
 /// verified against `anchors`, then checked against `allow`.
 pub fn server_config(
@@ -83,7 +99,7 @@ pub fn server_config(
     allow: &AllowList,
     clock: &SharedClock,
 ) -> Result<ServerConfig, TlsError> {
-    let provider = crate::crypto_provider();
+    let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(
         Arc::new(anchors.root_store()),
         provider.clone(),
@@ -98,10 +114,13 @@ pub fn server_config(
             allow: allow.clone(),
         })
     };
-    let config = ServerConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
+    let mut config =
+        ServerConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
+    // Our suite order wins over the client's (see `provider`).
+    config.ignore_client_order = true;
     Ok(config)
 }
 
@@ -113,7 +132,7 @@ pub fn client_config(
     anchors: &TrustAnchors,
     clock: &SharedClock,
 ) -> Result<ClientConfig, TlsError> {
-    let provider = crate::crypto_provider();
+    let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = WebPkiServerVerifier::builder_with_provider(
         Arc::new(anchors.root_store()),
         provider.clone(),

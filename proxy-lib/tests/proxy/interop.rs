@@ -105,6 +105,8 @@ async fn openssl_s_client_handshakes_with_the_inbound_listener() {
         "server cert not verified:\n{stdout}"
     );
     assert!(stdout.contains("TLSv1.3"), "{stdout}");
+    // Our suite preference (AES-128-GCM first) wins over the client's.
+    assert!(stdout.contains("TLS_AES_128_GCM_SHA256"), "{stdout}");
     assert!(
         stdout.contains("hello from the app"),
         "app bytes did not come through:\n{stdout}\n{stderr}"

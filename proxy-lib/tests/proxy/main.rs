@@ -6,6 +6,7 @@ mod admin;
 mod child;
 mod inbound;
 mod interop;
+mod limits;
 mod outbound;
 mod reload;
 mod support;
