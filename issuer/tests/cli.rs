@@ -336,6 +336,34 @@ async fn trust_domain_from_init_drives_token_create_and_serve() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
+
+    // revoke through the CLI: the running server sees it at once
+    let (code, json, _) = run(&["token", "list", "--dir", dirs, "--json"]);
+    assert_eq!(code, 0);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let ttl_row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| !r["expires"].is_null())
+        .expect("the --ttl token is listed with its expiry");
+    let (code, _, err) = run(&[
+        "token",
+        "revoke",
+        "--dir",
+        dirs,
+        ttl_row["id"].as_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, csr) = p256_csr(EXAMPLE_ID);
+    let st = certify(&mut client, request(EXAMPLE_ID, tok2.as_bytes(), csr))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    assert!(st.message().contains("revoked"), "{st:?}");
+    let (_, list, _) = run(&["token", "list", "--dir", dirs]);
+    assert!(list.contains("revoked"), "{list}");
+    assert_ne!(run(&["token", "revoke", "--dir", dirs, "nosuchid"]).0, 0);
     s.stop();
 }
 
@@ -596,7 +624,7 @@ mod base64_like {
     }
 }
 
-// Acceptance 4: a full issue + refuse run at debug log level (JSON and text) leaves no
+// Acceptance 4: a full issue + refuse run at trace log level (JSON and text) leaves no
 // token, private key or CSR body in any output, audit included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_never_contain_tokens_keys_or_csrs() {
@@ -607,7 +635,7 @@ async fn logs_never_contain_tokens_keys_or_csrs() {
         let tok = token(&dir, ID);
         let anchors = std::fs::read(dir.join("ca.crt")).unwrap();
         let extra: &[&str] = if json { &["--log-json"] } else { &[] };
-        let mut s = Served::start(&dir, extra, &[("RUST_LOG", "debug")]);
+        let mut s = Served::start(&dir, extra, &[("RUST_LOG", "trace")]);
         s.wait_ready().await;
         let mut client = tls_client(
             s.addr,
