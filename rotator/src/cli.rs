@@ -37,6 +37,40 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The config keys, their environment names and defaults (shown under `--help`).
+pub const CONFIG_HELP: &str = "\
+Config keys (rotator.toml; environment ROTATOR_<KEY>, dots as underscores):
+  identity            required; <sa>.<ns>.serviceaccount.identity.linkerd.<td>
+                      (also LINKERD2_PROXY_IDENTITY_LOCAL_NAME)
+  dir                 required; the cert dir (also LINKERD2_PROXY_IDENTITY_DIR)
+  trust_anchors       required; PEM file or PEM text (also LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS)
+  token_file          required; re-read on every attempt (also LINKERD2_PROXY_IDENTITY_TOKEN_FILE)
+  issuer_addr         required; host:port (also LINKERD2_PROXY_IDENTITY_SVC_ADDR)
+  issuer_name         default linkerd-identity.linkerd.serviceaccount.identity.linkerd.<td>
+                      (also LINKERD2_PROXY_IDENTITY_SVC_NAME)
+  plaintext           default false; only for a loopback issuer_addr
+  timeout             default 10s; one Certify call
+  renew_at            default 0.7 of the lifetime left when received
+  jitter              default 0.1 (renew between 0.6 and 0.8)
+  margin              default 0.05 of the lifetime: never sleep past notAfter minus it
+  clock_skew          default 20s (notBefore backdating assumed for a cert found on disk)
+  backoff.min         default 1s
+  backoff.max         default 5m
+  schedule            default none; cron (5-field crontab, Sunday = 0 or 7; or 6/7-field), UTC
+  key_group           default none (key 0600); a group name or gid makes it 0640 for that group
+  reload.pidfile      default none; signal this pid after a rotation ...
+  reload.process_name ... if /proc/<pid>/comm (or exe) is this name (required with pidfile)
+  reload.signal       default HUP (HUP, USR1, USR2)
+  reload.http         default none; URL to POST after a rotation
+  reload.exec         default none; argv to run after a rotation (env ROTATOR_CERT_DIR)
+  reload.timeout      default 10s (http and exec hooks)
+  verify.addr         default none; TLS listener that must serve the new cert
+  verify.server_name  default the identity
+  verify.attempts     default 3 reload+verify attempts
+  verify.delay        default 500ms between a reload and its check
+  metrics.listen      default none; ip:port for /metrics, /live, /ready
+Logging: ROTATOR_LOG (default info), ROTATOR_LOG_FORMAT=json.";
+
 /// The config file option shared by run, rotate and status.
 #[derive(Debug, clap::Args)]
 pub struct ConfigArg {
@@ -50,6 +84,7 @@ pub struct ConfigArg {
 pub enum Command {
     /// Run as a daemon: renew at 70 % (± 10 % jitter) of each cert's life, on SIGHUP, or on
     /// the cron `schedule`; SIGTERM stops it between swaps. Supports systemd Type=notify.
+    #[command(after_help = CONFIG_HELP)]
     Run {
         #[command(flatten)]
         #[allow(missing_docs)]
@@ -57,6 +92,7 @@ pub enum Command {
     },
     /// Run one renewal cycle (the daemon's code path) and exit: 0 when rotated or not due
     /// (prints "not due until <time>"), 1 when it failed, 78 when the config is unusable.
+    #[command(after_help = CONFIG_HELP)]
     Rotate {
         #[command(flatten)]
         #[allow(missing_docs)]
@@ -67,6 +103,7 @@ pub enum Command {
     },
     /// Report on the cert dir. Exit 0 OK, 1 WARNING (renewal overdue or failing),
     /// 2 CRITICAL (missing, expired, invalid), 3 UNKNOWN (e.g. unusable config).
+    #[command(after_help = CONFIG_HELP)]
     Status {
         #[command(flatten)]
         #[allow(missing_docs)]

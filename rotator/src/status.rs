@@ -201,3 +201,151 @@ pub fn report(config: &Config, now: SystemTime) -> Report {
 fn from_unix(secs: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use proxy_lib::clock::FakeClock;
+    use proxy_lib::test_util::write_data_dir;
+
+    use crate::config::MapEnv;
+    use crate::testing::{FakeIssuer, config_in, identity};
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_900_000_000)
+    }
+
+    fn setup() -> (tempfile::TempDir, std::sync::Arc<FakeIssuer>, Config) {
+        proxy_lib::install_crypto_provider();
+        let d = tempfile::tempdir().unwrap();
+        let issuer = FakeIssuer::new(std::sync::Arc::new(FakeClock::new(now())), DAY);
+        let c = config_in(d.path(), &issuer, "");
+        (d, issuer, c)
+    }
+
+    fn install(issuer: &FakeIssuer, c: &Config, nb: SystemTime, na: SystemTime) -> String {
+        std::fs::create_dir_all(&c.dir).unwrap();
+        let b = issuer.pki.leaf(&identity(), nb, na);
+        write_data_dir(&c.dir, &b);
+        b.leaf.serial
+    }
+
+    fn json(r: &Report) -> serde_json::Value {
+        serde_json::from_str(&serde_json::to_string(r).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn ok_for_a_fresh_cert_with_every_field() {
+        let (_d, issuer, c) = setup();
+        let serial = install(&issuer, &c, now() - Duration::from_secs(20), now() + DAY);
+        let r = report(&c, now() + Duration::from_secs(3600));
+        assert_eq!(r.status, Level::Ok, "{}", r.text());
+        assert_eq!(r.status.exit_code(), 0);
+        let j = json(&r);
+        assert_eq!(j["status"], "OK");
+        assert_eq!(j["serial"], serial.as_str());
+        assert_eq!(j["identity"], identity().as_str());
+        assert_eq!(j["seconds_left"], 23 * 3600);
+        for k in ["sha256", "not_before", "not_after", "next_renewal"] {
+            assert!(j[k].is_string(), "{k} missing in {j}");
+        }
+        let text = r.text();
+        assert!(text.starts_with("OK: valid until"), "{text}");
+        assert!(text.contains(&serial));
+    }
+
+    #[test]
+    fn warning_when_renewal_is_overdue_or_failing() {
+        let (_d, issuer, c) = setup();
+        install(&issuer, &c, now() - Duration::from_secs(20), now() + DAY);
+        // Past 80 % of the life plus the backoff cap, still valid: overdue.
+        let late = now() + Duration::from_secs(21 * 3600);
+        let r = report(&c, late);
+        assert_eq!(
+            (r.status, r.summary.as_str()),
+            (Level::Warning, "renewal overdue")
+        );
+        assert_eq!(r.status.exit_code(), 1);
+        // Failing: the last attempt failed after the last success.
+        let st = State {
+            last_success: Some(unix_secs(now())),
+            last_error: Some("cannot reach the issuer".into()),
+            last_error_at: Some(unix_secs(now()) + 60),
+            failures: 3,
+            ..State::default()
+        };
+        st.save(&c.dir).unwrap();
+        let r = report(&c, now() + Duration::from_secs(120));
+        assert_eq!(r.status, Level::Warning);
+        assert_eq!(json(&r)["last_error"], "cannot reach the issuer");
+        assert!(r.summary.contains("3 attempts"), "{}", r.summary);
+    }
+
+    #[test]
+    fn critical_when_missing_expired_or_mismatched() {
+        let (_d, issuer, c) = setup();
+        let r = report(&c, now());
+        assert_eq!(r.status, Level::Critical, "missing: {}", r.text());
+        assert_eq!(r.status.exit_code(), 2);
+        install(&issuer, &c, now() - DAY, now() - Duration::from_secs(1));
+        let r = report(&c, now());
+        assert_eq!(r.status, Level::Critical, "expired: {}", r.text());
+        assert!(json(&r)["seconds_left"].as_i64().unwrap() < 0);
+        install(&issuer, &c, now() - Duration::from_secs(20), now() + DAY);
+        let other = crate::keygen::generate(&identity(), false).unwrap();
+        let v = proxy_lib::bundle::resolve_data_dir(&c.dir);
+        std::fs::write(v.join("tls.key"), other.key.to_pem().as_bytes()).unwrap();
+        let r = report(&c, now());
+        assert_eq!(r.status, Level::Critical, "mismatched: {}", r.text());
+        assert!(r.summary.contains("does not match"), "{}", r.summary);
+    }
+
+    #[test]
+    fn unknown_for_an_unusable_config_and_64_for_usage_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let bad = d.path().join("bad.toml");
+        std::fs::write(&bad, "identity = \"nope\"\n").unwrap();
+        let env = MapEnv::default();
+        let run = |args: &[&str]| crate::cli::main(args.iter().map(Into::into), &env);
+        assert_eq!(
+            run(&["rotator", "status", "--config", bad.to_str().unwrap()]),
+            3
+        );
+        assert_eq!(
+            run(&[
+                "rotator",
+                "status",
+                "--json",
+                "--config",
+                bad.to_str().unwrap()
+            ]),
+            3
+        );
+        assert_eq!(run(&["rotator", "status", "--bogus"]), 64);
+        assert_eq!(run(&["rotator"]), 64);
+        assert_eq!(run(&["rotator", "rotate", "--force=maybe"]), 64);
+        assert_eq!(run(&["rotator", "linkerd-bootstrap", "--dir", "x"]), 64);
+        assert_eq!(
+            run(&[
+                "rotator",
+                "linkerd-bootstrap",
+                "--dir",
+                "x",
+                "--identity",
+                "nope"
+            ]),
+            64
+        );
+        assert_eq!(run(&["rotator", "--help"]), 0);
+        assert_eq!(run(&["rotator", "rotate", "--help"]), 0);
+        // A config that does not validate is a config error for rotate/run.
+        assert_eq!(
+            run(&["rotator", "rotate", "--config", bad.to_str().unwrap()]),
+            78
+        );
+    }
+}

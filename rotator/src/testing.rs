@@ -206,3 +206,91 @@ pub fn config_in(dir: &Path, issuer: &FakeIssuer, extra: &str) -> Config {
     raw.apply_env(&MapEnv::default());
     raw.validate().unwrap()
 }
+
+/// What a [`FakeTlsServer`] serves.
+#[derive(Debug, Clone)]
+pub enum Serve {
+    /// Always this bundle (a listener that never reloads).
+    Fixed(Box<proxy_lib::bundle::CertBundle>),
+    /// Whatever is in this cert dir at each handshake (a listener that reloads).
+    FromDir(std::path::PathBuf),
+}
+
+#[derive(Debug)]
+struct Resolver(Serve);
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let bundle = match &self.0 {
+            Serve::Fixed(b) => (**b).clone(),
+            Serve::FromDir(d) => proxy_lib::bundle::CertBundle::load_dir(d).ok()?.0,
+        };
+        bundle.certified_key().ok()
+    }
+}
+
+/// A TLS listener on 127.0.0.1 that requires a client cert chaining to `anchors` and
+/// records the SHA-256 of each client cert it saw.
+pub struct FakeTlsServer {
+    pub addr: std::net::SocketAddr,
+    pub client_certs: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeTlsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeTlsServer {
+    /// The client certs seen, once there are at least `n` (the server side of a TLS 1.3
+    /// handshake may finish after the client's), waiting up to 5 s.
+    pub async fn seen(&self, n: usize) -> Vec<String> {
+        for _ in 0..500 {
+            let v = self.client_certs.lock().unwrap().clone();
+            if v.len() >= n {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.client_certs.lock().unwrap().clone()
+    }
+
+    pub async fn start(serve: Serve, anchors: &proxy_lib::verify::TrustAnchors) -> Self {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(anchors.root_store()),
+            proxy_lib::crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(proxy_lib::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(serve)));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client_certs = Arc::new(Mutex::new(Vec::new()));
+        let seen = client_certs.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let (_, conn) = tls.get_ref();
+                    if let Some(c) = conn.peer_certificates().and_then(|c| c.first()) {
+                        seen.lock().unwrap().push(proxy_lib::cert::sha256_hex(c));
+                    }
+                }
+            }
+        });
+        Self {
+            addr,
+            client_certs,
+            task,
+        }
+    }
+}

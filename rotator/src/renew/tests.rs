@@ -558,3 +558,118 @@ async fn the_token_and_key_never_reach_the_logs_or_other_files() {
     assert_eq!(holders, vec![expect]);
     let _ = ID;
 }
+
+/// A rig on real time (sockets and handshakes need it), with `[verify]` at `addr`.
+fn verify_rig(addr: std::net::SocketAddr) -> (tempfile::TempDir, Arc<FakeIssuer>, Config) {
+    proxy_lib::install_crypto_provider();
+    let tmp = crate::testing::fast_tempdir();
+    let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
+    let issuer = FakeIssuer::new(clock, DAY);
+    let config = config_in(
+        tmp.path(),
+        &issuer,
+        &format!("[verify]\naddr = \"{addr}\"\nattempts = 3\ndelay = \"10ms\"\n"),
+    );
+    (tmp, issuer, config)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_served() {
+    use crate::testing::{FakeTlsServer, Serve};
+    // The "old" cert the listener keeps serving.
+    let (tmp, issuer, _) = verify_rig("127.0.0.1:1".parse().unwrap());
+    let now = proxy_lib::clock::SystemClock.now();
+    let old = issuer
+        .pki
+        .leaf(&identity(), now - Duration::from_secs(60), now + DAY);
+    let server =
+        FakeTlsServer::start(Serve::Fixed(Box::new(old.clone())), &issuer.pki.anchors()).await;
+    let config = config_in(
+        tmp.path(),
+        &issuer,
+        &format!(
+            "[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"10ms\"\n",
+            server.addr
+        ),
+    );
+    let reloads = CountingReload::default();
+    let metrics = Metrics::new();
+    let mut r = Rotator::new(
+        config.clone(),
+        Arc::new(proxy_lib::clock::SystemClock),
+        issuer.clone(),
+        reloads.clone(),
+        metrics.clone(),
+    );
+    let err = r.cycle(false).await.unwrap_err();
+    let CycleError::Verify {
+        attempts, error, ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(*attempts, 3);
+    assert!(
+        matches!(error, crate::verify::VerifyError::Mismatch { .. }),
+        "{error}"
+    );
+    assert!(err.installed(), "the new cert itself is on disk");
+    assert_eq!(
+        reloads.0.load(Ordering::SeqCst),
+        3,
+        "the reload was retried"
+    );
+    assert_eq!(metrics.reloads_with(false), 3);
+    assert_eq!(metrics.rotations_with(false), 1);
+    let text = metrics.encode();
+    assert!(
+        text.contains("rotator_reloads_total{result=\"failure\"} 3"),
+        "{text}"
+    );
+    let state = State::load(&config.dir);
+    assert!(state.last_error.unwrap().contains("verify failed"));
+    // The new cert was presented as the client cert each time.
+    let new = CertBundle::load_dir(&config.dir).unwrap().0;
+    let seen = server.seen(3).await;
+    assert_eq!(seen, vec![new.leaf.sha256.clone(); 3]);
+    assert_ne!(new.leaf.sha256, old.leaf.sha256);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn verify_passes_when_the_listener_serves_the_new_cert() {
+    use crate::testing::{FakeTlsServer, Serve};
+    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
+    let server =
+        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
+    let config = config_in(
+        tmp.path(),
+        &issuer,
+        &format!(
+            "[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"10ms\"\n",
+            server.addr
+        ),
+    );
+    let reloads = CountingReload::default();
+    let metrics = Metrics::new();
+    let mut r = Rotator::new(
+        config.clone(),
+        Arc::new(proxy_lib::clock::SystemClock),
+        issuer.clone(),
+        reloads.clone(),
+        metrics.clone(),
+    );
+    let out = r.cycle(false).await.unwrap();
+    let Outcome::Rotated { sha256, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(reloads.0.load(Ordering::SeqCst), 1);
+    assert_eq!(server.seen(1).await, vec![sha256.clone()]);
+    assert_eq!(metrics.reloads_with(false), 0);
+    assert_eq!(metrics.rotations_with(true), 1);
+    // Again with --force: a new cert, presented and served.
+    let Outcome::Rotated { sha256: second, .. } = r.cycle(true).await.unwrap() else {
+        panic!()
+    };
+    assert_ne!(second, sha256);
+    assert_eq!(server.seen(2).await.last(), Some(&second));
+}
