@@ -262,13 +262,21 @@ impl Server {
         }
     }
 
+    /// Whether the issuer certificate in use has less than `ca.warn_before` left (the server
+    /// then logs a warning, at most once an hour).
+    pub fn ca_expires_soon(&self) -> bool {
+        let now = self.shared.clock.now();
+        let ca = self.shared.ca.load();
+        ca.info().not_after.duration_since(now).unwrap_or_default() < self.config.ca_warn_before
+    }
+
     fn warn_if_expiring(&self) {
+        if !self.ca_expires_soon() {
+            return;
+        }
         let now = self.shared.clock.now();
         let ca = self.shared.ca.load();
         let left = ca.info().not_after.duration_since(now).unwrap_or_default();
-        if left >= self.config.ca_warn_before {
-            return;
-        }
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         if warned
             .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(3600))

@@ -567,6 +567,8 @@ async fn leaf_is_capped_at_issuer_expiry_and_refused_under_min_lifetime() {
         std::fs::write(dir.join("issuer.key"), key).unwrap();
     })
     .await;
+    // 2 h left is under the default 30 d warning threshold
+    assert!(h.server.ca_expires_soon());
     let (token, _) = h.token(ID, |_| {});
     let mut client = h.client().await;
     let (_, csr) = p256_csr(ID);
@@ -609,6 +611,7 @@ async fn leaf_is_capped_at_issuer_expiry_and_refused_under_min_lifetime() {
 #[tokio::test]
 async fn metrics_count_the_requests_made() {
     let h = Harness::start(|_, _| {}).await;
+    assert!(!h.server.ca_expires_soon());
     let (token, _) = h.token(ID, |_| {});
     let mut client = h.client().await;
     for _ in 0..3 {
