@@ -481,7 +481,17 @@ async fn ca_rotation_by_sighup_and_by_file_replacement() {
         true,
     );
     proxy_lib::fs::write_atomic(&dir.join("issuer.crt"), c_cert.as_bytes(), 0o644, None).unwrap();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // the watcher tries the half-replaced pair (new cert, old key) and refuses it
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, m) = http_get(s.admin, "/metrics").await;
+        if metric(&m, "issuer_ca_reloads_total{result=\"refused\"}") >= Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "half pair never tried: {m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         current_issuer(&mut client, &tok).await.contains("issuer-b"),
         "half-replaced pair used"
@@ -492,7 +502,18 @@ async fn ca_rotation_by_sighup_and_by_file_replacement() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = bg.await.unwrap();
     assert!(seen.len() >= 2, "{seen:?}");
-    assert!(seen.last().unwrap().contains("issuer-c"), "{seen:?}");
+    // every leaf of the background stream came from one complete pair: A, B or C, in order
+    let order = ["identity.linkerd.cluster.local", "issuer-b", "issuer-c"];
+    let ranks: Vec<usize> = seen
+        .iter()
+        .map(|s| {
+            order
+                .iter()
+                .position(|o| s.contains(o))
+                .expect("known issuer")
+        })
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
     assert!(s.alive());
     assert_eq!(s.child.id(), pid);
     let err = s.stderr();
