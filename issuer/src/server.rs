@@ -151,6 +151,16 @@ impl Server {
     /// Loads the CA (errors name the missing or bad file), the token store and the audit log,
     /// and mints the first serving certificate. Blocks.
     pub fn new(config: Config, clock: SharedClock) -> Result<Arc<Self>> {
+        Self::with_authenticators(config, clock, Vec::new())
+    }
+
+    /// Like [`Server::new`], with `extra` authenticators tried after the token store (the
+    /// Kubernetes authenticator and renewal by client certificate plug in here).
+    pub fn with_authenticators(
+        config: Config,
+        clock: SharedClock,
+        extra: Vec<Arc<dyn crate::auth::Authenticator>>,
+    ) -> Result<Arc<Self>> {
         let now = clock.now();
         let files = config.ca_files.clone();
         let watch = Watch::new(fingerprint(&files));
@@ -159,10 +169,10 @@ impl Server {
         let audit = AuditLog::open(&config.audit)?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
-        let auth = AuthChain::new(vec![Arc::new(TokenAuthenticator::new(
-            store,
-            clock.clone(),
-        ))]);
+        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> =
+            vec![Arc::new(TokenAuthenticator::new(store, clock.clone()))];
+        chain.extend(extra);
+        let auth = AuthChain::new(chain);
         let shared = Arc::new(Shared::new(
             ca,
             config.policy.clone(),

@@ -47,7 +47,18 @@ impl Harness {
     }
 
     async fn launch(tmp: tempfile::TempDir, dir: PathBuf, cfg: Config, clock: FakeClock) -> Self {
-        let server = Server::new(cfg.clone(), Arc::new(clock.clone())).unwrap();
+        Self::launch_with(tmp, dir, cfg, clock, Vec::new()).await
+    }
+
+    async fn launch_with(
+        tmp: tempfile::TempDir,
+        dir: PathBuf,
+        cfg: Config,
+        clock: FakeClock,
+        extra: Vec<Arc<dyn issuer::auth::Authenticator>>,
+    ) -> Self {
+        let server =
+            Server::with_authenticators(cfg.clone(), Arc::new(clock.clone()), extra).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -885,5 +896,93 @@ async fn plaintext_on_loopback() {
     certify(&mut client, request(ID, token.as_bytes(), csr))
         .await
         .unwrap();
+    h.stop().await;
+}
+
+/// Renewal by client certificate in miniature: accepts a request without a token when the
+/// peer's client certificate (already verified against the anchors by TLS) names the
+/// requested identity. Proves the authenticator sees the peer's chain and address.
+#[derive(Debug)]
+struct ByClientCert;
+
+#[tonic::async_trait]
+impl issuer::auth::Authenticator for ByClientCert {
+    fn name(&self) -> &'static str {
+        "client-cert"
+    }
+
+    async fn authenticate(
+        &self,
+        req: &issuer::auth::AuthRequest<'_>,
+    ) -> Result<Option<issuer::auth::Principal>, issuer::error::AuthError> {
+        let Some(leaf) = req.client_certs.and_then(|c| c.first()) else {
+            return Ok(None);
+        };
+        assert!(req.peer.is_some_and(|p| p.ip().is_loopback()));
+        let info = CertInfo::from_der(leaf).unwrap();
+        if info.dns_sans.iter().any(|d| d == req.identity.as_str()) {
+            Ok(Some(issuer::auth::Principal {
+                authenticator: "client-cert",
+                credential: format!("cert:{}", info.serial),
+            }))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+// The authenticator chain sees the peer's client certificate chain (for renewal by client
+// certificate, a later issue): a leaf from this issuer authenticates its own renewal.
+#[tokio::test]
+async fn authenticators_see_the_client_certificate() {
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("issuer");
+    let now = SystemClock.now();
+    issuer::init::run_at(&issuer::init::InitOptions::new(&dir), now).unwrap();
+    let mut cfg = Config::load(&dir.join("issuer.toml"), &Overrides::default()).unwrap();
+    cfg.audit = AuditTarget::File(dir.join("audit.log"));
+    let h = Harness::launch_with(
+        tmp,
+        dir,
+        cfg,
+        FakeClock::new(now),
+        vec![Arc::new(ByClientCert)],
+    )
+    .await;
+    let (token, _) = h.token(ID, |_| {});
+    let mut client = h.client().await;
+    let (key, csr) = p256_csr(ID);
+    let first = certify(&mut client, request(ID, token.as_bytes(), csr))
+        .await
+        .unwrap();
+
+    let mut renewing = tls_client_with_cert(
+        h.addr,
+        &h.anchors_pem(),
+        &h.cfg.server_name,
+        vec![
+            first.leaf_certificate.clone(),
+            first.intermediate_certificates[0].clone(),
+        ],
+        key.serialize_der(),
+    )
+    .await;
+    let (_, csr2) = p256_csr(ID);
+    let second = certify(&mut renewing, request(ID, b"", csr2))
+        .await
+        .expect("renewed by cert");
+    assert_ne!(
+        info(&second.leaf_certificate).serial,
+        info(&first.leaf_certificate).serial
+    );
+    // without a certificate and without a token: still refused
+    let (_, csr3) = p256_csr(ID);
+    let st = certify(&mut client, request(ID, b"", csr3))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+    let audit = h.audit_lines();
+    assert_eq!(audit[1]["authenticator"], "client-cert");
     h.stop().await;
 }

@@ -75,6 +75,43 @@ pub async fn tls_client(addr: SocketAddr, anchors_pem: &[u8], server_name: &str)
     IdentityClient::new(channel)
 }
 
+/// A Certify client over TLS that presents `chain` (leaf first) with `key` as its client
+/// certificate.
+pub async fn tls_client_with_cert(
+    addr: SocketAddr,
+    anchors_pem: &[u8],
+    server_name: &str,
+    chain: Vec<Vec<u8>>,
+    key_pkcs8: Vec<u8>,
+) -> Client {
+    let anchors = TrustAnchors::from_bytes(anchors_pem, "ca.crt").expect("anchors");
+    let cfg = rustls::ClientConfig::builder_with_provider(proxy_lib::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(anchors.root_store())
+        .with_client_auth_cert(
+            chain.into_iter().map(Into::into).collect(),
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key_pkcs8.into()),
+        )
+        .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let name = ServerName::try_from(server_name.to_string()).expect("server name");
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            let name = name.clone();
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("connect to issuer");
+    IdentityClient::new(channel)
+}
+
 /// A plaintext Certify client.
 pub async fn plain_client(addr: SocketAddr) -> Client {
     IdentityClient::connect(format!("http://{addr}"))
