@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use proxy_lib::proxy::Args;
+use proxy_lib::proxy::config::LogFormat;
 
 /// Exit code for usage errors (sysexits EX_USAGE).
 const EXIT_USAGE: u8 = 64;
@@ -27,6 +28,15 @@ fn main() -> ExitCode {
             };
         }
     };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Plain => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {

@@ -451,6 +451,18 @@ pub struct Args {
     /// Check `DIR/..data` for a new version this often, besides SIGHUP; 0s = off [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub watch_interval: Option<Duration>,
+    /// Log format on stderr (the level comes from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "MTLS_PROXY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// How the binary writes its logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Args {
