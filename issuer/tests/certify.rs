@@ -986,3 +986,25 @@ async fn authenticators_see_the_client_certificate() {
     assert_eq!(audit[1]["authenticator"], "client-cert");
     h.stop().await;
 }
+
+// `--lifetime 10s` works (the rotator's tests and the demo rotate fast): the leaf lives
+// 10 s + the skew allowance, with the default 1 h minimum lifetime left as it is.
+#[tokio::test]
+async fn lifetimes_of_a_few_seconds_work() {
+    let h = Harness::start(|c, _| {
+        c.policy.lifetime = Duration::from_secs(10);
+        c.policy.clock_skew = Duration::from_secs(1);
+    })
+    .await;
+    let (token, _) = h.token(ID, |_| {});
+    let mut client = h.client().await;
+    let (_, csr) = p256_csr(ID);
+    let r = certify(&mut client, request(ID, token.as_bytes(), csr))
+        .await
+        .unwrap();
+    assert_eq!(
+        info(&r.leaf_certificate).lifetime(),
+        Duration::from_secs(11)
+    );
+    h.stop().await;
+}
