@@ -11,12 +11,6 @@ const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     proxy_lib::install_crypto_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
