@@ -192,7 +192,17 @@ impl Reloader {
             }
             Err(error) => {
                 self.metrics.reload(ReloadResult::Error);
-                tracing::error!(%error, "certificate reload refused, keeping the current one");
+                match self.current.load().as_ref() {
+                    Some(kept) => tracing::error!(
+                        %error,
+                        serving = %kept.leaf.sha256,
+                        "certificate reload refused, keeping the current one"
+                    ),
+                    None => tracing::error!(
+                        %error,
+                        "no valid certificate loaded; not ready until a reload succeeds"
+                    ),
+                }
                 Err(error)
             }
         }

@@ -223,3 +223,30 @@ impl ClientCertVerifier for AllowListVerifier {
         self.inner.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_matches_dns_sans_case_insensitively_and_empty_allows_all() {
+        let id = "web.apps.serviceaccount.identity.linkerd.cluster.local";
+        let allow = AllowList::new([format!("{}.", id.to_uppercase())]);
+        assert!(!allow.is_open());
+        assert!(allow.allows(&[id.to_string()]));
+        assert!(allow.allows(&["other.example".into(), id.to_string()]));
+        assert!(!allow.allows(&["db.data.serviceaccount.identity.linkerd.cluster.local".into()]));
+        assert!(!allow.allows(&[]));
+        assert!(AllowList::default().allows(&[]));
+    }
+
+    #[test]
+    fn provider_prefers_aes_128_gcm_and_offers_only_tls13_suites() {
+        let p = provider();
+        assert_eq!(
+            p.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        assert!(p.cipher_suites.iter().all(|s| s.tls13().is_some()));
+    }
+}

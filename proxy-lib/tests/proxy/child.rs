@@ -157,7 +157,7 @@ fn prune(dir: &Path, keep: &[PathBuf]) {
 }
 
 async fn wait_ready(admin: SocketAddr) {
-    for _ in 0..500 {
+    for _ in 0..1500 {
         if tokio::net::TcpStream::connect(admin).await.is_ok()
             && http(admin, "GET", "/ready").await.0 == 200
         {
