@@ -26,7 +26,7 @@ async fn connection_limit_holds_new_connections_until_one_closes() {
     let a = tls_connect(proxy.inbound[0], cc.clone(), &me)
         .await
         .unwrap();
-    let _b = tls_connect(proxy.inbound[0], cc.clone(), &me)
+    let b = tls_connect(proxy.inbound[0], cc.clone(), &me)
         .await
         .unwrap();
     // The third waits in the backlog: its handshake cannot complete while two are open.
@@ -43,7 +43,7 @@ async fn connection_limit_holds_new_connections_until_one_closes() {
         .expect("the third connection is served once one closes")
         .unwrap()
         .unwrap();
-    drop(c);
+    drop((b, c));
     proxy.stop().await;
 }
 

@@ -132,6 +132,7 @@ async fn good_reload_switches_new_handshakes_and_leaves_open_connections_alone()
     let mut back = Vec::new();
     open.read_to_end(&mut back).await.unwrap();
     assert_eq!(back, b"before after");
+    drop((open, fresh));
     proxy.stop().await;
 }
 
