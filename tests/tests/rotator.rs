@@ -1,0 +1,753 @@
+//! End-to-end tests of the `rotator` binary against a real `issuer serve` child process:
+//! one-shot rotation and the `..data` layout, the daemon's SIGHUP/hooks/self-renewal,
+//! sd_notify READY ordering, the verify step's exit status, `status`, secrets hygiene and
+//! `linkerd-bootstrap` accepted by the issuer.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proxy_lib::bundle::{CA_FILE, CERT_FILE, CertBundle, DATA_LINK, KEY_FILE};
+use proxy_lib::clock::{Clock, SystemClock};
+use proxy_lib::identity::Identity;
+use proxy_lib::verify::{TrustAnchors, Usage};
+use rustix::process::Signal;
+use testkit::{ChildGuard, bin, free_port, wait_for};
+
+const ID: &str = "legacy-database.external-services.serviceaccount.identity.linkerd.cluster.local";
+
+/// A temp dir with an initialised issuer, a token for [`ID`] and (once started) a running
+/// `issuer serve`.
+struct Rig {
+    tmp: tempfile::TempDir,
+    port: u16,
+    issuer: Option<ChildGuard>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        proxy_lib::install_crypto_provider();
+        let tmp = tempfile::tempdir().unwrap();
+        let iss = tmp.path().join("iss");
+        run_ok(
+            Command::new(bin("issuer"))
+                .args(["init", "--dir"])
+                .arg(&iss),
+        );
+        run_ok(
+            Command::new(bin("issuer"))
+                .args(["token", "create", "--dir"])
+                .arg(&iss)
+                .args(["--identity", ID, "--out"])
+                .arg(tmp.path().join("token")),
+        );
+        Self {
+            tmp,
+            port: free_port(),
+            issuer: None,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.path("token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn anchors(&self) -> TrustAnchors {
+        TrustAnchors::read(&self.path("iss/ca.crt")).unwrap()
+    }
+
+    /// Starts `issuer serve` with leaves of `lifetime`, and waits until it listens.
+    fn serve(&mut self, lifetime: &str) {
+        let child = Command::new(bin("issuer"))
+            .args(["serve", "--dir"])
+            .arg(self.path("iss"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .args(["--lifetime", lifetime])
+            .stdout(std::fs::File::create(self.path("issuer.out")).unwrap())
+            .stderr(std::fs::File::create(self.path("issuer.err")).unwrap())
+            .spawn()
+            .expect("spawn issuer serve");
+        self.issuer = Some(ChildGuard(child));
+        let port = self.port;
+        wait_for("issuer to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    /// Writes a rotator.toml for cert dir `certs` with `extra` lines; returns its path.
+    fn config(&self, certs: &str, extra: &str) -> PathBuf {
+        let path = self.path(&format!("{certs}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "identity = \"{ID}\"\ndir = \"{}\"\ntrust_anchors = \"{}\"\ntoken_file = \"{}\"\n\
+                 issuer_addr = \"127.0.0.1:{}\"\n{extra}",
+                self.path(certs).display(),
+                self.path("iss/ca.crt").display(),
+                self.path("token").display(),
+                self.port
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+fn rotator() -> Command {
+    let mut c = Command::new(bin("rotator"));
+    c.env_remove("NOTIFY_SOCKET").env("ROTATOR_LOG", "debug");
+    c
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Every file under `dir` (names, link targets and contents), for "nothing changed" checks.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        if m.file_type().is_symlink() {
+            out.push((
+                name,
+                std::fs::read_link(&p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes(),
+            ));
+        } else if m.is_dir() {
+            for (n, b) in snapshot(&p) {
+                out.push((format!("{name}/{n}"), b));
+            }
+        } else {
+            out.push((name, std::fs::read(&p).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn serial(dir: &Path) -> String {
+    CertBundle::load_dir(dir).unwrap().0.leaf.serial
+}
+
+/// Checks the full `..data` layout of a freshly rotated dir; returns the bundle.
+fn check_layout(rig: &Rig, dir: &Path) -> CertBundle {
+    let data = std::fs::read_link(dir.join(DATA_LINK)).expect("..data is a symlink");
+    let name = data.to_string_lossy().into_owned();
+    assert!(rotator::store::is_version_name(&name), "..data -> {name}");
+    for f in [CERT_FILE, KEY_FILE, CA_FILE] {
+        assert_eq!(
+            std::fs::read_link(dir.join(f)).unwrap(),
+            Path::new(DATA_LINK).join(f),
+            "{f} is a symlink into ..data"
+        );
+    }
+    let version = dir.join(&name);
+    assert_eq!(
+        std::fs::metadata(version.join(KEY_FILE)).unwrap().mode() & 0o777,
+        0o600
+    );
+    let (b, from) = CertBundle::load_dir(dir).unwrap();
+    assert_eq!(from, version);
+    b.check(SystemClock.now())
+        .expect("key matches, valid, chains");
+    // tls.crt = leaf + the issuer's intermediate; ca.crt = the anchors.
+    assert_eq!(b.chain.len(), 2);
+    let issuer_crt = proxy_lib::pem::read_certs(&rig.path("iss/issuer.crt")).unwrap();
+    assert_eq!(b.chain[1], issuer_crt[0]);
+    assert_eq!(b.anchors.certs(), rig.anchors().certs());
+    for usage in [Usage::Server, Usage::Client] {
+        rig.anchors()
+            .verify_leaf(&b.chain[0], &b.chain[1..], SystemClock.now(), usage)
+            .expect("chains to ca.crt");
+    }
+    let id = Identity::parse(ID).unwrap();
+    assert_eq!(b.leaf.dns_sans, vec![ID.to_string()]);
+    assert_eq!(b.leaf.uri_sans, vec![id.spiffe_id()]);
+    b
+}
+
+#[test]
+fn rotate_installs_the_layout_is_idempotent_forces_and_takes_over_plain_files() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    let cfg = rig.config("certs", "");
+    let dir = rig.path("certs");
+
+    let out = run_ok(rotator().arg("rotate").arg("--config").arg(&cfg));
+    assert!(
+        text(&out.stdout).starts_with("rotated: serial "),
+        "{}",
+        text(&out.stdout)
+    );
+    let first = check_layout(&rig, &dir);
+    let log = text(&out.stderr);
+    assert!(!log.contains(&rig.token()), "the token was logged:\n{log}");
+
+    // Not due: says so, exits 0, changes nothing.
+    let before = snapshot(&dir);
+    let out = run_ok(rotator().arg("rotate").arg("--config").arg(&cfg));
+    assert!(
+        text(&out.stdout).starts_with("not due until 20"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(snapshot(&dir), before, "a not-due rotate changed the dir");
+
+    // --force: a new cert with a new key and a new serial.
+    run_ok(rotator().args(["rotate", "--force", "--config"]).arg(&cfg));
+    let second = check_layout(&rig, &dir);
+    assert_ne!(second.leaf.serial, first.leaf.serial);
+    assert_ne!(second.leaf.spki_der, first.leaf.spki_der);
+    assert_ne!(second.key.pkcs8_der(), first.key.pkcs8_der());
+    assert!(rotator::store::version_dirs(&dir).len() <= 2);
+
+    // status agrees.
+    let out = run_ok(rotator().args(["status", "--json", "--config"]).arg(&cfg));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "OK");
+    assert_eq!(j["serial"], second.leaf.serial.as_str());
+
+    // A dir with plain files from an old cron script (a cert from another CA): taken over.
+    let legacy = rig.path("legacy");
+    std::fs::create_dir(&legacy).unwrap();
+    let now = SystemClock.now();
+    let old_pki = proxy_lib::test_util::TestPki::new(now);
+    let old = old_pki.leaf(
+        &Identity::parse(ID).unwrap(),
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    );
+    let old_crt = proxy_lib::pem::certs_to_pem(&old.chain);
+    std::fs::write(legacy.join(CERT_FILE), &old_crt).unwrap();
+    std::fs::write(legacy.join(KEY_FILE), old.key.to_pem().as_bytes()).unwrap();
+    std::fs::write(
+        legacy.join(CA_FILE),
+        proxy_lib::pem::certs_to_pem(old.anchors.certs()),
+    )
+    .unwrap();
+    let cfg2 = rig.config("legacy", "");
+    run_ok(rotator().arg("rotate").arg("--config").arg(&cfg2));
+    check_layout(&rig, &legacy);
+    let aside: Vec<PathBuf> = std::fs::read_dir(&legacy)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(rotator::store::LEGACY_PREFIX)
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "old files kept aside once");
+    assert_eq!(
+        std::fs::read_to_string(aside[0].join(CERT_FILE)).unwrap(),
+        old_crt
+    );
+}
+
+/// Counts POST requests on a loopback port (one request per connection).
+fn post_counter() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let count = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut r = BufReader::new(s);
+            let mut first = String::new();
+            if r.read_line(&mut first).is_err() {
+                continue;
+            }
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            if first.starts_with("POST /reload ") {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = r
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (addr, n)
+}
+
+fn count_lines(p: &Path) -> usize {
+    std::fs::read_to_string(p).map_or(0, |s| s.lines().count())
+}
+
+fn rotations(log: &Path) -> usize {
+    std::fs::read_to_string(log).map_or(0, |s| {
+        s.lines()
+            .filter(|l| l.contains("rotator::renew: rotated"))
+            .count()
+    })
+}
+
+#[test]
+fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    // The process to signal: a shell counting SIGHUPs, found through its pidfile.
+    let count_file = rig.path("hups");
+    let pidfile = rig.path("app.pid");
+    let script = format!(
+        "echo $$ > {pid}; n=0; trap 'n=$((n+1)); echo $n > {count}' HUP; while :; do sleep 0.02; done",
+        pid = pidfile.display(),
+        count = count_file.display()
+    );
+    let _app = ChildGuard(Command::new("sh").args(["-c", &script]).spawn().unwrap());
+    wait_for("app pidfile", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    });
+    let (http, posts) = post_counter();
+    let marker = rig.path("exec-marker");
+    let cfg = rig.config(
+        "certs",
+        &format!(
+            "[reload]\npidfile = \"{}\"\nprocess_name = \"sh\"\nsignal = \"HUP\"\n\
+             http = \"http://{http}/reload\"\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n",
+            pidfile.display(),
+            marker.display()
+        ),
+    );
+    let log = rig.path("rotator.log");
+    let daemon = ChildGuard(
+        rotator()
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let hups = || {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let counts = || {
+        (
+            rotations(&log),
+            hups(),
+            posts.load(Ordering::SeqCst),
+            count_lines(&marker),
+        )
+    };
+    for n in 1..=4 {
+        if n > 1 {
+            daemon.signal(Signal::HUP);
+        }
+        wait_for(
+            &format!("rotation {n} and its hooks"),
+            Duration::from_secs(20),
+            || (counts() == (n, n, n, n)).then_some(()),
+        );
+        // And nothing more.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(counts(), (n, n, n, n), "after rotation {n}");
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(!log_text.contains(&rig.token()), "token logged");
+    daemon.signal(Signal::TERM);
+}
+
+#[test]
+fn daemon_renews_ten_second_certs_by_itself() {
+    let mut rig = Rig::new();
+    rig.serve("10s");
+    let marker = rig.path("exec-marker");
+    let cfg = rig.config(
+        "certs",
+        &format!(
+            "[reload]\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n",
+            marker.display()
+        ),
+    );
+    let log = rig.path("rotator.log");
+    let _daemon = ChildGuard(
+        rotator()
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("first rotation", Duration::from_secs(20), || {
+        (rotations(&log) >= 1).then_some(())
+    });
+    let first = serial(&rig.path("certs"));
+    wait_for("two renewals within 30 s", Duration::from_secs(30), || {
+        (rotations(&log) >= 3).then_some(())
+    });
+    assert!(count_lines(&marker) >= 3);
+    assert_ne!(serial(&rig.path("certs")), first);
+    check_layout(&rig, &rig.path("certs"));
+}
+
+#[test]
+fn ready_is_notified_only_after_the_first_cert_is_installed() {
+    let mut rig = Rig::new();
+    let sock_path = rig.path("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let cfg = rig.config("certs", "[backoff]\nmin = \"200ms\"\nmax = \"1s\"\n");
+    let daemon = ChildGuard(
+        rotator()
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 4096];
+    let mut recv = || sock.recv(&mut buf).ok().map(|n| text(&buf[..n]));
+    // The issuer is not up yet: status messages maybe, READY never.
+    for _ in 0..20 {
+        if let Some(m) = recv() {
+            assert!(!m.contains("READY=1"), "READY before any cert: {m}");
+        }
+    }
+    assert!(CertBundle::load_dir(&rig.path("certs")).is_err());
+    rig.serve("1h");
+    wait_for("READY=1", Duration::from_secs(20), || {
+        recv().filter(|m| m.contains("READY=1"))
+    });
+    // At the moment READY arrived the cert was already installed.
+    check_layout(&rig, &rig.path("certs"));
+    let status = wait_for("STATUS=", Duration::from_secs(5), || {
+        recv().filter(|m| m.contains("STATUS=next renewal at"))
+    });
+    assert!(status.contains("STATUS="), "{status}");
+    daemon.signal(Signal::TERM);
+    wait_for("STOPPING=1", Duration::from_secs(5), || {
+        recv().filter(|m| m.contains("STOPPING=1"))
+    });
+}
+
+/// A TLS listener (tokio-rustls) requiring a client cert, serving either a fixed bundle or
+/// whatever the cert dir holds at each handshake; records the client certs' SHA-256.
+struct TlsListener {
+    addr: SocketAddr,
+    client_certs: Arc<Mutex<Vec<String>>>,
+    _rt: tokio::runtime::Runtime,
+}
+
+#[derive(Debug)]
+struct Resolver(Option<CertBundle>, PathBuf);
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        match &self.0 {
+            Some(b) => b.certified_key().ok(),
+            None => CertBundle::load_dir(&self.1).ok()?.0.certified_key().ok(),
+        }
+    }
+}
+
+impl TlsListener {
+    fn start(fixed: Option<CertBundle>, dir: PathBuf, anchors: &TrustAnchors) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(anchors.root_store()),
+            proxy_lib::crypto_provider(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(proxy_lib::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(fixed, dir)));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client_certs = Arc::new(Mutex::new(Vec::new()));
+        let seen = client_certs.clone();
+        rt.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await
+                        && let Some(c) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        seen.lock().unwrap().push(proxy_lib::cert::sha256_hex(c));
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            client_certs,
+            _rt: rt,
+        }
+    }
+}
+
+#[test]
+fn verify_failure_is_reported_in_the_exit_status_and_success_with_the_new_cert() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    let dir = rig.path("certs");
+    run_ok(
+        rotator()
+            .arg("rotate")
+            .arg("--config")
+            .arg(rig.config("certs", "")),
+    );
+    let old = CertBundle::load_dir(&dir).unwrap().0;
+    let marker = rig.path("exec-marker");
+    let hooks = format!(
+        "[reload]\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n",
+        marker.display()
+    );
+
+    // The listener keeps serving the old cert: the reload is retried, then rotate fails.
+    let stuck = TlsListener::start(Some(old.clone()), dir.clone(), &rig.anchors());
+    let cfg = rig.config(
+        "certs",
+        &format!(
+            "{hooks}[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"20ms\"\n",
+            stuck.addr
+        ),
+    );
+    let out = rotator()
+        .args(["rotate", "--force", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("verify failed after 3 attempts"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(count_lines(&marker), 3, "the reload ran once per attempt");
+    let new = CertBundle::load_dir(&dir).unwrap().0;
+    assert_ne!(new.leaf.serial, old.leaf.serial);
+    let seen = wait_for("3 handshakes", Duration::from_secs(5), || {
+        let v = stuck.client_certs.lock().unwrap().clone();
+        (v.len() >= 3).then_some(v)
+    });
+    assert!(
+        seen.iter().all(|s| *s == new.leaf.sha256),
+        "the new cert is the client cert"
+    );
+    let out = rotator()
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "status warns: {}",
+        text(&out.stdout)
+    );
+
+    // A listener that reloads: verify passes, presenting the new cert.
+    let live = TlsListener::start(None, dir.clone(), &rig.anchors());
+    let cfg = rig.config(
+        "certs",
+        &format!(
+            "{hooks}[verify]\naddr = \"{}\"\ndelay = \"20ms\"\n",
+            live.addr
+        ),
+    );
+    run_ok(rotator().args(["rotate", "--force", "--config"]).arg(&cfg));
+    let newest = CertBundle::load_dir(&dir).unwrap().0;
+    let seen = wait_for("a handshake", Duration::from_secs(5), || {
+        let v = live.client_certs.lock().unwrap().clone();
+        (!v.is_empty()).then_some(v)
+    });
+    assert_eq!(seen, vec![newest.leaf.sha256.clone()]);
+    let out = rotator()
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+#[test]
+fn status_exit_codes_from_the_binary() {
+    let rig = Rig::new();
+    let cfg = rig.config("certs", "");
+    let code = |args: &[&str]| {
+        rotator()
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+            .unwrap()
+    };
+    let c = cfg.to_str().unwrap();
+    assert_eq!(
+        code(&["status", "--config", c]),
+        2,
+        "missing cert: CRITICAL"
+    );
+    let out = rotator()
+        .args(["status", "--json", "--config", c])
+        .output()
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["status"], "CRITICAL");
+    let bad = rig.path("bad.toml");
+    std::fs::write(&bad, "identity = 5\n").unwrap();
+    assert_eq!(
+        code(&["status", "--config", bad.to_str().unwrap()]),
+        3,
+        "UNKNOWN"
+    );
+    assert_eq!(code(&["status", "--nope"]), 64);
+    assert_eq!(code(&["frobnicate"]), 64);
+    assert_eq!(
+        code(&["rotate", "--config", "/nonexistent/rotator.toml"]),
+        64
+    );
+    assert_eq!(code(&["--help"]), 0);
+    assert_eq!(code(&["run", "--help"]), 0);
+}
+
+#[test]
+fn linkerd_bootstrap_output_is_a_p256_key_and_a_csr_the_issuer_accepts() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    let dir = rig.path("linkerd-identity");
+    run_ok(
+        rotator()
+            .args(["linkerd-bootstrap", "--identity", ID, "--dir"])
+            .arg(&dir),
+    );
+    let key_path = dir.join("key.p8");
+    assert_eq!(std::fs::metadata(&key_path).unwrap().mode() & 0o777, 0o600);
+    let key_der = std::fs::read(&key_path).unwrap();
+    let pair = rcgen::KeyPair::try_from(key_der.as_slice()).expect("PKCS#8 DER");
+    assert!(pair.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256), "P-256");
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&pair);
+
+    let csr = std::fs::read(dir.join("csr.der")).unwrap();
+    {
+        use x509_parser::prelude::*;
+        let (rest, req) = X509CertificationRequest::from_der(&csr).expect("DER CSR");
+        assert!(rest.is_empty());
+        req.verify_signature().expect("signed by key.p8");
+        assert_eq!(
+            req.certification_request_info.subject_pki.raw,
+            spki.as_slice()
+        );
+        let cn: Vec<&str> = req
+            .certification_request_info
+            .subject
+            .iter_common_name()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(cn, vec![ID]);
+        let mut dns = Vec::new();
+        for ext in req.requested_extensions().into_iter().flatten() {
+            if let ParsedExtension::SubjectAlternativeName(s) = ext {
+                for n in &s.general_names {
+                    match n {
+                        GeneralName::DNSName(d) => dns.push(d.to_string()),
+                        other => panic!("unexpected SAN {other:?}"),
+                    }
+                }
+            }
+        }
+        assert_eq!(dns, vec![ID.to_string()]);
+    }
+    // Refuses to overwrite.
+    let out = rotator()
+        .args(["linkerd-bootstrap", "--identity", ID, "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read(&key_path).unwrap(), key_der);
+
+    // The issuer signs it, and the answer validates for that key.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rotator::client::GrpcIssuer::tls(
+        rotator::config::parse_host_port(&format!("127.0.0.1:{}", rig.port)).unwrap(),
+        proxy_lib::identity::TrustDomain::default()
+            .identity_service_name()
+            .to_string(),
+        rig.anchors(),
+        Duration::from_secs(10),
+    );
+    let token = rotator::client::read_token(&rig.path("token")).unwrap();
+    let resp = rt
+        .block_on(rotator::client::Issue::certify(
+            &client,
+            rotator::client::CertifyRequest {
+                identity: ID.into(),
+                token,
+                csr_der: csr.clone(),
+            },
+        ))
+        .expect("the issuer accepts the bootstrap CSR");
+    let valid = rotator::validate::validate(
+        &resp.leaf,
+        &resp.intermediates,
+        &Identity::parse(ID).unwrap(),
+        &spki,
+        &rig.anchors(),
+        SystemClock.now(),
+        Duration::from_secs(20),
+    )
+    .expect("a leaf for key.p8");
+    assert_eq!(valid.leaf.dns_sans, vec![ID.to_string()]);
+    let mut s = String::new();
+    let _ = std::fs::File::open(rig.path("issuer.err")).and_then(|mut f| f.read_to_string(&mut s));
+    assert!(!s.contains(&rig.token()), "the issuer logged the token");
+}
