@@ -269,6 +269,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proxy_lib::clock::Clock;
 
     #[test]
     fn token_is_trimmed_and_empty_is_refused() {
@@ -283,6 +284,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing"), "{e}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_silent_issuer_times_out() {
+        proxy_lib::install_crypto_provider();
+        // Accepts TCP and then says nothing, for both the TLS and the plaintext client.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = crate::config::parse_host_port(&l.local_addr().unwrap().to_string()).unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let pki = proxy_lib::test_util::TestPki::new(proxy_lib::clock::SystemClock.now());
+        let t = Duration::from_millis(300);
+        let req = || CertifyRequest {
+            identity: "x".into(),
+            token: Zeroizing::new(b"t".to_vec()),
+            csr_der: vec![],
+        };
+        let tls = GrpcIssuer::tls(addr.clone(), "issuer.test".into(), pki.anchors(), t);
+        let e = tls.certify(req()).await.unwrap_err();
+        assert!(
+            matches!(e, IssueError::Timeout(_) | IssueError::Connect { .. }),
+            "{e}"
+        );
+        let plain = GrpcIssuer::plaintext(addr, t);
+        let e = plain.certify(req()).await.unwrap_err();
+        assert!(
+            matches!(e, IssueError::Timeout(_) | IssueError::Connect { .. }),
+            "{e}"
+        );
+        hold.abort();
     }
 
     #[test]

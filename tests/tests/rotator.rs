@@ -71,12 +71,17 @@ impl Rig {
 
     /// Starts `issuer serve` with leaves of `lifetime`, and waits until it listens.
     fn serve(&mut self, lifetime: &str) {
+        self.serve_with(lifetime, &[]);
+    }
+
+    fn serve_with(&mut self, lifetime: &str, extra: &[&str]) {
         let child = Command::new(bin("issuer"))
             .args(["serve", "--dir"])
             .arg(self.path("iss"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--admin", &format!("127.0.0.1:{}", free_port())])
             .args(["--lifetime", lifetime])
+            .args(extra)
             .stdout(std::fs::File::create(self.path("issuer.out")).unwrap())
             .stderr(std::fs::File::create(self.path("issuer.err")).unwrap())
             .spawn()
@@ -210,7 +215,18 @@ fn rotate_installs_the_layout_is_idempotent_forces_and_takes_over_plain_files() 
     );
     let first = check_layout(&rig, &dir);
     let log = text(&out.stderr);
+    assert!(log.contains("rotated"), "debug logs were captured");
     assert!(!log.contains(&rig.token()), "the token was logged:\n{log}");
+    let key_pem = first.key.to_pem();
+    let key_b64: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(
+        !log.replace('\n', "").contains(&key_b64[48..]),
+        "the key was logged"
+    );
+    assert!(!text(&out.stdout).contains(&key_b64[48..]));
 
     // Not due: says so, exits 0, changes nothing.
     let before = snapshot(&dir);
@@ -344,6 +360,13 @@ fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
             marker.display()
         ),
     );
+    let metrics_port = free_port();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap()
+            + &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
     let log = rig.path("rotator.log");
     let daemon = ChildGuard(
         rotator()
@@ -382,7 +405,47 @@ fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
     }
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(!log_text.contains(&rig.token()), "token logged");
+    // The metrics endpoint counts the four rotations and their reloads.
+    let (code, body) = http_get(metrics_port, "/metrics");
+    assert_eq!(code, 200);
+    for want in [
+        "rotator_rotations_total{result=\"success\"} 4",
+        "rotator_reloads_total{result=\"success\"} 12",
+        "rotator_cert_expiration_timestamp_seconds ",
+        "rotator_last_success_timestamp_seconds ",
+    ] {
+        assert!(body.contains(want), "{want} missing from\n{body}");
+    }
+    let expiry = CertBundle::load_dir(&rig.path("certs"))
+        .unwrap()
+        .0
+        .leaf
+        .not_after;
+    assert!(body.contains(&format!(
+        "rotator_cert_expiration_timestamp_seconds {}",
+        proxy_lib::clock::unix_secs(expiry)
+    )));
+    assert_eq!(http_get(metrics_port, "/ready").0, 200);
     daemon.signal(Signal::TERM);
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1: status code and body.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (code, body)
 }
 
 #[test]
@@ -431,6 +494,7 @@ fn ready_is_notified_only_after_the_first_cert_is_installed() {
             .args(["run", "--config"])
             .arg(&cfg)
             .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "400000")
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -454,6 +518,12 @@ fn ready_is_notified_only_after_the_first_cert_is_installed() {
         recv().filter(|m| m.contains("STATUS=next renewal at"))
     });
     assert!(status.contains("STATUS="), "{status}");
+    // WATCHDOG_USEC is set: pings at half the interval, also while idle.
+    for _ in 0..3 {
+        wait_for("WATCHDOG=1", Duration::from_secs(2), || {
+            recv().filter(|m| m.contains("WATCHDOG=1"))
+        });
+    }
     daemon.signal(Signal::TERM);
     wait_for("STOPPING=1", Duration::from_secs(5), || {
         recv().filter(|m| m.contains("STOPPING=1"))
@@ -750,4 +820,28 @@ fn linkerd_bootstrap_output_is_a_p256_key_and_a_csr_the_issuer_accepts() {
     let mut s = String::new();
     let _ = std::fs::File::open(rig.path("issuer.err")).and_then(|mut f| f.read_to_string(&mut s));
     assert!(!s.contains(&rig.token()), "the issuer logged the token");
+}
+
+#[test]
+fn rotate_over_plaintext_to_a_loopback_issuer() {
+    let mut rig = Rig::new();
+    rig.serve_with("1h", &["--plaintext"]);
+    let cfg = rig.config("certs", "plaintext = true\n");
+    run_ok(rotator().arg("rotate").arg("--config").arg(&cfg));
+    check_layout(&rig, &rig.path("certs"));
+    // Without `plaintext` the TLS client cannot talk to it, and says so.
+    let cfg = rig.config("other", "timeout = \"2s\"\n");
+    let out = rotator()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("rotation failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(CertBundle::load_dir(&rig.path("other")).is_err());
 }
