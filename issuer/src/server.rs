@@ -36,6 +36,8 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once; connections beyond this are closed at once.
+const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// One accepted connection: plaintext (loopback only) or TLS.
 pub enum Conn {
@@ -412,6 +414,7 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<Conn>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let (tcp, addr) = tokio::select! {
             _ = stop.changed() => return,
@@ -435,9 +438,14 @@ async fn accept_loop(
             }
             continue;
         }
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %addr, "too many tls handshakes in progress; connection closed");
+            continue;
+        };
         let acceptor = TlsAcceptor::from(server.tls.load_full());
         let tx = tx.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let certs = tls
