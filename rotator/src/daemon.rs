@@ -84,7 +84,10 @@ pub async fn run<I: Issue, R: Reload>(
     let mut retry: Option<SystemTime> = None;
     let mut force = false;
     let mut last_status = String::new();
-    let mut verified_at_start = rotator.config().verify.is_none();
+    // Whether the listener is known to serve the cert on disk (always, without [verify]).
+    let mut verified = rotator.config().verify.is_none();
+    let mut verify_attempt: u32 = 0;
+    let mut verify_retry: Option<SystemTime> = None;
 
     loop {
         if *ctl.shutdown.borrow() {
@@ -114,12 +117,26 @@ pub async fn run<I: Issue, R: Reload>(
                 Ok(_) => {
                     retry = None;
                     attempt = 0;
-                    verified_at_start = true;
+                    verified = true;
+                    verify_retry = None;
+                    verify_attempt = 0;
                 }
                 Err(e) if e.installed() => {
-                    // The new cert is on disk; the next cycle comes on its normal schedule.
+                    // The new cert is on disk; the next cycle comes on its normal schedule,
+                    // and the reload/verify is retried with backoff until it succeeds.
                     retry = None;
                     attempt = 0;
+                    if rotator.config().verify.is_some() {
+                        verified = false;
+                        verify_retry = Some(schedule::retry_at(
+                            rotator.clock().now(),
+                            verify_attempt,
+                            None,
+                            &rotator.config().policy,
+                            rng.random::<f64>(),
+                        ));
+                        verify_attempt = verify_attempt.saturating_add(1);
+                    }
                 }
                 Err(_) => {
                     let times = rotator.current().times().copied();
@@ -137,31 +154,56 @@ pub async fn run<I: Issue, R: Reload>(
             }
             continue;
         }
-        if !verified_at_start && matches!(current, Current::Valid { .. }) {
-            verified_at_start = true;
-            if let Err(e) = rotator.verify_current().await {
-                tracing::warn!(error = %e, "the listener does not serve the cert on disk");
-                rotator.metrics().rotation(false);
-                let mut st = State::load(&rotator.config().dir);
-                st.last_error = Some(e.to_string());
-                st.last_error_at = Some(unix_secs(rotator.clock().now()));
-                let _ = st.save(&rotator.config().dir);
-                continue;
+        if !verified
+            && matches!(current, Current::Valid { .. })
+            && verify_retry.is_none_or(|t| t <= now)
+        {
+            match rotator.verify_current().await {
+                Ok(()) => {
+                    verified = true;
+                    verify_retry = None;
+                    verify_attempt = 0;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the listener does not serve the cert on disk");
+                    let mut st = State::load(&rotator.config().dir);
+                    st.last_error = Some(e.to_string());
+                    st.last_error_at = Some(unix_secs(rotator.clock().now()));
+                    let _ = st.save(&rotator.config().dir);
+                    verify_retry = Some(schedule::retry_at(
+                        rotator.clock().now(),
+                        verify_attempt,
+                        None,
+                        &rotator.config().policy,
+                        rng.random::<f64>(),
+                    ));
+                    verify_attempt = verify_attempt.saturating_add(1);
+                }
             }
+            continue;
         }
-        if matches!(current, Current::Valid { .. }) && verified_at_start {
-            rotator.metrics().set_ready(true);
-            if !ready {
-                ready = true;
-                notifier.notify(Notice::Ready);
-            }
+        // /ready follows the cert (an expired one while the issuer is down is not ready);
+        // READY=1 goes to systemd once, after the first valid (and verified) cert.
+        let good = matches!(current, Current::Valid { .. }) && verified;
+        rotator.metrics().set_ready(good);
+        if good && !ready {
+            ready = true;
+            notifier.notify(Notice::Ready);
         }
-        let deadline = match (retry, decision) {
+        let mut deadline = match (retry, decision) {
             (Some(r), _) => r,
             (None, Decision::At(t)) => t,
             (None, Decision::RenewNow) => now,
         };
-        let status = if retry.is_some() {
+        if !verified && let Some(v) = verify_retry {
+            deadline = deadline.min(v);
+        }
+        let status = if !verified {
+            format!(
+                "the listener does not serve the new cert yet; checking again at {}",
+                rfc3339(deadline)
+            )
+        } else if retry.is_some() {
             format!(
                 "renewal failing (attempt {attempt}); next try at {}",
                 rfc3339(deadline)

@@ -321,7 +321,6 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         self.metrics
             .cert_expiration
             .set(unix_secs(valid.leaf.not_after) as i64);
-        self.metrics.set_ready(true);
         let next = match schedule::next_renewal(
             &times,
             received,

@@ -217,14 +217,15 @@ pub enum Serve {
 }
 
 #[derive(Debug)]
-struct Resolver(Serve);
+struct Resolver(Arc<Mutex<Serve>>);
 
 impl rustls::server::ResolvesServerCert for Resolver {
     fn resolve(
         &self,
         _: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let bundle = match &self.0 {
+        let serve = self.0.lock().unwrap().clone();
+        let bundle = match &serve {
             Serve::Fixed(b) => (**b).clone(),
             Serve::FromDir(d) => proxy_lib::bundle::CertBundle::load_dir(d).ok()?.0,
         };
@@ -237,6 +238,7 @@ impl rustls::server::ResolvesServerCert for Resolver {
 pub struct FakeTlsServer {
     pub addr: std::net::SocketAddr,
     pub client_certs: Arc<Mutex<Vec<String>>>,
+    serve: Arc<Mutex<Serve>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -260,7 +262,13 @@ impl FakeTlsServer {
         self.client_certs.lock().unwrap().clone()
     }
 
+    /// Changes what new handshakes are served.
+    pub fn set(&self, serve: Serve) {
+        *self.serve.lock().unwrap() = serve;
+    }
+
     pub async fn start(serve: Serve, anchors: &proxy_lib::verify::TrustAnchors) -> Self {
+        let serve = Arc::new(Mutex::new(serve));
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(anchors.root_store()),
             proxy_lib::crypto_provider(),
@@ -271,7 +279,7 @@ impl FakeTlsServer {
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(Resolver(serve)));
+            .with_cert_resolver(Arc::new(Resolver(serve.clone())));
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -290,6 +298,7 @@ impl FakeTlsServer {
         Self {
             addr,
             client_certs,
+            serve,
             task,
         }
     }

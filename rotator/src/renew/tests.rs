@@ -76,8 +76,11 @@ struct Recorder {
 
 impl Notify for Recorder {
     fn notify(&self, notice: Notice) {
-        let valid = CertBundle::load_dir(&self.dir)
-            .is_ok_and(|(b, _)| b.check(self.clock.as_ref().unwrap().now()).is_ok());
+        let now = match &self.clock {
+            Some(c) => c.now(),
+            None => proxy_lib::clock::SystemClock.now(),
+        };
+        let valid = CertBundle::load_dir(&self.dir).is_ok_and(|(b, _)| b.check(now).is_ok());
         self.seen.lock().unwrap().push((notice, valid));
     }
 }
@@ -672,4 +675,79 @@ async fn verify_passes_when_the_listener_serves_the_new_cert() {
     };
     assert_ne!(second, sha256);
     assert_eq!(server.seen(2).await.last(), Some(&second));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn with_verify_ready_waits_until_the_listener_serves_the_cert() {
+    use crate::testing::{FakeTlsServer, Serve};
+    let (tmp, issuer, _) = verify_rig("127.0.0.1:1".parse().unwrap());
+    let now = proxy_lib::clock::SystemClock.now();
+    let old = issuer
+        .pki
+        .leaf(&identity(), now - Duration::from_secs(60), now + DAY);
+    let server = FakeTlsServer::start(Serve::Fixed(Box::new(old)), &issuer.pki.anchors()).await;
+    let config = config_in(
+        tmp.path(),
+        &issuer,
+        &format!(
+            "[verify]\naddr = \"{}\"\nattempts = 2\ndelay = \"5ms\"\n\
+             [backoff]\nmin = \"20ms\"\nmax = \"100ms\"\n",
+            server.addr
+        ),
+    );
+    let rec = Arc::new(Recorder {
+        dir: config.dir.clone(),
+        clock: None,
+        ..Recorder::default()
+    });
+    let metrics = Metrics::new();
+    let r = Rotator::new(
+        config.clone(),
+        Arc::new(proxy_lib::clock::SystemClock),
+        issuer.clone(),
+        CountingReload::default(),
+        metrics.clone(),
+    );
+    let (handle, controls) = daemon::controls();
+    let task = tokio::spawn(daemon::run(
+        r,
+        rec.clone(),
+        controls,
+        LoopOptions::default(),
+    ));
+    let ready = || {
+        rec.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(n, _)| *n == Notice::Ready)
+    };
+    // The cert gets installed but the listener keeps the old one: not ready, checks repeat.
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        CertBundle::load_dir(&config.dir).is_ok(),
+        "the cert is installed"
+    );
+    assert!(!ready(), "READY although the listener serves the old cert");
+    assert!(!metrics.is_ready());
+    assert!(server.seen(4).await.len() >= 4, "verify is retried");
+    // The listener picks up the new cert: READY follows.
+    server.set(Serve::FromDir(config.dir.clone()));
+    for _ in 0..300 {
+        if ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ready(), "no READY after the listener serves the new cert");
+    assert!(metrics.is_ready());
+    assert_eq!(
+        issuer.calls.load(Ordering::SeqCst),
+        1,
+        "no new cert fetched for a reload problem"
+    );
+    handle.shutdown();
+    task.await.unwrap();
 }

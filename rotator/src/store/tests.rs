@@ -168,7 +168,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 fn first_swap_creates_the_data_layout_with_exact_modes() {
     proxy_lib::install_crypto_provider();
     let pki = TestPki::new(now());
-    let d = tempfile::tempdir().unwrap();
+    let d = crate::testing::fast_tempdir();
     let store = Store::new(d.path(), None);
     let b = bundle(&pki);
     let v = install(&store, &RealFs, &b, now()).unwrap();
@@ -193,7 +193,7 @@ fn resolve(dir: &Path) -> PathBuf {
 #[test]
 fn key_group_gives_0640_with_that_group() {
     let pki = TestPki::new(now());
-    let d = tempfile::tempdir().unwrap();
+    let d = crate::testing::fast_tempdir();
     // Our own primary group is always one we may chown a file to.
     let gid = std::fs::metadata(d.path()).unwrap().gid();
     let store = Store::new(d.path(), Some(gid));
@@ -204,7 +204,7 @@ fn key_group_gives_0640_with_that_group() {
 #[test]
 fn at_most_one_previous_version_remains() {
     let pki = TestPki::new(now());
-    let d = tempfile::tempdir().unwrap();
+    let d = crate::testing::fast_tempdir();
     let store = Store::new(d.path(), None);
     let mut last = Vec::new();
     for i in 0..4 {
@@ -226,7 +226,7 @@ fn at_most_one_previous_version_remains() {
 #[test]
 fn plain_files_from_an_old_script_are_moved_aside_and_replaced() {
     let pki = TestPki::new(now());
-    let d = tempfile::tempdir().unwrap();
+    let d = crate::testing::fast_tempdir();
     let old = bundle(&pki);
     std::fs::write(d.path().join(CERT_FILE), certs_to_pem(&old.chain)).unwrap();
     std::fs::write(d.path().join(KEY_FILE), old.key.to_pem().as_bytes()).unwrap();
@@ -262,7 +262,7 @@ fn a_crash_after_any_step_leaves_the_old_or_the_new_set_and_the_next_swap_cleans
     let mut total_steps = None;
     for fresh_dir in [false, true] {
         for k in 0..100 {
-            let d = tempfile::tempdir().unwrap();
+            let d = crate::testing::fast_tempdir();
             let store = Store::new(d.path(), None);
             let mut before = None;
             if fresh_dir {
