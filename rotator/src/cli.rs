@@ -195,34 +195,22 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Builds the gRPC client for `config` (anchors are loaded now). Blocks.
-pub fn issuer_for(config: &Config) -> Result<GrpcIssuer, String> {
+/// Builds the gRPC client for `config`: TLS verified against the configured anchors (re-read
+/// on every call), or plaintext when configured.
+pub fn issuer_for(config: &Config) -> GrpcIssuer {
     if config.plaintext {
-        return Ok(GrpcIssuer::plaintext(
-            config.issuer_addr.clone(),
-            config.timeout,
-        ));
+        return GrpcIssuer::plaintext(config.issuer_addr.clone(), config.timeout);
     }
-    let anchors = config
-        .trust_anchors
-        .load()
-        .map_err(|e| format!("trust anchors: {e}"))?;
-    Ok(GrpcIssuer::tls(
+    GrpcIssuer::tls_reloading(
         config.issuer_addr.clone(),
         config.issuer_name.clone(),
-        anchors,
+        config.trust_anchors.clone(),
         config.timeout,
-    ))
+    )
 }
 
 fn rotate(config: Config, clock: SharedClock, force: bool) -> u8 {
-    let issuer = match issuer_for(&config) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("rotator: {e}");
-            return EXIT_FAILURE;
-        }
-    };
+    let issuer = issuer_for(&config);
     let hooks = Hooks::new(config.reload.clone(), config.dir.clone());
     let mut r = Rotator::new(config, clock, issuer, hooks, Metrics::new());
     match runtime().block_on(r.cycle(force)) {
@@ -259,37 +247,9 @@ fn run(config: Config, clock: SharedClock, env: &dyn Env) -> u8 {
             eprintln!("rotator: cannot install signal handlers: {e}");
             return EXIT_FAILURE;
         }
-        let issuer = match issuer_for(&config) {
-            Ok(i) => i,
-            Err(e) => {
-                // The anchors may appear later (e.g. a mounted secret): retry inside the loop.
-                tracing::warn!(error = %e, "issuer client not ready; will retry");
-                return run_without_anchors(config, clock, handle, controls, watchdog).await;
-            }
-        };
+        let issuer = issuer_for(&config);
         run_with(config, clock, issuer, handle, controls, watchdog).await
     })
-}
-
-async fn run_without_anchors(
-    config: Config,
-    clock: SharedClock,
-    handle: daemon::Handle,
-    mut controls: daemon::Controls,
-    watchdog: Option<std::time::Duration>,
-) -> u8 {
-    let mut delay = config.policy.backoff_min;
-    loop {
-        tokio::select! {
-            _ = controls.shutdown.changed() => return 0,
-            _ = tokio::time::sleep(delay) => {}
-        }
-        match issuer_for(&config) {
-            Ok(i) => return run_with(config, clock, i, handle, controls, watchdog).await,
-            Err(e) => tracing::warn!(error = %e, "issuer client not ready; will retry"),
-        }
-        delay = (delay * 2).min(config.policy.backoff_max);
-    }
 }
 
 async fn run_with(

@@ -10,7 +10,7 @@ use linkerd2_proxy_api::identity as api;
 use proxy_lib::verify::TrustAnchors;
 use zeroize::Zeroizing;
 
-use crate::config::HostPort;
+use crate::config::{AnchorSource, HostPort};
 
 /// One Certify request.
 pub struct CertifyRequest {
@@ -124,8 +124,17 @@ pub fn read_token(path: &Path) -> Result<Zeroizing<Vec<u8>>, IssueError> {
 pub struct GrpcIssuer {
     addr: HostPort,
     server_name: String,
-    anchors: Option<TrustAnchors>,
+    anchors: Option<Anchors>,
     timeout: Duration,
+}
+
+/// The anchors the issuer's serving cert is verified against.
+#[derive(Debug, Clone)]
+enum Anchors {
+    /// Loaded once.
+    Fixed(TrustAnchors),
+    /// Re-read on every call, so an anchor rotation in `ca.crt` needs no restart.
+    Source(AnchorSource),
 }
 
 impl GrpcIssuer {
@@ -139,7 +148,22 @@ impl GrpcIssuer {
         Self {
             addr,
             server_name,
-            anchors: Some(anchors),
+            anchors: Some(Anchors::Fixed(anchors)),
+            timeout,
+        }
+    }
+
+    /// A TLS client that re-reads its anchors from `source` on every call.
+    pub fn tls_reloading(
+        addr: HostPort,
+        server_name: String,
+        source: AnchorSource,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            addr,
+            server_name,
+            anchors: Some(Anchors::Source(source)),
             timeout,
         }
     }
@@ -178,6 +202,12 @@ impl GrpcIssuer {
                 endpoint.connect_with_connector(connector).await
             }
             Some(anchors) => {
+                let anchors = match anchors {
+                    Anchors::Fixed(a) => a.clone(),
+                    Anchors::Source(src) => {
+                        src.load().map_err(|e| IssueError::Anchors(e.to_string()))?
+                    }
+                };
                 let config =
                     rustls::ClientConfig::builder_with_provider(proxy_lib::crypto_provider())
                         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -17,7 +17,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! let config = rotator::config::load(Some("rotator.toml".as_ref()), &rotator::config::ProcessEnv)?;
-//! let issuer = rotator::cli::issuer_for(&config)?;
+//! let issuer = rotator::cli::issuer_for(&config);
 //! let hooks = rotator::reload::Hooks::new(config.reload.clone(), config.dir.clone());
 //! let clock = Arc::new(proxy_lib::clock::SystemClock);
 //! let mut r = rotator::renew::Rotator::new(config, clock, issuer, hooks, rotator::metrics::Metrics::new());
