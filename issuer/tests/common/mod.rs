@@ -66,6 +66,7 @@ pub async fn tls_client(addr: SocketAddr, anchors_pem: &[u8], server_name: &str)
             let name = name.clone();
             async move {
                 let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
@@ -103,6 +104,7 @@ pub async fn tls_client_with_cert(
             let name = name.clone();
             async move {
                 let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
