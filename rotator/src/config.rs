@@ -1018,6 +1018,18 @@ mod tests {
     }
 
     #[test]
+    fn every_key_has_an_environment_variable() {
+        for (key, _) in KEYS {
+            let var = env_name(key);
+            let mut raw = RawConfig::default();
+            raw.apply_env(&MapEnv::from_pairs([(var.as_str(), "x")]));
+            assert!(raw.values.contains_key(key), "{var} does not set {key}");
+            assert!(raw.errors.is_empty());
+        }
+        assert_eq!(env_name("backoff.max"), "ROTATOR_BACKOFF_MAX");
+    }
+
+    #[test]
     fn host_port_parsing() {
         assert_eq!(parse_host_port("[::1]:80").unwrap().to_string(), "[::1]:80");
         assert_eq!(parse_host_port("a.b:1").unwrap().host, "a.b");

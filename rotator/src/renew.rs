@@ -140,7 +140,7 @@ pub struct Rotator<I, R> {
     store: Store,
     fs: Arc<dyn FsOps + Send + Sync>,
     metrics: Metrics,
-    cache: Option<(PathBuf, Current)>,
+    cache: Option<(CacheKey, Current)>,
 }
 
 impl<I: Issue, R: Reload> Rotator<I, R> {
@@ -180,18 +180,18 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         &self.clock
     }
 
-    /// Looks at the cert on disk (cached per version dir; re-read only when `..data`
+    /// Looks at the cert on disk (cached; re-read only when `..data` or the anchors file
     /// changes). Blocks briefly.
     pub fn current(&mut self) -> Current {
         let now = self.clock.now();
-        let version = proxy_lib::bundle::resolve_data_dir(&self.config.dir);
+        let key = cache_key(&self.config);
         let cached = match &self.cache {
-            Some((v, c)) if *v == version && version != self.config.dir => Some(c.clone()),
+            Some((k, c)) if *k == key && key.0 != self.config.dir => Some(c.clone()),
             _ => None,
         };
         let current = cached.unwrap_or_else(|| {
             let c = inspect(&self.config, now);
-            self.cache = Some((version, c.clone()));
+            self.cache = Some((key, c.clone()));
             c
         });
         // Validity moves with time even when the files do not.
@@ -306,7 +306,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
         // What was just validated and written is what is on disk: no need to re-read it.
         self.cache = Some((
-            version,
+            (version, anchors_stamp(&self.config)),
             Current::Valid {
                 times,
                 leaf: Box::new(valid.leaf.clone()),
@@ -412,6 +412,26 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         }
         self.reload_and_verify(&bundle).await
     }
+}
+
+/// What the cached inspection depends on: the resolved version dir and the anchors file's
+/// modification time and size.
+type CacheKey = (PathBuf, Option<(SystemTime, u64)>);
+
+fn anchors_stamp(config: &Config) -> Option<(SystemTime, u64)> {
+    match &config.trust_anchors {
+        crate::config::AnchorSource::File(p) => std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len()))),
+        crate::config::AnchorSource::Pem(_) => None,
+    }
+}
+
+fn cache_key(config: &Config) -> CacheKey {
+    (
+        proxy_lib::bundle::resolve_data_dir(&config.dir),
+        anchors_stamp(config),
+    )
 }
 
 /// Reads and checks the cert on disk against the config at `now`. Blocks.

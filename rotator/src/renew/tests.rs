@@ -55,6 +55,10 @@ impl Rig {
         )
     }
 
+    fn path_of(&self, name: &str) -> PathBuf {
+        self._tmp.path().join(name)
+    }
+
     fn calls(&self) -> usize {
         self.issuer.calls.load(Ordering::SeqCst)
     }
@@ -274,6 +278,21 @@ async fn an_unusable_cert_on_disk_means_renew_now() {
         .leaf(&other_id, now - Duration::from_secs(20), now + DAY);
     proxy_lib::test_util::write_data_dir(&dir, &b);
     assert_eq!(r.decide().1, Decision::RenewNow, "another identity");
+
+    // The configured anchors rotate to a new PKI: the cert no longer chains to them.
+    let mut r = rig.rotator();
+    r.cycle(true).await.unwrap();
+    assert!(matches!(r.decide().1, Decision::At(_)));
+    let anchors_file = rig.path_of("anchors.pem");
+    let saved = std::fs::read(&anchors_file).unwrap();
+    let other_pki = proxy_lib::test_util::TestPki::new(rig.clock.now());
+    std::fs::write(
+        &anchors_file,
+        proxy_lib::pem::certs_to_pem([&other_pki.anchor, &other_pki.anchor]),
+    )
+    .unwrap();
+    assert_eq!(r.decide().1, Decision::RenewNow, "anchors rotated");
+    std::fs::write(&anchors_file, saved).unwrap();
 
     // Expired (time moves on while the files stay).
     let mut r = rig.rotator();
