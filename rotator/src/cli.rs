@@ -1,4 +1,6 @@
 //! The command line (clap derive) and the one entry point the binary calls.
+// The doc comments below are clap's --help text, written for a terminal, not for rustdoc.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 use std::ffi::OsString;
 use std::path::PathBuf;

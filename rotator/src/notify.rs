@@ -9,7 +9,7 @@ use crate::config::Env;
 pub enum Notice {
     /// READY=1 (a valid, and verified when configured, cert is installed).
     Ready,
-    /// STATUS=<text>.
+    /// `STATUS=<text>`.
     Status(String),
     /// WATCHDOG=1.
     Watchdog,

@@ -845,3 +845,46 @@ fn rotate_over_plaintext_to_a_loopback_issuer() {
     );
     assert!(CertBundle::load_dir(&rig.path("other")).is_err());
 }
+
+#[test]
+fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
+    let mut rig = Rig::new();
+    // Nobody listening yet.
+    let cfg = rig.config("certs", "timeout = \"3s\"\n");
+    let out = rotator()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach the issuer"),
+        "{}",
+        text(&out.stderr)
+    );
+    rig.serve("1h");
+    // A token the issuer never issued.
+    let bad = "not-a-real-token-0123456789abcdef";
+    std::fs::write(rig.path("token"), format!("{bad}\n")).unwrap();
+    let out = rotator()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("Unauthenticated"), "{err}");
+    assert!(!err.contains(bad), "the token was echoed: {err}");
+    assert!(
+        CertBundle::load_dir(&rig.path("certs")).is_err(),
+        "nothing installed"
+    );
+    let out = rotator()
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
