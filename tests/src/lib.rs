@@ -2,6 +2,8 @@
 //! child processes that are always stopped, and free loopback ports.
 #![forbid(unsafe_code)]
 
+pub mod demo;
+
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::OnceLock;
