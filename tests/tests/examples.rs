@@ -4,14 +4,19 @@
 use std::path::{Path, PathBuf};
 
 fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
 }
 
 #[test]
 fn issuer_example_config_is_valid() {
     let config = issuer::config::Config::load(&example("issuer.toml"), &Default::default())
         .unwrap_or_else(|e| panic!("examples/issuer.toml: {e}"));
-    assert_eq!(config.policy.lifetime, std::time::Duration::from_secs(24 * 3600));
+    assert_eq!(
+        config.policy.lifetime,
+        std::time::Duration::from_secs(24 * 3600)
+    );
 }
 
 #[test]
