@@ -888,3 +888,46 @@ fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn sigterm_right_after_sighup_stops_cleanly_with_a_complete_set() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    let cfg = rig.config("certs", "");
+    let dir = rig.path("certs");
+    for i in 0..5 {
+        let log = rig.path(&format!("run{i}.log"));
+        let mut daemon = ChildGuard(
+            rotator()
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("daemon ready", Duration::from_secs(20), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("rotator::daemon: sleeping"))
+        });
+        // Force a rotation and ask it to stop a few ms later (while it may be under way).
+        daemon.signal(Signal::HUP);
+        std::thread::sleep(Duration::from_millis(3 * i as u64));
+        daemon.signal(Signal::TERM);
+        let status = wait_for("daemon exit", Duration::from_secs(20), || {
+            daemon.0.try_wait().unwrap()
+        });
+        assert_eq!(status.code(), Some(0), "run {i}");
+        check_layout(&rig, &dir);
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.contains("_tmp.")),
+            "leftovers after SIGTERM: {names:?}"
+        );
+        assert!(rotator::store::version_dirs(&dir).len() <= 2);
+    }
+}

@@ -1,3 +1,5 @@
+//! Swap tests: layout, modes, pruning, legacy takeover, and a crash after every step.
+
 use super::*;
 use std::cell::Cell;
 use std::os::unix::fs::OpenOptionsExt;

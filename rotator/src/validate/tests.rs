@@ -1,3 +1,5 @@
+//! Validation of issuer answers: the good one passes, each kind of bad one is refused.
+
 use super::*;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
