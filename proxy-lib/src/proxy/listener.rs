@@ -139,14 +139,14 @@ async fn inbound_conn(
     dm: &DirectionMetrics,
 ) {
     let _open = dm.open_connection();
-    let Some(server) = shared.reloader.server_config() else {
+    let Some(creds) = shared.reloader.current() else {
         shared
             .metrics
             .handshake(Direction::Inbound, HandshakeResult::NoCredentials);
         tracing::warn!(%peer, "no valid certificate loaded; refusing connection");
         return;
     };
-    let accept = TlsAcceptor::from(server).accept(tcp);
+    let accept = TlsAcceptor::from(creds.server.clone()).accept(tcp);
     let tls = match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
         Err(_) => {
             shared
@@ -163,6 +163,13 @@ async fn inbound_conn(
         }
         Ok(Ok(tls)) => tls,
     };
+    if let Err(error) = creds.check_resumed_client(tls.get_ref().1) {
+        let result = classify_tls(&error);
+        shared.metrics.handshake(Direction::Inbound, result);
+        tracing::debug!(%peer, %error, result = result.as_str(), "inbound resumed session refused");
+        return;
+    }
+    drop(creds);
     shared
         .metrics
         .handshake(Direction::Inbound, HandshakeResult::Ok);
@@ -187,7 +194,7 @@ async fn outbound_conn(
     dm: &DirectionMetrics,
 ) {
     let _open = dm.open_connection();
-    let Some(client) = shared.reloader.client_config() else {
+    let Some(creds) = shared.reloader.current() else {
         shared
             .metrics
             .handshake(Direction::Outbound, HandshakeResult::NoCredentials);
@@ -201,7 +208,7 @@ async fn outbound_conn(
             return;
         }
     };
-    let handshake = TlsConnector::from(client).connect(identity, remote);
+    let handshake = TlsConnector::from(creds.client.clone()).connect(identity.clone(), remote);
     let tls = match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
         Err(_) => {
             shared
@@ -218,6 +225,13 @@ async fn outbound_conn(
         }
         Ok(Ok(tls)) => tls,
     };
+    if let Err(error) = creds.check_resumed_server(tls.get_ref().1, &identity) {
+        let result = classify_tls(&error);
+        shared.metrics.handshake(Direction::Outbound, result);
+        tracing::warn!(%peer, target, %error, result = result.as_str(), "outbound resumed session refused");
+        return;
+    }
+    drop(creds);
     shared
         .metrics
         .handshake(Direction::Outbound, HandshakeResult::Ok);
@@ -236,12 +250,17 @@ async fn connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
 
 /// Maps a handshake error to its metric label.
 pub fn classify(error: &io::Error) -> HandshakeResult {
-    let Some(tls) = error
+    match error
         .get_ref()
         .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
-        return HandshakeResult::Error;
-    };
+    {
+        Some(tls) => classify_tls(tls),
+        None => HandshakeResult::Error,
+    }
+}
+
+/// Maps a rustls error to its handshake metric label.
+pub fn classify_tls(tls: &rustls::Error) -> HandshakeResult {
     match tls {
         rustls::Error::NoCertificatesPresented => HandshakeResult::NoClientCert,
         rustls::Error::InvalidCertificate(c) => match c {

@@ -23,8 +23,10 @@
 //!     let (tcp, _) = listener.accept().await?;
 //!     // The server config current now; after `reloader.reload()` (e.g. on SIGHUP) new
 //!     // connections get the new certificate, this one keeps the old.
-//!     let config = reloader.server_config().expect("loaded above");
-//!     let tls = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await?;
+//!     let creds = reloader.current().expect("loaded above");
+//!     let tls = tokio_rustls::TlsAcceptor::from(creds.server.clone()).accept(tcp).await?;
+//!     // A resumed session is not verified again by rustls: check it at our clock's now.
+//!     creds.check_resumed_client(tls.get_ref().1)?;
 //!     // ... serve `tls`
 //!     # drop(tls);
 //! }
@@ -35,7 +37,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 
 use crate::bundle::{self, BundleError, CertBundle};
@@ -120,6 +125,32 @@ pub struct Credentials {
     pub leaf: CertInfo,
     /// The version dir the snapshot was read from.
     pub version_dir: PathBuf,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<dyn ServerCertVerifier>,
+    clock: SharedClock,
+}
+
+impl Credentials {
+    /// Call after every inbound handshake made with [`Credentials::server`]: a resumed TLS 1.3
+    /// session carries the client chain of its original handshake, which rustls does not
+    /// verify again; this verifies it at the clock's now (expiry, anchors, allow-list). A full
+    /// handshake passes untouched (it was verified during the handshake).
+    pub fn check_resumed_client(
+        &self,
+        conn: &rustls::ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        tls::recheck_client(conn, self.client_verifier.as_ref(), &self.clock)
+    }
+
+    /// The outbound counterpart of [`Credentials::check_resumed_client`], for connections made
+    /// with [`Credentials::client`] to `identity`.
+    pub fn check_resumed_server(
+        &self,
+        conn: &rustls::ClientConnection,
+        identity: &ServerName<'_>,
+    ) -> Result<(), rustls::Error> {
+        tls::recheck_server(conn, identity, self.server_verifier.as_ref(), &self.clock)
+    }
 }
 
 /// Holds the current [`Credentials`] and replaces them on [`Reloader::reload`].
@@ -219,14 +250,21 @@ impl Reloader {
             dir: version_dir.clone(),
             source,
         };
-        let server = tls::server_config(&bundle, &bundle.anchors, &self.allow, &self.clock)
+        let client_verifier =
+            tls::client_verifier(&bundle.anchors, &self.allow).map_err(tls_err)?;
+        let server_verifier = tls::server_verifier(&bundle.anchors).map_err(tls_err)?;
+        let server = tls::server_config_with(&bundle, client_verifier.clone(), &self.clock)
             .map_err(tls_err)?;
-        let client = tls::client_config(&bundle, &bundle.anchors, &self.clock).map_err(tls_err)?;
+        let client = tls::client_config_with(&bundle, server_verifier.clone(), &self.clock)
+            .map_err(tls_err)?;
         Ok(Credentials {
             server: Arc::new(server),
             client: Arc::new(client),
             leaf: bundle.leaf,
             version_dir,
+            client_verifier,
+            server_verifier,
+            clock: self.clock.clone(),
         })
     }
 
@@ -271,12 +309,14 @@ impl Reloader {
         self.current.load_full()
     }
 
-    /// The server config for a new inbound connection, following reloads.
+    /// The server config for a new inbound connection, following reloads. Resumed sessions
+    /// need [`Credentials::check_resumed_client`]: prefer [`Reloader::current`].
     pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
         self.current.load().as_ref().map(|c| c.server.clone())
     }
 
-    /// The client config for a new outbound connection, following reloads.
+    /// The client config for a new outbound connection, following reloads. Resumed sessions
+    /// need [`Credentials::check_resumed_server`]: prefer [`Reloader::current`].
     pub fn client_config(&self) -> Option<Arc<ClientConfig>> {
         self.current.load().as_ref().map(|c| c.client.clone())
     }

@@ -12,10 +12,11 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::time_provider::TimeProvider;
 use rustls::{
     ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::bundle::CertBundle;
 use crate::cert::CertInfo;
@@ -91,31 +92,60 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
-/// The inbound (server) config: our chain and key, TLS 1.3, client certs required and
-/// verified against `anchors`, then checked against `allow`.
-pub fn server_config(
-    bundle: &CertBundle,
+/// The verifier of inbound clients: webpki path validation to `anchors` for client use (at
+/// the time the config's time provider gives), then the allow-list on the leaf's DNS SANs.
+pub fn client_verifier(
     anchors: &TrustAnchors,
     allow: &AllowList,
-    clock: &SharedClock,
-) -> Result<ServerConfig, TlsError> {
-    let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(anchors.root_store()),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let verifier: Arc<dyn ClientCertVerifier> = if allow.is_open() {
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let inner =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(anchors.root_store()), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(if allow.is_open() {
         inner
     } else {
         Arc::new(AllowListVerifier {
             inner,
             allow: allow.clone(),
         })
-    };
+    })
+}
+
+/// The verifier of outbound servers: webpki path validation to `anchors` for server use, the
+/// expected identity being the `ServerName` of each connect.
+pub fn server_verifier(anchors: &TrustAnchors) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let verifier: Arc<dyn ServerCertVerifier> =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(anchors.root_store()), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(verifier)
+}
+
+/// The inbound (server) config: our chain and key, TLS 1.3, client certs required and
+/// verified against `anchors`, then checked against `allow`.
+///
+/// TLS 1.3 session resumption stays on, and a resumed session carries the client chain of
+/// its original handshake without verifying it again: check resumed connections with
+/// [`recheck_client`] (the proxy does; [`crate::proxy::Credentials::check_resumed_client`]
+/// does it for embedders).
+pub fn server_config(
+    bundle: &CertBundle,
+    anchors: &TrustAnchors,
+    allow: &AllowList,
+    clock: &SharedClock,
+) -> Result<ServerConfig, TlsError> {
+    server_config_with(bundle, client_verifier(anchors, allow)?, clock)
+}
+
+/// [`server_config`] with a client verifier built by [`client_verifier`].
+pub fn server_config_with(
+    bundle: &CertBundle,
+    verifier: Arc<dyn ClientCertVerifier>,
+    clock: &SharedClock,
+) -> Result<ServerConfig, TlsError> {
     let mut config =
-        ServerConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
+        ServerConfig::builder_with_details(provider(), Arc::new(ClockTime(clock.clone())))
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
@@ -127,24 +157,74 @@ pub fn server_config(
 /// The outbound (client) config: our chain and key as the client certificate, TLS 1.3, the
 /// server verified against `anchors`; the expected identity is the `ServerName` given to
 /// each connect (it must be a DNS SAN of the server's leaf).
+///
+/// As on the server side, a resumed session is not verified again by rustls: see
+/// [`recheck_server`].
 pub fn client_config(
     bundle: &CertBundle,
     anchors: &TrustAnchors,
     clock: &SharedClock,
 ) -> Result<ClientConfig, TlsError> {
-    let provider = provider();
-    let verifier: Arc<dyn ServerCertVerifier> = WebPkiServerVerifier::builder_with_provider(
-        Arc::new(anchors.root_store()),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let config = ClientConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
+    client_config_with(bundle, server_verifier(anchors)?, clock)
+}
+
+/// [`client_config`] with a server verifier built by [`server_verifier`].
+pub fn client_config_with(
+    bundle: &CertBundle,
+    verifier: Arc<dyn ServerCertVerifier>,
+    clock: &SharedClock,
+) -> Result<ClientConfig, TlsError> {
+    let config = ClientConfig::builder_with_details(provider(), Arc::new(ClockTime(clock.clone())))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
     Ok(config)
+}
+
+fn now_of(clock: &SharedClock) -> Result<UnixTime, rustls::Error> {
+    ClockTime(clock.clone())
+        .current_time()
+        .ok_or(rustls::Error::FailedToGetCurrentTime)
+}
+
+/// After a handshake on a server connection: a full handshake was verified by `verifier`
+/// already; a resumed one carries the client chain of the original handshake, which is
+/// verified again here at the clock's now (expiry, anchors, allow-list), so resumption can
+/// never outlive the client certificate.
+pub fn recheck_client(
+    conn: &rustls::ServerConnection,
+    verifier: &dyn ClientCertVerifier,
+    clock: &SharedClock,
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let Some((leaf, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
+        return Err(rustls::Error::NoCertificatesPresented);
+    };
+    verifier
+        .verify_client_cert(leaf, intermediates, now_of(clock)?)
+        .map(|_| ())
+}
+
+/// The outbound counterpart of [`recheck_client`]: a resumed session's server chain is
+/// verified again at the clock's now against the anchors and the expected `identity`.
+pub fn recheck_server(
+    conn: &rustls::ClientConnection,
+    identity: &ServerName<'_>,
+    verifier: &dyn ServerCertVerifier,
+    clock: &SharedClock,
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let Some((leaf, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
+        return Err(rustls::Error::NoCertificatesPresented);
+    };
+    verifier
+        .verify_server_cert(leaf, intermediates, identity, &[], now_of(clock)?)
+        .map(|_| ())
 }
 
 /// Marker error for a client identity that is not on the allow-list.

@@ -139,3 +139,69 @@ async fn inbound_refuses_clients_whose_cert_expired_by_the_proxy_clock() {
     .await;
     proxy.stop().await;
 }
+
+/// A TLS 1.3 resumption carries the client certificate of the original handshake without
+/// verifying it again: the proxy must still judge it by its own clock, so a session resumed
+/// after the client's cert expired is refused (and counted `untrusted`), while a resumption
+/// with a still-valid cert is served.
+#[tokio::test]
+async fn resumed_sessions_are_refused_once_the_client_cert_expired_by_the_proxy_clock() {
+    init();
+    let pki = TestPki::new(now());
+    let server_id = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    let n = now();
+    write_data_dir(dir.path(), &pki.leaf(&server_id, n - HOUR, n + 24 * HOUR));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    let (fake, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let client = pki.leaf(&id("web", "apps"), n - HOUR, n + HOUR);
+    // The client's own clock is the real one; resumption on (rustls' default in-memory cache).
+    let cc = {
+        let mut c = (*client_config(&pki.anchors(), Some(&client))).clone();
+        c.resumption = rustls::client::Resumption::default();
+        std::sync::Arc::new(c)
+    };
+    let kind = |tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        tls.get_ref().1.handshake_kind()
+    };
+    // A full handshake; reading to the end also takes in the session tickets.
+    let tls = tls_connect(proxy.inbound[0], cc.clone(), &server_id)
+        .await
+        .unwrap();
+    assert_eq!(kind(&tls), Some(rustls::HandshakeKind::Full));
+    assert_eq!(round_trip(tls, b"first").await.unwrap(), b"first");
+    // Resumed while the client cert is valid: served.
+    let tls = tls_connect(proxy.inbound[0], cc.clone(), &server_id)
+        .await
+        .unwrap();
+    assert_eq!(kind(&tls), Some(rustls::HandshakeKind::Resumed));
+    assert_eq!(round_trip(tls, b"second").await.unwrap(), b"second");
+
+    fake.advance(2 * HOUR);
+    let tls = tls_connect(proxy.inbound[0], cc.clone(), &server_id)
+        .await
+        .unwrap();
+    assert_eq!(kind(&tls), Some(rustls::HandshakeKind::Resumed));
+    let back = round_trip(tls, b"late").await.unwrap_or_default();
+    assert!(
+        back.is_empty(),
+        "a resumed session with an expired client cert was served"
+    );
+    let text = wait_metric(
+        proxy.admin,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="untrusted"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"proxy_tls_handshakes_total{direction="inbound",result="ok"}"#
+        ),
+        2.0
+    );
+    proxy.stop().await;
+}

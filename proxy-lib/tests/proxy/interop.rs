@@ -3,6 +3,7 @@
 //! `REQUIRE_INTEROP=1` a missing tool fails the test; otherwise the test is skipped with a
 //! printed reason.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use proxy_lib::test_util::{TestPki, write_data_dir};
@@ -176,4 +177,170 @@ async fn curl_reaches_an_http_app_through_outbound_and_inbound() {
     .await;
     client.stop().await;
     server.stop().await;
+}
+
+/// Writes a client's leaf, intermediates, key and the anchors as PEM files for the tools.
+fn client_files(dir: &std::path::Path, client: &proxy_lib::bundle::CertBundle) -> [PathBuf; 4] {
+    let (_, key, ca) = pem_of(client);
+    let paths = ["client.crt", "chain.crt", "client.key", "ca.crt"].map(|n| dir.join(n));
+    std::fs::write(&paths[0], proxy_lib::pem::certs_to_pem(&client.chain[..1])).unwrap();
+    std::fs::write(&paths[1], proxy_lib::pem::certs_to_pem(&client.chain[1..])).unwrap();
+    std::fs::write(&paths[2], key).unwrap();
+    std::fs::write(&paths[3], ca).unwrap();
+    paths
+}
+
+/// An OpenSSL client restricted to TLS 1.3 and a single key-exchange group (so the proxy must
+/// accept that group's key share as offered, P-256 or X25519), with and without ALPN: the
+/// inbound listener negotiates no ALPN and must serve both kinds of clients.
+#[tokio::test]
+async fn openssl_tls13_only_clients_with_one_group_and_with_or_without_alpn_are_served() {
+    init();
+    if !tool_available("openssl") {
+        return;
+    }
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let app = greeting_app("hello from the app\n").await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let files = tempfile::tempdir().unwrap();
+    let [cert_p, chain_p, key_p, ca_p] =
+        client_files(files.path(), &leaf(&pki, &id("web", "apps")));
+    let connect = proxy.inbound[0].to_string();
+    let name = me.to_string();
+    let mut served = 0.0;
+    for group in ["P-256", "X25519"] {
+        for alpn in [None, Some("h2,http/1.1")] {
+            let mut c = Command::new("openssl");
+            c.args(["s_client", "-connect", &connect, "-servername", &name])
+                .args(["-verify_hostname", &name, "-verify_return_error", "-tls1_3"])
+                .args(["-groups", group, "-ign_eof"])
+                .arg("-CAfile")
+                .arg(&ca_p)
+                .arg("-cert")
+                .arg(&cert_p)
+                .arg("-key")
+                .arg(&key_p)
+                .arg("-cert_chain")
+                .arg(&chain_p);
+            if let Some(a) = alpn {
+                c.args(["-alpn", a]);
+            }
+            let out = output(&mut c).await;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let what = format!("group {group}, alpn {alpn:?}");
+            assert!(
+                out.status.success(),
+                "{what}: openssl failed:\n{stdout}\n{stderr}"
+            );
+            assert!(
+                stdout.contains("Verify return code: 0 (ok)"),
+                "{what}:\n{stdout}"
+            );
+            assert!(stdout.contains("TLSv1.3"), "{what}:\n{stdout}");
+            let group_seen = match group {
+                "P-256" => "prime256v1",
+                _ => "X25519",
+            };
+            let temp_key = stdout
+                .lines()
+                .find(|l| l.starts_with("Server Temp Key:"))
+                .unwrap_or_default();
+            assert!(
+                temp_key.contains(group_seen),
+                "{what}: the group offered was not the one used:\n{stdout}"
+            );
+            assert!(stdout.contains("No ALPN negotiated"), "{what}:\n{stdout}");
+            assert!(
+                stdout.contains("hello from the app"),
+                "{what}: app bytes did not come through:\n{stdout}\n{stderr}"
+            );
+            served += 1.0;
+            wait_metric(
+                proxy.admin,
+                r#"proxy_tls_handshakes_total{direction="inbound",result="ok"}"#,
+                served,
+            )
+            .await;
+        }
+    }
+    proxy.stop().await;
+}
+
+/// `curl` as an HTTPS client with a client certificate, straight at the inbound listener
+/// (curl offers ALPN h2 and http/1.1; the proxy negotiates none and curl falls back to
+/// HTTP/1.1), verifying the proxy's certificate against the anchors by the identity name.
+#[tokio::test]
+async fn curl_https_with_a_client_cert_reaches_the_app_through_inbound() {
+    init();
+    if !tool_available("curl") {
+        return;
+    }
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let body = "hello over mtls\n";
+    let app = http_app(body).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let files = tempfile::tempdir().unwrap();
+    let [cert_p, chain_p, key_p, ca_p] =
+        client_files(files.path(), &leaf(&pki, &id("web", "apps")));
+    // curl takes the client chain (leaf first) from one file.
+    let full = files.path().join("full.crt");
+    let mut pem = std::fs::read(&cert_p).unwrap();
+    pem.extend(std::fs::read(&chain_p).unwrap());
+    std::fs::write(&full, pem).unwrap();
+    let port = proxy.inbound[0].port();
+    let url = format!("https://{me}:{port}/hello");
+    let resolve = format!("{me}:{port}:127.0.0.1");
+    let curl = |with_cert: bool| {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--tlsv1.3",
+            "--resolve",
+            &resolve,
+        ])
+        .arg("--cacert")
+        .arg(&ca_p);
+        if with_cert {
+            c.arg("--cert").arg(&full).arg("--key").arg(&key_p);
+        }
+        c.arg(&url);
+        c
+    };
+    let out = output(&mut curl(true)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curl failed: {stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), body);
+    // Without a client certificate curl gets no response from the app.
+    let out = output(&mut curl(false)).await;
+    assert!(!out.status.success(), "served without a client cert");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(body));
+    let text = wait_metric(
+        proxy.admin,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="no_client_cert"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"proxy_tls_handshakes_total{direction="inbound",result="ok"}"#
+        ),
+        1.0
+    );
+    proxy.stop().await;
 }

@@ -77,3 +77,63 @@ async fn outbound_to_inbound_round_trip_and_wrong_identity_is_refused() {
     client.stop().await;
     server.stop().await;
 }
+
+/// The outbound side resumes TLS 1.3 sessions with a target; a resumed session is not
+/// verified again by rustls, so the proxy re-checks the target's chain by its own clock: once
+/// the target's cert has expired (by the outbound proxy's clock) a resumption is refused and
+/// counted `untrusted`, and no byte goes out.
+#[tokio::test]
+async fn outbound_refuses_a_resumed_session_once_the_target_cert_expired_by_its_clock() {
+    init();
+    let pki = TestPki::new(now());
+    let db = id("db", "data");
+    let web = id("web", "apps");
+    let n = now();
+
+    let db_dir = tempfile::tempdir().unwrap();
+    write_data_dir(db_dir.path(), &pki.leaf(&db, n - HOUR, n + HOUR));
+    let app = echo_app().await;
+    let mut db_cfg = config(db_dir.path());
+    db_cfg.inbound.push(inbound_to(app));
+    let (_, server_clock) = fake_clock();
+    let server = start(&db_cfg, server_clock).await;
+
+    let web_dir = tempfile::tempdir().unwrap();
+    write_data_dir(web_dir.path(), &pki.leaf(&web, n - HOUR, n + 24 * HOUR));
+    let mut web_cfg = config(web_dir.path());
+    web_cfg.outbound.push(outbound_to(server.inbound[0], &db));
+    let (fake, client_clock) = fake_clock();
+    let client = start(&web_cfg, client_clock).await;
+
+    for (i, msg) in [&b"first"[..], b"second"].into_iter().enumerate() {
+        let tcp = TcpStream::connect(client.outbound[0]).await.unwrap();
+        assert_eq!(round_trip(tcp, msg).await.unwrap(), msg, "connection {i}");
+    }
+    // The second connection was a resumption (the server counts two handshakes either way).
+    wait_metric(
+        server.admin,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="ok"}"#,
+        2.0,
+    )
+    .await;
+
+    fake.advance(2 * HOUR);
+    let tcp = TcpStream::connect(client.outbound[0]).await.unwrap();
+    let back = round_trip(tcp, b"late").await.unwrap_or_default();
+    assert!(back.is_empty(), "resumed with a target whose cert expired");
+    let text = wait_metric(
+        client.admin,
+        r#"proxy_tls_handshakes_total{direction="outbound",result="untrusted"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"proxy_tls_handshakes_total{direction="outbound",result="ok"}"#
+        ),
+        2.0
+    );
+    client.stop().await;
+    server.stop().await;
+}
