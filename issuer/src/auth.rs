@@ -24,7 +24,9 @@ pub struct AuthRequest<'a> {
     pub token: &'a [u8],
     /// The peer's address, when known.
     pub peer: Option<SocketAddr>,
-    /// The peer's client certificate chain, when it presented one.
+    /// The peer's client certificate chain, when it presented one that verifies against the
+    /// anchors in use for client use at the current time (a chain that does not verify is
+    /// not passed on: the request is then judged on its token alone).
     pub client_certs: Option<&'a [CertificateDer<'static>]>,
 }
 

@@ -444,6 +444,7 @@ async fn accept_loop(
         };
         let acceptor = TlsAcceptor::from(server.tls.load_full());
         let tx = tx.clone();
+        let shared = server.shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -452,7 +453,7 @@ async fn accept_loop(
                         .get_ref()
                         .1
                         .peer_certificates()
-                        .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                        .and_then(|c| trusted_client_chain(&shared, c, addr));
                     let peer = PeerInfo {
                         addr: Some(addr),
                         client_certs: certs,
@@ -466,8 +467,92 @@ async fn accept_loop(
     }
 }
 
+/// The peer's client certificate chain when it verifies (for client use, against the anchors
+/// in use, at the injected clock's time); `None` otherwise. A chain that does not verify is
+/// ignored rather than refused, see [`ClientCertIgnoredUnlessValid`].
+fn trusted_client_chain(
+    shared: &Shared,
+    certs: &[rustls_pki_types::CertificateDer<'_>],
+    peer: SocketAddr,
+) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
+    let (leaf, intermediates) = certs.split_first()?;
+    let ca = shared.ca.load();
+    match ca.anchors().verify_leaf(
+        leaf,
+        intermediates,
+        shared.clock.now(),
+        proxy_lib::verify::Usage::Client,
+    ) {
+        Ok(()) => Some(Arc::new(
+            certs.iter().map(|c| c.clone().into_owned()).collect(),
+        )),
+        Err(error) => {
+            tracing::debug!(%error, %peer, "client certificate does not verify; ignored");
+            None
+        }
+    }
+}
+
+/// Requests a client certificate and checks the handshake signature made with it (so the
+/// peer holds its key), but never fails the handshake over the chain itself: a running
+/// linkerd2-proxy keeps presenting its last leaf on every renewal, also once that leaf has
+/// expired (the issuer was unreachable for longer than the lifetime) or its anchor was
+/// rotated out, and refusing the handshake would stop it from ever renewing with its token.
+/// The chain is verified after the handshake ([`trusted_client_chain`]) and only a chain
+/// that verifies is handed to the authenticators.
+#[derive(Debug)]
+struct ClientCertIgnoredUnlessValid {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for ClientCertIgnoredUnlessValid {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// Mints a serving certificate for `server_name` from the CA in use and builds the TLS 1.3
-/// server config around it (client certificates requested, not required).
+/// server config around it (client certificates requested, never required, and a chain that
+/// does not verify is ignored rather than refused).
 fn mint_serving(
     shared: &Shared,
     server_name: &str,
@@ -491,6 +576,7 @@ fn mint_serving(
     .allow_unauthenticated()
     .build()
     .map_err(|e| Error::Server(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(ClientCertIgnoredUnlessValid { inner: verifier });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Server(e.to_string()))?
