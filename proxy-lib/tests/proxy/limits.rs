@@ -133,3 +133,90 @@ async fn watcher_reloads_when_data_link_changes() {
     .unwrap();
     proxy.stop().await;
 }
+
+/// Shutdown: new connections are refused at once, an open connection keeps working during
+/// the drain and `run` returns as soon as it closes (long before the drain timeout).
+#[tokio::test]
+async fn shutdown_refuses_new_connections_and_lets_open_ones_finish() {
+    use tokio::io::AsyncWriteExt;
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    cfg.limits.drain_timeout = Duration::from_secs(60);
+    let (_, clock) = fake_clock();
+    let mut proxy = start(&cfg, clock).await;
+    let cc = client_config(&pki.anchors(), Some(&leaf(&pki, &id("web", "apps"))));
+    let mut open = tls_connect(proxy.inbound[0], cc.clone(), &me)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 6];
+    open.write_all(b"before").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+
+    proxy.begin_stop();
+    // The listener closes: new clients cannot get a handshake any more.
+    let mut refused = false;
+    for _ in 0..250 {
+        if tls_connect(proxy.inbound[0], cc.clone(), &me)
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused,
+        "new connections still accepted after shutdown began"
+    );
+    // The open connection is untouched by the shutdown...
+    open.write_all(b"during").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    assert!(!proxy.is_finished(), "run returned with a connection open");
+    // ...and once it closes, the drain ends without waiting for the timeout.
+    assert_eq!(round_trip(open, b"last").await.unwrap(), b"last");
+    tokio::time::timeout(Duration::from_secs(20), proxy.stop())
+        .await
+        .expect("the drain did not end when the last connection closed");
+}
+
+/// Shutdown: a connection still open when the drain timeout passes is cut, and `run` returns.
+#[tokio::test]
+async fn shutdown_cuts_connections_still_open_after_the_drain_timeout() {
+    use tokio::io::AsyncWriteExt;
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    cfg.limits.drain_timeout = Duration::from_millis(300);
+    let (_, clock) = fake_clock();
+    let mut proxy = start(&cfg, clock).await;
+    let cc = client_config(&pki.anchors(), Some(&leaf(&pki, &id("web", "apps"))));
+    let mut open = tls_connect(proxy.inbound[0], cc, &me).await.unwrap();
+    open.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).await.unwrap();
+
+    proxy.begin_stop();
+    tokio::time::timeout(Duration::from_secs(20), proxy.stop())
+        .await
+        .expect("run did not return after the drain timeout");
+    // The connection was closed by the proxy: the client reads the end (or an error).
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut rest))
+        .await
+        .expect("the open connection was not cut");
+    assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
+}

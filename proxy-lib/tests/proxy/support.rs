@@ -90,12 +90,23 @@ pub struct Running {
 impl Running {
     /// Stops the proxy and waits for it (drain included).
     pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        self.begin_stop();
         if let Some(t) = self.task.take() {
             t.await.unwrap();
         }
+    }
+
+    /// Asks the proxy to stop (as SIGTERM does) without waiting: it stops accepting and
+    /// drains; [`Running::stop`] then waits for the end.
+    pub fn begin_stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Whether `run` has returned.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 }
 
