@@ -230,7 +230,25 @@ impl Ca {
                 now,
                 Usage::Client,
             )
-            .map_err(|e| format!("issuer certificate does not chain to an anchor in ca.crt: {e}"))
+            .map_err(|e| {
+                format!("issuer certificate does not chain to an anchor in ca.crt: {e}")
+            })?;
+        // linkerd2-proxy verifies its new leaf as a server certificate before using it, and
+        // peers verify it as a client certificate: an extendedKeyUsage on the issuer that
+        // leaves out serverAuth (or clientAuth) makes every leaf it signs unusable.
+        self.anchors
+            .verify_leaf(
+                &leaf.der,
+                std::slice::from_ref(&self.cert),
+                now,
+                Usage::Server,
+            )
+            .map_err(|e| {
+                format!(
+                    "leaves signed by this issuer certificate do not verify for server use \
+                     (an extendedKeyUsage without serverAuth?): {e}"
+                )
+            })
     }
 
     /// The trust anchors.
@@ -424,6 +442,20 @@ mod tests {
         });
         let e = ca_from(&pki, c, &k, now()).unwrap_err();
         assert!(e.contains("keyCertSign"), "{e}");
+        // an EKU on the issuer without serverAuth: leaves would fail linkerd2-proxy's check
+        let (c, k) = issuer_variant(&pki, |p| {
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]
+        });
+        let e = ca_from(&pki, c, &k, now()).unwrap_err();
+        assert!(e.contains("server use"), "{e}");
+        // ... while one that lists both (cert-manager's usual issuer) is fine
+        let (c, k) = issuer_variant(&pki, |p| {
+            p.extended_key_usages = vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        });
+        ca_from(&pki, c, &k, now()).unwrap();
         // a good variant passes, so the helper itself is sound
         let (c, k) = issuer_variant(&pki, |_| {});
         ca_from(&pki, c, &k, now()).unwrap();
