@@ -9,7 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::time_provider::TimeProvider;
@@ -112,14 +112,85 @@ pub fn client_verifier(
     })
 }
 
-/// The verifier of outbound servers: webpki path validation to `anchors` for server use, the
-/// expected identity being the `ServerName` of each connect.
+/// The verifier of outbound servers: webpki path validation to `anchors` for server use, then
+/// the expected identity (the `ServerName` of each connect) must be one of the leaf's DNS SANs
+/// exactly (ASCII case aside): a wildcard SAN, which webpki's name matching would accept, does
+/// not stand for an identity.
 pub fn server_verifier(anchors: &TrustAnchors) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
-    let verifier: Arc<dyn ServerCertVerifier> =
+    let inner =
         WebPkiServerVerifier::builder_with_provider(Arc::new(anchors.root_store()), provider())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    Ok(verifier)
+    Ok(Arc::new(ExactIdentityVerifier { inner }))
+}
+
+/// Whether `dns_sans` holds `identity` itself (ASCII case and a final dot aside).
+fn carries_identity(dns_sans: &[String], identity: &str) -> bool {
+    let want = identity.trim_end_matches('.');
+    dns_sans
+        .iter()
+        .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(want))
+}
+
+/// Webpki server verification followed by the exact identity check on the leaf's DNS SANs.
+#[derive(Debug)]
+struct ExactIdentityVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ExactIdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let not_valid =
+            || rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
+        let ServerName::DnsName(want) = server_name else {
+            return Err(not_valid());
+        };
+        let info = CertInfo::from_der(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        if carries_identity(&info.dns_sans, want.as_ref()) {
+            Ok(verified)
+        } else {
+            tracing::debug!(identities = ?info.dns_sans, want = want.as_ref(), "server identity is not an exact DNS SAN");
+            Err(not_valid())
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The inbound (server) config: our chain and key, TLS 1.3, client certs required and
@@ -318,6 +389,22 @@ mod tests {
         assert!(!allow.allows(&["db.data.serviceaccount.identity.linkerd.cluster.local".into()]));
         assert!(!allow.allows(&[]));
         assert!(AllowList::default().allows(&[]));
+    }
+
+    #[test]
+    fn server_identity_must_be_an_exact_dns_san_not_a_wildcard_match() {
+        let id = "db.data.serviceaccount.identity.linkerd.cluster.local";
+        assert!(carries_identity(&[id.to_uppercase()], id));
+        assert!(carries_identity(&[format!("{id}.")], id));
+        assert!(carries_identity(
+            &["other.example".into(), id.into()],
+            &format!("{id}.")
+        ));
+        assert!(!carries_identity(
+            &["*.data.serviceaccount.identity.linkerd.cluster.local".into()],
+            id
+        ));
+        assert!(!carries_identity(&[], id));
     }
 
     #[test]

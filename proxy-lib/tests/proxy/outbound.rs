@@ -137,3 +137,77 @@ async fn outbound_refuses_a_resumed_session_once_the_target_cert_expired_by_its_
     client.stop().await;
     server.stop().await;
 }
+
+/// A target whose certificate chains to the anchors but carries only a wildcard DNS SAN
+/// (`*.data.serviceaccount…`), which webpki's hostname matching would accept for
+/// `db.data.serviceaccount…`: an identity is an exact name, so the outbound side refuses it
+/// as `wrong_identity` and no byte goes out.
+#[tokio::test]
+async fn outbound_refuses_a_target_whose_cert_carries_the_identity_only_as_a_wildcard() {
+    use rcgen::{
+        CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    init();
+    let pki = TestPki::new(now());
+    let db = id("db", "data");
+    let web = id("web", "apps");
+    let wildcard = db.to_string().replacen("db.", "*.", 1);
+    assert!(wildcard.starts_with("*.data.serviceaccount."));
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec![wildcard]).unwrap();
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    let n = now();
+    p.not_before = (n - HOUR).into();
+    p.not_after = (n + HOUR).into();
+    let issuer = Issuer::from_ca_cert_der(&pki.issuer, &pki.issuer_key).unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let bundle = proxy_lib::bundle::CertBundle::from_parts(
+        vec![cert.der().clone(), pki.issuer.clone()],
+        proxy_lib::pem::PrivateKey::from_pkcs8_der(key.serialize_der()),
+        pki.anchors(),
+    )
+    .unwrap();
+
+    let db_dir = tempfile::tempdir().unwrap();
+    write_data_dir(db_dir.path(), &bundle);
+    let app = echo_app().await;
+    let mut db_cfg = config(db_dir.path());
+    db_cfg.inbound.push(inbound_to(app));
+    let (_, clock) = fake_clock();
+    let server = start(&db_cfg, clock.clone()).await;
+    assert!(
+        server.reloader.is_ready(),
+        "the wildcard cert itself is servable"
+    );
+
+    let web_dir = tempfile::tempdir().unwrap();
+    write_data_dir(web_dir.path(), &leaf(&pki, &web));
+    let mut web_cfg = config(web_dir.path());
+    web_cfg.outbound.push(outbound_to(server.inbound[0], &db));
+    let client = start(&web_cfg, clock).await;
+
+    let tcp = TcpStream::connect(client.outbound[0]).await.unwrap();
+    let back = round_trip(tcp, b"secret").await.unwrap_or_default();
+    assert!(back.is_empty(), "data went to a wildcard-named server");
+    let text = wait_metric(
+        client.admin,
+        r#"proxy_tls_handshakes_total{direction="outbound",result="wrong_identity"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"proxy_tls_handshakes_total{direction="outbound",result="ok"}"#
+        ),
+        0.0
+    );
+    client.stop().await;
+    server.stop().await;
+}
