@@ -80,9 +80,10 @@ pub struct RawConfig {
     pub outbound: Vec<String>,
     /// Admin listen address.
     pub admin: Option<String>,
-    /// Allow a non-loopback admin address.
+    /// Allow a non-loopback admin address (this also opens POST /reload to the network)
+    /// [default: loopback only].
     pub admin_allow_remote: Option<bool>,
-    /// Allow a non-loopback outbound (plaintext) listen address.
+    /// Allow a non-loopback outbound (plaintext) listen address [default: loopback only].
     pub outbound_allow_remote: Option<bool>,
     /// Pidfile path.
     pub pidfile: Option<PathBuf>,
@@ -403,34 +404,41 @@ fn parse_host_port(s: &str) -> Result<String, String> {
     about = "mTLS proxy serving the rotator's certificates, reloaded without dropping connections"
 )]
 pub struct Args {
-    /// TOML config file with the same keys as these flags.
+    /// TOML config file with the same keys as these flags, spelled with underscores
+    /// (trust_anchors, allow_client, ...); flags given too override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The rotator's cert dir (`..data` layout, or plain tls.crt/tls.key/ca.crt).
+    /// The rotator's cert dir (`..data` layout, or plain tls.crt/tls.key/ca.crt). Required
+    /// (here or in --config); the proxy starts not ready if it holds no valid set yet.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
     /// Trust anchors (PEM) for peers, re-read at every reload [default: DIR's ca.crt].
     #[arg(long, value_name = "FILE")]
     pub trust_anchors: Option<PathBuf>,
-    /// Inbound listener: terminate mTLS, forward to the app, e.g. 0.0.0.0:4143=127.0.0.1:8080.
+    /// Inbound listener (repeatable): terminate mTLS, forward to the app, e.g.
+    /// 0.0.0.0:4143=127.0.0.1:8080. At least one --inbound or --outbound is required.
     #[arg(long, value_name = "LISTEN=APP")]
     pub inbound: Vec<String>,
-    /// Outbound listener: plaintext in, mTLS out to a server carrying IDENTITY.
+    /// Outbound listener (repeatable): plaintext in on a loopback LISTEN, mTLS out to
+    /// HOST:PORT, whose cert must carry IDENTITY as a DNS SAN (sent as SNI too).
     #[arg(long, value_name = "LISTEN=HOST:PORT@IDENTITY")]
     pub outbound: Vec<String>,
     /// Admin HTTP address (/metrics, /live, /ready, POST /reload) [default: 127.0.0.1:4191].
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
-    /// Allow a non-loopback admin address.
+    /// Allow a non-loopback admin address (this also opens POST /reload to the network)
+    /// [default: loopback only].
     #[arg(long)]
     pub admin_allow_remote: bool,
-    /// Allow a non-loopback outbound (plaintext) listen address.
+    /// Allow a non-loopback outbound (plaintext) listen address [default: loopback only].
     #[arg(long)]
     pub outbound_allow_remote: bool,
-    /// Write the pid here at start (after the SIGHUP handler is installed); removed on exit.
+    /// Write the pid here at start (after the SIGHUP handler is installed); removed on exit
+    /// [default: none].
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
-    /// Client identity allowed inbound (repeatable) [default: any that chains to the anchors].
+    /// Client identity allowed inbound (repeatable), matched exactly (ASCII case aside)
+    /// against the client leaf's DNS SANs [default: any client that chains to the anchors].
     #[arg(long, value_name = "IDENTITY")]
     pub allow_client: Vec<String>,
     /// Timeout connecting to the app or target [default: 5s].
