@@ -80,4 +80,66 @@ mod tests {
         assert!(matches!(write(&dir, &id), Err(BootstrapError::Exists(_))));
         assert_eq!(std::fs::read(&key).unwrap(), der);
     }
+
+    // What linkerd2-proxy does with the files at start-up (identity-client `Documents::load`:
+    // DIR/csr.der and DIR/key.p8 read raw, neither may be empty; the key loaded by ring's
+    // PKCS#8 ECDSA P-256 loader and used with the ECDSA_NISTP256_SHA256 scheme only), and
+    // what Linkerd's identity controller checks in the CSR (`checkCSR`: exactly one DNS name
+    // equal to the identity, CN empty or the identity, no email/IP/URI names).
+    #[test]
+    fn the_files_are_what_linkerd2_proxy_and_linkerds_controller_accept() {
+        let d = tempfile::tempdir().unwrap();
+        // A long name, as real identities often are (over 64 characters).
+        let id = Identity::parse(
+            "legacy-database.external-services.serviceaccount.identity.linkerd.cluster.local",
+        )
+        .unwrap();
+        assert!(id.as_str().len() > 64);
+        write(d.path(), &id).unwrap();
+        let key_p8 = std::fs::read(d.path().join("key.p8")).unwrap();
+        let csr_der = std::fs::read(d.path().join("csr.der")).unwrap();
+        assert!(!key_p8.is_empty() && !csr_der.is_empty());
+        // DER, not PEM.
+        assert_eq!(key_p8[0], 0x30);
+        assert_eq!(csr_der[0], 0x30);
+        let provider = rustls::crypto::ring::default_provider();
+        let signing = provider
+            .key_provider
+            .load_private_key(rustls_pki_types::PrivateKeyDer::Pkcs8(
+                key_p8.clone().into(),
+            ))
+            .expect("key.p8 loads with ring's PKCS#8 loader");
+        assert_eq!(signing.algorithm(), rustls::SignatureAlgorithm::ECDSA);
+        assert!(
+            signing
+                .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+                .is_some(),
+            "a P-256 key usable with the proxy's only signature scheme"
+        );
+        let (rest, req) = X509CertificationRequest::from_der(&csr_der).unwrap();
+        assert!(rest.is_empty());
+        req.verify_signature().unwrap();
+        let cn: Vec<_> = req
+            .certification_request_info
+            .subject
+            .iter_common_name()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(cn, vec![id.to_string()]);
+        let mut names = Vec::new();
+        for ext in req.requested_extensions().into_iter().flatten() {
+            match ext {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for n in &san.general_names {
+                        names.push(match n {
+                            GeneralName::DNSName(d) => d.to_string(),
+                            other => panic!("a non-DNS name {other:?} would be refused"),
+                        });
+                    }
+                }
+                other => panic!("unexpected requested extension {other:?}"),
+            }
+        }
+        assert_eq!(names, vec![id.to_string()]);
+    }
 }

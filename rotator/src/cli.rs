@@ -50,7 +50,8 @@ Config keys (rotator.toml; environment ROTATOR_<KEY>, dots as underscores):
   issuer_addr         required; host:port (also LINKERD2_PROXY_IDENTITY_SVC_ADDR)
   issuer_name         default linkerd-identity.linkerd.serviceaccount.identity.linkerd.<td>
                       (also LINKERD2_PROXY_IDENTITY_SVC_NAME)
-  plaintext           default false; only for a loopback issuer_addr
+  plaintext           default false (true for a loopback LINKERD2_PROXY_IDENTITY_SVC_ADDR);
+                      only for a loopback issuer_addr
   timeout             default 10s; one Certify call
   renew_at            default 0.7 of the lifetime left when received
   jitter              default 0.1 (renew between 0.6 and 0.8)

@@ -43,10 +43,13 @@ pub const DEFAULT_RELOAD_SIGNAL: &str = "HUP";
 /// Prefix of the rotator's own environment variables.
 pub const ENV_PREFIX: &str = "ROTATOR_";
 
+/// Linkerd's variable for the identity service address; a loopback value means plaintext.
+const LINKERD_SVC_ADDR: &str = "LINKERD2_PROXY_IDENTITY_SVC_ADDR";
+
 /// Linkerd's environment variables and the key each one sets.
 pub const LINKERD_ENV: &[(&str, &str)] = &[
     ("LINKERD2_PROXY_IDENTITY_LOCAL_NAME", "identity"),
-    ("LINKERD2_PROXY_IDENTITY_SVC_ADDR", "issuer_addr"),
+    (LINKERD_SVC_ADDR, "issuer_addr"),
     ("LINKERD2_PROXY_IDENTITY_SVC_NAME", "issuer_name"),
     ("LINKERD2_PROXY_IDENTITY_TOKEN_FILE", "token_file"),
     ("LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS", "trust_anchors"),
@@ -372,7 +375,16 @@ impl RawConfig {
                 .map_err(|e| format!("not a valid server name: {e}"))?;
             Ok(s.to_ascii_lowercase())
         });
-        let plaintext = v.bool("plaintext").unwrap_or(false);
+        // Linkerd's meaning of a loopback LINKERD2_PROXY_IDENTITY_SVC_ADDR: no TLS (the proxy
+        // then ignores _SVC_NAME and talks plaintext to a local identity service). An explicit
+        // `plaintext` wins; a loopback issuer_addr from anywhere else keeps TLS.
+        let linkerd_loopback = v
+            .get("issuer_addr")
+            .is_some_and(|(_, origin)| origin == LINKERD_SVC_ADDR)
+            && issuer_addr
+                .as_ref()
+                .is_some_and(|a| is_loopback_host(&a.host));
+        let plaintext = v.bool("plaintext").unwrap_or(linkerd_loopback);
         let timeout = v.duration("timeout").unwrap_or(DEFAULT_TIMEOUT);
         let renew_at = v
             .number(
@@ -990,6 +1002,60 @@ mod tests {
             c.reload.exec.as_deref(),
             Some(&["systemctl".to_string(), "reload".into(), "nginx".into()][..])
         );
+    }
+
+    // linkerd2-proxy (env.rs parse_control_addr) talks plaintext to a loopback
+    // LINKERD2_PROXY_IDENTITY_SVC_ADDR whatever _SVC_NAME says; so do we when the address
+    // comes from that variable, unless `plaintext` is set explicitly.
+    #[test]
+    fn a_loopback_linkerd_svc_addr_means_plaintext_as_for_the_proxy() {
+        let base = "identity = \"x\"\n".replace('x', ID)
+            + "dir = \"/d\"\ntrust_anchors = \"/ca.crt\"\ntoken_file = \"/t\"\n";
+        let svc_name = (
+            "LINKERD2_PROXY_IDENTITY_SVC_NAME",
+            "linkerd-identity.linkerd.serviceaccount.identity.linkerd.cluster.local",
+        );
+        for (addr, want) in [
+            ("127.0.0.1:8080", true),
+            ("[::1]:8080", true),
+            ("localhost:8080", true),
+            ("10.0.0.1:8080", false),
+            (
+                "linkerd-identity-headless.linkerd.svc.cluster.local.:8080",
+                false,
+            ),
+        ] {
+            let c = parse(
+                &base,
+                &[("LINKERD2_PROXY_IDENTITY_SVC_ADDR", addr), svc_name],
+            )
+            .unwrap();
+            assert_eq!(c.plaintext, want, "{addr}");
+        }
+        // An explicit setting wins.
+        let c = parse(
+            &base,
+            &[
+                ("LINKERD2_PROXY_IDENTITY_SVC_ADDR", "127.0.0.1:8080"),
+                ("ROTATOR_PLAINTEXT", "false"),
+            ],
+        )
+        .unwrap();
+        assert!(!c.plaintext);
+        // A loopback issuer_addr from the file or ROTATOR_ keeps TLS (a local TLS issuer).
+        assert!(!parse(&minimal(), &[]).unwrap().plaintext);
+        let c = parse(&base, &[("ROTATOR_ISSUER_ADDR", "127.0.0.1:8080")]).unwrap();
+        assert!(!c.plaintext);
+        // ROTATOR_ISSUER_ADDR overrides a loopback Linkerd address: TLS again.
+        let c = parse(
+            &base,
+            &[
+                ("LINKERD2_PROXY_IDENTITY_SVC_ADDR", "127.0.0.1:8080"),
+                ("ROTATOR_ISSUER_ADDR", "127.0.0.1:9090"),
+            ],
+        )
+        .unwrap();
+        assert!(!c.plaintext);
     }
 
     #[test]
