@@ -299,3 +299,42 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Each proxied connection holds two descriptors: started with a low soft open-file limit (as
+/// a shell or service manager may hand it), the proxy raises it to the hard limit at start so
+/// `--max-connections` is not silently capped by EMFILE.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_binary_raises_its_soft_open_file_limit_to_the_hard_limit() {
+    init();
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let Some(hard) = hard.filter(|h| *h > 256) else {
+        eprintln!("skipping: the hard open-file limit is unlimited or too low to test");
+        return;
+    };
+    let pki = TestPki::new(now());
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &id("db", "data")));
+    let app = echo_app().await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = ChildGuard(
+        Command::new("sh")
+            .args(["-c", r#"ulimit -Sn 256 && exec "$0" "$@""#, BIN])
+            .arg("--certs")
+            .arg(dir.path())
+            .args(["--inbound", &format!("127.0.0.1:{}={app}", free_port())])
+            .args(["--admin", &admin.to_string(), "--watch-interval", "0s"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn mtls-proxy under sh"),
+    );
+    wait_ready(admin).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert_eq!(soft, hard, "{line}");
+}
