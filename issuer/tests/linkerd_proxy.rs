@@ -45,8 +45,13 @@ fn proxy_suite_sets() -> Vec<(&'static str, Vec<SupportedCipherSuite>)> {
             "aws-lc",
             vec![TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_256_GCM_SHA384],
         ),
-        // backend/aws_lc.rs with the fips feature: AES-256 only preferred.
-        ("aws-lc-fips", vec![TLS13_AES_256_GCM_SHA384]),
+        // backend/aws_lc.rs with the fips feature: AES-256 first, ChaCha20 as a fallback.
+        (
+            "aws-lc-fips",
+            vec![TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256],
+        ),
+        // Each of aws-lc's suites must work on its own, whichever the server prefers.
+        ("aes-256-only", vec![TLS13_AES_256_GCM_SHA384]),
         // backend/ring.rs.
         (
             "ring",
