@@ -418,6 +418,26 @@ async fn a_client_built_like_linkerd2_proxy_is_certified_and_renews() {
             "{backend}: a renewal with the same CSR gets a new serial"
         );
     }
+    // The boring backend's connector offers TLS 1.2 as well as 1.3 (it only disables 1.0
+    // and 1.1); the issuer settles on 1.3.
+    let boring_like =
+        rustls::ClientConfig::builder_with_provider(Arc::new(ring_provider::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(&anchors))
+            .with_no_client_auth();
+    let (mut client, seen) = proxy_client(iss.addr, boring_like, &svc_name).await;
+    let docs = documents(ID);
+    let resp = client
+        .certify(proxy_request(token_source_load(&token_path), &docs))
+        .await
+        .expect("a TLS 1.2+1.3 client is certified")
+        .into_inner();
+    check_like_the_proxy(&resp, &docs, ID, &anchors, iss.clock.now());
+    assert_eq!(
+        seen.lock().unwrap().version,
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
     iss.stop().await;
 }
 
