@@ -144,22 +144,25 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub config: ConfigArgs,
-    /// gRPC listen address.
+    /// gRPC listen address [default: `listen` in the config, else 127.0.0.1:8080].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Admin listen address.
+    /// Admin listen address (/metrics, /live, /ready) [default: `admin` in the config, else
+    /// 127.0.0.1:9990].
     #[arg(long)]
     pub admin: Option<SocketAddr>,
-    /// Leaf lifetime.
+    /// Leaf lifetime [default: `lifetime` in the config, else 24h].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub lifetime: Option<Duration>,
-    /// Minimum leaf lifetime (below it, Certify answers UNAVAILABLE).
+    /// Shortest leaf the issuer will mint: when the issuer cert has less than this left,
+    /// Certify answers UNAVAILABLE [default: `min_lifetime` in the config, else 1h].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub min_lifetime: Option<Duration>,
-    /// notBefore backdating.
+    /// notBefore backdating of each leaf [default: `clock_skew` in the config, else 20s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub clock_skew: Option<Duration>,
-    /// Serve without TLS (loopback addresses only).
+    /// Serve without TLS (loopback addresses only) [default: `plaintext` in the config, else
+    /// off].
     #[arg(long)]
     pub plaintext: bool,
 }

@@ -330,8 +330,9 @@ impl Server {
             let ready: proxy_lib::admin::ReadyFn = Arc::new(move || me.ready());
             let router = proxy_lib::admin::router(self.registry.clone(), ready);
             let stop = wait_stop(stop_rx.clone());
-            let addr = admin.local_addr().ok();
-            tracing::info!(addr = ?addr, "admin listening");
+            if let Ok(addr) = admin.local_addr() {
+                tracing::info!(%addr, "admin listening");
+            }
             tasks.push(tokio::spawn(async move {
                 if let Err(error) = proxy_lib::admin::serve(admin, router, stop).await {
                     tracing::error!(%error, "admin server failed");

@@ -88,6 +88,11 @@ pub async fn run<I: Issue, R: Reload>(
     let mut verified = rotator.config().verify.is_none();
     let mut verify_attempt: u32 = 0;
     let mut verify_retry: Option<SystemTime> = None;
+    // A restarted daemon reports the last success it recorded, not 0 (an "age of the last
+    // success" alert would fire at every restart).
+    if let Some(t) = State::load(&rotator.config().dir).last_success {
+        rotator.metrics().last_success.set(t as i64);
+    }
 
     loop {
         if *ctl.shutdown.borrow() {
@@ -147,7 +152,7 @@ pub async fn run<I: Issue, R: Reload>(
                         &rotator.config().policy,
                         rng.random::<f64>(),
                     );
-                    tracing::debug!(attempt, retry_at = %rfc3339(at), "backing off");
+                    tracing::info!(failures = attempt.saturating_add(1), retry_at = %rfc3339(at), "backing off");
                     attempt = attempt.saturating_add(1);
                     retry = Some(at);
                 }

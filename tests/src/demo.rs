@@ -76,7 +76,16 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
     let host = root.join("host");
     let certs = host.join("certs");
     std::fs::create_dir_all(&certs)?;
-    writeln!(out, "quickstart: working dir {}", root.display())?;
+    writeln!(
+        out,
+        "quickstart: working dir {}{}",
+        root.display(),
+        if opts.dir.is_some() {
+            " (kept: configs, certs and logs of each process)"
+        } else {
+            " (removed at exit; pass --dir DIR to keep the configs, certs and logs)"
+        }
+    )?;
 
     // 1. The issuer: CA material, a bootstrap token for the host, then `issuer serve`.
     run_cmd(

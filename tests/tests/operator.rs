@@ -1,0 +1,309 @@
+//! What an operator sees when setting the product up by hand: the example configs spell out
+//! every key, `--help` names the defaults, and the logs are plain text that name addresses
+//! and backoff deadlines without Rust `Option` noise or terminal colour codes.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use proxy_lib::clock::{Clock, SystemClock};
+use proxy_lib::identity::Identity;
+use proxy_lib::test_util::{TestPki, write_data_dir};
+use testkit::{ChildGuard, bin, free_port, wait_for};
+
+const ID: &str = "legacy-database.external-services.serviceaccount.identity.linkerd.cluster.local";
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+/// `(section, key)` of every `key = value` line in a TOML example, commented out or not
+/// (`# key = value` documents an optional key); `section` is "" before the first table.
+fn documented_keys(toml: &str) -> Vec<(String, String)> {
+    let mut section = String::new();
+    let mut keys = Vec::new();
+    for line in toml.lines() {
+        let line = line.trim_start();
+        let line = line.strip_prefix('#').unwrap_or(line).trim_start();
+        if let Some(rest) = line.strip_prefix('[') {
+            if let Some(name) = rest.split(']').next() {
+                section = name.trim().to_string();
+            }
+            continue;
+        }
+        if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim();
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                keys.push((section.clone(), key.to_string()));
+            }
+        }
+    }
+    keys
+}
+
+#[test]
+fn rotator_example_spells_out_every_config_key() {
+    let text = std::fs::read_to_string(example("rotator.toml")).unwrap();
+    let have = documented_keys(&text);
+    let missing: Vec<&str> = rotator::config::KEYS
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| {
+            let (section, key) = k.split_once('.').unwrap_or(("", k));
+            !have.iter().any(|(s, n)| s == section && n == key)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "examples/rotator.toml does not mention {missing:?} (README says it lists every key)"
+    );
+}
+
+#[test]
+fn mtls_proxy_example_spells_out_every_flag_as_a_key() {
+    let out = Command::new(bin("mtls-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Every long option except the ones that are not config keys.
+    let flags: Vec<String> = help
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim_start();
+            let l = l.split_once(", ").map_or(l, |(_, rest)| rest);
+            let name = l.strip_prefix("--")?.split([' ', '<']).next()?;
+            (!["config", "help", "version", "log-format"].contains(&name))
+                .then(|| name.replace('-', "_"))
+        })
+        .collect();
+    assert!(flags.len() >= 10, "parsed too few flags from:\n{help}");
+    let text = std::fs::read_to_string(example("mtls-proxy.toml")).unwrap();
+    let have = documented_keys(&text);
+    let missing: Vec<&String> = flags
+        .iter()
+        .filter(|f| !have.iter().any(|(s, n)| s.is_empty() && n == *f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "examples/mtls-proxy.toml does not mention {missing:?}"
+    );
+}
+
+#[test]
+fn issuer_serve_help_names_the_defaults() {
+    let out = Command::new(bin("issuer"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // clap wraps to the terminal width: compare with single spaces.
+    let help = String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for default in ["127.0.0.1:8080", "127.0.0.1:9990", "24h", "1h", "20s"] {
+        assert!(help.contains(default), "no {default} in:\n{help}");
+    }
+    // min_lifetime is about the issuer cert's remaining life, not the requested leaf.
+    assert!(
+        help.contains("issuer cert has less than this left"),
+        "{help}"
+    );
+}
+
+fn assert_plain(what: &str, log: &str) {
+    assert!(
+        !log.contains('\u{1b}'),
+        "{what} wrote terminal colour codes into a non-terminal log:\n{log}"
+    );
+    assert!(
+        !log.contains("Some(") && !log.contains("=None"),
+        "{what} logged a Rust Option:\n{log}"
+    );
+}
+
+#[test]
+fn issuer_and_mtls_proxy_logs_are_plain_text_naming_the_addresses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let iss = tmp.path().join("iss");
+    let init = Command::new(bin("issuer"))
+        .args(["init", "--dir"])
+        .arg(&iss)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+
+    let (port, admin) = (free_port(), free_port());
+    let issuer_err = tmp.path().join("issuer.err");
+    let issuer = ChildGuard(
+        Command::new(bin("issuer"))
+            .args(["serve", "--dir"])
+            .arg(&iss)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&issuer_err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let want = format!("admin listening addr=127.0.0.1:{admin}");
+    let log = wait_for("issuer admin log line", Duration::from_secs(20), || {
+        let log = std::fs::read_to_string(&issuer_err).ok()?;
+        log.contains(&want).then_some(log)
+    });
+    drop(issuer);
+    assert_plain("issuer", &log);
+
+    proxy_lib::install_crypto_provider();
+    let now = SystemClock.now();
+    let pki = TestPki::new(now);
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let leaf = pki.leaf(
+        &Identity::parse(ID).unwrap(),
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    );
+    write_data_dir(&certs, &leaf);
+    let (inbound, padmin) = (free_port(), free_port());
+    let pidfile = tmp.path().join("mtls-proxy.pid");
+    let proxy_err = tmp.path().join("mtls-proxy.err");
+    let proxy = ChildGuard(
+        Command::new(bin("mtls-proxy"))
+            .arg("--certs")
+            .arg(&certs)
+            .args(["--inbound", &format!("127.0.0.1:{inbound}=127.0.0.1:1")])
+            .args(["--admin", &format!("127.0.0.1:{padmin}")])
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .env_remove("RUST_LOG")
+            .env_remove("MTLS_PROXY_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&proxy_err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = wait_for(
+        "mtls-proxy listening log line",
+        Duration::from_secs(20),
+        || {
+            let log = std::fs::read_to_string(&proxy_err).ok()?;
+            log.contains("proxy started").then_some(log)
+        },
+    );
+    drop(proxy);
+    assert_plain("mtls-proxy", &log);
+    assert!(
+        log.contains(&format!("pidfile={}", pidfile.display())),
+        "pidfile path not logged as such:\n{log}"
+    );
+    assert!(
+        log.contains(&leaf.leaf.serial),
+        "loaded serial not logged:\n{log}"
+    );
+}
+
+#[test]
+fn rotator_daemon_logs_when_it_retries_an_unreachable_issuer() {
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(SystemClock.now());
+    let ca = tmp.path().join("ca.crt");
+    std::fs::write(&ca, proxy_lib::pem::certs_to_pem(pki.anchors().certs())).unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "not-a-real-token-but-secret\n").unwrap();
+    // A port nothing listens on: the issuer is down.
+    let dead = free_port();
+    let metrics = free_port();
+    // What an earlier run of the daemon recorded.
+    let dir = tmp.path().join("certs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("..rotator-state.json"),
+        r#"{"last_success": 1700000000}"#,
+    )
+    .unwrap();
+    let config = tmp.path().join("rotator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity = \"{ID}\"\ndir = \"{}\"\ntrust_anchors = \"{}\"\ntoken_file = \"{}\"\n\
+             issuer_addr = \"127.0.0.1:{dead}\"\n[backoff]\nmin = \"50ms\"\nmax = \"200ms\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
+            dir.display(),
+            ca.display(),
+            token.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = ChildGuard(
+        Command::new(bin("rotator"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env_remove("ROTATOR_LOG")
+            .env_remove("ROTATOR_LOG_FORMAT")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = child.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = stderr.read_to_string(&mut all);
+        all
+    });
+    // Two failed attempts, each followed by the retry deadline at the default log level.
+    wait_for("two failed attempts", Duration::from_secs(20), || {
+        let state = std::fs::read_to_string(dir.join("..rotator-state.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&state).ok()?;
+        (v["failures"].as_u64()? >= 2).then_some(())
+    });
+    // The restarted daemon still reports the last success it had recorded.
+    let scrape = http_get(metrics, "/metrics");
+    assert!(
+        scrape.contains("rotator_last_success_timestamp_seconds 1700000000"),
+        "{scrape}"
+    );
+    let status = Command::new(bin("rotator"))
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    child.signal(rustix::process::Signal::TERM);
+    let _ = child.0.wait();
+    let log = reader.join().unwrap();
+    assert_plain("rotator", &log);
+    assert!(
+        log.contains(&format!("cannot reach the issuer at 127.0.0.1:{dead}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("backing off failures=1 retry_at=")
+            && log.contains("backing off failures=2 retry_at="),
+        "no backoff deadline at the default log level:\n{log}"
+    );
+    assert!(!log.contains("not-a-real-token"), "token leaked:\n{log}");
+    // No cert at all: CRITICAL, with the reason.
+    assert_eq!(status.status.code(), Some(2), "{status:?}");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("cannot reach the issuer"), "{text}");
+}
+
+/// The body of a plain HTTP/1.0 GET on 127.0.0.1:`port`.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
