@@ -307,3 +307,122 @@ fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// The shell block of the README's issuer-CA rotation recipe, adapted to a temp dir: the
+/// issuer dir instead of /etc/issuer, no chown to a user that does not exist here, and a
+/// SIGHUP to `pid` instead of `systemctl reload issuer`.
+fn readme_ca_rotation_script(issuer_dir: &Path, pid: u32) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme
+        .find("There is no `issuer` subcommand for this yet")
+        .expect("README: issuer CA rotation recipe");
+    let block = &readme[start..];
+    let open = block.find("```sh\n").expect("recipe code block") + "```sh\n".len();
+    let close = block[open..].find("```").expect("end of recipe code block");
+    let script = block[open..open + close]
+        .lines()
+        .map(str::trim_start)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(script.contains("systemctl reload issuer"), "{script}");
+    script
+        .replace("/etc/issuer", &issuer_dir.display().to_string())
+        .replace(" -o issuer ", " ")
+        .replace("systemctl reload issuer", &format!("kill -HUP {pid}"))
+}
+
+#[test]
+fn readme_issuer_ca_rotation_recipe_works_with_openssl() {
+    if !testkit::have_tool("openssl") {
+        assert!(
+            !testkit::require_interop(),
+            "REQUIRE_INTEROP=1 but openssl is missing"
+        );
+        eprintln!("skipping: openssl not installed");
+        return;
+    }
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let iss = tmp.path().join("iss");
+    let ok = |cmd: &mut Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    ok(Command::new(bin("issuer"))
+        .args(["init", "--dir"])
+        .arg(&iss));
+    let token = tmp.path().join("token");
+    ok(Command::new(bin("issuer"))
+        .args(["token", "create", "--dir"])
+        .arg(&iss)
+        .args(["--identity", ID, "--out"])
+        .arg(&token));
+    let (port, admin) = (free_port(), free_port());
+    let issuer_err = tmp.path().join("issuer.err");
+    let issuer = ChildGuard(
+        Command::new(bin("issuer"))
+            .args(["serve", "--dir"])
+            .arg(&iss)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&issuer_err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("issuer to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+
+    // Where the anchor key lives: a separate dir holding ca.crt and anchor.key.
+    let offline = tmp.path().join("offline");
+    std::fs::create_dir(&offline).unwrap();
+    for f in ["ca.crt", "anchor.key"] {
+        std::fs::copy(iss.join(f), offline.join(f)).unwrap();
+    }
+    let script = readme_ca_rotation_script(&iss, issuer.pid());
+    ok(Command::new("sh")
+        .args(["-ec", &script])
+        .current_dir(&offline));
+    let new_issuer = proxy_lib::pem::read_certs(&offline.join("issuer.crt")).unwrap();
+
+    wait_for("the new issuer CA in use", Duration::from_secs(20), || {
+        let m = http_get(admin, "/metrics");
+        m.contains("issuer_ca_reloads_total{result=\"loaded\"}")
+            .then_some(())
+    });
+    let log = std::fs::read_to_string(&issuer_err).unwrap();
+    assert!(log.contains("changed=true"), "{log}");
+
+    // A host renews and gets a leaf issued by the new issuer CA.
+    let config = tmp.path().join("rotator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity = \"{ID}\"\ndir = \"{}\"\ntrust_anchors = \"{}\"\ntoken_file = \"{}\"\n\
+             issuer_addr = \"127.0.0.1:{port}\"\n",
+            tmp.path().join("certs").display(),
+            iss.join("ca.crt").display(),
+            token.display(),
+        ),
+    )
+    .unwrap();
+    ok(Command::new(bin("rotator"))
+        .args(["rotate", "--config"])
+        .arg(&config));
+    let chain = proxy_lib::pem::read_certs(&tmp.path().join("certs/tls.crt")).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(
+        chain[1], new_issuer[0],
+        "leaf not issued by the new issuer CA"
+    );
+    drop(issuer);
+}
