@@ -426,3 +426,34 @@ fn readme_issuer_ca_rotation_recipe_works_with_openssl() {
     );
     drop(issuer);
 }
+
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    if !testkit::have_tool("systemd-analyze") {
+        eprintln!("skipping: systemd-analyze not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The units name /usr/local/bin/*; point them at the binaries built here, which exist.
+    let bins = bin("issuer").parent().unwrap().to_path_buf();
+    for unit in ["issuer.service", "rotator.service", "mtls-proxy.service"] {
+        let text = std::fs::read_to_string(example("systemd").join(unit)).unwrap();
+        assert!(text.contains("ExecStart=/usr/local/bin/"), "{unit}");
+        let path = tmp.path().join(unit);
+        std::fs::write(
+            &path,
+            text.replace("/usr/local/bin/", &format!("{}/", bins.display())),
+        )
+        .unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains(unit),
+            "systemd-analyze verify {unit}: {stderr}"
+        );
+    }
+}
