@@ -86,6 +86,14 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
             " (removed at exit; pass --dir DIR to keep the configs, certs and logs)"
         }
     )?;
+    // `cargo run --example` does not build the binaries; the first run builds them here, which
+    // takes minutes on a small machine: say so rather than sit silent.
+    writeln!(
+        out,
+        "quickstart: building issuer, rotator and mtls-proxy if needed (cargo build --bins; the first time takes a few minutes)"
+    )?;
+    out.flush()?;
+    bin("issuer");
 
     // 1. The issuer: CA material, a bootstrap token for the host, then `issuer serve`.
     run_cmd(
