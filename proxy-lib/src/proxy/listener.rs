@@ -4,7 +4,8 @@
 //!
 //! Each accepted connection takes the credentials current at that instant, so a reload affects
 //! only connections accepted after it. A shared semaphore bounds open connections: at the limit
-//! the loop stops accepting and new connections wait in the kernel's backlog.
+//! each accept loop holds at most one accepted socket waiting for a slot (no handshake before
+//! it has one) and further connections wait in the kernel's backlog.
 
 use std::io;
 use std::net::SocketAddr;
@@ -96,13 +97,10 @@ async fn accept_loop<F, Fut>(
         if *stop.borrow() {
             break;
         }
-        let permit = tokio::select! {
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // semaphore closed: shutting down
-            },
-            _ = stop.changed() => break,
-        };
+        // Accept first, then take a slot: a loop holding a slot while it waits for a client
+        // would starve the other listeners' clients at the limit (with fewer slots than
+        // listeners, for ever). A loop waiting for a slot holds one accepted socket, untouched
+        // (no handshake) until a slot frees; further clients wait in the kernel's backlog.
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -114,6 +112,19 @@ async fn accept_loop<F, Fut>(
                 }
             },
             _ = stop.changed() => break,
+        };
+        let permit = match shared.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::debug!(%peer, "connection limit reached, waiting for a slot");
+                tokio::select! {
+                    p = shared.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break, // semaphore closed: shutting down
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
         };
         let _ = tcp.set_nodelay(true);
         let mut cut = shared.cut.clone();

@@ -220,3 +220,154 @@ async fn shutdown_cuts_connections_still_open_after_the_drain_timeout() {
         .expect("the open connection was not cut");
     assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
 }
+
+/// With room for a single connection, every way a connection can end gives its slot back (a
+/// leaked task or descriptor would keep the slot and the next client would never be served):
+/// a peer reset mid-stream, a refused handshake, a slowloris trickling a ClientHello (cut by
+/// the handshake deadline, which is total, not per read), an app that refuses connections,
+/// and a connection left idle. A normal half-closing echo after each proves the slot is free.
+#[tokio::test]
+async fn every_way_a_connection_ends_gives_its_slot_back() {
+    use tokio::io::AsyncWriteExt;
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let app = echo_app().await;
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    cfg.inbound.push(inbound_to(gone));
+    cfg.limits.max_connections = 1;
+    cfg.limits.handshake_timeout = Duration::from_millis(300);
+    cfg.limits.idle_timeout = Duration::from_millis(400);
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let cc = client_config(&pki.anchors(), Some(&leaf(&pki, &id("web", "apps"))));
+    let served = |what: &'static str| {
+        let (addr, cc, me) = (proxy.inbound[0], cc.clone(), me.clone());
+        async move {
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                echo_through_tls(addr, cc, &me, b"still served"),
+            )
+            .await;
+            assert!(
+                matches!(r, Ok(Ok(_))),
+                "after {what}: the slot was not given back ({r:?})"
+            );
+        }
+    };
+    served("nothing").await;
+
+    // Peer reset in the middle of a stream.
+    let mut tls = tls_connect_within(proxy.inbound[0], cc.clone(), &me).await;
+    let mut buf = [0u8; 4];
+    tls.write_all(b"half").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut buf))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    let (tcp, _) = tls.into_inner();
+    tcp.set_zero_linger().unwrap();
+    drop(tcp);
+    served("a peer reset").await;
+
+    // A handshake refused (no client certificate).
+    let no_cert = client_config(&pki.anchors(), None);
+    assert!(
+        echo_through_tls(proxy.inbound[0], no_cert, &me, b"x")
+            .await
+            .is_err()
+    );
+    served("a refused handshake").await;
+
+    // Slowloris: a TLS record header announcing 512 bytes, then one byte every 50 ms.
+    let mut slow = TcpStream::connect(proxy.inbound[0]).await.unwrap();
+    slow.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    let trickle = async {
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow.write_all(&[0]).await.is_err() {
+                return true; // the proxy closed it
+            }
+        }
+        false
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), trickle)
+            .await
+            .unwrap_or(false),
+        "a trickling handshake was not cut"
+    );
+    wait_metric(
+        proxy.admin,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="timeout"}"#,
+        1.0,
+    )
+    .await;
+    served("a slowloris").await;
+
+    // The app refuses the connection.
+    let tls = tls_connect_within(proxy.inbound[1], cc.clone(), &me).await;
+    let back = tokio::time::timeout(Duration::from_secs(10), round_trip(tls, b"nobody"))
+        .await
+        .expect("closed when the app refused");
+    assert!(back.map(|b| b.is_empty()).unwrap_or(true));
+    served("an app that refuses connections").await;
+
+    // Idle after the handshake: closed by the idle timeout.
+    let mut idle = tls_connect_within(proxy.inbound[0], cc.clone(), &me).await;
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection was not closed");
+    assert!(end.is_err() || rest.is_empty(), "{end:?}");
+    served("an idle connection").await;
+
+    wait_metric(
+        proxy.admin,
+        r#"proxy_open_connections{direction="inbound"}"#,
+        0.0,
+    )
+    .await;
+    proxy.stop().await;
+}
+
+/// The connection limit is shared by all listeners, and a listener with no clients must not
+/// sit on a free slot while another listener's clients wait: with room for one connection and
+/// two listeners, each listener serves in turn.
+#[tokio::test]
+async fn a_shared_connection_limit_does_not_starve_a_listener() {
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    cfg.inbound.push(inbound_to(app));
+    cfg.limits.max_connections = 1;
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let cc = client_config(&pki.anchors(), Some(&leaf(&pki, &id("web", "apps"))));
+    for (round, listener) in [0, 1, 0, 1, 1, 0].into_iter().enumerate() {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            echo_through_tls(proxy.inbound[listener], cc.clone(), &me, b"turn"),
+        )
+        .await;
+        assert!(
+            matches!(r, Ok(Ok(_))),
+            "round {round}: listener {listener} not served ({r:?})"
+        );
+    }
+    proxy.stop().await;
+}

@@ -227,6 +227,18 @@ pub async fn tls_connect(
         .await
 }
 
+/// [`tls_connect`] that must succeed within 10 s (a test fails instead of hanging).
+pub async fn tls_connect_within(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    server: &Identity,
+) -> TlsStream<TcpStream> {
+    tokio::time::timeout(Duration::from_secs(10), tls_connect(addr, config, server))
+        .await
+        .unwrap_or_else(|_| panic!("no handshake with {addr} within 10 s"))
+        .unwrap_or_else(|e| panic!("handshake with {addr}: {e}"))
+}
+
 /// SHA-256 of the leaf the server presented.
 pub fn served_fingerprint(tls: &TlsStream<TcpStream>) -> String {
     let certs = tls.get_ref().1.peer_certificates().expect("server certs");
