@@ -176,3 +176,44 @@ async fn separate_trust_anchors_file_is_used_and_reread() {
     assert!(body.contains("does not chain"), "{body}");
     proxy.stop().await;
 }
+
+/// `..data` swapped to a version dir that is pruned before it can be read (here: pointing at
+/// one that no longer exists, so every retry of the once-resolved read finds it gone): the
+/// reload is refused with a clear error and the old certificate stays served, with the
+/// snapshot's own `ca.crt` and with a separate anchors file alike.
+#[tokio::test]
+async fn a_data_link_to_a_vanished_version_is_refused_and_the_old_cert_kept() {
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    for separate_anchors in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let good = leaf(&pki, &me);
+        write_data_dir(dir.path(), &good);
+        let app = echo_app().await;
+        let mut cfg = config(dir.path());
+        cfg.inbound.push(inbound_to(app));
+        if separate_anchors {
+            let file = dir.path().join("anchors.pem");
+            std::fs::write(&file, proxy_lib::pem::certs_to_pem(pki.anchors().certs())).unwrap();
+            cfg.trust_anchors = Some(file);
+        }
+        let (_, clock) = fake_clock();
+        let proxy = start(&cfg, clock).await;
+        assert!(proxy.reloader.is_ready(), "anchors file {separate_anchors}");
+
+        let link = dir.path().join(proxy_lib::bundle::DATA_LINK);
+        let tmp = dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink("..pruned_version", &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+        let (status, body) = http(proxy.admin, "POST", "/reload").await;
+        assert_eq!(status, 422, "anchors file {separate_anchors}: {body}");
+        assert!(body.contains("kept changing"), "{body}");
+        assert!(body.contains(&good.leaf.sha256), "{body}");
+        let cc = client_config(&pki.anchors(), Some(&leaf(&pki, &id("web", "apps"))));
+        let tls = tls_connect_within(proxy.inbound[0], cc, &me).await;
+        assert_eq!(served_fingerprint(&tls), good.leaf.sha256);
+        drop(tls);
+        proxy.stop().await;
+    }
+}
