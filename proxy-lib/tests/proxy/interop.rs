@@ -192,7 +192,8 @@ fn client_files(dir: &std::path::Path, client: &proxy_lib::bundle::CertBundle) -
 
 /// An OpenSSL client restricted to TLS 1.3 and a single key-exchange group (so the proxy must
 /// accept that group's key share as offered, P-256 or X25519), with and without ALPN: the
-/// inbound listener negotiates no ALPN and must serve both kinds of clients.
+/// inbound listener negotiates no ALPN and must serve both kinds of clients. A TLS 1.2-only
+/// client is refused.
 #[tokio::test]
 async fn openssl_tls13_only_clients_with_one_group_and_with_or_without_alpn_are_served() {
     init();
@@ -270,6 +271,37 @@ async fn openssl_tls13_only_clients_with_one_group_and_with_or_without_alpn_are_
             .await;
         }
     }
+    // TLS 1.2 is refused even with a valid client certificate, and the app is never reached.
+    let mut c = Command::new("openssl");
+    c.args([
+        "s_client",
+        "-connect",
+        &connect,
+        "-servername",
+        &name,
+        "-tls1_2",
+    ])
+    .arg("-CAfile")
+    .arg(&ca_p)
+    .arg("-cert")
+    .arg(&cert_p)
+    .arg("-key")
+    .arg(&key_p)
+    .arg("-cert_chain")
+    .arg(&chain_p);
+    let out = output(&mut c).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a TLS 1.2 client got through:\n{stdout}"
+    );
+    assert!(!stdout.contains("hello from the app"), "{stdout}");
+    wait_metric(
+        proxy.admin,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="error"}"#,
+        1.0,
+    )
+    .await;
     proxy.stop().await;
 }
 
