@@ -117,8 +117,8 @@ pub async fn run<I: Issue, R: Reload>(
             attempt = 0;
         }
         if due {
-            force = false;
-            match rotator.cycle(true).await {
+            let forced = std::mem::take(&mut force);
+            match rotator.renew_due(forced).await {
                 Ok(_) => {
                     retry = None;
                     attempt = 0;
@@ -223,7 +223,7 @@ pub async fn run<I: Issue, R: Reload>(
                 st.next_renewal = Some(unix_secs(deadline));
                 let _ = st.save(&rotator.config().dir);
             }
-            tracing::debug!(next = %rfc3339(deadline), "sleeping");
+            tracing::info!("{status}");
             last_status = status;
         }
         let mut nap = schedule::sleep_for(now, deadline);

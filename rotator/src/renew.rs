@@ -230,6 +230,18 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         if !force && let Decision::At(until) = decision {
             return Ok(Outcome::NotDue { until });
         }
+        self.renew_now(current, force).await
+    }
+
+    /// Renews now, whatever the schedule says (the daemon calls this once it has decided a
+    /// renewal is due); `forced` records whether it was asked for (SIGHUP, `--force`) rather
+    /// than scheduled. Records the result in the metrics and the state file.
+    pub async fn renew_due(&mut self, forced: bool) -> Result<Outcome, CycleError> {
+        let current = self.current();
+        self.renew_now(current, forced).await
+    }
+
+    async fn renew_now(&mut self, current: Current, force: bool) -> Result<Outcome, CycleError> {
         if let Current::Unusable(why) = &current {
             tracing::info!(reason = %why, "no usable cert on disk; renewing now");
         }
