@@ -260,19 +260,21 @@ fn addrs<'a>(ls: impl Iterator<Item = &'a TcpListener>) -> Vec<SocketAddr> {
     ls.filter_map(|l| l.local_addr().ok()).collect()
 }
 
-/// What identifies the version on disk: the resolved `..data` target, the mtime of its
-/// `tls.crt` (plain-file dirs) and of a separate anchors file.
-type Stamp = (PathBuf, Option<SystemTime>, Option<SystemTime>);
+/// What identifies the version on disk: the resolved `..data` target, the mtimes of its
+/// `tls.crt`, `tls.key` and `ca.crt` (plain-file dirs, which may be updated file by file: a
+/// key landing after its cert must count as a change), and that of a separate anchors file.
+type Stamp = (PathBuf, [Option<SystemTime>; 3], Option<SystemTime>);
 
 fn stamp(source: &Source) -> Stamp {
+    use crate::bundle::{CA_FILE, CERT_FILE, KEY_FILE};
     let version = crate::bundle::resolve_data_dir(&source.certs_dir);
     let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let cert = mtime(&version.join(crate::bundle::CERT_FILE));
+    let files = [CERT_FILE, KEY_FILE, CA_FILE].map(|f| mtime(&version.join(f)));
     let anchors = source.trust_anchors.as_deref().and_then(mtime);
-    (version, cert, anchors)
+    (version, files, anchors)
 }
 
-/// Reloads when the version on disk changes (a readlink and two stats per tick), for setups
+/// Reloads when the version on disk changes (a readlink and up to four stats per tick), for setups
 /// where nothing sends SIGHUP or `POST /reload`. Each new version is tried once.
 async fn watch_dir(
     reloader: Arc<Reloader>,

@@ -371,3 +371,49 @@ async fn a_shared_connection_limit_does_not_starve_a_listener() {
     }
     proxy.stop().await;
 }
+
+/// A plain cert dir (no `..data`) updated file by file: the watcher sees the new `tls.crt`
+/// first, with the old key beside it, and refuses that pair; when the new `tls.key` lands a
+/// moment later the watcher must notice that change too and load the now consistent set.
+#[tokio::test]
+async fn watcher_reloads_a_plain_dir_when_the_key_lands_after_the_cert() {
+    use proxy_lib::bundle::{CA_FILE, CERT_FILE, KEY_FILE};
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    let first = leaf(&pki, &me);
+    let (cert, key, ca) = pem_of(&first);
+    std::fs::write(dir.path().join(CERT_FILE), cert).unwrap();
+    std::fs::write(dir.path().join(KEY_FILE), key).unwrap();
+    std::fs::write(dir.path().join(CA_FILE), ca).unwrap();
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    cfg.watch_interval = Some(Duration::from_millis(50));
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    assert_eq!(
+        proxy.reloader.current().unwrap().leaf.sha256,
+        first.leaf.sha256
+    );
+
+    let second = leaf(&pki, &me);
+    let (cert, key, _) = pem_of(&second);
+    std::fs::write(dir.path().join(CERT_FILE), cert).unwrap();
+    // The half-updated set (new cert, old key) is tried and refused.
+    wait_metric(proxy.admin, r#"proxy_reloads_total{result="error"}"#, 1.0).await;
+    std::fs::write(dir.path().join(KEY_FILE), key).unwrap();
+    let mut updates = proxy.reloader.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        updates.wait_for(|c| {
+            c.as_ref()
+                .is_some_and(|c| c.leaf.sha256 == second.leaf.sha256)
+        }),
+    )
+    .await
+    .expect("the watcher never loaded the set once its key landed")
+    .unwrap();
+    proxy.stop().await;
+}
