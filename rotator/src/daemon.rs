@@ -82,6 +82,9 @@ pub async fn run<I: Issue, R: Reload>(
     let mut ready = false;
     let mut attempt: u32 = 0;
     let mut retry: Option<SystemTime> = None;
+    // The serial on disk when the failing renewal began: a failed forced renewal of a
+    // still-good cert is retried until it succeeds or another cert is installed meanwhile.
+    let mut retry_serial: Option<String> = None;
     let mut force = false;
     let mut last_status = String::new();
     // Whether the listener is known to serve the cert on disk (always, without [verify]).
@@ -111,13 +114,18 @@ pub async fn run<I: Issue, R: Reload>(
                 Some(r) => r <= now,
                 None => decision == Decision::RenewNow,
             };
-        if retry.is_some() && !due && decision != Decision::RenewNow {
+        if retry.is_some()
+            && !due
+            && decision != Decision::RenewNow
+            && serial_of(&current) != retry_serial
+        {
             // Someone else (a one-shot rotate) installed a good cert meanwhile.
             retry = None;
             attempt = 0;
         }
         if due {
             let forced = std::mem::take(&mut force);
+            let serial_before = serial_of(&current);
             match rotator.renew_due(forced).await {
                 Ok(_) => {
                     retry = None;
@@ -155,6 +163,7 @@ pub async fn run<I: Issue, R: Reload>(
                     tracing::info!(failures = attempt.saturating_add(1), retry_at = %rfc3339(at), "backing off");
                     attempt = attempt.saturating_add(1);
                     retry = Some(at);
+                    retry_serial = serial_before;
                 }
             }
             continue;
@@ -249,4 +258,12 @@ pub async fn run<I: Issue, R: Reload>(
     }
     notifier.notify(Notice::Stopping);
     tracing::info!("shutting down");
+}
+
+/// The serial of the cert on disk, when it is usable.
+fn serial_of(current: &Current) -> Option<String> {
+    match current {
+        Current::Valid { leaf, .. } => Some(leaf.serial.clone()),
+        Current::Unusable(_) => None,
+    }
 }

@@ -475,6 +475,40 @@ async fn sighup_forces_exactly_one_rotation_and_one_reload() {
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_failed_forced_renewal_of_a_good_cert_is_retried_with_backoff_until_it_succeeds() {
+    let rig = rig(DAY, "");
+    let times = record_calls(&rig, 1_000);
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    advance(Duration::from_secs(1)).await;
+    let first = rig.serial_on_disk().expect("first cert installed");
+    // The cert is good for most of a day; a SIGHUP while the issuer is down must not be
+    // forgotten until the normal schedule comes round.
+    rig.issuer.down.store(true, Ordering::SeqCst);
+    handle.force();
+    advance(Duration::from_secs(60)).await;
+    let failed = times.lock().unwrap().len() - 1;
+    assert!(
+        failed >= 3,
+        "a failed forced renewal was retried {} times in a minute",
+        failed - 1
+    );
+    assert_eq!(rig.serial_on_disk().as_deref(), Some(first.as_str()));
+    rig.issuer.down.store(false, Ordering::SeqCst);
+    advance(Duration::from_secs(300)).await;
+    let renewed = rig.serial_on_disk().expect("a cert on disk");
+    assert_ne!(
+        renewed, first,
+        "the forced renewal never succeeded after the issuer returned"
+    );
+    // Once it succeeded the daemon is back on the normal schedule: no more calls.
+    let calls = times.lock().unwrap().len();
+    advance(Duration::from_secs(3600)).await;
+    assert_eq!(times.lock().unwrap().len(), calls);
+    handle.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn ready_is_sent_only_after_a_valid_cert_is_installed() {
     let rig = rig(DAY, "");
     rig.issuer.down.store(true, Ordering::SeqCst);
