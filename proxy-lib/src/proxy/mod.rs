@@ -296,9 +296,11 @@ async fn watch_dir(
         if last.as_ref() == Some(&now) {
             continue;
         }
-        tracing::info!(version = %now.0.display(), "certificate dir changed, reloading");
+        // A version a SIGHUP or `POST /reload` already loaded is not loaded again.
+        let anchors_changed = last.as_ref().map(|l| l.2) != Some(now.2);
+        tracing::debug!(version = %now.0.display(), "certificate dir changed");
         last = Some(now);
-        let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+        let _ = tokio::task::spawn_blocking(move || r.reload_if_new_version(anchors_changed)).await;
     }
 }
 

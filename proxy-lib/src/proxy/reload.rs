@@ -203,6 +203,28 @@ impl Reloader {
     /// from `spawn_blocking` in async code.
     pub fn reload(&self) -> Result<Arc<Credentials>, ReloadError> {
         let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        self.reload_locked()
+    }
+
+    /// Like [`Reloader::reload`], but does nothing (`None`) when `..data` still points at the
+    /// version already loaded and `anchors_changed` is false: a `..data` version dir is never
+    /// changed in place, so loading it again would only repeat the log line and the count.
+    /// Checked under the same lock as the reload itself, so a load announced by SIGHUP or
+    /// `POST /reload` is never repeated by the dir watcher. Blocks.
+    pub fn reload_if_new_version(
+        &self,
+        anchors_changed: bool,
+    ) -> Option<Result<Arc<Credentials>, ReloadError>> {
+        let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let version = crate::bundle::resolve_data_dir(&self.source.certs_dir);
+        let already = self.current().is_some_and(|c| c.version_dir == version);
+        if !anchors_changed && version != self.source.certs_dir && already {
+            return None;
+        }
+        Some(self.reload_locked())
+    }
+
+    fn reload_locked(&self) -> Result<Arc<Credentials>, ReloadError> {
         match self.build() {
             Ok(creds) => {
                 let creds = Arc::new(creds);

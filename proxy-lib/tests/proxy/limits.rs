@@ -134,6 +134,49 @@ async fn watcher_reloads_when_data_link_changes() {
     proxy.stop().await;
 }
 
+/// A rotation announced by SIGHUP/`POST /reload` is loaded once: the watcher, seeing the
+/// `..data` version it finds already loaded, does not load it a second time.
+#[tokio::test]
+async fn watcher_does_not_reload_a_version_already_loaded_by_a_signal() {
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let mut cfg = config(dir.path());
+    cfg.watch_interval = Some(Duration::from_millis(20));
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let reloads = |text: &str| metric(text, "proxy_reloads_total{result=\"ok\"}");
+    let before = reloads(&metrics_text(proxy.admin).await);
+    let second = leaf(&pki, &me);
+    write_data_dir(dir.path(), &second);
+    // What the rotator's hook does right after the swap. (A watcher tick may have beaten
+    // it to the new version; either way nothing loads it again afterwards.)
+    let loaded = proxy.reloader.reload().expect("reload of the new version");
+    assert_eq!(loaded.leaf.sha256, second.leaf.sha256);
+    let after_signal = reloads(&metrics_text(proxy.admin).await);
+    assert!((before + 1.0..=before + 2.0).contains(&after_signal));
+    // Several watcher ticks later: no further load of the same version.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reloads(&metrics_text(proxy.admin).await), after_signal);
+    // A version nobody announced is still picked up by the watcher.
+    let third = leaf(&pki, &me);
+    write_data_dir(dir.path(), &third);
+    let mut updates = proxy.reloader.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        updates.wait_for(|c| {
+            c.as_ref()
+                .is_some_and(|c| c.leaf.sha256 == third.leaf.sha256)
+        }),
+    )
+    .await
+    .expect("watcher picked up the unannounced version")
+    .unwrap();
+    proxy.stop().await;
+}
+
 /// Shutdown: new connections are refused at once, an open connection keeps working during
 /// the drain and `run` returns as soon as it closes (long before the drain timeout).
 #[tokio::test]
