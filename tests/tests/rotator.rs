@@ -908,7 +908,7 @@ fn sigterm_right_after_sighup_stops_cleanly_with_a_complete_set() {
         wait_for("daemon ready", Duration::from_secs(20), || {
             std::fs::read_to_string(&log)
                 .ok()
-                .filter(|l| l.contains("rotator::daemon: sleeping"))
+                .filter(|l| l.contains("rotator::daemon: next renewal at"))
         });
         // Force a rotation and ask it to stop a few ms later (while it may be under way).
         daemon.signal(Signal::HUP);
