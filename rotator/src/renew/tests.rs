@@ -31,6 +31,7 @@ struct Rig {
 
 fn rig(lifetime: Duration, extra: &str) -> Rig {
     proxy_lib::install_crypto_provider();
+    crate::testing::interest_in_everything();
     let tmp = crate::testing::fast_tempdir();
     let clock = PausedClock::new(start());
     let issuer = FakeIssuer::new(Arc::new(clock.clone()), lifetime);
@@ -556,6 +557,7 @@ async fn the_token_and_key_never_reach_the_logs_or_other_files() {
             Ok(())
         }
     }
+    crate::testing::interest_in_everything();
     let buf = Buf::default();
     let w = buf.clone();
     let sub = tracing_subscriber::fmt()
