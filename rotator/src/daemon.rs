@@ -141,14 +141,8 @@ pub async fn run<I: Issue, R: Reload>(
                     attempt = 0;
                     if rotator.config().verify.is_some() {
                         verified = false;
-                        verify_retry = Some(schedule::retry_at(
-                            rotator.clock().now(),
-                            verify_attempt,
-                            None,
-                            &rotator.config().policy,
-                            rng.random::<f64>(),
-                        ));
-                        verify_attempt = verify_attempt.saturating_add(1);
+                        verify_retry =
+                            Some(verify_retry_at(&rotator, &mut verify_attempt, &mut rng));
                     }
                 }
                 Err(_) => {
@@ -184,14 +178,7 @@ pub async fn run<I: Issue, R: Reload>(
                     st.last_error = Some(e.to_string());
                     st.last_error_at = Some(unix_secs(rotator.clock().now()));
                     let _ = st.save(&rotator.config().dir);
-                    verify_retry = Some(schedule::retry_at(
-                        rotator.clock().now(),
-                        verify_attempt,
-                        None,
-                        &rotator.config().policy,
-                        rng.random::<f64>(),
-                    ));
-                    verify_attempt = verify_attempt.saturating_add(1);
+                    verify_retry = Some(verify_retry_at(&rotator, &mut verify_attempt, &mut rng));
                 }
             }
             continue;
@@ -266,4 +253,22 @@ fn serial_of(current: &Current) -> Option<String> {
         Current::Valid { leaf, .. } => Some(leaf.serial.clone()),
         Current::Unusable(_) => None,
     }
+}
+
+/// When to retry the reload + verify of a cert already installed (backoff with full jitter,
+/// not bounded by the cert: it stays installed); counts the attempt.
+fn verify_retry_at<I: Issue, R: Reload>(
+    rotator: &Rotator<I, R>,
+    attempt: &mut u32,
+    rng: &mut rand::rngs::StdRng,
+) -> SystemTime {
+    let at = schedule::retry_at(
+        rotator.clock().now(),
+        *attempt,
+        None,
+        &rotator.config().policy,
+        rng.random::<f64>(),
+    );
+    *attempt = attempt.saturating_add(1);
+    at
 }

@@ -24,7 +24,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::proxy::config::Limits;
 use crate::proxy::metrics::{Direction, DirectionMetrics, HandshakeResult, Metrics};
-use crate::proxy::reload::Reloader;
+use crate::proxy::reload::{Credentials, Reloader};
 use crate::proxy::tls::NotAllowed;
 
 /// Copy buffer per direction. TLS records are at most 16 KiB; a larger buffer lets one read
@@ -142,6 +142,23 @@ async fn accept_loop<F, Fut>(
     tracing::debug!(listen = ?local, "listener stopped");
 }
 
+/// The credentials new handshakes use; without any (none loaded yet) the connection is
+/// refused and counted as `no_credentials`.
+fn current_credentials(
+    shared: &Shared,
+    direction: Direction,
+    peer: SocketAddr,
+) -> Option<Arc<Credentials>> {
+    let creds = shared.reloader.current();
+    if creds.is_none() {
+        shared
+            .metrics
+            .handshake(direction, HandshakeResult::NoCredentials);
+        tracing::warn!(%peer, "no valid certificate loaded; refusing connection");
+    }
+    creds
+}
+
 async fn inbound_conn(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -150,11 +167,7 @@ async fn inbound_conn(
     dm: &DirectionMetrics,
 ) {
     let _open = dm.open_connection();
-    let Some(creds) = shared.reloader.current() else {
-        shared
-            .metrics
-            .handshake(Direction::Inbound, HandshakeResult::NoCredentials);
-        tracing::warn!(%peer, "no valid certificate loaded; refusing connection");
+    let Some(creds) = current_credentials(shared, Direction::Inbound, peer) else {
         return;
     };
     let accept = TlsAcceptor::from(creds.server.clone()).accept(tcp);
@@ -205,11 +218,7 @@ async fn outbound_conn(
     dm: &DirectionMetrics,
 ) {
     let _open = dm.open_connection();
-    let Some(creds) = shared.reloader.current() else {
-        shared
-            .metrics
-            .handshake(Direction::Outbound, HandshakeResult::NoCredentials);
-        tracing::warn!(%peer, "no valid certificate loaded; refusing connection");
+    let Some(creds) = current_credentials(shared, Direction::Outbound, peer) else {
         return;
     };
     let remote = match connect(target, shared.limits.connect_timeout).await {
