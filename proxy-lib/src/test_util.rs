@@ -125,3 +125,112 @@ pub fn write_data_dir(dir: &Path, bundle: &CertBundle) -> PathBuf {
     }
     version
 }
+
+/// `target/<profile>` of the running test, bench or example executable (which lives in
+/// `target/<profile>/deps/` or `target/<profile>/examples/`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the running executable");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("a test or example lives in target/<profile>/<kind>/")
+        .to_path_buf()
+}
+
+/// `cargo build` for this workspace, with the running executable's profile and target dir,
+/// ready for more arguments (`--bins --workspace`, `-p X --example Y`).
+///
+/// A process started by `cargo test` or `cargo run` inherits the variables cargo sets for the
+/// running crate (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...). Build scripts such as ring's watch
+/// some of them, so a nested cargo that kept them would see changed inputs and rebuild ring and
+/// everything above it, and the next plain `cargo build` would rebuild it all again. They are
+/// removed here; the user's own cargo settings (`CARGO_HOME`, `CARGO_TARGET_DIR`,
+/// `CARGO_PROFILE_*`, ...) pass through. Cargo's own progress lines (`Compiling ...`) go to
+/// the inherited stderr, so a first build is not minutes of silence.
+pub fn cargo_build() -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(is_set_by_cargo_for_the_crate) {
+            cmd.env_remove(key);
+        }
+    }
+    let profile = profile_dir();
+    let target = profile.parent().expect("target/<profile> has a parent");
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target);
+    if profile.ends_with("release") {
+        cmd.arg("--release");
+    }
+    cmd
+}
+
+/// Variables cargo sets for the crate it builds or runs (as opposed to cargo's configuration).
+fn is_set_by_cargo_for_the_crate(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            key,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "CARGO_MAKEFLAGS"
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_cargo_drops_what_cargo_set_for_the_crate_and_keeps_cargo_config() {
+        for key in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_EXE_issuer",
+            "CARGO_TARGET_TMPDIR",
+        ] {
+            assert!(is_set_by_cargo_for_the_crate(key), "{key}");
+        }
+        for key in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_PROFILE_RELEASE_DEBUG",
+            "CARGO_BUILD_JOBS",
+            "CARGO_TERM_COLOR",
+            "CARGO_NET_OFFLINE",
+        ] {
+            assert!(!is_set_by_cargo_for_the_crate(key), "{key}");
+        }
+        // Under `cargo test` this process has CARGO_MANIFEST_DIR; the nested command must not.
+        let cmd = cargo_build();
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+            assert!(
+                removed.iter().any(|k| k == "CARGO_MANIFEST_DIR"),
+                "{removed:?}"
+            );
+        }
+        let args: Vec<_> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args[0], "build");
+        assert!(args.iter().any(|a| a.ends_with("Cargo.toml")), "{args:?}");
+    }
+}

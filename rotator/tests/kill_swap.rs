@@ -12,37 +12,16 @@ use proxy_lib::clock::{Clock, SystemClock};
 use rand::{Rng, SeedableRng};
 
 fn swap_loop() -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/examples/swap_loop
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
+    let bin = proxy_lib::test_util::profile_dir()
         .join("examples")
         .join("swap_loop");
     if !bin.exists() {
         // `cargo test` builds examples, `cargo test --test kill_swap` does not.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "rotator",
-            "--example",
-            "swap_loop",
-        ]);
-        if exe
-            .parent()
-            .and_then(Path::parent)
-            .is_some_and(|p| p.ends_with("release"))
-        {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building the swap_loop example failed"
-        );
+        let status = proxy_lib::test_util::cargo_build()
+            .args(["--quiet", "-p", "rotator", "--example", "swap_loop"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the swap_loop example failed");
     }
     assert!(bin.exists(), "{} missing", bin.display());
     bin

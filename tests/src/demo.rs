@@ -18,7 +18,7 @@ use proxy_lib::proxy::tls::AllowList;
 use proxy_lib::proxy::{Reloader, Source};
 use rustls_pki_types::ServerName;
 
-use crate::{ChildGuard, bin, free_port, wait_for};
+use crate::{ChildGuard, bin, free_port, http_get};
 
 /// The workload identity the demo host gets.
 pub const DEMO_IDENTITY: &str =
@@ -58,20 +58,37 @@ pub struct Summary {
     pub failed_handshakes: u64,
 }
 
-/// Runs the demo, narrating to `out`.
+/// Runs the demo, narrating to `out`. When it fails, the working dir (configs, certs and each
+/// process's log) is kept, also a temp one, and the error says where it is.
 pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
     proxy_lib::install_crypto_provider();
-    let tmp;
-    let root = match &opts.dir {
-        Some(d) => {
+    let tmp = match &opts.dir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("quickstart-").tempdir()?),
+    };
+    let root = match (&opts.dir, &tmp) {
+        (Some(d), _) => {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
             d.clone()
         }
-        None => {
-            tmp = tempfile::tempdir()?;
-            tmp.path().to_path_buf()
-        }
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => unreachable!("a temp dir is made when no dir is given"),
     };
+    let result = run_in(&root, opts, out);
+    if result.is_err()
+        && let Some(t) = tmp
+    {
+        let _ = t.keep();
+    }
+    result.with_context(|| {
+        format!(
+            "the working dir with every config, cert and log is kept in {}",
+            root.display()
+        )
+    })
+}
+
+fn run_in(root: &Path, opts: &Options, out: &mut dyn Write) -> Result<Summary> {
     let iss = root.join("issuer");
     let host = root.join("host");
     let certs = host.join("certs");
@@ -83,14 +100,14 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         if opts.dir.is_some() {
             " (kept: configs, certs and logs of each process)"
         } else {
-            " (removed at exit; pass --dir DIR to keep the configs, certs and logs)"
+            " (removed at exit unless the demo fails; --dir DIR keeps the configs, certs and logs)"
         }
     )?;
     // `cargo run --example` does not build the binaries; the first run builds them here, which
     // takes minutes on a small machine: say so rather than sit silent.
     writeln!(
         out,
-        "quickstart: building issuer, rotator and mtls-proxy if needed (cargo build --bins; the first time takes a few minutes)"
+        "quickstart: building issuer, rotator and mtls-proxy if needed (cargo build --workspace; the first time takes a few minutes, cargo's progress is on stderr)"
     )?;
     out.flush()?;
     bin("issuer");
@@ -120,17 +137,23 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         token.display()
     )?;
     let issuer_port = free_port();
+    let issuer_admin = free_port();
     let lifetime = humantime::format_duration(opts.lifetime).to_string();
-    let _issuer = spawn(
+    let mut issuer = spawn(
         Command::new(bin("issuer"))
             .args(["serve", "--dir"])
             .arg(&iss)
             .args(["--listen", &format!("127.0.0.1:{issuer_port}")])
-            .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", &format!("127.0.0.1:{issuer_admin}")])
             .args(["--lifetime", &lifetime]),
         &root.join("issuer"),
     )?;
-    wait_listening(issuer_port, "issuer")?;
+    wait_ready(
+        &mut issuer,
+        "the issuer",
+        issuer_admin,
+        Duration::from_secs(30),
+    )?;
     writeln!(
         out,
         "[issuer]  serving Identity/Certify over TLS on 127.0.0.1:{issuer_port}, leaf lifetime {lifetime}"
@@ -142,7 +165,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
     let outbound = free_port();
     let proxy_admin = free_port();
     let pidfile = host.join("mtls-proxy.pid");
-    let _proxy = spawn(
+    let mut proxy = spawn(
         Command::new(bin("mtls-proxy"))
             .arg("--certs")
             .arg(&certs)
@@ -156,9 +179,12 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
             .arg(&pidfile),
         &host.join("mtls-proxy"),
     )?;
-    wait_for("the mtls-proxy pidfile", Duration::from_secs(20), || {
-        pidfile.exists().then_some(())
-    });
+    wait_live(
+        &mut proxy,
+        "mtls-proxy",
+        proxy_admin,
+        Duration::from_secs(30),
+    )?;
     writeln!(
         out,
         "[proxy]   mtls-proxy: mTLS 127.0.0.1:{inbound} -> app {app}; app -> 127.0.0.1:{outbound} -> mTLS peer"
@@ -187,7 +213,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
             pidfile.display(),
         ),
     )?;
-    let _rotator = spawn(
+    let mut rotator = spawn(
         Command::new(bin("rotator"))
             .args(["run", "--config"])
             .arg(&config),
@@ -205,14 +231,34 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         .enable_all()
         .build()?;
     let clock: SharedClock = Arc::new(SystemClock);
-    let watcher_creds = wait_for("the first certificate", Duration::from_secs(30), || {
-        Reloader::load(
-            Source::new(&certs, None),
-            AllowList::default(),
-            clock.clone(),
-        )
-        .ok()
-    });
+    // The long-lived connection starts only once the proxy serves the first cert (its
+    // `/ready`): the files landing on disk come before the rotator's SIGHUP reaches it.
+    wait_ready(
+        &mut proxy,
+        "mtls-proxy",
+        proxy_admin,
+        Duration::from_secs(90),
+    )
+    .or_else(|e| match rotator.0.try_wait() {
+        Ok(Some(status)) => Err(e.context(format!(
+            "the rotator exited ({status}); see {}",
+            host.join("rotator.log").display()
+        ))),
+        _ => Err(e.context(format!(
+            "the rotator's log is {}",
+            host.join("rotator.log").display()
+        ))),
+    })?;
+    writeln!(
+        out,
+        "[proxy]   ready: serving the rotator's first certificate"
+    )?;
+    let watcher_creds = Reloader::load(
+        Source::new(&certs, None),
+        AllowList::default(),
+        clock.clone(),
+    )
+    .context("load the cert dir the proxy serves")?;
     let stop = Arc::new(AtomicBool::new(false));
     let echoed = Arc::new(AtomicU64::new(0));
     let long_lived = {
@@ -232,9 +278,8 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         if Instant::now() > deadline {
             stop.store(true, Ordering::SeqCst);
             bail!(
-                "only {} rotation(s) seen before the deadline; logs are in {}",
-                summary.served_serials.len().saturating_sub(1),
-                root.display()
+                "only {} seen before the deadline",
+                plural(summary.served_serials.len().saturating_sub(1), "rotation"),
             );
         }
         if long_lived.is_finished() {
@@ -288,13 +333,22 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
     out.write_all(&status.stdout)?;
     writeln!(
         out,
-        "\ndone: {} rotations served by the proxy; the long-lived connection echoed {} bytes byte-exact across all of them; {} fresh handshakes, {} failed",
-        summary.served_serials.len().saturating_sub(1),
+        "\ndone: {} served by the proxy; the long-lived connection echoed {} bytes byte-exact across all of them; {} fresh handshakes, {} failed",
+        plural(summary.served_serials.len().saturating_sub(1), "rotation"),
         summary.long_lived_bytes,
         summary.handshakes,
         summary.failed_handshakes
     )?;
     Ok(summary)
+}
+
+/// "1 rotation", "2 rotations".
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {
@@ -318,11 +372,40 @@ fn spawn(cmd: &mut Command, base: &Path) -> Result<ChildGuard> {
     Ok(ChildGuard(child))
 }
 
-fn wait_listening(port: u16, what: &str) -> Result<()> {
-    wait_for(what, Duration::from_secs(20), || {
-        TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    Ok(())
+/// Waits for `GET /ready` on the child's admin port to answer 200.
+fn wait_ready(child: &mut ChildGuard, what: &str, admin: u16, timeout: Duration) -> Result<()> {
+    wait_admin(child, what, admin, "/ready", timeout)
+}
+
+/// Waits for `GET /live` on the child's admin port to answer 200.
+fn wait_live(child: &mut ChildGuard, what: &str, admin: u16, timeout: Duration) -> Result<()> {
+    wait_admin(child, what, admin, "/live", timeout)
+}
+
+/// Polls an admin endpoint every 50 ms until it answers 200; fails early when the child exits.
+fn wait_admin(
+    child: &mut ChildGuard,
+    what: &str,
+    admin: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.0.try_wait()? {
+            bail!("{what} exited ({status}) before {path} answered 200");
+        }
+        match http_get(admin, path) {
+            Ok((200, _)) => return Ok(()),
+            _ if Instant::now() > deadline => {
+                bail!(
+                    "{what}: {path} on 127.0.0.1:{admin} did not answer 200 within {}s",
+                    timeout.as_secs()
+                )
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// An echo server on 127.0.0.1 (a thread per connection); returns its address.

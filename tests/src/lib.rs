@@ -4,24 +4,20 @@
 
 pub mod demo;
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Path of a workspace binary (`issuer`, `rotator`, `mtls-proxy`), built once on first use
-/// with the same profile as the running test.
+/// with the same profile as the running test or example. Cargo's progress lines go to stderr.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let dir = target_dir();
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins", "--workspace"]);
-        if dir.ends_with("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd
+        let status = proxy_lib::test_util::cargo_build()
+            .arg("--workspace")
             .status()
             .expect("run cargo build for the workspace binaries");
         assert!(
@@ -34,14 +30,9 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// `target/<profile>` of the running test binary.
+/// `target/<profile>` of the running test or example.
 pub fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    proxy_lib::test_util::profile_dir()
 }
 
 /// A child process that is killed and reaped when dropped.
@@ -89,6 +80,59 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind 127.0.0.1:0")
+}
+
+/// A plain HTTP/1.0 GET to 127.0.0.1:`port`: status code and body. An error when nothing
+/// answers (yet), so it can be polled as a readiness signal.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {resp:?}")))?;
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((code, body.to_string()))
+}
+
+/// A temp dir for one test: removed when the test passes, kept (and its path printed) when
+/// the test panics, so the configs, certs and logs of a failed run can be read.
+#[derive(Debug)]
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    /// A new empty temp dir.
+    pub fn new() -> Self {
+        Self(Some(tempfile::tempdir().expect("create a temp dir")))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!(
+                "test failed: its working dir is kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
 }
 
 /// Installs a test log subscriber once (output captured by the test harness).

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 #[test]
 fn quickstart_demo_rotates_without_dropping_the_long_lived_connection() {
-    let dir = tempfile::tempdir().unwrap();
+    // Kept (and its path printed) if anything below fails: each process's log is in it.
+    let dir = testkit::TestDir::new();
     let opts = testkit::demo::Options {
         rotations: 2,
         lifetime: Duration::from_secs(6),
