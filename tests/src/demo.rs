@@ -239,15 +239,15 @@ fn run_in(root: &Path, opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         proxy_admin,
         Duration::from_secs(90),
     )
-    .or_else(|e| match rotator.0.try_wait() {
-        Ok(Some(status)) => Err(e.context(format!(
-            "the rotator exited ({status}); see {}",
-            host.join("rotator.log").display()
-        ))),
-        _ => Err(e.context(format!(
-            "the rotator's log is {}",
-            host.join("rotator.log").display()
-        ))),
+    .map_err(|e| {
+        let rotator_log = host.join("rotator.log");
+        match rotator.0.try_wait() {
+            Ok(Some(status)) => e.context(format!(
+                "the rotator exited ({status}); see {}",
+                rotator_log.display()
+            )),
+            _ => e.context(format!("the rotator's log is {}", rotator_log.display())),
+        }
     })?;
     writeln!(
         out,
