@@ -461,3 +461,100 @@ fn systemd_units_pass_systemd_analyze_verify() {
         );
     }
 }
+
+/// The shell block under the README's "Checking the proxy by hand", adapted to a temp dir and
+/// the test's ports.
+fn readme_proxy_check_script(certs: &Path, inbound: u16, admin: u16) -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let start = readme
+        .find("### Checking the proxy by hand")
+        .expect("README: checking the proxy by hand");
+    let block = &readme[start..];
+    let open = block.find("```sh\n").expect("code block") + "```sh\n".len();
+    let close = block[open..].find("```").expect("end of code block");
+    let script = &block[open..open + close];
+    for expected in ["/var/lib/mesh-identity", "127.0.0.1:4143", "127.0.0.1:4191"] {
+        assert!(script.contains(expected), "{expected} not in {script}");
+    }
+    script
+        .replace("/var/lib/mesh-identity", &certs.display().to_string())
+        .replace("127.0.0.1:4143", &format!("127.0.0.1:{inbound}"))
+        .replace("127.0.0.1:4191", &format!("127.0.0.1:{admin}"))
+}
+
+#[test]
+fn readme_openssl_check_of_the_proxy_works() {
+    for tool in ["openssl", "curl"] {
+        if !testkit::have_tool(tool) {
+            assert!(
+                !testkit::require_interop(),
+                "REQUIRE_INTEROP=1 but {tool} is missing"
+            );
+            eprintln!("skipping: {tool} not installed");
+            return;
+        }
+    }
+    proxy_lib::install_crypto_provider();
+    let tmp = testkit::TestDir::new();
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let now = SystemClock.now();
+    let pki = TestPki::new(now);
+    let id: Identity = ID.parse().unwrap();
+    write_data_dir(
+        &certs,
+        &pki.leaf(
+            &id,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        ),
+    );
+    // The app behind the proxy: accepts and holds the connection until the client leaves.
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_addr = app.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in app.incoming() {
+            let Ok(mut conn) = conn else { break };
+            std::thread::spawn(move || std::io::copy(&mut conn.try_clone()?, &mut conn));
+        }
+    });
+    let (inbound, admin) = (free_port(), free_port());
+    let proxy_log = tmp.path().join("mtls-proxy.log");
+    let _proxy = ChildGuard(
+        Command::new(bin("mtls-proxy"))
+            .arg("--certs")
+            .arg(&certs)
+            .args(["--inbound", &format!("127.0.0.1:{inbound}={app_addr}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&proxy_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the proxy's /ready", Duration::from_secs(30), || {
+        testkit::http_get(admin, "/ready")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    });
+
+    let script = readme_proxy_check_script(&certs, inbound, admin);
+    let out = Command::new("sh")
+        .args(["-ec", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script}\n{text}");
+    assert!(text.contains("Verification: OK"), "{text}");
+    assert!(text.contains(&format!("Verified peername: {ID}")), "{text}");
+    assert!(
+        text.contains(r#"proxy_tls_handshakes_total{direction="inbound",result="ok"} 1"#),
+        "the proxy did not accept the client cert:\n{text}"
+    );
+}
