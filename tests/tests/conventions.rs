@@ -69,6 +69,18 @@ struct Row {
     stdout_has: Option<&'static str>,
 }
 
+/// One case of the per-binary part of the table, run in each [`Format`].
+struct Case {
+    name: &'static str,
+    /// The `--config` argument.
+    config: String,
+    /// Arguments after `--config FILE`.
+    extra: &'static [&'static str],
+    code: i32,
+    /// Each must appear on stderr.
+    names: Vec<String>,
+}
+
 struct Outcome {
     code: Option<i32>,
     stdout: String,
@@ -144,30 +156,36 @@ fn rows(tmp: &Path) -> Vec<Row> {
         let typed = tmp.join(format!("{}-type.toml", b.name));
         std::fs::write(&typed, b.type_error.0).unwrap();
         let path = |p: &Path| p.display().to_string();
-        // (case, config file, extra args, exit code, names on stderr)
-        let cases: Vec<(&str, &Path, &[&str], i32, Vec<String>)> = vec![
-            (
+        let case = |name, config: &Path, extra: &'static [&'static str], code, names| Case {
+            name,
+            config: path(config),
+            extra,
+            code,
+            names,
+        };
+        let cases = [
+            case(
                 "missing config file",
                 &missing,
                 &[],
                 66,
                 vec![path(&missing)],
             ),
-            (
+            case(
                 "unknown key",
                 &unknown,
                 &[],
                 78,
                 vec!["no_such_key".into(), path(&unknown)],
             ),
-            (
+            case(
                 "value of the wrong type",
                 &typed,
                 &[],
                 78,
                 vec![b.type_error.1.into(), path(&typed)],
             ),
-            (
+            case(
                 "bad flag",
                 &unknown,
                 &["--no-such-flag"],
@@ -175,17 +193,24 @@ fn rows(tmp: &Path) -> Vec<Row> {
                 vec!["--no-such-flag".into()],
             ),
         ];
-        for (case, config, extra, code, names) in cases {
+        for Case {
+            name,
+            config,
+            extra,
+            code,
+            names,
+        } in cases
+        {
             for format in [Format::Default, Format::Flag, Format::Env] {
                 let mut args: Vec<String> = Vec::new();
                 if format == Format::Flag {
                     args.extend(["--log-format".into(), "json".into()]);
                 }
                 args.extend(b.command.iter().map(|s| s.to_string()));
-                args.extend(["--config".into(), path(config)]);
+                args.extend(["--config".into(), config.clone()]);
                 args.extend(extra.iter().map(|s| s.to_string()));
                 rows.push(Row {
-                    what: format!("{} {case} ({format:?})", b.name),
+                    what: format!("{} {name} ({format:?})", b.name),
                     bin: b.name,
                     args,
                     env: if format == Format::Env {
