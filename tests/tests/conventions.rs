@@ -245,6 +245,31 @@ fn rows(tmp: &Path) -> Vec<Row> {
         stderr_names: vec![],
         stdout_has: Some("UNKNOWN"),
     });
+    // `issuer serve` needs its CA files at start: a missing one is a missing input too.
+    let no_ca = tmp.join("no-ca");
+    let issuer_toml = tmp.join("issuer-no-ca.toml");
+    std::fs::write(
+        &issuer_toml,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[ca]\ndir = \"{}\"\n",
+            no_ca.display()
+        ),
+    )
+    .unwrap();
+    rows.push(Row {
+        what: "issuer serve with a missing CA file (json)".into(),
+        bin: "issuer",
+        args: vec![
+            "serve".into(),
+            "--config".into(),
+            issuer_toml.display().to_string(),
+        ],
+        env: vec![("ISSUER_LOG_FORMAT", "json")],
+        json: true,
+        code: 66,
+        stderr_names: vec![no_ca.join("ca.crt").display().to_string()],
+        stdout_has: None,
+    });
     // Runs that succeed and tell the operator something on stderr: JSON too.
     let ca = tmp.join("ca").display().to_string();
     rows.push(Row {
