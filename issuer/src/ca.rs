@@ -123,11 +123,14 @@ impl Ca {
     /// Reads and validates the CA files at `now`. Blocks. Errors name the file at fault.
     pub fn load(files: &CaFiles, now: SystemTime) -> Result<Self> {
         let read = |p: &Path| {
-            pem::read(p).map_err(|e| Error::CaMaterial {
-                path: p.to_path_buf(),
-                reason: match e {
-                    pem::PemError::Io { source, .. } => source.to_string(),
-                    other => other.to_string(),
+            pem::read(p).map_err(|e| match e {
+                pem::PemError::Io { source, .. } => Error::CaUnreadable {
+                    path: p.to_path_buf(),
+                    source,
+                },
+                other => Error::CaMaterial {
+                    path: p.to_path_buf(),
+                    reason: other.to_string(),
                 },
             })
         };

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use proxy_lib::cli::{LogFormat, Logging, fatal, say};
 use proxy_lib::clock::{SharedClock, SystemClock};
 use proxy_lib::identity::{Identity, TrustDomain};
 
@@ -16,17 +17,31 @@ use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
 use crate::tokens::IpNet;
 
-/// Exit code for usage errors.
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code for configuration errors.
-pub const EXIT_CONFIG: u8 = 78;
+/// The variable that sets `--log-format` when the flag is not given.
+pub const LOG_FORMAT_ENV: &str = "ISSUER_LOG_FORMAT";
+
+/// The binary's logging convention (the level comes from `RUST_LOG`; `--log-json` is the
+/// deprecated spelling of `--log-format json`).
+pub const LOGGING: Logging = Logging {
+    bin: "issuer",
+    format_env: LOG_FORMAT_ENV,
+    level_env: &["RUST_LOG"],
+    json_flags: &["--log-json"],
+};
 
 /// Signs short-lived workload certificates over Linkerd's identity API.
+///
+/// Exit codes: 0 done, 1 failed, 64 bad flag or argument, 66 a named input file (the config
+/// file, or a CA file at start) is missing or unreadable, 78 invalid configuration.
 #[derive(Debug, Parser)]
-#[command(name = "issuer", version, about)]
+#[command(name = "issuer", version, about, long_about)]
 pub struct Cli {
-    /// Log as JSON lines (on stderr).
-    #[arg(long, global = true)]
+    /// Log format on stderr; with json every line is a JSON object, errors and notices
+    /// included (the level comes from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = LOG_FORMAT_ENV)]
+    pub log_format: LogFormat,
+    /// Deprecated: --log-format json.
+    #[arg(long, global = true, hide = true)]
     pub log_json: bool,
     /// What to do.
     #[command(subcommand)]
@@ -172,11 +187,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("issuer: error: {e}");
-            match e {
-                Error::Config { .. } => ExitCode::from(EXIT_CONFIG),
-                _ => ExitCode::FAILURE,
-            }
+            fatal(&e);
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -201,12 +213,12 @@ fn init(a: InitArgs, clock: SharedClock) -> Result<()> {
     };
     let out = crate::init::run_at(&opts, clock.now())?;
     for f in &out.files {
-        eprintln!("wrote {}", f.display());
+        say(format_args!("wrote {}", f.display()));
     }
-    eprintln!(
+    say(format_args!(
         "keep {} offline: it is only needed to sign the next issuer certificate",
         opts.dir.join(crate::init::ANCHOR_KEY_FILE).display()
-    );
+    ));
     Ok(())
 }
 
@@ -234,7 +246,7 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
                 let _ = crate::tokens::revoke(&cfg.tokens, &t.record.id, clock.now());
                 return Err(e.into());
             }
-            eprintln!("token written to {}", out.display());
+            say(format_args!("token written to {}", out.display()));
         }
         None => {
             let mut stdout = std::io::stdout().lock();
@@ -267,10 +279,10 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
                 .join(", ")
         )
     };
-    eprintln!(
+    say(format_args!(
         "created token {} for {}, {validity}, {ips}",
         t.record.id, t.record.identity
-    );
+    ));
     Ok(())
 }
 
@@ -335,7 +347,7 @@ fn token_revoke(a: TokenRevokeArgs, clock: SharedClock) -> Result<()> {
     let cfg = Config::load(&a.config.path(), &Overrides::default())?;
     for id in &a.ids {
         let r = crate::tokens::revoke(&cfg.tokens, id, clock.now())?;
-        eprintln!("revoked token {} for {}", r.id, r.identity);
+        say(format_args!("revoked token {} for {}", r.id, r.identity));
     }
     Ok(())
 }

@@ -168,14 +168,7 @@ impl Config {
 
     /// Reads and validates `path`, applying `overrides`. Blocks.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            problems: vec![e.message().to_string()],
-        })?;
+        let raw: RawConfig = proxy_lib::config_file::load(path)?;
         Self::from_raw(raw, path, overrides)
     }
 
@@ -442,5 +435,31 @@ per_credential_per_minute = 0
     #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<RawConfig>("lifetme = \"1h\"").is_err());
+    }
+
+    #[test]
+    fn file_errors_name_the_key_and_the_file_and_pick_the_exit_code() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("issuer.toml");
+        let file = path.display().to_string();
+        for (text, key) in [
+            ("lifetme = \"1h\"\n", "lifetme"),
+            ("plaintext = \"yes\"\n", "plaintext"),
+            (
+                "[limits]\nmax_request_bytes = \"big\"\n",
+                "limits.max_request_bytes",
+            ),
+            ("[ca]\ndir = 7\n", "ca.dir"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = Config::load(&path, &Overrides::default()).unwrap_err();
+            let shown = e.to_string();
+            assert!(shown.contains(&format!("key `{key}`")), "{text:?}: {shown}");
+            assert!(shown.contains(&file), "{text:?}: {shown}");
+            assert_eq!(e.exit_code(), 78, "{shown}");
+        }
+        let e = Config::load(&d.path().join("missing.toml"), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+        assert_eq!(e.exit_code(), 66, "{e}");
     }
 }

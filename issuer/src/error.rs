@@ -136,6 +136,15 @@ pub enum Error {
     /// The issuer CA cannot issue now (expired, not yet valid, or too little life left).
     #[error("issuer CA unavailable: {0}")]
     CaUnavailable(String),
+    /// A CA file could not be read (missing or unreadable).
+    #[error("issuer CA material {path}: {source}")]
+    CaUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Loading or validating CA material failed.
     #[error("issuer CA material {path}: {reason}")]
     CaMaterial {
@@ -144,6 +153,10 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The config file is unreadable, not TOML, or has an unknown key or a value of the
+    /// wrong type (the error names the file, the line and the key).
+    #[error(transparent)]
+    ConfigFile(#[from] proxy_lib::config_file::ConfigFileError),
     /// The configuration is invalid (every problem listed).
     #[error("invalid configuration {path}: {}", problems.join("; "))]
     Config {
@@ -190,6 +203,19 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The exit code of the `issuer` binary for this error: 66 when a named input file (the
+    /// config file, a CA file at start) cannot be read, 78 for an invalid configuration, 1
+    /// for anything else.
+    pub fn exit_code(&self) -> u8 {
+        use proxy_lib::cli::exit;
+        match self {
+            Error::ConfigFile(e) => e.exit_code(),
+            Error::CaUnreadable { .. } => exit::NO_INPUT,
+            Error::Config { .. } => exit::CONFIG,
+            _ => exit::FAILURE,
+        }
+    }
+
     /// The gRPC status for this error. The message names the problem; internal causes are
     /// not echoed (they are logged by the caller).
     pub fn to_status(&self) -> tonic::Status {

@@ -1,34 +1,21 @@
-//! The `issuer` binary: parse the command line, start logging, run the library.
+//! The `issuer` binary: start logging, parse the command line, run the library.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::Parser;
-use issuer::cli::{Cli, EXIT_USAGE};
+use issuer::cli::{Cli, LOGGING};
 
 fn main() -> ExitCode {
     proxy_lib::install_crypto_provider();
-    let cli = match Cli::try_parse() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    LOGGING.init(&args);
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(EXIT_USAGE),
-            };
-        }
+        Err(e) => return ExitCode::from(proxy_lib::cli::usage_error(e)),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
+        tracing::warn!("--log-json is deprecated: use --log-format json");
     }
     issuer::cli::run(cli)
 }

@@ -9,6 +9,8 @@
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
 //! - [`fs`]: atomic, mode-correct file writes.
 //! - [`admin`]: the admin HTTP endpoints every binary serves.
+//! - `cli`, `config_file` (feature `cli`): the command-line convention of the three binaries
+//!   (exit codes, `--log-format`, JSON on stderr) and config files whose errors name the key.
 //! - `proxy` (feature `proxy`): the reloadable mTLS proxy behind the `mtls-proxy` binary, and
 //!   the embedding API (`proxy::Reloader`) for services that want rustls configs that follow
 //!   certificate reloads.
@@ -18,7 +20,11 @@
 pub mod admin;
 pub mod bundle;
 pub mod cert;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod clock;
+#[cfg(feature = "cli")]
+pub mod config_file;
 pub mod fs;
 pub mod identity;
 pub mod pem;

@@ -1,43 +1,31 @@
-//! `mtls-proxy`: parses the command line and runs [`proxy_lib::proxy::run`].
+//! `mtls-proxy`: starts logging, parses the command line and runs [`proxy_lib::proxy::run`].
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::Parser;
-use proxy_lib::proxy::Args;
-use proxy_lib::proxy::config::LogFormat;
-
-/// Exit code for usage errors (sysexits EX_USAGE).
-const EXIT_USAGE: u8 = 64;
+use proxy_lib::cli::{self, exit};
+use proxy_lib::proxy::config::LOGGING;
+use proxy_lib::proxy::{Args, ConfigError};
 
 fn main() -> ExitCode {
     proxy_lib::install_crypto_provider();
-    let args = match Args::try_parse() {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    LOGGING.init(&argv);
+    let args = match Args::try_parse_from(&argv) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS // --help, --version
-            };
-        }
+        Err(e) => return ExitCode::from(cli::usage_error(e)),
     };
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Plain => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    let from_file = args.config.is_some();
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mtls-proxy: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            cli::fatal(&e);
+            return ExitCode::from(match e {
+                // Without a config file every value came from a flag: a usage error.
+                ConfigError::Invalid(_) if !from_file => exit::USAGE,
+                e => e.exit_code(),
+            });
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -46,15 +34,15 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mtls-proxy: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            cli::fatal(format_args!("cannot start the async runtime: {e}"));
+            return ExitCode::from(exit::FAILURE);
         }
     };
     match runtime.block_on(proxy_lib::proxy::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "mtls-proxy failed");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILURE)
         }
     }
 }

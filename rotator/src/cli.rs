@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use proxy_lib::cli::{LogFormat, Logging, exit, fatal, say};
 use proxy_lib::clock::{SharedClock, SystemClock, rfc3339};
 use proxy_lib::identity::Identity;
 
 use crate::client::GrpcIssuer;
-use crate::config::{self, Config, ConfigError, Env};
+use crate::config::{self, Config, Env};
 use crate::daemon::{self, LoopOptions};
 use crate::metrics::Metrics;
 use crate::notify::{self, Systemd};
@@ -19,21 +20,34 @@ use crate::reload::Hooks;
 use crate::renew::{Outcome, Rotator};
 use crate::status::{self, Report};
 
-/// Exit code for usage errors (EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code for an unusable configuration (EX_CONFIG).
-pub const EXIT_CONFIG: u8 = 78;
-/// Exit code when a cycle failed.
-pub const EXIT_FAILURE: u8 = 1;
+/// The variable that sets `--log-format` when the flag is not given.
+pub const LOG_FORMAT_ENV: &str = "ROTATOR_LOG_FORMAT";
+
+/// The binary's logging convention: the level comes from `RUST_LOG`, or from `ROTATOR_LOG`
+/// (the older name, kept as an alias; being the rotator's own, it wins when both are set).
+pub const LOGGING: Logging = Logging {
+    bin: "rotator",
+    format_env: LOG_FORMAT_ENV,
+    level_env: &["ROTATOR_LOG", "RUST_LOG"],
+    json_flags: &[],
+};
 
 /// Keeps a short-lived mesh identity on disk and rotates it atomically.
 ///
 /// Every config key can also be set from the environment as ROTATOR_<KEY> (e.g.
 /// ROTATOR_IDENTITY, ROTATOR_BACKOFF_MAX), and Linkerd's LINKERD2_PROXY_IDENTITY_* names
 /// are accepted with Linkerd's meaning.
+///
+/// Exit codes: 0 done, 1 failed, 64 bad flag or argument, 66 the config file is missing or
+/// unreadable, 78 invalid configuration; `status` exits with its monitoring codes instead
+/// (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN, which includes a missing or invalid config).
 #[derive(Debug, Parser)]
 #[command(name = "rotator", version, about, long_about)]
 pub struct Cli {
+    /// Log format on stderr; with json every line is a JSON object, errors and notices
+    /// included (the level comes from RUST_LOG, or ROTATOR_LOG which wins; default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = LOG_FORMAT_ENV)]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -72,7 +86,8 @@ Config keys (rotator.toml; environment ROTATOR_<KEY>, dots as underscores):
   verify.attempts     default 3 reload+verify attempts
   verify.delay        default 500ms between a reload and its check
   metrics.listen      default none; ip:port for /metrics, /live, /ready
-Logging: ROTATOR_LOG (default info), ROTATOR_LOG_FORMAT=json.";
+Logging: level from RUST_LOG (or ROTATOR_LOG, which wins), default info; --log-format json
+(or ROTATOR_LOG_FORMAT=json) makes every line on stderr JSON.";
 
 /// The config file option shared by run, rotate and status.
 #[derive(Debug, clap::Args)]
@@ -94,7 +109,8 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Run one renewal cycle (the daemon's code path) and exit: 0 when rotated or not due
-    /// (prints "not due until <time>"), 1 when it failed, 78 when the config is unusable.
+    /// (prints "not due until <time>"), 1 when it failed, 66 when the config file cannot be
+    /// read, 78 when the config is invalid.
     #[command(after_help = CONFIG_HELP)]
     Rotate {
         #[command(flatten)]
@@ -105,7 +121,8 @@ pub enum Command {
         force: bool,
     },
     /// Report on the cert dir. Exit 0 OK, 1 WARNING (renewal overdue or failing),
-    /// 2 CRITICAL (missing, expired, invalid), 3 UNKNOWN (e.g. unusable config).
+    /// 2 CRITICAL (missing, expired, invalid), 3 UNKNOWN (e.g. a missing or invalid config:
+    /// these monitoring codes replace 66 and 78 here; a bad flag is still 64).
     #[command(after_help = CONFIG_HELP)]
     Status {
         #[command(flatten)]
@@ -131,10 +148,7 @@ pub enum Command {
 pub fn main(args: impl IntoIterator<Item = OsString>, env: &dyn Env) -> u8 {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { EXIT_USAGE } else { 0 };
-        }
+        Err(e) => return proxy_lib::cli::usage_error(e),
     };
     let clock: SharedClock = Arc::new(SystemClock);
     match cli.command {
@@ -159,18 +173,18 @@ pub fn main(args: impl IntoIterator<Item = OsString>, env: &dyn Env) -> u8 {
             let id = match Identity::parse(&identity) {
                 Ok(id) => id,
                 Err(e) => {
-                    eprintln!("rotator: --identity: {e}");
-                    return EXIT_USAGE;
+                    fatal(format_args!("--identity: {e}"));
+                    return exit::USAGE;
                 }
             };
             match crate::bootstrap::write(&dir, &id) {
                 Ok((k, c)) => {
-                    eprintln!("wrote {} and {}", k.display(), c.display());
+                    say(format_args!("wrote {} and {}", k.display(), c.display()));
                     0
                 }
                 Err(e) => {
-                    eprintln!("rotator: {e}");
-                    EXIT_FAILURE
+                    fatal(e);
+                    exit::FAILURE
                 }
             }
         }
@@ -181,12 +195,8 @@ fn with_config(arg: ConfigArg, env: &dyn Env, f: impl FnOnce(Config) -> u8) -> u
     match config::load(arg.config.as_deref(), env) {
         Ok(c) => f(c),
         Err(e) => {
-            eprintln!("rotator: {e}");
-            if matches!(e, ConfigError::Read { .. }) {
-                EXIT_USAGE
-            } else {
-                EXIT_CONFIG
-            }
+            fatal(&e);
+            e.exit_code()
         }
     }
 }
@@ -235,8 +245,8 @@ fn rotate(config: Config, clock: SharedClock, force: bool) -> u8 {
             0
         }
         Err(e) => {
-            eprintln!("rotator: rotation failed: {e}");
-            EXIT_FAILURE
+            fatal(format_args!("rotation failed: {e}"));
+            exit::FAILURE
         }
     }
 }
@@ -247,8 +257,8 @@ fn run(config: Config, clock: SharedClock, env: &dyn Env) -> u8 {
     rt.block_on(async move {
         let (handle, controls) = daemon::controls();
         if let Err(e) = crate::signals::install(handle.clone()) {
-            eprintln!("rotator: cannot install signal handlers: {e}");
-            return EXIT_FAILURE;
+            fatal(format_args!("cannot install signal handlers: {e}"));
+            return exit::FAILURE;
         }
         let issuer = issuer_for(&config);
         run_with(config, clock, issuer, handle, controls, watchdog).await
@@ -269,8 +279,8 @@ async fn run_with(
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("rotator: cannot listen on {addr} for metrics: {e}");
-                return EXIT_FAILURE;
+                fatal(format_args!("cannot listen on {addr} for metrics: {e}"));
+                return exit::FAILURE;
             }
         };
         tracing::info!(%addr, "serving metrics");

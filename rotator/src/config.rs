@@ -12,6 +12,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proxy_lib::config_file::{self, ConfigFileError};
 use proxy_lib::identity::{Identity, TrustDomain};
 use proxy_lib::verify::TrustAnchors;
 
@@ -178,25 +179,23 @@ pub struct FieldError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML.
-    #[error("config {path} is not valid TOML: {message}")]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said.
-        message: String,
-    },
+    /// The config file is unreadable or not valid TOML (the error names the file and line).
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     /// One or more fields are missing or invalid.
     #[error("invalid configuration:{}", list(.0))]
     Invalid(Vec<FieldError>),
+}
+
+impl ConfigError {
+    /// The exit code of `run` and `rotate`: 66 for an unreadable config file, 78 for an
+    /// invalid configuration. (`status` reports either as 3 UNKNOWN.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::File(e) => e.exit_code(),
+            Self::Invalid(_) => proxy_lib::cli::exit::CONFIG,
+        }
+    }
 }
 
 fn list(errors: &[FieldError]) -> String {
@@ -241,12 +240,7 @@ impl RawConfig {
     /// Parses TOML text. Unknown keys and values of the wrong shape are recorded as field
     /// errors (reported together with the rest by [`RawConfig::validate`]).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: path.to_path_buf(),
-                    message: e.message().to_string(),
-                })?;
+        let table: toml::Table = config_file::parse(text, path)?;
         let mut raw = Self::default();
         let origin = path.display().to_string();
         raw.add_table("", &table, &origin);
@@ -255,11 +249,7 @@ impl RawConfig {
 
     /// Reads and parses a config file. Blocks.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text, path)
+        Self::from_toml(&config_file::read(path)?, path)
     }
 
     fn add_table(&mut self, prefix: &str, table: &toml::Table, origin: &str) {
@@ -278,7 +268,7 @@ impl RawConfig {
                 } else {
                     self.errors.push(FieldError {
                         key,
-                        message: "unknown section".into(),
+                        message: format!("unknown section (in {origin})"),
                     });
                 }
                 continue;
@@ -303,7 +293,9 @@ impl RawConfig {
                         None => {
                             self.errors.push(FieldError {
                                 key,
-                                message: "expected an array of strings".into(),
+                                message: format!(
+                                    "expected an array of strings, got {v} (from {origin})"
+                                ),
                             });
                             continue;
                         }
@@ -312,7 +304,11 @@ impl RawConfig {
                 other => {
                     self.errors.push(FieldError {
                         key,
-                        message: format!("unsupported value type {}", other.type_str()),
+                        message: format!(
+                            "expected text, a number, true/false or an array of strings, \
+                             got a {} (from {origin})",
+                            other.type_str()
+                        ),
                     });
                     continue;
                 }
@@ -329,7 +325,7 @@ impl RawConfig {
             }
             None => self.errors.push(FieldError {
                 key: key.to_string(),
-                message: "unknown key".into(),
+                message: format!("unknown key (from {origin})"),
             }),
         }
     }
@@ -1081,6 +1077,48 @@ mod tests {
         assert_eq!(c.verify.unwrap().attempts, DEFAULT_VERIFY_ATTEMPTS);
         assert_eq!(c.metrics_listen.unwrap().port(), 9991);
         assert!(c.schedule.is_some());
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_the_file() {
+        let path = Path::new("/etc/mesh/rotator.toml");
+        for (text, key) in [
+            ("renew_at = \"soon\"\n", "renew_at"),
+            ("plaintext = \"maybe\"\n", "plaintext"),
+            ("dir = 5\n", "dir"),
+            ("[reload]\nexec = [\"a\", 1]\n", "reload.exec"),
+            ("schedule = 1979-05-27T07:32:00Z\n", "schedule"),
+            ("[backoff]\nmax = true\n", "backoff.max"),
+            ("bogus = 1\n", "bogus"),
+            ("[bogus]\nx = 1\n", "bogus"),
+        ] {
+            let raw = RawConfig::from_toml(text, path).unwrap();
+            let err = raw.validate().unwrap_err();
+            assert_eq!(err.exit_code(), 78);
+            let ConfigError::Invalid(errs) = err else {
+                panic!("{text:?}: {err}")
+            };
+            let e = errs
+                .iter()
+                .find(|e| e.key == key)
+                .unwrap_or_else(|| panic!("{text:?}: {key} not reported in {errs:?}"));
+            assert!(
+                e.message.contains("/etc/mesh/rotator.toml"),
+                "{text:?}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unreadable_file_exits_66_and_bad_toml_78_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("missing.toml");
+        let e = load(Some(&missing), &MapEnv::default()).unwrap_err();
+        assert_eq!(e.exit_code(), 66);
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+        let e = RawConfig::from_toml("\nrenew_at = [\n", Path::new("r.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 78);
+        assert!(e.to_string().contains("r.toml:2"), "{e}");
     }
 
     #[test]

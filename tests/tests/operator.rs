@@ -247,6 +247,7 @@ fn rotator_daemon_logs_when_it_retries_an_unreachable_issuer() {
         Command::new(bin("rotator"))
             .args(["run", "--config"])
             .arg(&config)
+            .env_remove("RUST_LOG")
             .env_remove("ROTATOR_LOG")
             .env_remove("ROTATOR_LOG_FORMAT")
             .env_remove("NOTIFY_SOCKET")

@@ -718,9 +718,10 @@ fn status_exit_codes_from_the_binary() {
     );
     assert_eq!(code(&["status", "--nope"]), 64);
     assert_eq!(code(&["frobnicate"]), 64);
+    // A missing config file is a missing input (EX_NOINPUT), not a usage error.
     assert_eq!(
         code(&["rotate", "--config", "/nonexistent/rotator.toml"]),
-        64
+        66
     );
     assert_eq!(code(&["--help"]), 0);
     assert_eq!(code(&["run", "--help"]), 0);

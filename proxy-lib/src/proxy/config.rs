@@ -24,6 +24,20 @@ use std::time::Duration;
 use rustls_pki_types::ServerName;
 use serde::Deserialize;
 
+pub use crate::cli::LogFormat;
+use crate::config_file::{self, ConfigFileError};
+
+/// The variable that sets `--log-format` when the flag is not given.
+pub const LOG_FORMAT_ENV: &str = "MTLS_PROXY_LOG_FORMAT";
+
+/// The binary's logging convention (the level comes from `RUST_LOG`).
+pub const LOGGING: crate::cli::Logging = crate::cli::Logging {
+    bin: "mtls-proxy",
+    format_env: LOG_FORMAT_ENV,
+    level_env: &["RUST_LOG"],
+    json_flags: &[],
+};
+
 /// Default admin listen address (loopback).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:4191";
 /// Default timeout for connecting to the app or an outbound target.
@@ -39,29 +53,28 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the `..data` change check (a cheap readlink), besides SIGHUP.
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Why the configuration is unusable (a usage error: the binary exits 64).
+/// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML of the expected shape.
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said.
-        message: String,
-    },
+    /// The config file is unreadable, not TOML, or has an unknown key or a value of the
+    /// wrong type (the error names the file, the line and the key).
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     /// One or more fields are invalid; each problem is listed.
     #[error("invalid configuration: {}", .0.join("; "))]
     Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// The exit code: 66 for an unreadable config file, 78 for an invalid configuration.
+    /// (`mtls-proxy` exits 64 instead when no config file was given: the flags were bad.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::File(e) => e.exit_code(),
+            Self::Invalid(_) => crate::cli::exit::CONFIG,
+        }
+    }
 }
 
 /// The raw layer: every key optional, as read from the file and/or flags.
@@ -112,19 +125,12 @@ pub struct RawConfig {
 impl RawConfig {
     /// Parses TOML text; `path` names the source in errors.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        Ok(config_file::parse(text, path)?)
     }
 
     /// Reads a TOML file. Blocks.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_toml(&text, path)
+        Ok(config_file::load(path)?)
     }
 
     /// `self` with every key set in `over` replaced (lists replace, not append).
@@ -459,18 +465,10 @@ pub struct Args {
     /// Check `DIR/..data` for a new version this often, besides SIGHUP; 0s = off [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub watch_interval: Option<Duration>,
-    /// Log format on stderr (the level comes from RUST_LOG, default info).
-    #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = "MTLS_PROXY_LOG_FORMAT")]
+    /// Log format on stderr; with json every line is a JSON object, errors included (the
+    /// level comes from RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = LOG_FORMAT_ENV)]
     pub log_format: LogFormat,
-}
-
-/// How the binary writes its logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line.
-    Json,
 }
 
 impl Args {
@@ -567,6 +565,29 @@ mod tests {
         std::fs::write(&path, "certs = \"/x\"\nbogus = 1\n").unwrap();
         let err = RawConfig::read(&path).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn file_errors_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mtls-proxy.toml");
+        let file = path.display().to_string();
+        for (text, key) in [
+            ("bogus = 1\n", "bogus"),
+            ("idle_timeout = \"soon\"\n", "idle_timeout"),
+            ("max_connections = \"many\"\n", "max_connections"),
+            ("inbound = \"0.0.0.0:1=127.0.0.1:2\"\n", "inbound"),
+            ("admin_allow_remote = \"yes\"\n", "admin_allow_remote"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = RawConfig::read(&path).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.contains(&format!("key `{key}`")), "{text:?}: {shown}");
+            assert!(shown.contains(&file), "{text:?}: {shown}");
+            assert_eq!(err.exit_code(), 78);
+        }
+        let err = RawConfig::read(&dir.path().join("missing.toml")).unwrap_err();
+        assert_eq!(err.exit_code(), 66);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The `mtls-proxy` binary as a child process: usage errors exit 64, and acceptance 3 —
+//! The `mtls-proxy` binary as a child process: usage errors exit 64 (a missing config file
+//! 66), and acceptance 3 —
 //! zero-drop reloads under load driven by SIGHUP and `POST /reload` alternately, with the
 //! pidfile written at start and removed on SIGTERM.
 
@@ -61,8 +62,9 @@ fn usage_errors_exit_64_and_help_exits_0() {
     let out = run_to_end(&["--certs", "/x", "--outbound", "127.0.0.1:1=h:1"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("@IDENTITY"));
+    // A missing config file is a missing input (EX_NOINPUT), not a usage error.
     let out = run_to_end(&["--config", "/nonexistent/proxy.toml"]);
-    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
     let out = run_to_end(&["--help"]);
     assert_eq!(out.status.code(), Some(0));
     let help = String::from_utf8_lossy(&out.stdout);
