@@ -8,6 +8,8 @@
 //! - [`verify`]: path validation against trust anchors.
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
 //! - [`fs`]: atomic, mode-correct file writes.
+//! - [`process`]: pidfiles and the programs live pids run.
+//! - [`human`]: durations and counts in messages.
 //! - [`admin`]: the admin HTTP endpoints every binary serves.
 //! - `proxy` (feature `proxy`): the reloadable mTLS proxy behind the `mtls-proxy` binary, and
 //!   the embedding API (`proxy::Reloader`) for services that want rustls configs that follow
@@ -20,8 +22,10 @@ pub mod bundle;
 pub mod cert;
 pub mod clock;
 pub mod fs;
+pub mod human;
 pub mod identity;
 pub mod pem;
+pub mod process;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
