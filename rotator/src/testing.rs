@@ -63,6 +63,46 @@ pub fn interest_in_everything() {
     });
 }
 
+/// Log output captured by a thread-local subscriber: in a `current_thread` test every task
+/// logs through it.
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Captures events at `level` and above on this thread (plain text, no colours) until the
+    /// guard is dropped.
+    pub fn start(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+        interest_in_everything();
+        let buf = Self::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(sub);
+        // Other tests run without a subscriber; make every callsite ask ours again.
+        tracing::callsite::rebuild_interest_cache();
+        (buf, guard)
+    }
+
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 /// Advances simulated time by `d` (wall clock and tokio's paused clock together).
 pub async fn advance(d: Duration) {
     tokio::time::sleep(d).await;
