@@ -230,12 +230,12 @@ fn log_refusal(
         Some(suppressed) => tracing::info!(
             %peer,
             %reason,
-            result = result.as_str(),
+            result = %result.as_str(),
             suppressed,
             "inbound handshake refused"
         ),
         None => {
-            tracing::debug!(%peer, %reason, result = result.as_str(), "inbound handshake refused")
+            tracing::debug!(%peer, %reason, result = %result.as_str(), "inbound handshake refused")
         }
     }
 }
