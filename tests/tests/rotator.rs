@@ -555,6 +555,16 @@ impl rustls::server::ResolvesServerCert for Resolver {
 
 impl TlsListener {
     fn start(fixed: Option<CertBundle>, dir: PathBuf, anchors: &TrustAnchors) -> Self {
+        Self::start_on("127.0.0.1:0", fixed, dir, anchors)
+    }
+
+    /// [`TlsListener::start`] on a given address.
+    fn start_on(
+        listen: &str,
+        fixed: Option<CertBundle>,
+        dir: PathBuf,
+        anchors: &TrustAnchors,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -572,9 +582,7 @@ impl TlsListener {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(fixed, dir)));
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(listen)).unwrap();
         let addr = listener.local_addr().unwrap();
         let client_certs = Arc::new(Mutex::new(Vec::new()));
         let seen = client_certs.clone();
@@ -682,6 +690,93 @@ fn verify_failure_is_reported_in_the_exit_status_and_success_with_the_new_cert()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_rotate_whose_verify_failed_runs_the_hooks_and_verify_again_next_time() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    let dir = rig.path("certs");
+    let marker = rig.path("exec-marker");
+    // Nothing listens at the verify address yet (the proxy is not up).
+    let port = free_port();
+    let cfg = rig.config(
+        "certs",
+        &format!(
+            "[reload]\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n\
+             [verify]\naddr = \"127.0.0.1:{port}\"\nattempts = 2\ndelay = \"20ms\"\n",
+            marker.display()
+        ),
+    );
+    let rotate = || {
+        rotator()
+            .arg("rotate")
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+    let status = || {
+        rotator()
+            .args(["status", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap()
+    };
+
+    let out = rotate();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("verify failed after 2 attempts"), "{err}");
+    assert!(!err.contains("cannot write the state file"), "{err}");
+    assert_eq!(count_lines(&marker), 2, "the reload ran once per attempt");
+    let installed = check_layout(&rig, &dir);
+    let out = status();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with("WARNING: renewal failing (1 attempt): new cert"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The listener is up now: the next run reloads and verifies the installed cert (it does
+    // not print "not due"), fetching no new one.
+    let live = TlsListener::start_on(
+        &format!("127.0.0.1:{port}"),
+        None,
+        dir.clone(),
+        &rig.anchors(),
+    );
+    let out = rotate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!(
+            "reloaded and verified: serial {}, installed by an earlier run; next renewal at 20",
+            installed.leaf.serial
+        )),
+        "{stdout}"
+    );
+    assert_eq!(count_lines(&marker), 3, "the hooks ran again");
+    assert_eq!(serial(&dir), installed.leaf.serial, "no new cert");
+    let seen = wait_for("a handshake", Duration::from_secs(5), || {
+        let v = live.client_certs.lock().unwrap().clone();
+        (!v.is_empty()).then_some(v)
+    });
+    assert_eq!(seen, vec![installed.leaf.sha256.clone()]);
+    let out = status();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).starts_with("OK: valid until"));
+
+    // Done: from now on the run is "not due" and runs nothing.
+    let out = rotate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("not due until 20"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(count_lines(&marker), 3);
 }
 
 #[test]
@@ -863,7 +958,46 @@ fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
         "{}",
         text(&out.stderr)
     );
+    assert!(
+        !text(&out.stderr).contains("cannot write the state file"),
+        "{}",
+        text(&out.stderr)
+    );
+    // `status` on a host that never got a cert says why.
+    let out = rotator()
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stdout).starts_with(
+            "CRITICAL: renewal failing (1 attempt): cannot reach the issuer at 127.0.0.1:"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
     rig.serve("1h");
+    // An issuer_name of another trust domain: named as such, not as unreachable.
+    let wrong = rig.config(
+        "wrong",
+        "issuer_name = \"linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example\"\n",
+    );
+    let out = rotator()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(
+            "does not carry issuer_name linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example"
+        ) && err.contains("likely a wrong trust domain or issuer_name")
+            && !err.contains("cannot reach"),
+        "{err}"
+    );
     // A token the issuer never issued.
     let bad = "not-a-real-token-0123456789abcdef";
     std::fs::write(rig.path("token"), format!("{bad}\n")).unwrap();
@@ -887,6 +1021,13 @@ fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stdout).starts_with(
+            "CRITICAL: renewal failing (2 attempts): the issuer refused: Unauthenticated"
+        ),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
