@@ -708,21 +708,7 @@ fn a_rotate_whose_verify_failed_runs_the_hooks_and_verify_again_next_time() {
             marker.display()
         ),
     );
-    let rotate = || {
-        rotator()
-            .arg("rotate")
-            .arg("--config")
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    };
-    let status = || {
-        rotator()
-            .args(["status", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap()
-    };
+    let rotate = || rotator_with(&["rotate"], &cfg);
 
     let out = rotate();
     let err = text(&out.stderr);
@@ -731,12 +717,11 @@ fn a_rotate_whose_verify_failed_runs_the_hooks_and_verify_again_next_time() {
     assert!(!err.contains("cannot write the state file"), "{err}");
     assert_eq!(count_lines(&marker), 2, "the reload ran once per attempt");
     let installed = check_layout(&rig, &dir);
-    let out = status();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(1), "{summary}");
     assert!(
-        text(&out.stdout).starts_with("WARNING: renewal failing (1 attempt): new cert"),
-        "{}",
-        text(&out.stdout)
+        summary.starts_with("WARNING: renewal failing (1 attempt): new cert"),
+        "{summary}"
     );
 
     // The listener is up now: the next run reloads and verifies the installed cert (it does
@@ -764,9 +749,9 @@ fn a_rotate_whose_verify_failed_runs_the_hooks_and_verify_again_next_time() {
         (!v.is_empty()).then_some(v)
     });
     assert_eq!(seen, vec![installed.leaf.sha256.clone()]);
-    let out = status();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).starts_with("OK: valid until"));
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(0), "{summary}");
+    assert!(summary.starts_with("OK: valid until"), "{summary}");
 
     // Done: from now on the run is "not due" and runs nothing.
     let out = rotate();
@@ -941,72 +926,59 @@ fn rotate_over_plaintext_to_a_loopback_issuer() {
     assert!(CertBundle::load_dir(&rig.path("other")).is_err());
 }
 
+/// Runs `rotator ARGS --config CFG` to the end.
+fn rotator_with(args: &[&str], cfg: &Path) -> Output {
+    rotator()
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap()
+}
+
+/// Runs `rotator status`: its exit code and its first line.
+fn status_of(cfg: &Path) -> (Option<i32>, String) {
+    let out = rotator_with(&["status"], cfg);
+    let first = text(&out.stdout).lines().next().unwrap_or("").to_string();
+    (out.status.code(), first)
+}
+
 #[test]
 fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
     let mut rig = Rig::new();
     // Nobody listening yet.
     let cfg = rig.config("certs", "timeout = \"3s\"\n");
-    let out = rotator()
-        .arg("rotate")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = rotator_with(&["rotate"], &cfg);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("cannot reach the issuer"),
-        "{}",
-        text(&out.stderr)
-    );
-    assert!(
-        !text(&out.stderr).contains("cannot write the state file"),
-        "{}",
-        text(&out.stderr)
-    );
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot reach the issuer"), "{err}");
+    assert!(!err.contains("cannot write the state file"), "{err}");
     // `status` on a host that never got a cert says why.
-    let out = rotator()
-        .args(["status", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(2));
     assert!(
-        text(&out.stdout).starts_with(
+        summary.starts_with(
             "CRITICAL: renewal failing (1 attempt): cannot reach the issuer at 127.0.0.1:"
         ),
-        "{}",
-        text(&out.stdout)
+        "{summary}"
     );
     rig.serve("1h");
     // An issuer_name of another trust domain: named as such, not as unreachable.
-    let wrong = rig.config(
-        "wrong",
-        "issuer_name = \"linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example\"\n",
-    );
-    let out = rotator()
-        .arg("rotate")
-        .arg("--config")
-        .arg(&wrong)
-        .output()
-        .unwrap();
+    let other = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example";
+    let wrong = rig.config("wrong", &format!("issuer_name = \"{other}\"\n"));
+    let out = rotator_with(&["rotate"], &wrong);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(
-        err.contains(
-            "does not carry issuer_name linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example"
-        ) && err.contains("likely a wrong trust domain or issuer_name")
+        err.contains(&format!("does not carry issuer_name {other}"))
+            && err.contains("likely a wrong trust domain or issuer_name")
             && !err.contains("cannot reach"),
         "{err}"
     );
     // A token the issuer never issued.
     let bad = "not-a-real-token-0123456789abcdef";
     std::fs::write(rig.path("token"), format!("{bad}\n")).unwrap();
-    let out = rotator()
-        .arg("rotate")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = rotator_with(&["rotate"], &cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("Unauthenticated"), "{err}");
@@ -1015,18 +987,13 @@ fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
         CertBundle::load_dir(&rig.path("certs")).is_err(),
         "nothing installed"
     );
-    let out = rotator()
-        .args(["status", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(2));
     assert!(
-        text(&out.stdout).starts_with(
+        summary.starts_with(
             "CRITICAL: renewal failing (2 attempts): the issuer refused: Unauthenticated"
         ),
-        "{}",
-        text(&out.stdout)
+        "{summary}"
     );
 }
 
