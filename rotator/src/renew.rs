@@ -340,9 +340,14 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         state.unfinished = None;
     }
 
+    /// Applies `f` to the state file, writing it when that changed something.
     fn update_state(&self, f: impl FnOnce(&mut State)) {
-        let mut state = State::load(&self.config.dir);
+        let before = State::load(&self.config.dir);
+        let mut state = before.clone();
         f(&mut state);
+        if state == before {
+            return;
+        }
         if let Err(e) = state.save(&self.config.dir) {
             tracing::warn!(error = %e, "cannot write the state file");
         }
