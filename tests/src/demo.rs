@@ -213,6 +213,11 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Summary> {
         )
         .ok()
     });
+    // The cert on disk is not yet the cert served: the proxy loads it on the rotator's SIGHUP,
+    // and until then refuses connections (the long-lived one among them).
+    wait_for("mtls-proxy /ready", Duration::from_secs(30), || {
+        proxy_ready(proxy_admin).then_some(())
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let echoed = Arc::new(AtomicU64::new(0));
     let long_lived = {
@@ -323,6 +328,19 @@ fn wait_listening(port: u16, what: &str) -> Result<()> {
         TcpStream::connect(("127.0.0.1", port)).ok()
     });
     Ok(())
+}
+
+/// Whether the proxy's admin server answers `GET /ready` with 200 (a valid cert is loaded).
+fn proxy_ready(admin_port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin_port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = "GET /ready HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n";
+    let mut resp = String::new();
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_to_string(&mut resp).is_ok()
+        && resp.starts_with("HTTP/1.1 200")
 }
 
 /// An echo server on 127.0.0.1 (a thread per connection); returns its address.
