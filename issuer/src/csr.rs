@@ -55,8 +55,9 @@ pub struct ValidatedCsr {
 pub fn validate(bytes: &[u8], identity: &Identity) -> Result<ValidatedCsr, CsrError> {
     let pem_der;
     let der: &[u8] = if proxy_lib::pem::is_pem(bytes) {
-        pem_der = CertificateSigningRequestDer::from_pem_slice(bytes)
-            .map_err(|e| CsrError::Malformed(format!("PEM: {e}")))?;
+        pem_der = CertificateSigningRequestDer::from_pem_slice(bytes).map_err(|e| {
+            CsrError::Malformed(proxy_lib::pem::PemError::parse("the request", e).to_string())
+        })?;
         pem_der.as_ref()
     } else {
         bytes
@@ -253,6 +254,21 @@ mod tests {
         // empty CN (no CN at all) is fine too
         validate(&csr(&params(&[ID], None), &key), &id()).unwrap();
         validate(&csr(&params(&[ID], Some("")), &key), &id()).unwrap();
+    }
+
+    #[test]
+    fn a_pem_request_cut_short_is_called_truncated() {
+        let pem = params(&[ID], None)
+            .serialize_request(&p256())
+            .unwrap()
+            .pem()
+            .unwrap();
+        let e = validate(&pem.as_bytes()[..pem.len() / 2], &id()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "certificate signing request is malformed: truncated PEM in the request: \
+             no \"-----END CERTIFICATE REQUEST-----\" line"
+        );
     }
 
     #[test]

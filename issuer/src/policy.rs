@@ -67,10 +67,10 @@ impl Policy {
         let min = self.effective_min_lifetime();
         if left < min {
             return Err(Error::CaUnavailable(format!(
-                "issuer certificate expires at {} ({}s left), less than the minimum leaf lifetime of {}",
+                "issuer certificate expires at {} ({} left), less than the minimum leaf lifetime of {}",
                 proxy_lib::clock::rfc3339(issuer_not_after),
-                left.as_secs(),
-                humantime::format_duration(min)
+                proxy_lib::human::duration(Duration::from_secs(left.as_secs())),
+                proxy_lib::human::duration(min)
             )));
         }
         Ok(())

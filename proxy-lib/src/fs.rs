@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Mode for private keys and token files.
@@ -73,6 +73,18 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Re
         return Err(FsError::new("rename into", path, e));
     }
     fsync_dir(dir)
+}
+
+/// Creates `dir` and any missing parents with `mode` (less the umask) unless it exists. Blocks.
+pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), FsError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(|e| FsError::new("create", dir, e))
 }
 
 /// Fsyncs a directory so that renames and creations in it survive a crash. Blocks.

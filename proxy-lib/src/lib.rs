@@ -8,6 +8,8 @@
 //! - [`verify`]: path validation against trust anchors.
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
 //! - [`fs`]: atomic, mode-correct file writes.
+//! - [`process`]: pidfiles and the programs live pids run.
+//! - [`human`]: durations and counts in messages.
 //! - [`admin`]: the admin HTTP endpoints every binary serves.
 //! - `cli`, `config_file` (feature `cli`): the command-line convention of the three binaries
 //!   (exit codes, `--log-format`, JSON on stderr) and config files whose errors name the key.
@@ -26,8 +28,10 @@ pub mod clock;
 #[cfg(feature = "cli")]
 pub mod config_file;
 pub mod fs;
+pub mod human;
 pub mod identity;
 pub mod pem;
+pub mod process;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]

@@ -29,9 +29,44 @@ pub enum PemError {
         /// What was wrong.
         reason: String,
     },
+    /// A PEM block has no END line: the file was cut short (a partial copy, a full disk).
+    #[error("truncated PEM in {what}: no \"{end_line}\" line")]
+    Truncated {
+        /// What was being parsed (usually a path).
+        what: String,
+        /// The END line that is missing.
+        end_line: String,
+    },
     /// No certificate was found.
     #[error("{0}: no certificate found")]
     NoCertificate(String),
+}
+
+impl PemError {
+    /// Describes a PEM parse error from `rustls-pki-types` for `what` in words (its own
+    /// `Display` prints the offending lines as byte arrays).
+    pub fn parse(what: &str, error: rustls_pki_types::pem::Error) -> Self {
+        use rustls_pki_types::pem::Error as E;
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+        let reason = match error {
+            // `end_marker` is the block's label (`CERTIFICATE`).
+            E::MissingSectionEnd { end_marker } => {
+                return PemError::Truncated {
+                    what: what.to_string(),
+                    end_line: format!("-----END {}-----", lossy(&end_marker)),
+                };
+            }
+            E::IllegalSectionStart { line } => {
+                format!("malformed PEM BEGIN line {:?}", lossy(&line))
+            }
+            E::Base64Decode(e) => format!("PEM body is not valid base64 ({e})"),
+            other => other.to_string(),
+        };
+        PemError::Malformed {
+            what: what.to_string(),
+            reason,
+        }
+    }
 }
 
 /// Reads a file into memory. Blocks.
@@ -67,10 +102,7 @@ pub fn certs_from_bytes(
     }
     let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| PemError::Malformed {
-            what: what.to_string(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| PemError::parse(what, e))?;
     if certs.is_empty() {
         return Err(PemError::NoCertificate(what.to_string()));
     }
@@ -106,9 +138,12 @@ impl PrivateKey {
                 reason: "not PEM and not a DER private key".into(),
             });
         }
-        let key = PrivateKeyDer::from_pem_slice(bytes).map_err(|e| PemError::Malformed {
-            what: what.to_string(),
-            reason: format!("no usable private key ({e})"),
+        let key = PrivateKeyDer::from_pem_slice(bytes).map_err(|e| match e {
+            rustls_pki_types::pem::Error::NoItemsFound => PemError::Malformed {
+                what: what.to_string(),
+                reason: "no private key found".into(),
+            },
+            e => PemError::parse(what, e),
         })?;
         match key {
             PrivateKeyDer::Pkcs8(k) => Ok(Self::from_pkcs8_der(k.secret_pkcs8_der().to_vec())),
@@ -221,5 +256,39 @@ mod tests {
         assert_eq!(*key.to_pem(), pair.serialize_pem().replace("\r\n", "\n"));
         assert!(!format!("{key:?}").contains(&format!("{:?}", &key.pkcs8_der()[..8])));
         assert!(PrivateKey::from_bytes(b"nope", "k").is_err());
+    }
+
+    #[test]
+    fn a_truncated_pem_is_named_as_such_not_as_bytes() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pem = cert.pem();
+        let cut = &pem.as_bytes()[..pem.len() / 2];
+        let e = certs_from_bytes(cut, "/etc/mesh/tls.crt").unwrap_err();
+        assert!(matches!(e, PemError::Truncated { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "truncated PEM in /etc/mesh/tls.crt: no \"-----END CERTIFICATE-----\" line"
+        );
+        let key_pem = key.serialize_pem();
+        let e = PrivateKey::from_bytes(&key_pem.as_bytes()[..key_pem.len() - 30], "tls.key")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("truncated PEM in tls.key: no \"-----END"),
+            "{e}"
+        );
+        // The key's bytes never show up in the message.
+        assert!(!e.contains(&key_pem[40..60]), "{e}");
+        let e = PrivateKey::from_bytes(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "k",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "k: no private key found");
     }
 }

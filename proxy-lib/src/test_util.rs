@@ -1,7 +1,8 @@
-//! Test fixtures (feature `test-util`): a throwaway PKI made with rcgen at test time, and a
-//! writer of the `..data` cert-dir layout. Never used by shipped code paths.
+//! Test fixtures (feature `test-util`): a throwaway PKI made with rcgen at test time, a
+//! writer of the `..data` cert-dir layout, and log capture. Never used by shipped code paths.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -125,6 +126,56 @@ pub fn write_data_dir(dir: &Path, bundle: &CertBundle) -> PathBuf {
     }
     version
 }
+
+/// Installs, once per test binary, a global subscriber that is interested in every event
+/// (and records nothing). Without it a callsite first hit by a test with no subscriber may be
+/// cached as "never" while another test is installing its scoped capture subscriber, and the
+/// capture then misses events. [`LogCapture::start`] calls it; so should every test rig in a
+/// binary where some test captures logs.
+pub fn interest_in_everything() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+}
+
+/// Log output captured by a thread-local subscriber: in a `current_thread` test every task
+/// logs through it.
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Captures events at `level` and above on this thread (plain text, no colours) until the
+    /// guard is dropped.
+    pub fn start(level: tracing::Level) -> (Self, tracing::subscriber::DefaultGuard) {
+        interest_in_everything();
+        let buf = Self::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(sub);
+        // Other tests run without a subscriber; make every callsite ask ours again.
+        tracing::callsite::rebuild_interest_cache();
+        (buf, guard)
+    }
+
+    /// What was logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
 
 /// `target/<profile>` of the running test, bench or example executable (which lives in
 /// `target/<profile>/deps/` or `target/<profile>/examples/`).

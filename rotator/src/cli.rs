@@ -226,9 +226,22 @@ fn rotate(config: Config, clock: SharedClock, force: bool) -> u8 {
     let issuer = issuer_for(&config);
     let hooks = Hooks::new(config.reload.clone(), config.dir.clone());
     let mut r = Rotator::new(config, clock, issuer, hooks, Metrics::new());
-    match runtime().block_on(r.cycle(force)) {
+    let result = runtime().block_on(r.cycle(force));
+    match result {
         Ok(Outcome::NotDue { until }) => {
             println!("not due until {}", rfc3339(until));
+            0
+        }
+        Ok(Outcome::Reloaded { serial, next }) => {
+            let verified = if r.config().verify.is_some() {
+                " and verified"
+            } else {
+                ""
+            };
+            println!(
+                "reloaded{verified}: serial {serial}, installed by an earlier run; next renewal at {}",
+                rfc3339(next)
+            );
             0
         }
         Ok(Outcome::Rotated {

@@ -66,6 +66,31 @@ pub enum IssueError {
         /// What failed.
         reason: String,
     },
+    /// The issuer's certificate does not carry `issuer_name`: usually a wrong trust domain
+    /// (in `identity` or `issuer_name`), or an `issuer_addr` pointing at another service.
+    #[error(
+        "the issuer at {addr} presents a certificate that does not carry issuer_name {expected}{}: likely a wrong trust domain or issuer_name",
+        presented_names(.presented)
+    )]
+    WrongIssuerName {
+        /// The issuer address.
+        addr: String,
+        /// The configured `issuer_name`.
+        expected: String,
+        /// The DNS names the certificate carries (when the TLS library says).
+        presented: Vec<String>,
+    },
+    /// The issuer's certificate does not validate against the trust anchors (another CA,
+    /// expired, wrong usage).
+    #[error(
+        "the issuer at {addr} presents a certificate the trust anchors do not accept: {reason}"
+    )]
+    UntrustedIssuer {
+        /// The issuer address.
+        addr: String,
+        /// What the TLS library said.
+        reason: String,
+    },
     /// The issuer answered with an error status.
     #[error("the issuer refused: {code:?}: {message}")]
     Status {
@@ -75,7 +100,7 @@ pub enum IssueError {
         message: String,
     },
     /// The call took too long.
-    #[error("the issuer did not answer within {0:?}")]
+    #[error("the issuer did not answer within {}", proxy_lib::human::duration(*.0))]
     Timeout(Duration),
 }
 
@@ -232,7 +257,10 @@ impl GrpcIssuer {
                 endpoint.connect_with_connector(connector).await
             }
         }
-        .map_err(|e| connect_err(error_chain(&e)))?;
+        .map_err(|e| match tls_refusal(&e) {
+            Some(rustls::Error::InvalidCertificate(c)) => self.certificate_error(c),
+            _ => connect_err(error_chain(&e)),
+        })?;
 
         let mut client = api::identity_client::IdentityClient::new(channel);
         let request = api::CertifyRequest {
@@ -270,6 +298,62 @@ impl GrpcIssuer {
             valid_until,
         })
     }
+}
+
+impl GrpcIssuer {
+    /// Names what is wrong with the issuer's certificate, rather than "cannot reach".
+    fn certificate_error(&self, error: &rustls::CertificateError) -> IssueError {
+        use rustls::CertificateError as C;
+        match error {
+            C::NotValidForName => IssueError::WrongIssuerName {
+                addr: self.addr.to_string(),
+                expected: self.server_name.clone(),
+                presented: Vec::new(),
+            },
+            C::NotValidForNameContext { presented, .. } => IssueError::WrongIssuerName {
+                addr: self.addr.to_string(),
+                expected: self.server_name.clone(),
+                // webpki lists every SAN, DNS names as `DnsName("name")`.
+                presented: presented
+                    .iter()
+                    .filter_map(|p| p.strip_prefix("DnsName(\"")?.strip_suffix("\")"))
+                    .map(str::to_string)
+                    .collect(),
+            },
+            other => IssueError::UntrustedIssuer {
+                addr: self.addr.to_string(),
+                reason: rustls::Error::InvalidCertificate(other.clone()).to_string(),
+            },
+        }
+    }
+}
+
+fn presented_names(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (it names {})", names.join(", "))
+    }
+}
+
+/// The rustls error behind a failed connection, if TLS refused it. Each `io::Error` in the
+/// chain is looked into, since its `source()` skips the error it wraps.
+fn tls_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return Some(t);
+        }
+        if let Some(t) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 impl Issue for GrpcIssuer {
@@ -348,6 +432,65 @@ mod tests {
             "{e}"
         );
         hold.abort();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_issuer_cert_for_another_name_or_ca_is_named_not_unreachable() {
+        use crate::testing::{FakeTlsServer, Serve, identity};
+        proxy_lib::install_crypto_provider();
+        let now = proxy_lib::clock::SystemClock.now();
+        let pki = proxy_lib::test_util::TestPki::new(now);
+        // A TLS server whose cert names a workload, not the identity service.
+        let leaf = pki.leaf(
+            &identity(),
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        );
+        let server = FakeTlsServer::start(Serve::Fixed(Box::new(leaf)), &pki.anchors()).await;
+        let addr = crate::config::parse_host_port(&server.addr.to_string()).unwrap();
+        let req = || CertifyRequest {
+            identity: "x".into(),
+            token: Zeroizing::new(b"t".to_vec()),
+            csr_der: vec![],
+        };
+        let wanted = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example";
+        let client = GrpcIssuer::tls(
+            addr.clone(),
+            wanted.into(),
+            pki.anchors(),
+            Duration::from_secs(10),
+        );
+        let e = client.certify(req()).await.unwrap_err();
+        let IssueError::WrongIssuerName {
+            expected,
+            presented,
+            ..
+        } = &e
+        else {
+            panic!("{e}")
+        };
+        assert_eq!(expected, wanted);
+        assert_eq!(presented, &vec![identity().to_string()]);
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!(
+                "does not carry issuer_name {wanted} (it names {})",
+                identity()
+            )) && text.contains("likely a wrong trust domain or issuer_name")
+                && !text.contains("cannot reach"),
+            "{text}"
+        );
+        // Anchors of another CA: untrusted, also not "cannot reach".
+        let other = proxy_lib::test_util::TestPki::new(now);
+        let client = GrpcIssuer::tls(
+            addr,
+            wanted.into(),
+            other.anchors(),
+            Duration::from_secs(10),
+        );
+        let e = client.certify(req()).await.unwrap_err();
+        assert!(matches!(e, IssueError::UntrustedIssuer { .. }), "{e}");
+        assert!(e.to_string().contains("invalid peer certificate"), "{e}");
     }
 
     #[test]

@@ -141,11 +141,14 @@ pub async fn run<I: Issue, R: Reload>(
                     attempt = 0;
                     if rotator.config().verify.is_some() {
                         verified = false;
-                        verify_retry =
-                            Some(verify_retry_at(&rotator, &mut verify_attempt, &mut rng));
+                        let at = verify_retry_at(&rotator, &mut verify_attempt, &mut rng);
+                        verify_retry = Some(at);
+                        tracing::warn!(error = %e, verify_retry_at = %rfc3339(at), "renewal failed");
+                    } else {
+                        tracing::warn!(error = %e, "renewal failed");
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     let times = rotator.current().times().copied();
                     let at = schedule::retry_at(
                         rotator.clock().now(),
@@ -154,8 +157,9 @@ pub async fn run<I: Issue, R: Reload>(
                         &rotator.config().policy,
                         rng.random::<f64>(),
                     );
-                    tracing::info!(failures = attempt.saturating_add(1), retry_at = %rfc3339(at), "backing off");
                     attempt = attempt.saturating_add(1);
+                    // One line per failed attempt: what failed, how often, and when next.
+                    tracing::warn!(error = %e, failures = attempt, retry_at = %rfc3339(at), "renewal failed");
                     retry = Some(at);
                     retry_serial = serial_before;
                 }
@@ -173,12 +177,9 @@ pub async fn run<I: Issue, R: Reload>(
                     verify_attempt = 0;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "the listener does not serve the cert on disk");
-                    let mut st = State::load(&rotator.config().dir);
-                    st.last_error = Some(e.to_string());
-                    st.last_error_at = Some(unix_secs(rotator.clock().now()));
-                    let _ = st.save(&rotator.config().dir);
-                    verify_retry = Some(verify_retry_at(&rotator, &mut verify_attempt, &mut rng));
+                    let at = verify_retry_at(&rotator, &mut verify_attempt, &mut rng);
+                    tracing::warn!(error = %e, retry_at = %rfc3339(at), "the listener does not serve the cert on disk");
+                    verify_retry = Some(at);
                 }
             }
             continue;
@@ -219,7 +220,12 @@ pub async fn run<I: Issue, R: Reload>(
                 st.next_renewal = Some(unix_secs(deadline));
                 let _ = st.save(&rotator.config().dir);
             }
-            tracing::info!("{status}");
+            if verified && retry.is_none() {
+                tracing::info!("{status}");
+            } else {
+                // The failure was logged already, with its retry time.
+                tracing::debug!("{status}");
+            }
             last_status = status;
         }
         let mut nap = schedule::sleep_for(now, deadline);

@@ -111,7 +111,8 @@ impl Reload for Hooks {
         for o in &out {
             match &o.result {
                 Ok(()) => tracing::info!(hook = o.hook, "reload hook ran"),
-                Err(e) => tracing::warn!(hook = o.hook, error = %e, "reload hook failed"),
+                // The renewal's error names every failed hook; it is logged once, by the caller.
+                Err(e) => tracing::debug!(hook = o.hook, error = %e, "reload hook failed"),
             }
         }
         out
@@ -120,51 +121,16 @@ impl Reload for Hooks {
 
 /// Reads a pid from a pidfile. Blocks.
 pub fn read_pid(path: &Path) -> Result<i32, ReloadError> {
-    let err = |reason: String| ReloadError::Pidfile {
+    proxy_lib::process::read_pid(path).map_err(|reason| ReloadError::Pidfile {
         path: path.to_path_buf(),
         reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .map_err(|_| err(format!("{:?} is not a pid", text.trim())))?;
-    if pid <= 1 {
-        return Err(err(format!("refusing to signal pid {pid}")));
-    }
-    Ok(pid)
-}
-
-/// The process name of `pid`: `/proc/<pid>/comm`, and the file name of `/proc/<pid>/exe`.
-fn process_names(pid: i32) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-        names.push(c.trim_end_matches('\n').to_string());
-    }
-    if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe"))
-        && let Some(n) = exe.file_name()
-    {
-        names.push(
-            n.to_string_lossy()
-                .trim_end_matches(" (deleted)")
-                .to_string(),
-        );
-    }
-    names
-}
-
-/// Whether `names` (from /proc) match `expected`; `comm` is truncated to 15 bytes.
-fn name_matches(names: &[String], expected: &str) -> bool {
-    let short: String = expected.chars().take(15).collect();
-    names
-        .iter()
-        .any(|n| n == expected || (n.len() == 15 && *n == short))
+    })
 }
 
 fn signal(hook: &SignalHook) -> Result<(), ReloadError> {
     let pid = read_pid(&hook.pidfile)?;
-    let names = process_names(pid);
-    if !name_matches(&names, &hook.process_name) {
+    let names = proxy_lib::process::names(pid);
+    if !proxy_lib::process::name_matches(&names, &hook.process_name) {
         return Err(ReloadError::WrongProcess {
             pid,
             found: names
@@ -210,7 +176,12 @@ async fn post(url: &str, timeout: Duration) -> Result<(), ReloadError> {
     };
     tokio::time::timeout(timeout, fut)
         .await
-        .unwrap_or_else(|_| Err(err(format!("no answer within {timeout:?}"))))
+        .unwrap_or_else(|_| {
+            Err(err(format!(
+                "no answer within {}",
+                proxy_lib::human::duration(timeout)
+            )))
+        })
 }
 
 async fn exec(argv: &[String], timeout: Duration, cert_dir: &Path) -> Result<(), ReloadError> {
@@ -231,7 +202,10 @@ async fn exec(argv: &[String], timeout: Duration, cert_dir: &Path) -> Result<(),
         Ok(Err(e)) => Err(err(e.to_string())),
         Err(_) => {
             let _ = child.kill().await;
-            Err(err(format!("did not finish within {timeout:?}; killed")))
+            Err(err(format!(
+                "did not finish within {}; killed",
+                proxy_lib::human::duration(timeout)
+            )))
         }
     }
 }
@@ -240,17 +214,6 @@ async fn exec(argv: &[String], timeout: Duration, cert_dir: &Path) -> Result<(),
 mod tests {
     use super::*;
     use crate::config::ReloadSignal;
-
-    #[test]
-    fn comm_names_are_compared_with_truncation() {
-        assert!(name_matches(&["nginx".into()], "nginx"));
-        assert!(!name_matches(&["nginx".into()], "postgres"));
-        assert!(name_matches(
-            &["mtls-proxy-long".into()],
-            "mtls-proxy-longer-name"
-        ));
-        assert!(!name_matches(&[], "x"));
-    }
 
     #[tokio::test]
     async fn signal_hook_refuses_a_pid_that_is_not_the_expected_process() {

@@ -50,7 +50,9 @@ pub enum CycleError {
     },
     /// The new cert is installed but the listener does not serve it.
     #[error(
-        "new cert (serial {serial}) installed, but verify failed after {attempts} attempts: {error}"
+        "new cert (serial {serial}) installed, but verify failed after {}: {error}{}",
+        proxy_lib::human::count(*.attempts, "attempt"),
+        hooks_note(.hooks)
     )]
     Verify {
         /// The new serial.
@@ -59,7 +61,20 @@ pub enum CycleError {
         attempts: u32,
         /// The last failure.
         error: VerifyError,
+        /// The reload hooks that failed in the last attempt.
+        hooks: Vec<ReloadError>,
     },
+    /// The installed cert set could not be read back (to reload and verify it).
+    #[error("cannot read the installed cert set: {0}")]
+    Installed(String),
+}
+
+fn hooks_note(errors: &[ReloadError]) -> String {
+    if errors.is_empty() {
+        String::new()
+    } else {
+        format!("; reload failed: {}", join(errors))
+    }
 }
 
 fn join(errors: &[ReloadError]) -> String {
@@ -74,7 +89,16 @@ impl CycleError {
     /// Whether the new cert was installed (only the reload/verify afterwards failed), so a
     /// retry must not fetch yet another cert.
     pub fn installed(&self) -> bool {
-        matches!(self, CycleError::Reload { .. } | CycleError::Verify { .. })
+        self.installed_serial().is_some()
+    }
+
+    /// The serial of the cert that was installed, when only the reload/verify afterwards
+    /// failed.
+    pub fn installed_serial(&self) -> Option<&str> {
+        match self {
+            CycleError::Reload { serial, .. } | CycleError::Verify { serial, .. } => Some(serial),
+            _ => None,
+        }
     }
 }
 
@@ -114,6 +138,14 @@ pub enum Outcome {
         /// New notAfter.
         not_after: SystemTime,
         /// The next renewal of the new cert.
+        next: SystemTime,
+    },
+    /// The cert on disk was installed by an earlier attempt whose reload hooks or verify
+    /// failed; they were run again and passed.
+    Reloaded {
+        /// Its serial.
+        serial: String,
+        /// Its next renewal.
         next: SystemTime,
     },
     /// Nothing was due.
@@ -223,11 +255,28 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         (current, d)
     }
 
-    /// One cycle: when due (or `force`), renew, install, reload and verify. Records the
-    /// result in the metrics and the state file.
+    /// One cycle: when due (or `force`), renew, install, reload and verify. When not due but
+    /// the last attempt installed the cert on disk and then failed to reload or verify it, runs
+    /// the hooks and the verify again instead. Records the result in the metrics and the state
+    /// file.
     pub async fn cycle(&mut self, force: bool) -> Result<Outcome, CycleError> {
         let (current, decision) = self.decide();
         if !force && let Decision::At(until) = decision {
+            if let Current::Valid { leaf, .. } = &current
+                && State::load(&self.config.dir).unfinished.as_deref() == Some(&leaf.serial)
+            {
+                let serial = leaf.serial.clone();
+                tracing::debug!(%serial, "running the reload and verify that failed last time again");
+                let result = match self.installed_bundle() {
+                    Ok(bundle) => self.reload_and_verify(&bundle).await,
+                    Err(e) => Err(e),
+                };
+                self.record_finish(&result);
+                return result.map(|()| Outcome::Reloaded {
+                    serial,
+                    next: until,
+                });
+            }
             return Ok(Outcome::NotDue { until });
         }
         self.renew_now(current, force).await
@@ -243,37 +292,65 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
 
     async fn renew_now(&mut self, current: Current, force: bool) -> Result<Outcome, CycleError> {
         if let Current::Unusable(why) = &current {
-            tracing::info!(reason = %why, "no usable cert on disk; renewing now");
+            // Said once per run of failures, not before every retry.
+            if State::load(&self.config.dir).failures == 0 {
+                tracing::info!(reason = %why, "no usable cert on disk; renewing now");
+            }
         }
         let span = tracing::info_span!("renewal", identity = %self.config.identity, forced = force);
         let result = tracing::Instrument::instrument(self.renew(), span).await;
+        self.record_renewal(&result);
+        result
+    }
+
+    /// Records a renewal attempt in the metrics and the state file. A failure is not logged
+    /// here: the caller logs it once, with what it does next.
+    fn record_renewal(&self, result: &Result<Outcome, CycleError>) {
         let now = self.clock.now();
-        let mut state = State::load(&self.config.dir);
-        match &result {
+        self.metrics.rotation(result.is_ok());
+        self.update_state(|state| match result {
             Ok(out) => {
-                self.metrics.rotation(true);
-                self.metrics.last_success.set(unix_secs(now) as i64);
-                state.last_success = Some(unix_secs(now));
-                state.last_error = None;
-                state.last_error_at = None;
-                state.failures = 0;
+                self.succeeded(state, now);
                 if let Outcome::Rotated { serial, next, .. } = out {
                     tracing::info!(%serial, next_renewal = %rfc3339(*next), "rotated");
                     state.next_renewal = Some(unix_secs(*next));
                 }
             }
-            Err(e) => {
-                self.metrics.rotation(false);
-                tracing::warn!(error = %e, "renewal failed");
-                state.last_error = Some(e.to_string());
-                state.last_error_at = Some(unix_secs(now));
-                state.failures = state.failures.saturating_add(1);
-            }
+            Err(e) => failed(state, now, e),
+        });
+    }
+
+    /// Records running the reload and verify again for a cert already installed: a success
+    /// completes the rotation that installed it (when one was left unfinished).
+    fn record_finish(&self, result: &Result<(), CycleError>) {
+        let now = self.clock.now();
+        self.update_state(|state| match result {
+            Ok(()) if state.unfinished.is_some() => self.succeeded(state, now),
+            Ok(()) => {}
+            Err(e) => failed(state, now, e),
+        });
+    }
+
+    fn succeeded(&self, state: &mut State, now: SystemTime) {
+        self.metrics.last_success.set(unix_secs(now) as i64);
+        state.last_success = Some(unix_secs(now));
+        state.last_error = None;
+        state.last_error_at = None;
+        state.failures = 0;
+        state.unfinished = None;
+    }
+
+    /// Applies `f` to the state file, writing it when that changed something.
+    fn update_state(&self, f: impl FnOnce(&mut State)) {
+        let before = State::load(&self.config.dir);
+        let mut state = before.clone();
+        f(&mut state);
+        if state == before {
+            return;
         }
         if let Err(e) = state.save(&self.config.dir) {
             tracing::warn!(error = %e, "cannot write the state file");
         }
-        result
     }
 
     async fn renew(&mut self) -> Result<Outcome, CycleError> {
@@ -324,12 +401,10 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
                 leaf: Box::new(valid.leaf.clone()),
             },
         ));
-        let mut state = State::load(&cfg.dir);
-        state.serial = Some(serial.clone());
-        state.received = Some(unix_secs(received));
-        if let Err(e) = state.save(&cfg.dir) {
-            tracing::warn!(error = %e, "cannot write the state file");
-        }
+        self.update_state(|state| {
+            state.serial = Some(serial.clone());
+            state.received = Some(unix_secs(received));
+        });
         self.metrics
             .cert_expiration
             .set(unix_secs(valid.leaf.not_after) as i64);
@@ -360,9 +435,10 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         let serial = bundle.leaf.serial.clone();
         let attempts = self.config.verify.as_ref().map_or(1, |v| v.attempts.max(1));
         let mut last = None;
+        let mut errors = Vec::new();
         for attempt in 1..=attempts {
             let outcomes = self.reload.reload().await;
-            let mut errors = Vec::new();
+            errors.clear();
             for o in outcomes {
                 self.metrics.reload(o.result.is_ok());
                 if let Err(e) = o.result {
@@ -390,7 +466,8 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
                 }
                 Err(e) => {
                     self.metrics.reload(false);
-                    tracing::warn!(%serial, attempt, error = %e, "listener does not serve the new cert yet");
+                    // The error that ends the attempt carries the last of these.
+                    tracing::debug!(%serial, attempt, error = %e, "listener does not serve the new cert yet");
                     last = Some(e);
                 }
             }
@@ -399,17 +476,30 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             serial,
             attempts,
             error: last.expect("at least one attempt"),
+            hooks: errors,
         })
     }
 
+    /// The cert set on disk, read back to reload and verify it. Blocks briefly.
+    fn installed_bundle(&self) -> Result<CertBundle, CycleError> {
+        CertBundle::load_dir(&self.config.dir)
+            .map(|(b, _)| b)
+            .map_err(|e| CycleError::Installed(e.to_string()))
+    }
+
     /// Checks that the listener serves the cert on disk (start-up of the daemon with
-    /// `[verify]`), reloading when it does not.
+    /// `[verify]`), reloading when it does not. Records the result in the state file.
     pub async fn verify_current(&self) -> Result<(), CycleError> {
+        let result = self.check_or_reload_current().await;
+        self.record_finish(&result);
+        result
+    }
+
+    async fn check_or_reload_current(&self) -> Result<(), CycleError> {
         if self.config.verify.is_none() {
             return Ok(());
         }
-        let (bundle, _) = CertBundle::load_dir(&self.config.dir)
-            .map_err(|e| CycleError::Anchors(e.to_string()))?;
+        let bundle = self.installed_bundle()?;
         if let Some(v) = &self.config.verify {
             let name = v
                 .server_name
@@ -423,6 +513,17 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             }
         }
         self.reload_and_verify(&bundle).await
+    }
+}
+
+/// Notes a failed attempt in the state; a cert installed before the failure stays to be
+/// reloaded and verified.
+fn failed(state: &mut State, now: SystemTime, error: &CycleError) {
+    state.last_error = Some(error.to_string());
+    state.last_error_at = Some(unix_secs(now));
+    state.failures = state.failures.saturating_add(1);
+    if let Some(serial) = error.installed_serial() {
+        state.unfinished = Some(serial.to_string());
     }
 }
 

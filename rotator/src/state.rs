@@ -26,6 +26,9 @@ pub struct State {
     pub failures: u32,
     /// The planned next renewal.
     pub next_renewal: Option<u64>,
+    /// Serial of an installed cert whose reload hooks or verify failed: the next `rotate`
+    /// runs them again rather than saying "not due".
+    pub unfinished: Option<String>,
 }
 
 impl State {
@@ -37,9 +40,11 @@ impl State {
             .unwrap_or_default()
     }
 
-    /// Writes the state file atomically (0644). Blocks.
+    /// Writes the state file atomically (0644), creating the cert dir (0755) when it does not
+    /// exist yet, as on a host that never got a cert. Blocks.
     pub fn save(&self, dir: &Path) -> Result<(), proxy_lib::fs::FsError> {
         let json = serde_json::to_vec_pretty(self).expect("state serializes");
+        proxy_lib::fs::ensure_dir(dir, crate::store::DIR_MODE)?;
         proxy_lib::fs::write_atomic(
             &dir.join(STATE_FILE),
             &json,
@@ -68,11 +73,28 @@ mod tests {
             serial: Some("ab".into()),
             received: Some(5),
             failures: 2,
+            unfinished: Some("ab".into()),
             ..State::default()
         };
         s.save(d.path()).unwrap();
         assert_eq!(State::load(d.path()), s);
+        // A file from before `unfinished` existed still reads.
+        std::fs::write(d.path().join(STATE_FILE), r#"{"serial":"ab","failures":1}"#).unwrap();
+        assert_eq!(State::load(d.path()).failures, 1);
         assert_eq!(s.received_for("ab"), Some(5));
         assert_eq!(s.received_for("cd"), None);
+    }
+
+    #[test]
+    fn saving_into_a_cert_dir_not_made_yet_creates_it() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("var/lib/mesh-identity");
+        let s = State {
+            last_error: Some("cannot reach the issuer".into()),
+            ..State::default()
+        };
+        s.save(&dir).unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(State::load(&dir), s);
     }
 }

@@ -111,16 +111,9 @@ impl Report {
         line(
             "time left:",
             &self.seconds_left.map(|s| {
-                if s < 0 {
-                    format!(
-                        "expired {} ago",
-                        humantime::format_duration(std::time::Duration::from_secs(
-                            s.unsigned_abs()
-                        ))
-                    )
-                } else {
-                    humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string()
-                }
+                let d =
+                    proxy_lib::human::duration(std::time::Duration::from_secs(s.unsigned_abs()));
+                if s < 0 { format!("expired {d} ago") } else { d }
             }),
         );
         line("next renewal:", &self.next_renewal);
@@ -147,13 +140,23 @@ pub fn report(config: &Config, now: SystemTime) -> Report {
     }
     let failing = state.last_error.is_some()
         && state.last_error_at.unwrap_or(0) >= state.last_success.unwrap_or(0);
-    if failing {
+    // "renewal failing (N attempts): the last error", when the last attempt failed.
+    let failure = failing.then(|| {
         r.last_error = state.last_error.clone();
-    }
+        format!(
+            "renewal failing ({}): {}",
+            proxy_lib::human::count(state.failures, "attempt"),
+            state.last_error.clone().unwrap_or_default()
+        )
+    });
     match inspect(config, now) {
         Current::Unusable(why) => {
             r.status = Level::Critical;
-            r.summary = why;
+            // On a host that never got a cert, why the renewals fail is the news.
+            r.summary = match failure {
+                Some(f) => format!("{f}; {why}"),
+                None => why,
+            };
         }
         Current::Valid { times, leaf } => {
             let decision = schedule::next_renewal(
@@ -179,13 +182,9 @@ pub fn report(config: &Config, now: SystemTime) -> Report {
                 Decision::At(t) => now > t + config.policy.backoff_max,
                 Decision::RenewNow => true,
             };
-            if failing {
+            if let Some(f) = failure {
                 r.status = Level::Warning;
-                r.summary = format!(
-                    "renewal failing ({} attempts): {}",
-                    state.failures,
-                    state.last_error.clone().unwrap_or_default()
-                );
+                r.summary = f;
             } else if overdue {
                 r.status = Level::Warning;
                 r.summary = "renewal overdue".into();

@@ -21,6 +21,8 @@ pub const DATA_TMP_PREFIX: &str = "..data_tmp.";
 pub const LEGACY_PREFIX: &str = "..pre-rotator.";
 /// The lock file that serializes swaps between a daemon and one-shot `rotate`.
 pub const LOCK_FILE: &str = "..rotator.lock";
+/// Mode of the cert dir and its version dirs (the key file inside has its own).
+pub const DIR_MODE: u32 = 0o755;
 
 /// The filesystem operations a swap performs. Each call is one "step" a test can crash at.
 pub trait FsOps {
@@ -90,6 +92,16 @@ pub enum StoreError {
     },
 }
 
+impl From<proxy_lib::fs::FsError> for StoreError {
+    fn from(e: proxy_lib::fs::FsError) -> Self {
+        StoreError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         op,
@@ -132,11 +144,7 @@ impl Store {
     /// Takes the swap lock (flock on `DIR/..rotator.lock`), creating the dir if needed. Blocks.
     pub fn lock(&self) -> Result<proxy_lib::fs::LockGuard, StoreError> {
         ensure_dir(&self.dir)?;
-        proxy_lib::fs::lock_exclusive(&self.dir.join(LOCK_FILE)).map_err(|e| StoreError::Io {
-            op: e.op,
-            path: e.path,
-            source: e.source,
-        })
+        Ok(proxy_lib::fs::lock_exclusive(&self.dir.join(LOCK_FILE))?)
     }
 
     /// Installs `set` as the current version through `fs`. Blocks. The caller holds
@@ -159,7 +167,7 @@ impl Store {
 
         let name = version_name(now);
         let version = dir.join(&name);
-        fs.create_dir(&version, 0o755)
+        fs.create_dir(&version, DIR_MODE)
             .map_err(io_err("create version dir", &version))?;
         let key_mode = if self.key_gid.is_some() {
             GROUP_SECRET_MODE
@@ -286,14 +294,7 @@ impl Store {
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
-    if !dir.is_dir() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(io_err("create", dir))?;
-    }
-    Ok(())
+    Ok(proxy_lib::fs::ensure_dir(dir, DIR_MODE)?)
 }
 
 /// The name of the version dir `..data` points at, if any.

@@ -52,16 +52,7 @@ impl Clock for PausedClock {
     }
 }
 
-/// Installs, once per test binary, a global subscriber that is interested in every event
-/// (and records nothing). Without it a callsite first hit by a test with no subscriber may be
-/// cached as "never" while another test is installing its scoped capture subscriber, and the
-/// capture then misses events. Every rig calls it.
-pub fn interest_in_everything() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
-    });
-}
+pub use proxy_lib::test_util::{LogCapture, interest_in_everything};
 
 /// Advances simulated time by `d` (wall clock and tokio's paused clock together).
 pub async fn advance(d: Duration) {

@@ -138,7 +138,7 @@ pub fn validate(
         return Err(validity(format!(
             "valid only from {}, more than {} in the future",
             rfc3339(info.not_before),
-            humantime::format_duration(skew)
+            proxy_lib::human::duration(skew)
         )));
     }
     // Path validation at a time inside the window (notBefore may be up to `skew` ahead).

@@ -73,7 +73,12 @@ pub async fn served_leaf_matches(
     };
     let served = tokio::time::timeout(timeout, fut)
         .await
-        .unwrap_or_else(|_| Err(hs(format!("no handshake within {timeout:?}"))))?;
+        .unwrap_or_else(|_| {
+            Err(hs(format!(
+                "no handshake within {}",
+                proxy_lib::human::duration(timeout)
+            )))
+        })?;
     if served != bundle.leaf.sha256 {
         return Err(VerifyError::Mismatch {
             addr: addr.to_string(),

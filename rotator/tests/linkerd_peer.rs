@@ -225,7 +225,7 @@ async fn the_client_talks_to_a_linkerd_proxy_style_identity_endpoint() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, rotator::client::IssueError::Connect { .. }),
+        matches!(e, rotator::client::IssueError::WrongIssuerName { .. }),
         "{e}"
     );
     assert_eq!(

@@ -555,6 +555,16 @@ impl rustls::server::ResolvesServerCert for Resolver {
 
 impl TlsListener {
     fn start(fixed: Option<CertBundle>, dir: PathBuf, anchors: &TrustAnchors) -> Self {
+        Self::start_on("127.0.0.1:0", fixed, dir, anchors)
+    }
+
+    /// [`TlsListener::start`] on a given address.
+    fn start_on(
+        listen: &str,
+        fixed: Option<CertBundle>,
+        dir: PathBuf,
+        anchors: &TrustAnchors,
+    ) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -572,9 +582,7 @@ impl TlsListener {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(Resolver(fixed, dir)));
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(listen)).unwrap();
         let addr = listener.local_addr().unwrap();
         let client_certs = Arc::new(Mutex::new(Vec::new()));
         let seen = client_certs.clone();
@@ -682,6 +690,78 @@ fn verify_failure_is_reported_in_the_exit_status_and_success_with_the_new_cert()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_rotate_whose_verify_failed_runs_the_hooks_and_verify_again_next_time() {
+    let mut rig = Rig::new();
+    rig.serve("1h");
+    let dir = rig.path("certs");
+    let marker = rig.path("exec-marker");
+    // Nothing listens at the verify address yet (the proxy is not up).
+    let port = free_port();
+    let cfg = rig.config(
+        "certs",
+        &format!(
+            "[reload]\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n\
+             [verify]\naddr = \"127.0.0.1:{port}\"\nattempts = 2\ndelay = \"20ms\"\n",
+            marker.display()
+        ),
+    );
+    let rotate = || rotator_with(&["rotate"], &cfg);
+
+    let out = rotate();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("verify failed after 2 attempts"), "{err}");
+    assert!(!err.contains("cannot write the state file"), "{err}");
+    assert_eq!(count_lines(&marker), 2, "the reload ran once per attempt");
+    let installed = check_layout(&rig, &dir);
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(1), "{summary}");
+    assert!(
+        summary.starts_with("WARNING: renewal failing (1 attempt): new cert"),
+        "{summary}"
+    );
+
+    // The listener is up now: the next run reloads and verifies the installed cert (it does
+    // not print "not due"), fetching no new one.
+    let live = TlsListener::start_on(
+        &format!("127.0.0.1:{port}"),
+        None,
+        dir.clone(),
+        &rig.anchors(),
+    );
+    let out = rotate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(&format!(
+            "reloaded and verified: serial {}, installed by an earlier run; next renewal at 20",
+            installed.leaf.serial
+        )),
+        "{stdout}"
+    );
+    assert_eq!(count_lines(&marker), 3, "the hooks ran again");
+    assert_eq!(serial(&dir), installed.leaf.serial, "no new cert");
+    let seen = wait_for("a handshake", Duration::from_secs(5), || {
+        let v = live.client_certs.lock().unwrap().clone();
+        (!v.is_empty()).then_some(v)
+    });
+    assert_eq!(seen, vec![installed.leaf.sha256.clone()]);
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(0), "{summary}");
+    assert!(summary.starts_with("OK: valid until"), "{summary}");
+
+    // Done: from now on the run is "not due" and runs nothing.
+    let out = rotate();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("not due until 20"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(count_lines(&marker), 3);
 }
 
 #[test]
@@ -847,33 +927,59 @@ fn rotate_over_plaintext_to_a_loopback_issuer() {
     assert!(CertBundle::load_dir(&rig.path("other")).is_err());
 }
 
+/// Runs `rotator ARGS --config CFG` to the end.
+fn rotator_with(args: &[&str], cfg: &Path) -> Output {
+    rotator()
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .output()
+        .unwrap()
+}
+
+/// Runs `rotator status`: its exit code and its first line.
+fn status_of(cfg: &Path) -> (Option<i32>, String) {
+    let out = rotator_with(&["status"], cfg);
+    let first = text(&out.stdout).lines().next().unwrap_or("").to_string();
+    (out.status.code(), first)
+}
+
 #[test]
 fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
     let mut rig = Rig::new();
     // Nobody listening yet.
     let cfg = rig.config("certs", "timeout = \"3s\"\n");
-    let out = rotator()
-        .arg("rotate")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = rotator_with(&["rotate"], &cfg);
     assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("cannot reach the issuer"), "{err}");
+    assert!(!err.contains("cannot write the state file"), "{err}");
+    // `status` on a host that never got a cert says why.
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(2));
     assert!(
-        text(&out.stderr).contains("cannot reach the issuer"),
-        "{}",
-        text(&out.stderr)
+        summary.starts_with(
+            "CRITICAL: renewal failing (1 attempt): cannot reach the issuer at 127.0.0.1:"
+        ),
+        "{summary}"
     );
     rig.serve("1h");
+    // An issuer_name of another trust domain: named as such, not as unreachable.
+    let other = "linkerd-identity.linkerd.serviceaccount.identity.linkerd.other.example";
+    let wrong = rig.config("wrong", &format!("issuer_name = \"{other}\"\n"));
+    let out = rotator_with(&["rotate"], &wrong);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("does not carry issuer_name {other}"))
+            && err.contains("likely a wrong trust domain or issuer_name")
+            && !err.contains("cannot reach"),
+        "{err}"
+    );
     // A token the issuer never issued.
     let bad = "not-a-real-token-0123456789abcdef";
     std::fs::write(rig.path("token"), format!("{bad}\n")).unwrap();
-    let out = rotator()
-        .arg("rotate")
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = rotator_with(&["rotate"], &cfg);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("Unauthenticated"), "{err}");
@@ -882,12 +988,14 @@ fn rotate_fails_clearly_with_a_bad_token_or_no_issuer() {
         CertBundle::load_dir(&rig.path("certs")).is_err(),
         "nothing installed"
     );
-    let out = rotator()
-        .args(["status", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    let (code, summary) = status_of(&cfg);
+    assert_eq!(code, Some(2));
+    assert!(
+        summary.starts_with(
+            "CRITICAL: renewal failing (2 attempts): the issuer refused: Unauthenticated"
+        ),
+        "{summary}"
+    );
 }
 
 #[test]

@@ -23,6 +23,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::proxy::config::Limits;
+use crate::proxy::log_limit::LogLimit;
 use crate::proxy::metrics::{Direction, DirectionMetrics, HandshakeResult, Metrics};
 use crate::proxy::reload::{Credentials, Reloader};
 use crate::proxy::tls::NotAllowed;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// Becomes true when open connections must be cut (after the drain timeout).
     pub cut: watch::Receiver<bool>,
+    /// How often refused inbound handshakes are logged at info.
+    pub refusals: Arc<LogLimit>,
 }
 
 /// Accepts mTLS connections on `listener` and forwards each to `app` until `stop` turns true.
@@ -182,7 +185,12 @@ async fn inbound_conn(
         Ok(Err(error)) => {
             let result = classify(&error);
             shared.metrics.handshake(Direction::Inbound, result);
-            tracing::debug!(%peer, %error, result = result.as_str(), "inbound handshake failed");
+            if error.kind() == io::ErrorKind::UnexpectedEof {
+                // A TCP health check or a client that gave up: nothing was refused.
+                tracing::debug!(%peer, %error, "inbound connection closed before the handshake");
+            } else {
+                log_refusal(shared, peer, result, &error);
+            }
             return;
         }
         Ok(Ok(tls)) => tls,
@@ -190,7 +198,7 @@ async fn inbound_conn(
     if let Err(error) = creds.check_resumed_client(tls.get_ref().1) {
         let result = classify_tls(&error);
         shared.metrics.handshake(Direction::Inbound, result);
-        tracing::debug!(%peer, %error, result = result.as_str(), "inbound resumed session refused");
+        log_refusal(shared, peer, result, &error);
         return;
     }
     drop(creds);
@@ -206,6 +214,29 @@ async fn inbound_conn(
     };
     if let Err(error) = forward(tls, app_tcp, shared.limits.idle_timeout, &dm.bytes).await {
         tracing::debug!(%peer, %error, "inbound connection ended with an error");
+    }
+}
+
+/// Logs a refused inbound handshake at info, with the peer and rustls' reason (never the
+/// certificate itself), at most [`LogLimit`]'s burst per window; the next line logged after a
+/// flood counts the lines left out (`suppressed`).
+fn log_refusal(
+    shared: &Shared,
+    peer: SocketAddr,
+    result: HandshakeResult,
+    reason: &dyn std::fmt::Display,
+) {
+    match shared.refusals.admit() {
+        Some(suppressed) => tracing::info!(
+            %peer,
+            %reason,
+            result = %result.as_str(),
+            suppressed,
+            "inbound handshake refused"
+        ),
+        None => {
+            tracing::debug!(%peer, %reason, result = %result.as_str(), "inbound handshake refused")
+        }
     }
 }
 

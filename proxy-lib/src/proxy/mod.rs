@@ -7,6 +7,7 @@
 //! - [`reload`]: [`Reloader`], the atomically swapped credentials (also the embedding API).
 //! - [`tls`]: rustls server/client configs built from one snapshot.
 //! - [`listener`]: accept loops and byte forwarding.
+//! - [`log_limit`]: rate-limited logging of refused handshakes.
 //! - [`admin`]: `/metrics`, `/live`, `/ready`, `POST /reload`.
 //! - [`metrics`]: the SPEC §7 metrics.
 //! - [`signal`]: SIGHUP / SIGTERM / SIGINT.
@@ -24,6 +25,7 @@
 pub mod admin;
 pub mod config;
 pub mod listener;
+pub mod log_limit;
 pub mod metrics;
 pub mod pidfile;
 pub mod reload;
@@ -45,7 +47,6 @@ pub use metrics::Metrics;
 pub use reload::{Credentials, ReloadError, Reloader, Source};
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::fs::FsError;
 use config::Limits;
 use listener::Shared;
 use tls::AllowList;
@@ -67,9 +68,9 @@ pub enum Error {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
-    /// The pidfile could not be written.
-    #[error("cannot write the pidfile: {0}")]
-    Pidfile(#[from] FsError),
+    /// The pidfile names another running instance, or could not be written.
+    #[error(transparent)]
+    Pidfile(#[from] pidfile::PidfileError),
     /// The admin server failed.
     #[error("admin server failed: {0}")]
     Admin(std::io::Error),
@@ -195,6 +196,7 @@ impl Proxy {
             limits: self.limits,
             permits: permits.clone(),
             cut: cut_rx,
+            refusals: Arc::new(log_limit::LogLimit::default()),
         };
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.inbound {
@@ -345,6 +347,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     raise_open_file_limit(config.limits.max_connections);
     // Handlers first: from the moment the pidfile exists, SIGHUP means reload, not death.
     let mut signals = signal::Signals::install().map_err(Error::Signals)?;
+    // Another instance with this pidfile: say so before its ports make the bind fail.
+    if let Some(path) = &config.pidfile {
+        pidfile::Pidfile::check(path)?;
+    }
     let proxy = Proxy::bind(&config, Arc::new(SystemClock)).await?;
     let pidfile = match &config.pidfile {
         Some(path) => Some(pidfile::Pidfile::create(path)?),

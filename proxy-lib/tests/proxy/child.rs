@@ -340,3 +340,95 @@ async fn the_binary_raises_its_soft_open_file_limit_to_the_hard_limit() {
     let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert_eq!(soft, hard, "{line}");
 }
+
+fn pid_in(pidfile: &Path) -> u32 {
+    std::fs::read_to_string(pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+/// An `mtls-proxy` on fresh loopback ports with `pidfile`, logging to a pipe.
+fn proxy_with_pidfile(certs: &Path, app: SocketAddr, pidfile: &Path) -> (Command, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--certs")
+        .arg(certs)
+        .args(["--inbound", &format!("127.0.0.1:{}={app}", free_port())])
+        .args(["--admin", &admin.to_string(), "--watch-interval", "0s"])
+        .arg("--pidfile")
+        .arg(pidfile)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    (cmd, admin)
+}
+
+#[tokio::test]
+async fn a_pidfile_naming_a_live_mtls_proxy_is_refused_and_a_stale_one_taken_over() {
+    init();
+    let pki = TestPki::new(now());
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    write_data_dir(&certs, &leaf(&pki, &id("db", "data")));
+    let app = echo_app().await;
+    let pidfile = dir.path().join("mtls-proxy.pid");
+
+    let (mut cmd, admin) = proxy_with_pidfile(&certs, app, &pidfile);
+    let mut first = ChildGuard(cmd.spawn().expect("spawn mtls-proxy"));
+    wait_ready(admin).await;
+    assert_eq!(pid_in(&pidfile), first.0.id());
+
+    // A second instance with the same pidfile (other ports): refused, clearly, non-zero.
+    let (mut cmd, _) = proxy_with_pidfile(&certs, app, &pidfile);
+    let mut second = ChildGuard(cmd.spawn().expect("spawn the second mtls-proxy"));
+    let status = wait_exit(&mut second.0, Duration::from_secs(15));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the second instance started: {stderr}");
+    let want = format!(
+        "another mtls-proxy (pid {}) is running with pidfile {}",
+        first.0.id(),
+        pidfile.display()
+    );
+    assert!(stderr.contains(&want), "{want:?} missing from {stderr}");
+    // Its exit left the first one's pidfile alone.
+    assert_eq!(pid_in(&pidfile), first.0.id());
+
+    // The first dies without cleaning up: its pidfile is stale and taken over.
+    first.signal(Signal::KILL);
+    wait_exit(&mut first.0, Duration::from_secs(15));
+    assert_eq!(
+        pid_in(&pidfile),
+        first.0.id(),
+        "a killed proxy cannot clean up"
+    );
+    let (mut cmd, admin) = proxy_with_pidfile(&certs, app, &pidfile);
+    let mut third = ChildGuard(cmd.spawn().expect("spawn mtls-proxy"));
+    wait_ready(admin).await;
+    assert_eq!(pid_in(&pidfile), third.0.id());
+    third.signal(Signal::TERM);
+    assert!(wait_exit(&mut third.0, Duration::from_secs(15)).success());
+    assert!(!pidfile.exists(), "its own pidfile is removed on exit");
+
+    // A live pid that is some other program: stale too.
+    let other = ChildGuard(
+        Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep"),
+    );
+    std::fs::write(&pidfile, format!("{}\n", other.0.id())).unwrap();
+    let (mut cmd, admin) = proxy_with_pidfile(&certs, app, &pidfile);
+    let mut fourth = ChildGuard(cmd.spawn().expect("spawn mtls-proxy"));
+    wait_ready(admin).await;
+    assert_eq!(pid_in(&pidfile), fourth.0.id());
+    // Someone else takes the pidfile while it runs: on exit it is left in place.
+    std::fs::write(&pidfile, format!("{}\n", other.0.id())).unwrap();
+    fourth.signal(Signal::TERM);
+    assert!(wait_exit(&mut fourth.0, Duration::from_secs(15)).success());
+    assert_eq!(pid_in(&pidfile), other.0.id());
+}

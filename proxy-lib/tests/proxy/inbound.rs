@@ -205,3 +205,102 @@ async fn resumed_sessions_are_refused_once_the_client_cert_expired_by_the_proxy_
     );
     proxy.stop().await;
 }
+
+/// A client without a certificate; returns its local address once the proxy has refused it
+/// (closed the connection).
+async fn refused_once(
+    addr: std::net::SocketAddr,
+    cc: std::sync::Arc<rustls::ClientConfig>,
+    server: &proxy_lib::identity::Identity,
+) -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let name = rustls_pki_types::ServerName::try_from(server.to_string()).unwrap();
+    // TLS 1.3: the client may finish its side before the server refuses; the refusal then
+    // arrives as an alert or EOF on the first read.
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(cc)
+        .connect(name, tcp)
+        .await
+    {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut buf))
+            .await
+            .expect("the proxy closes a refused connection");
+        assert!(!matches!(read, Ok(n) if n > 0), "a refused client got data");
+    }
+    local
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn refused_handshakes_are_logged_at_info_with_peer_and_reason_and_a_flood_is_limited() {
+    // current_thread: the proxy's tasks log on this thread, into the capture.
+    let (logs, _guard) = proxy_lib::test_util::LogCapture::start(tracing::Level::INFO);
+    init();
+    let pki = TestPki::new(now());
+    let server_id = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    let served = leaf(&pki, &server_id);
+    write_data_dir(dir.path(), &served);
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(echo_app().await));
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let addr = proxy.inbound[0];
+    let no_cert = client_config(&pki.anchors(), None);
+    let refusals = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("inbound handshake refused"))
+            .map(str::to_string)
+            .collect()
+    };
+
+    let peer = refused_once(addr, no_cert.clone(), &server_id).await;
+    let lines = refusals(&logs.text());
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    for want in [
+        " INFO ".to_string(),
+        format!("peer={peer}"),
+        "reason=peer sent no certificates".to_string(),
+        "result=no_client_cert".to_string(),
+        "suppressed=0".to_string(),
+    ] {
+        assert!(
+            lines[0].contains(&want),
+            "{want:?} missing from {}",
+            lines[0]
+        );
+    }
+    // Nothing of the certificates themselves.
+    assert!(!logs.text().contains("BEGIN"));
+
+    // A flood: at most a burst per second is logged...
+    const FLOOD: usize = 60;
+    for _ in 0..FLOOD {
+        refused_once(addr, no_cert.clone(), &server_id).await;
+    }
+    // ...and once the window has passed (a sleep for the limiter's one-second window, not a
+    // readiness wait) the next line counts every refusal left out.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    refused_once(addr, no_cert.clone(), &server_id).await;
+    let lines = refusals(&logs.text());
+    let suppressed: Vec<usize> = lines
+        .iter()
+        .map(|l| {
+            let v = l.split("suppressed=").nth(1).expect("a suppressed field");
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        lines.len() < FLOOD,
+        "{} lines for {FLOOD} refusals",
+        lines.len()
+    );
+    assert!(*suppressed.last().unwrap() > 0, "{lines:#?}");
+    assert_eq!(
+        lines.len() + suppressed.iter().sum::<usize>(),
+        FLOOD + 2,
+        "every refusal is either logged or counted: {lines:#?}"
+    );
+    proxy.stop().await;
+}

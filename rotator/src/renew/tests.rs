@@ -545,28 +545,7 @@ async fn ready_is_sent_only_after_a_valid_cert_is_installed() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_token_and_key_never_reach_the_logs_or_other_files() {
-    use std::io::Write;
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    crate::testing::interest_in_everything();
-    let buf = Buf::default();
-    let w = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || w.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(sub);
-    // Other tests run without a subscriber; make every callsite ask ours again.
-    tracing::callsite::rebuild_interest_cache();
+    let (buf, _guard) = crate::testing::LogCapture::start(tracing::Level::TRACE);
 
     let rig = rig(DAY, "");
     let mut r = rig.rotator();
@@ -581,7 +560,7 @@ async fn the_token_and_key_never_reach_the_logs_or_other_files() {
     tracing::warn!(error = %e, "logged like the binary does");
     r.cycle(true).await.unwrap();
 
-    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let logs = buf.text();
     assert!(logs.contains("rotated"), "logs were captured: {logs}");
     assert!(
         !logs.contains("the-secret-token-value"),
@@ -805,4 +784,150 @@ async fn with_verify_ready_waits_until_the_listener_serves_the_cert() {
     );
     handle.shutdown();
     task.await.unwrap();
+}
+
+/// Reload hooks that fail while `failing` is set, counting every run.
+#[derive(Debug, Default, Clone)]
+struct FlakyReload {
+    runs: Arc<std::sync::atomic::AtomicUsize>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Reload for FlakyReload {
+    async fn reload(&self) -> Vec<crate::reload::HookOutcome> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let result = if self.failing.load(Ordering::SeqCst) {
+            Err(ReloadError::Exec {
+                program: "reload-app".into(),
+                reason: "exit status: 1".into(),
+            })
+        } else {
+            Ok(())
+        };
+        vec![crate::reload::HookOutcome {
+            hook: "exec",
+            result,
+        }]
+    }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_rotate_whose_hooks_failed_runs_them_again_next_time_instead_of_not_due() {
+    let rig = rig(DAY, "");
+    let hooks = FlakyReload::default();
+    hooks.failing.store(true, Ordering::SeqCst);
+    // Each `rotate` run is a fresh process: a fresh rotator.
+    let rotate = || async {
+        Rotator::new(
+            rig.config.clone(),
+            Arc::new(rig.clock.clone()),
+            rig.issuer.clone(),
+            hooks.clone(),
+            Metrics::new(),
+        )
+        .cycle(false)
+        .await
+    };
+    let status = || crate::status::report(&rig.config, rig.clock.now());
+
+    let err = rotate().await.unwrap_err();
+    assert!(matches!(err, CycleError::Reload { .. }), "{err}");
+    let serial = rig.serial_on_disk().expect("the new cert is installed");
+    assert_eq!(
+        State::load(&rig.config.dir).unfinished.as_deref(),
+        Some(serial.as_str())
+    );
+    let r = status();
+    assert_eq!(r.status, crate::status::Level::Warning, "{}", r.text());
+    assert!(
+        r.summary
+            .starts_with("renewal failing (1 attempt): new cert (serial"),
+        "{}",
+        r.summary
+    );
+
+    // Still failing: the next run tries the hooks again (not "not due"), fetching nothing.
+    advance(Duration::from_secs(600)).await;
+    let err = rotate().await.unwrap_err();
+    assert!(matches!(err, CycleError::Reload { .. }), "{err}");
+    assert!(status().summary.contains("(2 attempts)"));
+
+    // The app takes the reload now: the run completes the rotation.
+    hooks.failing.store(false, Ordering::SeqCst);
+    advance(Duration::from_secs(600)).await;
+    let out = rotate().await.unwrap();
+    let Outcome::Reloaded { serial: done, next } = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(done, serial);
+    assert!(next > rig.clock.now());
+    assert_eq!(hooks.runs.load(Ordering::SeqCst), 3);
+    assert_eq!(rig.calls(), 1, "no new cert for a reload problem");
+    assert_eq!(rig.serial_on_disk().as_deref(), Some(serial.as_str()));
+    let state = State::load(&rig.config.dir);
+    assert_eq!((state.unfinished, state.last_error), (None, None));
+    let r = status();
+    assert_eq!(r.status, crate::status::Level::Ok, "{}", r.text());
+
+    // And from then on, "not due" without running anything.
+    assert_eq!(
+        rotate().await.unwrap(),
+        Outcome::NotDue { until: next },
+        "the same renewal point"
+    );
+    assert_eq!(hooks.runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn on_a_fresh_host_with_the_issuer_down_each_attempt_logs_one_line_and_status_says_why() {
+    let (logs, _guard) = crate::testing::LogCapture::start(tracing::Level::INFO);
+    let rig = rig(DAY, "");
+    rig.issuer.down.store(true, Ordering::SeqCst);
+    assert!(!rig.config.dir.exists(), "a host that never got a cert");
+    let (handle, task) = spawn_daemon(&rig, Arc::new(crate::notify::Silent));
+    advance(Duration::from_secs(120)).await;
+    handle.shutdown();
+    task.await.unwrap();
+
+    let attempts = rig.calls();
+    assert!(attempts >= 5, "{attempts} attempts in 2 minutes");
+    let text = logs.text();
+    let lines: Vec<&str> = text.lines().collect();
+    let failed: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("renewal failed"))
+        .collect();
+    assert_eq!(failed.len(), attempts, "one line per attempt:\n{text}");
+    for (i, l) in failed.iter().enumerate() {
+        for want in [
+            " WARN ",
+            "error=cannot reach the issuer",
+            &format!("failures={}", i + 1),
+            "retry_at=",
+        ] {
+            assert!(l.contains(want), "{want:?} missing from {l}");
+        }
+    }
+    assert!(!text.contains("cannot write the state file"), "{text}");
+    // Besides those: why it renews (once) and the shutdown.
+    assert_eq!(lines.len(), attempts + 2, "{text}");
+    assert!(lines[0].contains("no usable cert on disk; renewing now"));
+    assert!(lines[attempts + 1].contains("shutting down"));
+
+    // `status` says why there is no cert, not only that tls.crt is missing.
+    let r = crate::status::report(&rig.config, rig.clock.now());
+    assert_eq!(r.status, crate::status::Level::Critical);
+    let want = format!("renewal failing ({attempts} attempts): cannot reach the issuer at fake");
+    assert!(r.summary.starts_with(&want), "{}", r.summary);
+    assert!(
+        r.summary.contains("cannot load the cert set"),
+        "{}",
+        r.summary
+    );
+    assert!(
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("cannot reach the issuer")),
+        "{r:?}"
+    );
 }

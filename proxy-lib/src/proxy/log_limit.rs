@@ -1,0 +1,100 @@
+//! A limit on how often a noisy event is logged: at most a burst of lines per window, and the
+//! next line logged says how many were left out, so a flood of refused handshakes (a scanner,
+//! a misconfigured client in a retry loop) cannot fill the journal while one still shows up.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Lines logged per window by default.
+pub const DEFAULT_BURST: u32 = 10;
+/// The default window.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Admits at most `burst` events per fixed `window` (tokio's clock, so paused test time
+/// drives it) and counts the rest.
+#[derive(Debug)]
+pub struct LogLimit {
+    burst: u32,
+    window: Duration,
+    state: Mutex<Window>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    start: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        Self::new(DEFAULT_BURST, DEFAULT_WINDOW)
+    }
+}
+
+impl LogLimit {
+    /// At most `burst` lines per `window`.
+    pub fn new(burst: u32, window: Duration) -> Self {
+        Self {
+            burst,
+            window,
+            state: Mutex::new(Window::default()),
+        }
+    }
+
+    /// Whether the event happening now may be logged: `Some(n)` when it may, `n` being how
+    /// many events were suppressed since the last one logged; `None` when it is suppressed
+    /// (and counted).
+    pub fn admit(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if w.start.is_none_or(|s| now.duration_since(s) >= self.window) {
+            w.start = Some(now);
+            w.logged = 0;
+        }
+        if w.logged < self.burst {
+            w.logged += 1;
+            Some(std::mem::take(&mut w.suppressed))
+        } else {
+            w.suppressed += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_burst_per_window_then_the_count_of_what_was_left_out() {
+        let limit = LogLimit::new(3, Duration::from_secs(1));
+        let first: Vec<_> = (0..10).map(|_| limit.admit()).collect();
+        assert_eq!(
+            first,
+            [
+                Some(0),
+                Some(0),
+                Some(0),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None
+            ]
+        );
+        // Still inside the window.
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert_eq!(limit.admit(), None);
+        // A new window: the first line carries the 8 left out.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(limit.admit(), Some(8));
+        assert_eq!(limit.admit(), Some(0));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(limit.admit(), Some(0));
+    }
+}
