@@ -176,6 +176,8 @@ impl LogCapture {
     /// What was logged so far.
     pub fn text(&self) -> String {
         String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
 
 /// `target/<profile>` of the running test, bench or example executable (which lives in
 /// `target/<profile>/deps/` or `target/<profile>/examples/`).
