@@ -8,6 +8,7 @@
 //! - [`verify`]: path validation against trust anchors.
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
 //! - [`fs`]: atomic, mode-correct file writes.
+//! - [`account`]: users and groups by name or id, for handing files to a service's user.
 //! - [`admin`]: the admin HTTP endpoints every binary serves.
 //! - `proxy` (feature `proxy`): the reloadable mTLS proxy behind the `mtls-proxy` binary, and
 //!   the embedding API (`proxy::Reloader`) for services that want rustls configs that follow
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod account;
 pub mod admin;
 pub mod bundle;
 pub mod cert;
