@@ -113,3 +113,58 @@ pub fn have_tool(name: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// A plain HTTP/1.0 GET to `127.0.0.1:port`: the status code and body, or `None` while nothing
+/// answers there (so it can drive [`wait_for`]).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.get(9..12)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    Some((code, body))
+}
+
+/// The workspace README.
+pub fn readme() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The first ```` ```sh ```` block after `marker` in `text`, each line's indentation removed
+/// (a block inside a list item is indented). Panics naming the marker when there is none.
+pub fn sh_block_after(text: &str, marker: &str) -> String {
+    let start = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("README: no {marker:?}"));
+    let block = &text[start..];
+    let open = block
+        .find("```sh\n")
+        .unwrap_or_else(|| panic!("README: no sh block after {marker:?}"))
+        + "```sh\n".len();
+    let close = block[open..]
+        .find("```")
+        .unwrap_or_else(|| panic!("README: unclosed sh block after {marker:?}"));
+    block[open..open + close]
+        .lines()
+        .map(str::trim_start)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `cmd` to completion and returns its output; panics with the command and its stderr
+/// when it fails.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

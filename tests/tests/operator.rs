@@ -312,20 +312,10 @@ fn http_get(port: u16, path: &str) -> String {
 /// issuer dir instead of /etc/issuer, no chown to a user that does not exist here, and a
 /// SIGHUP to `pid` instead of `systemctl reload issuer`.
 fn readme_ca_rotation_script(issuer_dir: &Path, pid: u32) -> String {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-            .unwrap();
-    let start = readme
-        .find("There is no `issuer` subcommand for this yet")
-        .expect("README: issuer CA rotation recipe");
-    let block = &readme[start..];
-    let open = block.find("```sh\n").expect("recipe code block") + "```sh\n".len();
-    let close = block[open..].find("```").expect("end of recipe code block");
-    let script = block[open..open + close]
-        .lines()
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let script = testkit::sh_block_after(
+        &testkit::readme(),
+        "There is no `issuer` subcommand for this yet",
+    );
     assert!(script.contains("systemctl reload issuer"), "{script}");
     script
         .replace("/etc/issuer", &issuer_dir.display().to_string())
