@@ -98,6 +98,10 @@ pub struct InitArgs {
     /// Validity of the issuer certificate.
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     pub issuer_validity: Duration,
+    /// Give the files the issuer service reads (all but anchor.key) to USER, and to GROUP if
+    /// given (e.g. `--owner issuer`, the service's user). Needs root.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub owner: Option<crate::init::Owner>,
 }
 
 /// `issuer token ...`.
@@ -210,6 +214,7 @@ fn init(a: InitArgs, clock: SharedClock) -> Result<()> {
         trust_domain: a.trust_domain,
         anchor_validity: a.anchor_validity,
         issuer_validity: a.issuer_validity,
+        owner: a.owner,
     };
     let out = crate::init::run_at(&opts, clock.now())?;
     for f in &out.files {

@@ -1,5 +1,6 @@
-//! `issuer init`: a fresh trust anchor and issuer CA, written with the right modes, plus an
-//! `issuer.toml` naming them. Refuses (changing nothing) if any target file exists.
+//! `issuer init`: a fresh trust anchor and issuer CA, written with the right modes (and, with
+//! `--owner`, handed to the service's user), plus an `issuer.toml` naming them. Refuses
+//! (changing nothing) if any target file exists.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -34,6 +35,41 @@ pub struct InitOptions {
     pub anchor_validity: Duration,
     /// Issuer certificate validity.
     pub issuer_validity: Duration,
+    /// Who gets the files the running issuer reads (all but `anchor.key`, which stays with
+    /// the caller: it belongs offline). `None`: whoever runs `init`.
+    pub owner: Option<Owner>,
+}
+
+/// The owner `init` gives its files: `--owner USER[:GROUP]`, names or numeric ids, resolved
+/// when parsed. Without a group the files keep the caller's group, as with chown(1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// The user.
+    pub uid: u32,
+    /// The group, if one was given.
+    pub gid: Option<u32>,
+}
+
+impl std::str::FromStr for Owner {
+    type Err = String;
+
+    /// Parses `USER[:GROUP]`; an unknown user or group is an error naming it. Blocks (reads
+    /// `/etc/passwd` and `/etc/group`).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (user, group) = match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        };
+        if user.is_empty() || group.is_some_and(str::is_empty) {
+            return Err(format!("{s:?} is not USER or USER:GROUP"));
+        }
+        let uid = proxy_lib::account::user_id(user).map_err(|e| e.to_string())?;
+        let gid = group
+            .map(proxy_lib::account::group_id)
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { uid, gid })
+    }
 }
 
 impl InitOptions {
@@ -44,6 +80,7 @@ impl InitOptions {
             trust_domain: TrustDomain::default(),
             anchor_validity: DEFAULT_ANCHOR_VALIDITY,
             issuer_validity: DEFAULT_ISSUER_VALIDITY,
+            owner: None,
         }
     }
 }
@@ -141,16 +178,25 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
         (CONFIG_FILE, toml.as_bytes(), PUBLIC_MODE),
     ];
     let mut written = Vec::new();
+    // Leave the directory as it was on failure: remove what this run created.
+    let undo = |written: &[PathBuf]| {
+        for p in written {
+            let _ = std::fs::remove_file(p);
+        }
+    };
     for (name, data, mode) in files {
         let path = dir.join(name);
         if let Err(e) = proxy_lib::fs::create_new(&path, data, mode, None) {
-            // Leave the directory as it was: remove what this run created.
-            for p in &written {
-                let _ = std::fs::remove_file(p);
-            }
+            undo(&written);
             return Err(e.into());
         }
-        written.push(path);
+        written.push(path.clone());
+        if let Some(owner) = opts.owner.filter(|_| name != ANCHOR_KEY_FILE)
+            && let Err(e) = std::os::unix::fs::lchown(&path, Some(owner.uid), owner.gid)
+        {
+            undo(&written);
+            return Err(proxy_lib::fs::FsError::new("chown (--owner)", &path, e).into());
+        }
     }
     proxy_lib::fs::fsync_dir(&dir)?;
     Ok(InitOutput { files: written })
@@ -245,6 +291,68 @@ mod tests {
             .map(|p| std::fs::read(p).unwrap())
             .collect();
         assert_eq!(before, after);
+    }
+
+    #[test]
+    fn owner_gets_every_file_but_the_anchor_key() {
+        let me = rustix::process::geteuid().as_raw();
+        let my_group = rustix::process::getegid().as_raw();
+        // As root, hand the files to someone else; otherwise to ourselves (all a non-root
+        // caller may do), which still runs the same code.
+        let (uid, gid) = if me == 0 {
+            (4242, 4343)
+        } else {
+            (me, my_group)
+        };
+        let d = tempfile::tempdir().unwrap();
+        let mut opts = InitOptions::new(d.path());
+        opts.owner = Some(format!("{uid}:{gid}").parse().unwrap());
+        run_at(
+            &opts,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+        )
+        .unwrap();
+        for name in [ANCHORS_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE, CONFIG_FILE] {
+            let m = std::fs::metadata(d.path().join(name)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (uid, gid), "{name}");
+        }
+        let m = std::fs::metadata(d.path().join(ANCHOR_KEY_FILE)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (me, my_group),
+            "anchor.key stays the caller's"
+        );
+        assert_eq!(
+            std::fs::metadata(d.path().join(ISSUER_KEY_FILE))
+                .unwrap()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn owner_parses_names_and_ids_and_names_what_is_unknown() {
+        assert_eq!(
+            "root".parse::<Owner>().unwrap(),
+            Owner { uid: 0, gid: None }
+        );
+        assert_eq!(
+            "12:root".parse::<Owner>().unwrap(),
+            Owner {
+                uid: 12,
+                gid: Some(0)
+            }
+        );
+        for (spec, needle) in [
+            ("no-such-user-here", "no user named \"no-such-user-here\""),
+            ("root:no-such-group", "no group named \"no-such-group\""),
+            ("root:", "not USER or USER:GROUP"),
+            (":root", "not USER or USER:GROUP"),
+        ] {
+            let e = spec.parse::<Owner>().unwrap_err();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
     }
 
     #[test]

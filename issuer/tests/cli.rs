@@ -220,6 +220,22 @@ fn init_writes_the_ca_and_refuses_a_second_run() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), names.len());
 }
 
+// `init --owner` with an unknown user or group is a usage error naming it, and writes nothing.
+#[test]
+fn init_owner_names_an_unknown_user_or_group_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("ca");
+    for (owner, needle) in [
+        ("no-such-user-here", "no user named \"no-such-user-here\""),
+        ("root:no-such-group", "no group named \"no-such-group\""),
+    ] {
+        let (code, _, err) = run(&["init", "--dir", dir.to_str().unwrap(), "--owner", owner]);
+        assert_eq!(code, 64, "{err}");
+        assert!(err.contains(needle) && err.contains("--owner"), "{err}");
+        assert!(!dir.exists());
+    }
+}
+
 // Usage errors exit 64; help exits 0; a bad config value is reported with its name.
 #[test]
 fn usage_errors_exit_64() {

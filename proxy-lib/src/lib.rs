@@ -10,6 +10,7 @@
 //! - [`fs`]: atomic, mode-correct file writes.
 //! - [`process`]: pidfiles and the programs live pids run.
 //! - [`human`]: durations and counts in messages.
+//! - [`account`]: users and groups by name or id, for handing files to a service's user.
 //! - [`admin`]: the admin HTTP endpoints every binary serves.
 //! - `cli`, `config_file` (feature `cli`): the command-line convention of the three binaries
 //!   (exit codes, `--log-format`, JSON on stderr) and config files whose errors name the key.
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod account;
 pub mod admin;
 pub mod bundle;
 pub mod cert;

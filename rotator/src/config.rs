@@ -419,7 +419,9 @@ impl RawConfig {
         let schedule = v.optional("schedule", |s| {
             CronSchedule::parse(s).map_err(|e| e.to_string())
         });
-        let key_group = v.optional("key_group", parse_group);
+        let key_group = v.optional("key_group", |s| {
+            proxy_lib::account::group_id(s).map_err(|e| e.to_string())
+        });
 
         // [reload]
         let pidfile = v.optional("reload.pidfile", |s| non_empty(s).map(PathBuf::from));
@@ -745,25 +747,6 @@ fn is_loopback_host(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Resolves a group name (from `/etc/group`) or numeric gid.
-fn parse_group(s: &str) -> Result<u32, String> {
-    if let Ok(gid) = s.parse::<u32>() {
-        return Ok(gid);
-    }
-    let groups = std::fs::read_to_string("/etc/group")
-        .map_err(|e| format!("cannot read /etc/group to resolve {s:?}: {e}"))?;
-    groups
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let name = f.next()?;
-            let gid = f.nth(1)?.parse::<u32>().ok()?;
-            (name == s).then_some(gid)
-        })
-        .next()
-        .ok_or_else(|| format!("no group named {s:?} in /etc/group"))
 }
 
 /// Where the trust anchors come from.

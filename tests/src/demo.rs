@@ -279,7 +279,10 @@ fn run_in(root: &Path, opts: &Options, out: &mut dyn Write) -> Result<Summary> {
             stop.store(true, Ordering::SeqCst);
             bail!(
                 "only {} seen before the deadline",
-                plural(summary.served_serials.len().saturating_sub(1), "rotation"),
+                proxy_lib::human::count(
+                    summary.served_serials.len().saturating_sub(1) as u64,
+                    "rotation"
+                ),
             );
         }
         if long_lived.is_finished() {
@@ -334,21 +337,15 @@ fn run_in(root: &Path, opts: &Options, out: &mut dyn Write) -> Result<Summary> {
     writeln!(
         out,
         "\ndone: {} served by the proxy; the long-lived connection echoed {} bytes byte-exact across all of them; {} fresh handshakes, {} failed",
-        plural(summary.served_serials.len().saturating_sub(1), "rotation"),
+        proxy_lib::human::count(
+            summary.served_serials.len().saturating_sub(1) as u64,
+            "rotation"
+        ),
         summary.long_lived_bytes,
         summary.handshakes,
         summary.failed_handshakes
     )?;
     Ok(summary)
-}
-
-/// "1 rotation", "2 rotations".
-fn plural(n: usize, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
-    }
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {

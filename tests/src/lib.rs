@@ -157,3 +157,45 @@ pub fn have_tool(name: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// The workspace README.
+pub fn readme() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The first ```` ```sh ```` block after `marker` in `text`, each line's indentation removed
+/// (a block inside a list item is indented). Panics naming the marker when there is none.
+pub fn sh_block_after(text: &str, marker: &str) -> String {
+    let start = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("README: no {marker:?}"));
+    let block = &text[start..];
+    let open = block
+        .find("```sh\n")
+        .unwrap_or_else(|| panic!("README: no sh block after {marker:?}"))
+        + "```sh\n".len();
+    let close = block[open..]
+        .find("```")
+        .unwrap_or_else(|| panic!("README: unclosed sh block after {marker:?}"));
+    block[open..open + close]
+        .lines()
+        .map(str::trim_start)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `cmd` to completion and returns its output; panics with the command and its stderr
+/// when it fails.
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -269,7 +269,7 @@ fn rotator_daemon_logs_when_it_retries_an_unreachable_issuer() {
         (v["failures"].as_u64()? >= 2).then_some(())
     });
     // The restarted daemon still reports the last success it had recorded.
-    let scrape = http_get(metrics, "/metrics");
+    let scrape = testkit::http_get(metrics, "/metrics").unwrap().1;
     assert!(
         scrape.contains("rotator_last_success_timestamp_seconds 1700000000"),
         "{scrape}"
@@ -306,34 +306,14 @@ fn rotator_daemon_logs_when_it_retries_an_unreachable_issuer() {
     assert!(text.contains("cannot reach the issuer"), "{text}");
 }
 
-/// The body of a plain HTTP/1.0 GET on 127.0.0.1:`port`.
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 /// The shell block of the README's issuer-CA rotation recipe, adapted to a temp dir: the
 /// issuer dir instead of /etc/issuer, no chown to a user that does not exist here, and a
 /// SIGHUP to `pid` instead of `systemctl reload issuer`.
 fn readme_ca_rotation_script(issuer_dir: &Path, pid: u32) -> String {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-            .unwrap();
-    let start = readme
-        .find("There is no `issuer` subcommand for this yet")
-        .expect("README: issuer CA rotation recipe");
-    let block = &readme[start..];
-    let open = block.find("```sh\n").expect("recipe code block") + "```sh\n".len();
-    let close = block[open..].find("```").expect("end of recipe code block");
-    let script = block[open..open + close]
-        .lines()
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let script = testkit::sh_block_after(
+        &testkit::readme(),
+        "There is no `issuer` subcommand for this yet",
+    );
     assert!(script.contains("systemctl reload issuer"), "{script}");
     script
         .replace("/etc/issuer", &issuer_dir.display().to_string())
@@ -403,7 +383,7 @@ fn readme_issuer_ca_rotation_recipe_works_with_openssl() {
     let new_issuer = proxy_lib::pem::read_certs(&offline.join("issuer.crt")).unwrap();
 
     wait_for("the new issuer CA in use", Duration::from_secs(20), || {
-        let m = http_get(admin, "/metrics");
+        let m = testkit::http_get(admin, "/metrics").unwrap().1;
         m.contains("issuer_ca_reloads_total{result=\"loaded\"}")
             .then_some(())
     });
@@ -473,16 +453,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
 /// The shell block under the README's "Checking the proxy by hand", adapted to a temp dir and
 /// the test's ports.
 fn readme_proxy_check_script(certs: &Path, inbound: u16, admin: u16) -> String {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-            .unwrap();
-    let start = readme
-        .find("### Checking the proxy by hand")
-        .expect("README: checking the proxy by hand");
-    let block = &readme[start..];
-    let open = block.find("```sh\n").expect("code block") + "```sh\n".len();
-    let close = block[open..].find("```").expect("end of code block");
-    let script = &block[open..open + close];
+    let script = testkit::sh_block_after(&testkit::readme(), "### Checking the proxy by hand");
     for expected in ["/var/lib/mesh-identity", "127.0.0.1:4143", "127.0.0.1:4191"] {
         assert!(script.contains(expected), "{expected} not in {script}");
     }

@@ -406,7 +406,7 @@ fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(!log_text.contains(&rig.token()), "token logged");
     // The metrics endpoint counts the four rotations and their reloads.
-    let (code, body) = http_get(metrics_port, "/metrics");
+    let (code, body) = testkit::http_get(metrics_port, "/metrics").unwrap();
     assert_eq!(code, 200);
     for want in [
         "rotator_rotations_total{result=\"success\"} 4",
@@ -425,27 +425,8 @@ fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
         "rotator_cert_expiration_timestamp_seconds {}",
         proxy_lib::clock::unix_secs(expiry)
     )));
-    assert_eq!(http_get(metrics_port, "/ready").0, 200);
+    assert_eq!(testkit::http_get(metrics_port, "/ready").unwrap().0, 200);
     daemon.signal(Signal::TERM);
-}
-
-/// A plain HTTP/1.1 GET on 127.0.0.1: status code and body.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (code, body)
 }
 
 #[test]
