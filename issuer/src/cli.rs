@@ -130,9 +130,14 @@ pub struct TokenCreateArgs {
     /// A source address or CIDR network the token may be used from (repeatable).
     #[arg(long = "allow-ip", value_name = "IP[/PREFIX]")]
     pub allow_ip: Vec<IpNet>,
-    /// Write the token to FILE (created 0600) instead of stdout.
+    /// Write the token to FILE (created 0600) instead of stdout. Refuses an existing FILE
+    /// unless --force.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// With --out: replace an existing FILE atomically (a host's `token_file` is re-read on
+    /// every renewal, so the new token is used from the next attempt on).
+    #[arg(long, requires = "out")]
+    pub force: bool,
 }
 
 /// `issuer token list`.
@@ -236,17 +241,22 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
         allowed_ips: a.allow_ip,
     };
     if let Some(out) = &a.out
+        && !a.force
         && std::fs::symlink_metadata(out).is_ok()
     {
-        return Err(Error::WouldOverwrite(vec![out.clone()]));
+        return Err(Error::TokenOutExists(out.clone()));
     }
     let t = crate::tokens::create(&cfg.tokens, &opts, clock.now())?;
     let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
     line.push(b'\n');
     match &a.out {
         Some(out) => {
-            if let Err(e) = proxy_lib::fs::create_new(out, &line, proxy_lib::fs::SECRET_MODE, None)
-            {
+            let written = if a.force {
+                proxy_lib::fs::write_atomic(out, &line, proxy_lib::fs::SECRET_MODE, None)
+            } else {
+                proxy_lib::fs::create_new(out, &line, proxy_lib::fs::SECRET_MODE, None)
+            };
+            if let Err(e) = written {
                 // Do not leave a usable token nobody holds.
                 let _ = crate::tokens::revoke(&cfg.tokens, &t.record.id, clock.now());
                 return Err(e.into());

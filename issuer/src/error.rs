@@ -180,6 +180,9 @@ pub enum Error {
     /// `init` found files it would overwrite.
     #[error("refusing to overwrite existing file(s): {}", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     WouldOverwrite(Vec<PathBuf>),
+    /// `token create --out FILE` found FILE already there.
+    #[error("refusing to overwrite {} (add --force to replace it atomically)", .0.display())]
+    TokenOutExists(PathBuf),
     /// The token store is unreadable or inconsistent.
     #[error("token store {path}: {reason}")]
     TokenStore {

@@ -216,14 +216,20 @@ fn read_file(path: &Path) -> Result<StoreFile> {
 
 /// Reads, changes and atomically rewrites the store under its lock file. Blocks.
 fn modify<T>(path: &Path, f: impl FnOnce(&mut StoreFile) -> Result<T>) -> Result<T> {
-    let _guard = proxy_lib::fs::lock_exclusive(&lock_path(path))?;
+    let lock = lock_path(path);
+    let _guard = proxy_lib::fs::lock_exclusive(&lock)?;
+    // A store that belongs to the service's user stays its own, lock file included, when an
+    // operator runs `issuer token create|revoke` as root.
+    if let Some(owner) = proxy_lib::fs::owner_of(path) {
+        proxy_lib::fs::chown_to(&lock, owner)?;
+    }
     let mut file = read_file(path)?;
     let out = f(&mut file)?;
     let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::TokenStore {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    proxy_lib::fs::write_atomic(path, &json, proxy_lib::fs::SECRET_MODE, None)?;
+    proxy_lib::fs::write_atomic_keeping_owner(path, &json, proxy_lib::fs::SECRET_MODE)?;
     Ok(out)
 }
 
@@ -452,6 +458,27 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         assert!(!format!("{t:?}").contains(t.secret.as_str()));
         assert_eq!(list(&p).unwrap(), vec![t.record.clone()]);
+    }
+
+    #[test]
+    fn a_store_rewritten_by_root_stays_the_service_users() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipping: only root can hand a file to another user");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let clock = FakeClock::at_unix(2_000_000_000);
+        create(&p, &opts("a"), clock.now()).unwrap();
+        // The service's user owns the store (as after `runuser -u issuer -- issuer token ...`).
+        let service = (4242, 4243);
+        proxy_lib::fs::chown_to(&p, service).unwrap();
+        let t = create(&p, &opts("b"), clock.now()).unwrap();
+        revoke(&p, &t.record.id, clock.now()).unwrap();
+        assert_eq!(proxy_lib::fs::owner_of(&p), Some(service));
+        assert_eq!(proxy_lib::fs::owner_of(&lock_path(&p)), Some(service));
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(list(&p).unwrap().len(), 2);
     }
 
     #[test]

@@ -321,6 +321,52 @@ async fn trust_domain_from_init_drives_token_create_and_serve() {
     assert_eq!(std::fs::metadata(&out_file).unwrap().mode() & 0o777, 0o600);
     let tok2 = std::fs::read_to_string(&out_file).unwrap();
     assert_eq!(tok2.trim().len(), 64);
+    // --out onto an existing file: refused (naming --force), the file and the store unchanged;
+    // with --force it is replaced atomically, still 0600.
+    let out_args = |force: bool| {
+        let mut a = vec![
+            "token",
+            "create",
+            "--dir",
+            dirs,
+            "--identity",
+            EXAMPLE_ID,
+            "--out",
+            out_file.to_str().unwrap(),
+        ];
+        if force {
+            a.push("--force");
+        }
+        run(&a)
+    };
+    let (_, before, _) = run(&["token", "list", "--dir", dirs, "--json"]);
+    let (code, _, err) = out_args(false);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("refusing to overwrite") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), tok2);
+    let (_, after, _) = run(&["token", "list", "--dir", dirs, "--json"]);
+    assert_eq!(before, after, "a refused --out must not add a token");
+    let (code, _, err) = out_args(true);
+    assert_eq!(code, 0, "{err}");
+    let tok3 = std::fs::read_to_string(&out_file).unwrap();
+    assert!(tok3.trim().len() == 64 && tok3 != tok2, "{tok3:?}");
+    assert_eq!(std::fs::metadata(&out_file).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        run(&[
+            "token",
+            "create",
+            "--dir",
+            dirs,
+            "--identity",
+            EXAMPLE_ID,
+            "--force"
+        ])
+        .0,
+        64
+    );
     let (code, list, _) = run(&["token", "list", "--dir", dirs]);
     assert_eq!(code, 0);
     assert!(

@@ -75,6 +75,46 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Re
     fsync_dir(dir)
 }
 
+/// Like [`write_atomic`], but the new file keeps the owner and group the old one had, so a
+/// command run as root that rewrites a service's file (the issuer's token store) does not take
+/// it away from the service. The temporary file is 0600-style `mode` and root's until it is
+/// handed over, just before the rename. Blocks.
+pub fn write_atomic_keeping_owner(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    let Some(owner) = owner_of(path) else {
+        return write_atomic(path, data, mode, None);
+    };
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{:016x}", rand::random::<u64>()));
+    create_new(&tmp, data, mode, None)?;
+    let renamed = chown_to(&tmp, owner).and_then(|()| {
+        std::fs::rename(&tmp, path).map_err(|e| FsError::new("rename into", path, e))
+    });
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fsync_dir(dir)
+}
+
+/// The owner and group of `path`, when it exists.
+pub fn owner_of(path: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid()))
+}
+
+/// Gives `path` to `owner` (uid, gid) unless it already has them. Blocks.
+pub fn chown_to(path: &Path, owner: (u32, u32)) -> Result<(), FsError> {
+    if owner_of(path) == Some(owner) {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, Some(owner.0), Some(owner.1))
+        .map_err(|e| FsError::new("hand over (chown)", path, e))
+}
+
 /// Creates `dir` and any missing parents with `mode` (less the umask) unless it exists. Blocks.
 pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), FsError> {
     if dir.is_dir() {
@@ -145,6 +185,29 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         assert!(create_new(&p, b"two", SECRET_MODE, None).is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
+    }
+
+    #[test]
+    fn write_atomic_keeping_owner_keeps_the_owner_and_replaces_the_content() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        // A new file: ours.
+        write_atomic_keeping_owner(&p, b"a", SECRET_MODE).unwrap();
+        let me = owner_of(&p).unwrap();
+        // As root, a file that belongs to someone else stays theirs after the rewrite.
+        let other = (me.0 + 4242, me.1 + 4242);
+        if rustix::process::geteuid().is_root() {
+            chown_to(&p, other).unwrap();
+            write_atomic_keeping_owner(&p, b"b", SECRET_MODE).unwrap();
+            assert_eq!(owner_of(&p), Some(other));
+        } else {
+            write_atomic_keeping_owner(&p, b"b", SECRET_MODE).unwrap();
+            assert_eq!(owner_of(&p), Some(me));
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), b"b");
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "no temp file left");
     }
 
     #[test]
