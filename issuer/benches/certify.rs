@@ -3,7 +3,7 @@
 //! Prints, in one run on the same cores: the in-process ceiling (CSR verify + leaf sign, one
 //! thread per core, pre-generated CSRs), end-to-end Certify over TLS on loopback (the real
 //! server with token auth, limits, audit and metrics, a load generator in the same process on
-//! its own runtime), and their ratio — SPEC §8 aims for ≥ 50 %. The two are measured in
+//! its own runtime), and their ratio — the aim is ≥ 50 %. The two are measured in
 //! interleaved half-second rounds so that a busy machine skews both alike.
 //! `BENCH_SECS` sets the seconds per figure (default 3); `BENCH_CLIENTS` the requests in
 //! flight (default 32, over 4 HTTP/2 connections).
@@ -209,7 +209,7 @@ fn main() {
     println!("in-process ceiling (verify+sign):        {ceiling:>9.0} /s");
     println!("end-to-end Certify over TLS, {clients:>3} in flight: {e2e:>9.0} /s");
     println!(
-        "ratio end-to-end / ceiling:              {:>9.1} %  (SPEC §8 aims >= 50 %)",
+        "ratio end-to-end / ceiling:              {:>9.1} %  (aim: >= 50 %)",
         100.0 * e2e / ceiling
     );
 }

@@ -1,4 +1,4 @@
-//! The issuer's Prometheus metrics (names are public interface, see SPEC §5).
+//! The issuer's Prometheus metrics (names are public interface: dashboards and alerts use them).
 
 use std::sync::atomic::AtomicI64;
 

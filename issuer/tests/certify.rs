@@ -312,7 +312,7 @@ async fn openssl_made_issuer_pair_interoperates() {
     h.stop().await;
 }
 
-// Acceptance 3: every bad input gets its SPEC §4 code and a naming message, is audited as a
+// Acceptance 3: every bad input gets its documented gRPC code and a naming message, is audited as a
 // refusal, and nothing is issued.
 #[tokio::test]
 async fn bad_inputs_are_refused_with_the_right_code_and_audited() {
@@ -667,7 +667,7 @@ async fn metrics_count_the_requests_made() {
     h.stop().await;
 }
 
-// SPEC §4 limits: rate per credential+peer with a burst, and signing concurrency.
+// Limits: rate per credential+peer with a burst, and signing concurrency.
 #[tokio::test]
 async fn rate_and_concurrency_limits_answer_resource_exhausted() {
     let h = Harness::start(|c, _| {

@@ -174,7 +174,7 @@ impl Served {
     }
 }
 
-// Acceptance 1: init writes the SPEC §5 files with keys 0600; openssl verifies the issuer
+// Acceptance 1: init writes the documented files with keys 0600; openssl verifies the issuer
 // against ca.crt; a second init refuses and changes nothing.
 #[test]
 fn init_writes_the_ca_and_refuses_a_second_run() {

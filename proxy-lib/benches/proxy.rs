@@ -2,9 +2,9 @@
 //!
 //! Prints, in one run on the same cores: connect+echo rate and bulk echo throughput for plain
 //! TCP to the app, through the inbound listener (full mTLS handshake per connection, no
-//! resumption), and through outbound → inbound; and the ratios to plain TCP that SPEC §8 sets
+//! resumption), and through outbound → inbound; and the ratios to plain TCP the project aims for
 //! aims for (bulk ≥ 30 %, handshakes ≥ 20 %); and the reload latency (new `..data` version →
-//! `POST /reload` answered → first handshake serving the new cert; SPEC §8 aims p50 < 20 ms).
+//! `POST /reload` answered → first handshake serving the new cert; the aim is p50 < 20 ms).
 //! `BENCH_SECS` sets the seconds per figure (default 3).
 
 use std::future::Future;

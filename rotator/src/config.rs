@@ -406,7 +406,7 @@ impl RawConfig {
                 "backoff.max",
                 format!(
                     "must not be below backoff.min ({})",
-                    humantime::format_duration(backoff_min)
+                    proxy_lib::human::duration(backoff_min)
                 ),
             );
         }

@@ -1,4 +1,4 @@
-//! The rotator's Prometheus metrics (SPEC.md §6 names), served on `[metrics] listen`.
+//! The rotator's Prometheus metrics (public names), served on `[metrics] listen`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,4 +1,4 @@
-//! The proxy's Prometheus metrics (SPEC §7 names): handshakes, open connections, bytes,
+//! The proxy's Prometheus metrics (public names): handshakes, open connections, bytes,
 //! certificate expiry and reloads.
 //!
 //! Handles that the data path touches per connection or per read are resolved once, so the
@@ -139,7 +139,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Fresh metrics registered in `registry` under the SPEC §7 names.
+    /// Fresh metrics registered in `registry` under their public names.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         // prometheus-client appends `_total` to counters itself.

@@ -9,7 +9,7 @@
 //! - [`listener`]: accept loops and byte forwarding.
 //! - [`log_limit`]: rate-limited logging of refused handshakes.
 //! - [`admin`]: `/metrics`, `/live`, `/ready`, `POST /reload`.
-//! - [`metrics`]: the SPEC §7 metrics.
+//! - [`metrics`]: the proxy's public metrics.
 //! - [`signal`]: SIGHUP / SIGTERM / SIGINT.
 //! - [`pidfile`]: the pidfile the rotator signals through.
 //!
