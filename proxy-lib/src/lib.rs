@@ -6,7 +6,9 @@
 //! - [`pem`]: PEM/DER loading of certificates and keys.
 //! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
 //! - [`verify`]: path validation against trust anchors.
-//! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
+//! - [`bundle`]: a cert chain + key + anchors checked as one unit.
+//! - [`certdir`]: the cert-dir layout (`..data` → version dir), its reader and its crash-safe
+//!   writer.
 //! - [`fs`]: atomic, mode-correct file writes.
 //! - [`process`]: pidfiles and the programs live pids run.
 //! - [`human`]: durations and counts in messages.
@@ -24,6 +26,7 @@ pub mod account;
 pub mod admin;
 pub mod bundle;
 pub mod cert;
+pub mod certdir;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
