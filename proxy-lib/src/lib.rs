@@ -6,6 +6,7 @@
 //! - [`pem`]: PEM/DER loading of certificates and keys.
 //! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
 //! - [`verify`]: path validation against trust anchors.
+//! - [`validity`]: validity windows and the one rule for granting one.
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit.
 //! - [`certdir`]: the cert-dir layout (`..data` → version dir), its reader and its crash-safe
 //!   writer.
@@ -41,6 +42,7 @@ pub mod process;
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+pub mod validity;
 pub mod verify;
 
 /// Installs the workspace's one rustls crypto provider (ring) as the process default.
