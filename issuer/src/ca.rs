@@ -183,7 +183,7 @@ impl Ca {
         let pair = key
             .to_rcgen()
             .map_err(|e| format!("issuer key is not usable: {e}"))?;
-        if pair.subject_public_key_info() != info.spki_der {
+        if !info.is_certified_key(&pair) {
             return Err(format!(
                 "issuer key does not match the issuer certificate (serial {})",
                 info.serial

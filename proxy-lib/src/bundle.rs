@@ -178,7 +178,7 @@ pub fn key_matches(key: &PrivateKey, leaf: &CertInfo) -> Result<bool, BundleErro
     let pair = key
         .to_rcgen()
         .map_err(|e| BundleError::BadKey(e.to_string()))?;
-    Ok(rcgen::PublicKeyData::subject_public_key_info(&pair) == leaf.spki_der)
+    Ok(leaf.is_certified_key(&pair))
 }
 
 type Chain = Vec<CertificateDer<'static>>;

@@ -101,6 +101,12 @@ impl CertInfo {
         self.window().contains(now)
     }
 
+    /// Whether `key` is this certificate's key pair: the SubjectPublicKeyInfo derived from the
+    /// key is the one the certificate carries. The one key-matches-cert rule.
+    pub fn is_certified_key(&self, key: &impl rcgen::PublicKeyData) -> bool {
+        key.subject_public_key_info() == self.spki_der
+    }
+
     /// The full lifetime, notAfter − notBefore.
     pub fn lifetime(&self) -> Duration {
         self.window().lifetime()
@@ -144,6 +150,8 @@ mod tests {
             info.spki_der,
             rcgen::PublicKeyData::subject_public_key_info(&key)
         );
+        assert!(info.is_certified_key(&key));
+        assert!(!info.is_certified_key(&rcgen::KeyPair::generate().unwrap()));
         assert!(!info.is_ca);
         assert!(CertInfo::from_der(b"\x30\x03abc").is_err());
     }
