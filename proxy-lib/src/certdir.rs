@@ -84,12 +84,29 @@ pub fn is_version_name(name: &str) -> bool {
 
 /// Version dirs present in `dir`, sorted (for tests and `status`).
 pub fn version_dirs(dir: &Path) -> Vec<String> {
+    names_in(dir, is_version_name)
+}
+
+/// Whether `name` is a temporary name a write uses for a moment (`..data_tmp.*`,
+/// `..tls.crt_tmp.*`, ...): one found between writes was left by a crash, and the next write
+/// removes it.
+pub fn is_leftover(name: &str) -> bool {
+    name.starts_with("..") && name.contains("_tmp.")
+}
+
+/// The crash leftovers ([`is_leftover`]) present in `dir`, sorted (for tests and `status`).
+pub fn leftovers(dir: &Path) -> Vec<String> {
+    names_in(dir, is_leftover)
+}
+
+/// The names in `dir` that `select` picks, sorted (none for an unreadable dir).
+fn names_in(dir: &Path, select: fn(&str) -> bool) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| is_version_name(n))
+        .filter(|n| select(n))
         .collect();
     v.sort();
     v
@@ -241,28 +258,21 @@ impl Writer {
         } else {
             SECRET_MODE
         };
-        let cert_path = version.join(CERT_FILE);
-        fs.write_new(
-            &cert_path,
-            certs_to_pem(set.chain).as_bytes(),
-            PUBLIC_MODE,
-            None,
-        )
-        .map_err(io_err("write", &cert_path))?;
-        let key_path = version.join(KEY_FILE);
+        let cert_pem = certs_to_pem(set.chain);
         // Zeroized on drop.
         let key_pem = set.key.to_pem();
-        fs.write_new(&key_path, key_pem.as_bytes(), key_mode, self.key_gid)
-            .map_err(io_err("write", &key_path))?;
+        let ca_pem = certs_to_pem(set.anchors);
+        let files = [
+            (CERT_FILE, cert_pem.as_bytes(), PUBLIC_MODE, None),
+            (KEY_FILE, key_pem.as_bytes(), key_mode, self.key_gid),
+            (CA_FILE, ca_pem.as_bytes(), PUBLIC_MODE, None),
+        ];
+        for (file, data, mode, gid) in files {
+            let path = version.join(file);
+            fs.write_new(&path, data, mode, gid)
+                .map_err(io_err("write", &path))?;
+        }
         drop(key_pem);
-        let ca_path = version.join(CA_FILE);
-        fs.write_new(
-            &ca_path,
-            certs_to_pem(set.anchors).as_bytes(),
-            PUBLIC_MODE,
-            None,
-        )
-        .map_err(io_err("write", &ca_path))?;
         fs.fsync_dir(&version).map_err(io_err("fsync", &version))?;
 
         let tmp = dir.join(format!("{DATA_TMP_PREFIX}{:016x}", rand::random::<u64>()));
@@ -347,7 +357,7 @@ impl Writer {
             if is_dir && is_version_name(&name) {
                 fs.remove_dir_all(&path).map_err(io_err("remove", &path))?;
                 removed = true;
-            } else if !is_dir && name.contains("_tmp.") {
+            } else if !is_dir && is_leftover(&name) {
                 fs.remove_file(&path).map_err(io_err("remove", &path))?;
                 removed = true;
             }

@@ -158,15 +158,6 @@ fn reader_serial(dir: &Path) -> String {
     b.leaf.serial
 }
 
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("_tmp."))
-        .collect()
-}
-
 #[test]
 fn first_swap_creates_the_data_layout_with_exact_modes() {
     crate::install_crypto_provider();
@@ -335,6 +326,8 @@ fn version_names_are_utc_stamps_that_the_pruner_recognises() {
     ] {
         assert!(!is_version_name(not), "{not}");
     }
+    assert!(is_leftover("..data_tmp.00ff") && is_leftover("..tls.key_tmp.00ff"));
+    assert!(!is_leftover("...rotator-state.json.tmp.1") && !is_leftover(&name));
 }
 
 #[test]
