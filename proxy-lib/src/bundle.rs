@@ -1,7 +1,6 @@
 //! A certificate chain, its private key and the trust anchors, loaded and checked as one unit.
 //!
-//! The on-disk layout they are read from (and its constants, re-exported here) belongs to
-//! [`crate::certdir`].
+//! The on-disk layout they are read from belongs to [`crate::certdir`].
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,8 +10,7 @@ use std::time::SystemTime;
 use rustls_pki_types::CertificateDer;
 
 use crate::cert::{CertInfo, CertParseError};
-use crate::certdir::SnapshotError;
-pub use crate::certdir::{CA_FILE, CERT_FILE, DATA_LINK, KEY_FILE, resolve_data_dir};
+use crate::certdir::{CA_FILE, CERT_FILE, KEY_FILE, SnapshotError};
 use crate::pem::{self, PemError, PrivateKey};
 use crate::verify::{TrustAnchors, Usage, VerifyError};
 
@@ -205,6 +203,7 @@ impl SnapshotError for BundleError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::certdir::DATA_LINK;
     use std::time::Duration;
 
     struct Pki {
