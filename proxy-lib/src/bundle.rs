@@ -289,7 +289,15 @@ mod tests {
         std::os::unix::fs::symlink("..v1", d.path().join(DATA_LINK)).unwrap();
         let (b, from) = CertBundle::load_dir(d.path()).unwrap();
         assert_eq!(from, v);
-        assert_eq!(b.chain, vec![p.leaf_der]);
+        assert_eq!(b.chain, vec![p.leaf_der.clone()]);
         assert!(CertBundle::load_dir(&d.path().join("missing")).is_err());
+
+        // With anchors from elsewhere the dir's ca.crt is not read.
+        std::fs::remove_file(v.join(CA_FILE)).unwrap();
+        assert!(CertBundle::load_dir(d.path()).is_err());
+        let anchors = TrustAnchors::from_certs(vec![p.ca_der.clone()]).unwrap();
+        let (b, from) = CertBundle::load_dir_with_anchors(d.path(), anchors).unwrap();
+        assert_eq!((b.chain, from), (vec![p.leaf_der], v));
+        assert_eq!(b.anchors.certs(), &[p.ca_der]);
     }
 }
