@@ -183,7 +183,7 @@ impl Ca {
         let pair = key
             .to_rcgen()
             .map_err(|e| format!("issuer key is not usable: {e}"))?;
-        if pair.subject_public_key_info() != info.spki_der {
+        if !info.is_certified_key(&pair) {
             return Err(format!(
                 "issuer key does not match the issuer certificate (serial {})",
                 info.serial
@@ -210,11 +210,12 @@ impl Ca {
             "self-test.issuer.serviceaccount.identity.linkerd.invalid",
         )
         .map_err(|e| e.to_string())?;
-        let now = crate::policy::whole_seconds(now);
-        let grant = crate::policy::Grant {
-            not_before: now.max(self.info.not_before),
-            not_after: (now + Duration::from_secs(60)).min(self.info.not_after),
-        };
+        let grant = proxy_lib::validity::Window::grant(
+            now,
+            Duration::from_secs(60),
+            Duration::ZERO,
+            self.info.window(),
+        );
         let leaf =
             crate::signer::sign_leaf(self, &id, &key, &grant, crate::signer::LeafKind::Workload)
                 .map_err(|e| e.to_string())?;

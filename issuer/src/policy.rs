@@ -1,9 +1,10 @@
 //! What the issuer grants: which identities it serves and the validity window of a leaf.
 //! Pure: every decision takes `now` as an argument.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use proxy_lib::identity::{Identity, IdentityError, TrustDomain};
+use proxy_lib::validity::{Window, whole_seconds};
 
 use crate::error::Error;
 
@@ -28,13 +29,7 @@ pub struct Policy {
 }
 
 /// The validity window granted to one leaf.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    /// Start of validity.
-    pub not_before: SystemTime,
-    /// End of validity.
-    pub not_after: SystemTime,
-}
+pub type Grant = Window;
 
 impl Policy {
     /// Parses the requested identity and checks it belongs to the trust domain.
@@ -63,7 +58,7 @@ impl Policy {
                 proxy_lib::clock::rfc3339(issuer_not_before)
             )));
         }
-        let left = issuer_not_after.duration_since(now).unwrap_or_default();
+        let left = Window::new(issuer_not_before, issuer_not_after).remaining(now);
         let min = self.effective_min_lifetime();
         if left < min {
             return Err(Error::CaUnavailable(format!(
@@ -86,19 +81,9 @@ impl Policy {
         issuer_not_after: SystemTime,
     ) -> Result<Grant, Error> {
         self.check_issuer(now, issuer_not_before, issuer_not_after)?;
-        let now = whole_seconds(now);
-        let not_before = (now - self.clock_skew).max(issuer_not_before);
-        let not_after = (now + self.lifetime).min(issuer_not_after);
-        Ok(Grant {
-            not_before,
-            not_after,
-        })
+        let issuer = Window::new(issuer_not_before, issuer_not_after);
+        Ok(Window::grant(now, self.lifetime, self.clock_skew, issuer))
     }
-}
-
-/// `t` truncated to whole seconds (X.509 times carry seconds).
-pub fn whole_seconds(t: SystemTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(proxy_lib::clock::unix_secs(t))
 }
 
 #[cfg(test)]
@@ -116,7 +101,7 @@ mod tests {
     }
 
     fn t(secs: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(secs)
+        std::time::UNIX_EPOCH + Duration::from_secs(secs)
     }
 
     const NOW: u64 = 2_000_000_000;

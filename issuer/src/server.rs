@@ -279,7 +279,7 @@ impl Server {
     pub fn ca_expires_soon(&self) -> bool {
         let now = self.shared.clock.now();
         let ca = self.shared.ca.load();
-        ca.info().not_after.duration_since(now).unwrap_or_default() < self.config.ca_warn_before
+        ca.info().window().remaining(now) < self.config.ca_warn_before
     }
 
     fn warn_if_expiring(&self) {
@@ -288,7 +288,7 @@ impl Server {
         }
         let now = self.shared.clock.now();
         let ca = self.shared.ca.load();
-        let left = ca.info().not_after.duration_since(now).unwrap_or_default();
+        let left = ca.info().window().remaining(now);
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         if warned
             .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(3600))
@@ -559,14 +559,13 @@ fn mint_serving(
     server_name: &str,
 ) -> Result<(Arc<rustls::ServerConfig>, ServingInfo)> {
     let ca = shared.ca.load_full();
-    let now = crate::policy::whole_seconds(shared.clock.now());
-    let not_before = (now - shared.policy.clock_skew).max(ca.info().not_before);
-    let not_after = (now + SERVING_LIFETIME).min(ca.info().not_after);
+    let grant = proxy_lib::validity::Window::grant(
+        shared.clock.now(),
+        SERVING_LIFETIME,
+        shared.policy.clock_skew,
+        ca.info().window(),
+    );
     let key = crate::ca::IssuerKey::generate().map_err(|e| Error::Sign(e.to_string()))?;
-    let grant = crate::policy::Grant {
-        not_before,
-        not_after,
-    };
     let leaf = crate::signer::sign_server_leaf(&ca, server_name, &key, &grant)?;
     let key_der = proxy_lib::pem::PrivateKey::from_pkcs8_der(key.pkcs8_der().to_vec());
     let provider = proxy_lib::crypto_provider();
@@ -589,12 +588,11 @@ fn mint_serving(
         .map_err(|e| Error::Server(format!("serving certificate: {e}")))?;
     // Offer h2, but a client without ALPN (linkerd2-proxy) is accepted as well.
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let life = not_after.duration_since(not_before).unwrap_or_default();
     let info = ServingInfo {
         sha256: leaf.sha256.clone(),
         issuer_sha256: proxy_lib::cert::sha256_hex(ca.cert()),
-        not_after,
-        renew_at: not_before + life * 2 / 3,
+        not_after: grant.not_after,
+        renew_at: grant.not_before + grant.lifetime() * 2 / 3,
         ca,
     };
     Ok((Arc::new(cfg), info))

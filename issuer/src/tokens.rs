@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use proxy_lib::fs::FileStamp;
 use proxy_lib::identity::Identity;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -275,25 +276,6 @@ pub fn list(path: &Path) -> Result<Vec<TokenRecord>> {
     Ok(read_file(path)?.tokens)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: Option<SystemTime>,
-}
-
-fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime: m.modified().ok(),
-    })
-}
-
 struct Loaded {
     records: Vec<(TokenRecord, [u8; 32])>,
 }
@@ -325,7 +307,7 @@ impl TokenStore {
             }),
             stamp: Mutex::new(None),
         };
-        let st = stamp(path);
+        let st = FileStamp::of(path);
         let file = read_file(path)?;
         s.install(file);
         *s.stamp.lock().unwrap_or_else(|e| e.into_inner()) = st;
@@ -347,7 +329,7 @@ impl TokenStore {
 
     /// Re-reads the file if it changed since the last look. Blocks (one `stat`).
     pub fn refresh(&self) {
-        let now = stamp(&self.path);
+        let now = FileStamp::of(&self.path);
         let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
         if *last == now {
             return;

@@ -1,13 +1,6 @@
-//! A certificate chain, its private key and the trust anchors, loaded and checked as one unit,
-//! and the on-disk layout the rotator writes and every reader uses.
+//! A certificate chain, its private key and the trust anchors, loaded and checked as one unit.
 //!
-//! Layout of a cert dir `DIR` (the model is Kubernetes' AtomicWriter):
-//! ```text
-//! DIR/..<time>.<random>/{tls.crt,tls.key,ca.crt}   one complete version
-//! DIR/..data -> ..<time>.<random>                  swapped by rename()
-//! DIR/tls.crt -> ..data/tls.crt                     (and tls.key, ca.crt)
-//! ```
-//! Readers resolve `..data` once and read every file through the resolved version dir.
+//! The on-disk layout they are read from belongs to [`crate::certdir`].
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -17,17 +10,9 @@ use std::time::SystemTime;
 use rustls_pki_types::CertificateDer;
 
 use crate::cert::{CertInfo, CertParseError};
+use crate::certdir::{CA_FILE, CERT_FILE, KEY_FILE, SnapshotError};
 use crate::pem::{self, PemError, PrivateKey};
 use crate::verify::{TrustAnchors, Usage, VerifyError};
-
-/// The symlink naming the current version dir.
-pub const DATA_LINK: &str = "..data";
-/// Leaf followed by intermediates, PEM.
-pub const CERT_FILE: &str = "tls.crt";
-/// PKCS#8 PEM private key.
-pub const KEY_FILE: &str = "tls.key";
-/// Trust anchor bundle, PEM.
-pub const CA_FILE: &str = "ca.crt";
 
 /// Why a bundle could not be loaded or is not fit to serve.
 #[derive(Debug, thiserror::Error)]
@@ -110,33 +95,28 @@ impl CertBundle {
     }
 
     /// Loads the current set from a cert dir, through a once-resolved `..data` (one consistent
-    /// snapshot; retried if a pruned version dir vanishes mid-read). A dir without `..data`
-    /// is read as plain files. Blocks. Returns the bundle and the dir it was read from.
+    /// snapshot; retried if a pruned version dir vanishes mid-read, see
+    /// [`crate::certdir::read_snapshot`]). A dir without `..data` is read as plain files.
+    /// Blocks. Returns the bundle and the dir it was read from.
     pub fn load_dir(dir: &Path) -> Result<(Self, PathBuf), BundleError> {
-        let mut last = None;
-        for _ in 0..5 {
-            let version = resolve_data_dir(dir);
-            match Self::load_files(&version) {
-                Ok(b) => return Ok((b, version)),
-                Err(BundleError::Pem(PemError::Io { source, .. }))
-                    if source.kind() == io::ErrorKind::NotFound && version != dir =>
-                {
-                    last = Some(source);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let _ = last;
-        Err(BundleError::Unstable {
-            dir: dir.to_path_buf(),
+        crate::certdir::read_snapshot(dir, Self::load_files)
+    }
+
+    /// Like [`CertBundle::load_dir`], with `anchors` (e.g. from a separate file) instead of
+    /// the dir's `ca.crt`, which is then not read. Blocks.
+    pub fn load_dir_with_anchors(
+        dir: &Path,
+        anchors: TrustAnchors,
+    ) -> Result<(Self, PathBuf), BundleError> {
+        crate::certdir::read_snapshot(dir, |version| {
+            let (chain, key) = read_chain_and_key(version)?;
+            Self::from_parts(chain, key, anchors.clone())
         })
     }
 
     /// Loads `tls.crt`, `tls.key` and `ca.crt` from one directory. Blocks.
     pub fn load_files(dir: &Path) -> Result<Self, BundleError> {
-        let chain = pem::read_certs(&dir.join(CERT_FILE))?;
-        let key = PrivateKey::read(&dir.join(KEY_FILE))?;
+        let (chain, key) = read_chain_and_key(dir)?;
         let anchors = TrustAnchors::read(&dir.join(CA_FILE))?;
         Self::from_parts(chain, key, anchors)
     }
@@ -196,22 +176,34 @@ pub fn key_matches(key: &PrivateKey, leaf: &CertInfo) -> Result<bool, BundleErro
     let pair = key
         .to_rcgen()
         .map_err(|e| BundleError::BadKey(e.to_string()))?;
-    Ok(rcgen::PublicKeyData::subject_public_key_info(&pair) == leaf.spki_der)
+    Ok(leaf.is_certified_key(&pair))
 }
 
-/// The directory `..data` points at (absolute), or `dir` itself when there is no `..data`.
-pub fn resolve_data_dir(dir: &Path) -> PathBuf {
-    let link = dir.join(DATA_LINK);
-    match std::fs::read_link(&link) {
-        Ok(target) if target.is_absolute() => target,
-        Ok(target) => dir.join(target),
-        Err(_) => dir.to_path_buf(),
+type Chain = Vec<CertificateDer<'static>>;
+
+fn read_chain_and_key(dir: &Path) -> Result<(Chain, PrivateKey), PemError> {
+    let chain = pem::read_certs(&dir.join(CERT_FILE))?;
+    let key = PrivateKey::read(&dir.join(KEY_FILE))?;
+    Ok((chain, key))
+}
+
+impl SnapshotError for BundleError {
+    fn vanished(&self) -> bool {
+        matches!(self, BundleError::Pem(PemError::Io { source, .. })
+            if source.kind() == io::ErrorKind::NotFound)
+    }
+
+    fn unstable(dir: &Path) -> Self {
+        BundleError::Unstable {
+            dir: dir.to_path_buf(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::certdir::DATA_LINK;
     use std::time::Duration;
 
     struct Pki {
@@ -297,7 +289,15 @@ mod tests {
         std::os::unix::fs::symlink("..v1", d.path().join(DATA_LINK)).unwrap();
         let (b, from) = CertBundle::load_dir(d.path()).unwrap();
         assert_eq!(from, v);
-        assert_eq!(b.chain, vec![p.leaf_der]);
+        assert_eq!(b.chain, vec![p.leaf_der.clone()]);
         assert!(CertBundle::load_dir(&d.path().join("missing")).is_err());
+
+        // With anchors from elsewhere the dir's ca.crt is not read.
+        std::fs::remove_file(v.join(CA_FILE)).unwrap();
+        assert!(CertBundle::load_dir(d.path()).is_err());
+        let anchors = TrustAnchors::from_certs(vec![p.ca_der.clone()]).unwrap();
+        let (b, from) = CertBundle::load_dir_with_anchors(d.path(), anchors).unwrap();
+        assert_eq!((b.chain, from), (vec![p.leaf_der], v));
+        assert_eq!(b.anchors.certs(), &[p.ca_der]);
     }
 }

@@ -6,6 +6,8 @@ use sha2::{Digest, Sha256};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::validity::Window;
+
 /// Why a certificate could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("certificate is not valid X.509 DER: {0}")]
@@ -89,16 +91,25 @@ impl CertInfo {
         Ok(info)
     }
 
+    /// The validity window `[not_before, not_after]`.
+    pub fn window(&self) -> Window {
+        Window::new(self.not_before, self.not_after)
+    }
+
     /// Whether `now` lies inside the validity window.
     pub fn is_valid_at(&self, now: SystemTime) -> bool {
-        self.not_before <= now && now <= self.not_after
+        self.window().contains(now)
+    }
+
+    /// Whether `key` is this certificate's key pair: the SubjectPublicKeyInfo derived from the
+    /// key is the one the certificate carries. The one key-matches-cert rule.
+    pub fn is_certified_key(&self, key: &impl rcgen::PublicKeyData) -> bool {
+        key.subject_public_key_info() == self.spki_der
     }
 
     /// The full lifetime, notAfter − notBefore.
     pub fn lifetime(&self) -> Duration {
-        self.not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default()
+        self.window().lifetime()
     }
 }
 
@@ -139,6 +150,8 @@ mod tests {
             info.spki_der,
             rcgen::PublicKeyData::subject_public_key_info(&key)
         );
+        assert!(info.is_certified_key(&key));
+        assert!(!info.is_certified_key(&rcgen::KeyPair::generate().unwrap()));
         assert!(!info.is_ca);
         assert!(CertInfo::from_der(b"\x30\x03abc").is_err());
     }

@@ -3,8 +3,9 @@
 
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// Mode for private keys and token files.
 pub const SECRET_MODE: u32 = 0o600;
@@ -151,6 +152,31 @@ fn set_owner_mode(f: &File, mode: u32, gid: Option<u32>) -> io::Result<()> {
     f.set_permissions(Permissions::from_mode(mode))
 }
 
+/// What tells one version of a file from another, for "has this file changed" checks: its
+/// device, inode, size and modification time (to the nanosecond). A file replaced by rename,
+/// rewritten in place or touched gets a different stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: Option<SystemTime>,
+}
+
+impl FileStamp {
+    /// The stamp of the file at `path` (symlinks followed), `None` when it cannot be stat'ed
+    /// (absent, or not accessible). Blocks (one `stat`).
+    pub fn of(path: &Path) -> Option<Self> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.modified().ok(),
+        })
+    }
+}
+
 /// Holds an exclusive advisory lock (flock) on a lock file until dropped.
 #[derive(Debug)]
 pub struct LockGuard {
@@ -208,6 +234,41 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1, "no temp file left");
+    }
+
+    #[test]
+    fn file_stamp_changes_with_replacement_size_and_mtime_and_not_otherwise() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        assert_eq!(FileStamp::of(&p), None);
+        std::fs::write(&p, b"one").unwrap();
+        let first = FileStamp::of(&p).unwrap();
+        assert_eq!(FileStamp::of(&p), Some(first));
+        // Same size, new mtime.
+        let f = File::options().write(true).open(&p).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH).unwrap();
+        let touched = FileStamp::of(&p).unwrap();
+        assert_ne!(touched, first);
+        // Replaced by rename with the same size and mtime: another inode.
+        let tmp = d.path().join("g");
+        std::fs::write(&tmp, b"two").unwrap();
+        File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH)
+            .unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let replaced = FileStamp::of(&p).unwrap();
+        assert_ne!(replaced, touched);
+        // Grown in place.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        assert_ne!(FileStamp::of(&p).unwrap(), replaced);
     }
 
     #[test]

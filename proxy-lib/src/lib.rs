@@ -6,7 +6,10 @@
 //! - [`pem`]: PEM/DER loading of certificates and keys.
 //! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
 //! - [`verify`]: path validation against trust anchors.
-//! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
+//! - [`validity`]: validity windows and the one rule for granting one.
+//! - [`bundle`]: a cert chain + key + anchors checked as one unit.
+//! - [`certdir`]: the cert-dir layout (`..data` → version dir), its reader and its crash-safe
+//!   writer.
 //! - [`fs`]: atomic, mode-correct file writes.
 //! - [`process`]: pidfiles and the programs live pids run.
 //! - [`human`]: durations and counts in messages.
@@ -24,6 +27,7 @@ pub mod account;
 pub mod admin;
 pub mod bundle;
 pub mod cert;
+pub mod certdir;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
@@ -38,6 +42,7 @@ pub mod process;
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+pub mod validity;
 pub mod verify;
 
 /// Installs the workspace's one rustls crypto provider (ring) as the process default.

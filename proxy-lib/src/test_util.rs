@@ -1,5 +1,6 @@
-//! Test fixtures (feature `test-util`): a throwaway PKI made with rcgen at test time, a
-//! writer of the `..data` cert-dir layout, and log capture. Never used by shipped code paths.
+//! Test fixtures (feature `test-util`): a throwaway PKI made with rcgen at test time, cert
+//! dirs written by the real [`crate::certdir::Writer`], fast temp dirs, and log capture. Never
+//! used by shipped code paths.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -11,9 +12,11 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 
-use crate::bundle::{CA_FILE, CERT_FILE, CertBundle, DATA_LINK, KEY_FILE};
+use crate::bundle::CertBundle;
+use crate::certdir::{NewSet, RealFs, Writer};
+use crate::clock::{Clock, SystemClock};
 use crate::identity::Identity;
-use crate::pem::{PrivateKey, certs_to_pem};
+use crate::pem::PrivateKey;
 use crate::verify::TrustAnchors;
 
 /// A trust anchor and an issuer CA under it, valid around `now`.
@@ -105,26 +108,31 @@ impl TestPki {
     }
 }
 
-/// Writes `bundle` as a new version dir under `dir` and points `..data` (and the top-level
-/// symlinks) at it with a rename, like the rotator does (without its crash-safety work).
-/// Returns the version dir.
+/// Writes `bundle` into the cert dir `dir` with the real crash-safe writer (key 0600, version
+/// dir named after the system clock's now), as the rotator does: `..data` and the top-level
+/// symlinks then point at the new version, and version dirs older than the previous one are
+/// pruned. Returns the new version dir. Panics on a failed write (tests only).
 pub fn write_data_dir(dir: &Path, bundle: &CertBundle) -> PathBuf {
-    let name = format!("..test.{:016x}", rand::random::<u64>());
-    let version = dir.join(&name);
-    std::fs::create_dir_all(&version).expect("mkdir version");
-    std::fs::write(version.join(CERT_FILE), certs_to_pem(&bundle.chain)).expect("write cert");
-    std::fs::write(version.join(KEY_FILE), bundle.key.to_pem().as_bytes()).expect("write key");
-    std::fs::write(version.join(CA_FILE), certs_to_pem(bundle.anchors.certs())).expect("write ca");
-    let tmp = dir.join(format!("..data_tmp.{:016x}", rand::random::<u64>()));
-    std::os::unix::fs::symlink(&name, &tmp).expect("symlink");
-    std::fs::rename(&tmp, dir.join(DATA_LINK)).expect("rename ..data");
-    for f in [CERT_FILE, KEY_FILE, CA_FILE] {
-        let link = dir.join(f);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(Path::new(DATA_LINK).join(f), &link).expect("symlink file");
-        }
+    let set = NewSet {
+        chain: &bundle.chain,
+        key: &bundle.key,
+        anchors: bundle.anchors.certs(),
+    };
+    Writer::new(dir, None)
+        .write(&RealFs, &set, SystemClock.now())
+        .unwrap_or_else(|e| panic!("writing the cert dir {}: {e}", dir.display()))
+}
+
+/// A temp dir on tmpfs when there is one (`/dev/shm`), where fsync costs nothing, so
+/// simulations of many rotations stay fast; the normal temp dir otherwise.
+pub fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
     }
-    version
+    tempfile::tempdir().expect("a temp dir")
 }
 
 /// Installs, once per test binary, a global subscriber that is interested in every event

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use proxy_lib::bundle::CertBundle;
 use proxy_lib::cert::CertInfo;
 use proxy_lib::clock::{SharedClock, rfc3339, unix_secs};
+use proxy_lib::fs::FileStamp;
 use proxy_lib::verify::Usage;
 
 use crate::client::{CertifyRequest, Issue, IssueError, read_token};
@@ -528,21 +529,19 @@ fn failed(state: &mut State, now: SystemTime, error: &CycleError) {
 }
 
 /// What the cached inspection depends on: the resolved version dir and the anchors file's
-/// modification time and size.
-type CacheKey = (PathBuf, Option<(SystemTime, u64)>);
+/// stamp.
+type CacheKey = (PathBuf, Option<FileStamp>);
 
-fn anchors_stamp(config: &Config) -> Option<(SystemTime, u64)> {
+fn anchors_stamp(config: &Config) -> Option<FileStamp> {
     match &config.trust_anchors {
-        crate::config::AnchorSource::File(p) => std::fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len()))),
+        crate::config::AnchorSource::File(p) => FileStamp::of(p),
         crate::config::AnchorSource::Pem(_) => None,
     }
 }
 
 fn cache_key(config: &Config) -> CacheKey {
     (
-        proxy_lib::bundle::resolve_data_dir(&config.dir),
+        proxy_lib::certdir::resolve_data_dir(&config.dir),
         anchors_stamp(config),
     )
 }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
+use proxy_lib::validity::Window;
 
 /// The longest the daemon ever sleeps before looking at the wall clock again (suspends and
 /// clock steps are noticed within this much time).
@@ -45,9 +46,7 @@ impl CertTimes {
 
     /// notAfter − notBefore.
     pub fn lifetime(&self) -> Duration {
-        self.not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default()
+        Window::new(self.not_before, self.not_after).lifetime()
     }
 
     /// notAfter − issued: the part of the life the rotator can plan with.

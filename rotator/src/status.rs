@@ -296,7 +296,7 @@ mod tests {
         assert!(json(&r)["seconds_left"].as_i64().unwrap() < 0);
         install(&issuer, &c, now() - Duration::from_secs(20), now() + DAY);
         let other = crate::keygen::generate(&identity(), false).unwrap();
-        let v = proxy_lib::bundle::resolve_data_dir(&c.dir);
+        let v = proxy_lib::certdir::resolve_data_dir(&c.dir);
         std::fs::write(v.join("tls.key"), other.key.to_pem().as_bytes()).unwrap();
         let r = report(&c, now());
         assert_eq!(r.status, Level::Critical, "mismatched: {}", r.text());

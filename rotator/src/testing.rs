@@ -59,17 +59,7 @@ pub async fn advance(d: Duration) {
     tokio::time::sleep(d).await;
 }
 
-/// A temp dir on tmpfs when there is one (`/dev/shm`), where fsync costs nothing, so
-/// simulations of many rotations stay fast; the normal temp dir otherwise.
-pub fn fast_tempdir() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(d) = tempfile::tempdir_in(shm)
-    {
-        return d;
-    }
-    tempfile::tempdir().unwrap()
-}
+pub use proxy_lib::test_util::fast_tempdir;
 
 /// How the fake issuer answers one call.
 pub type Script =

@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use proxy_lib::bundle::CertBundle;
+use proxy_lib::certdir::leftovers;
 use proxy_lib::clock::{Clock, SystemClock};
 use rand::{Rng, SeedableRng};
 
@@ -31,15 +32,6 @@ fn assert_complete_set(dir: &Path, what: &str) {
     let (b, from) = CertBundle::load_dir(dir).unwrap_or_else(|e| panic!("{what}: {e}"));
     b.check(SystemClock.now())
         .unwrap_or_else(|e| panic!("{what}: set in {} is not sound: {e}", from.display()));
-}
-
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("_tmp."))
-        .collect()
 }
 
 #[test]

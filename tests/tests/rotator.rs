@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proxy_lib::bundle::{CA_FILE, CERT_FILE, CertBundle, DATA_LINK, KEY_FILE};
+use proxy_lib::bundle::CertBundle;
+use proxy_lib::certdir::{CA_FILE, CERT_FILE, DATA_LINK, KEY_FILE};
 use proxy_lib::clock::{Clock, SystemClock};
 use proxy_lib::identity::Identity;
 use proxy_lib::verify::{TrustAnchors, Usage};

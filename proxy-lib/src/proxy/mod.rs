@@ -36,7 +36,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -47,6 +47,7 @@ pub use metrics::Metrics;
 pub use reload::{Credentials, ReloadError, Reloader, Source};
 
 use crate::clock::{SharedClock, SystemClock};
+use crate::fs::FileStamp;
 use config::Limits;
 use listener::Shared;
 use tls::AllowList;
@@ -262,17 +263,15 @@ fn addrs<'a>(ls: impl Iterator<Item = &'a TcpListener>) -> Vec<SocketAddr> {
     ls.filter_map(|l| l.local_addr().ok()).collect()
 }
 
-/// What identifies the version on disk: the resolved `..data` target, the mtimes of its
+/// What identifies the version on disk: the resolved `..data` target, the stamps of its
 /// `tls.crt`, `tls.key` and `ca.crt` (plain-file dirs, which may be updated file by file: a
 /// key landing after its cert must count as a change), and that of a separate anchors file.
-type Stamp = (PathBuf, [Option<SystemTime>; 3], Option<SystemTime>);
+type Stamp = (PathBuf, [Option<FileStamp>; 3], Option<FileStamp>);
 
 fn stamp(source: &Source) -> Stamp {
-    use crate::bundle::{CA_FILE, CERT_FILE, KEY_FILE};
-    let version = crate::bundle::resolve_data_dir(&source.certs_dir);
-    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let files = [CERT_FILE, KEY_FILE, CA_FILE].map(|f| mtime(&version.join(f)));
-    let anchors = source.trust_anchors.as_deref().and_then(mtime);
+    let version = crate::certdir::resolve_data_dir(&source.certs_dir);
+    let files = crate::certdir::FILES.map(|f| FileStamp::of(&version.join(f)));
+    let anchors = source.trust_anchors.as_deref().and_then(FileStamp::of);
     (version, files, anchors)
 }
 

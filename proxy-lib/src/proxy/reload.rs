@@ -33,7 +33,7 @@
 //! # }
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -43,10 +43,9 @@ use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 
-use crate::bundle::{self, BundleError, CertBundle};
+use crate::bundle::{BundleError, CertBundle};
 use crate::cert::CertInfo;
 use crate::clock::{SharedClock, unix_secs};
-use crate::pem::{self, PrivateKey};
 use crate::proxy::metrics::{Metrics, ReloadResult};
 use crate::proxy::tls::{self, AllowList, TlsError};
 use crate::verify::{TrustAnchors, VerifyError};
@@ -216,7 +215,7 @@ impl Reloader {
         anchors_changed: bool,
     ) -> Option<Result<Arc<Credentials>, ReloadError>> {
         let _serial = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
-        let version = crate::bundle::resolve_data_dir(&self.source.certs_dir);
+        let version = crate::certdir::resolve_data_dir(&self.source.certs_dir);
         let already = self.current().is_some_and(|c| c.version_dir == version);
         if !anchors_changed && version != self.source.certs_dir && already {
             return None;
@@ -294,36 +293,18 @@ impl Reloader {
     /// version dir vanishes mid-read.
     fn load_snapshot(&self) -> Result<(CertBundle, PathBuf), ReloadError> {
         let dir = &self.source.certs_dir;
+        let load_err = |source| ReloadError::Load {
+            dir: dir.clone(),
+            source,
+        };
         let Some(anchors_path) = &self.source.trust_anchors else {
-            return CertBundle::load_dir(dir).map_err(|source| ReloadError::Load {
-                dir: dir.clone(),
-                source,
-            });
+            return CertBundle::load_dir(dir).map_err(load_err);
         };
         let anchors = TrustAnchors::read(anchors_path).map_err(|source| ReloadError::Anchors {
             path: anchors_path.clone(),
             source,
         })?;
-        let load_err = |source| ReloadError::Load {
-            dir: dir.clone(),
-            source,
-        };
-        for _ in 0..5 {
-            let version = bundle::resolve_data_dir(dir);
-            match read_pair(&version) {
-                Ok((chain, key)) => {
-                    let b = CertBundle::from_parts(chain, key, anchors).map_err(load_err)?;
-                    return Ok((b, version));
-                }
-                Err(pem::PemError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound && &version != dir =>
-                {
-                    continue;
-                }
-                Err(e) => return Err(load_err(e.into())),
-            }
-        }
-        Err(load_err(BundleError::Unstable { dir: dir.clone() }))
+        CertBundle::load_dir_with_anchors(dir, anchors).map_err(load_err)
     }
 
     /// The credentials served now, if any snapshot was ever accepted. Lock-free.
@@ -369,12 +350,4 @@ impl std::fmt::Debug for Reloader {
             .field("serving", &self.current().map(|c| c.leaf.sha256.clone()))
             .finish()
     }
-}
-
-fn read_pair(
-    dir: &Path,
-) -> Result<(Vec<rustls_pki_types::CertificateDer<'static>>, PrivateKey), pem::PemError> {
-    let chain = pem::read_certs(&dir.join(bundle::CERT_FILE))?;
-    let key = PrivateKey::read(&dir.join(bundle::KEY_FILE))?;
-    Ok((chain, key))
 }

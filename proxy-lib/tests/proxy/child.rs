@@ -4,7 +4,7 @@
 //! pidfile written at start and removed on SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -147,17 +147,6 @@ async fn spawn_stream(
     (Stream { progress, task }, fp)
 }
 
-/// Removes version dirs other than the two newest (the rotator keeps one previous version).
-fn prune(dir: &Path, keep: &[PathBuf]) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().to_string();
-        if name.starts_with("..test.") && !keep.contains(&p) {
-            std::fs::remove_dir_all(&p).unwrap();
-        }
-    }
-}
-
 async fn wait_ready(admin: SocketAddr) {
     for _ in 0..1500 {
         if tokio::net::TcpStream::connect(admin).await.is_ok()
@@ -219,8 +208,14 @@ async fn zero_drop_reloads_under_load_via_sighup_and_post_reload() {
     let mut progress_mid = Vec::new();
     for i in 1..=RELOADS {
         let next = leaf(&pki, &me);
+        // The writer prunes as the rotator does: only this version and the previous remain.
         versions.push(write_data_dir(&certs, &next));
-        prune(&certs, &versions[versions.len() - 2..]);
+        let mut kept: Vec<_> = versions[versions.len() - 2..]
+            .iter()
+            .map(|v| v.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        assert_eq!(proxy_lib::certdir::version_dirs(&certs), kept);
         if i % 2 == 1 {
             child.signal(Signal::HUP);
             // The reload is asynchronous: poll new handshakes until they see the new cert.

@@ -420,7 +420,7 @@ async fn a_shared_connection_limit_does_not_starve_a_listener() {
 /// moment later the watcher must notice that change too and load the now consistent set.
 #[tokio::test]
 async fn watcher_reloads_a_plain_dir_when_the_key_lands_after_the_cert() {
-    use proxy_lib::bundle::{CA_FILE, CERT_FILE, KEY_FILE};
+    use proxy_lib::certdir::{CA_FILE, CERT_FILE, KEY_FILE};
     init();
     let pki = TestPki::new(now());
     let me = id("db", "data");

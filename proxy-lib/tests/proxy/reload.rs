@@ -202,7 +202,7 @@ async fn a_data_link_to_a_vanished_version_is_refused_and_the_old_cert_kept() {
         let proxy = start(&cfg, clock).await;
         assert!(proxy.reloader.is_ready(), "anchors file {separate_anchors}");
 
-        let link = dir.path().join(proxy_lib::bundle::DATA_LINK);
+        let link = dir.path().join(proxy_lib::certdir::DATA_LINK);
         let tmp = dir.path().join("..data_tmp");
         std::os::unix::fs::symlink("..pruned_version", &tmp).unwrap();
         std::fs::rename(&tmp, &link).unwrap();

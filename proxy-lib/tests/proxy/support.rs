@@ -336,7 +336,7 @@ pub async fn wait_metric(admin: SocketAddr, sample: &str, want: f64) -> String {
 /// Writes raw file contents as a new version dir and swaps `..data` to it (like
 /// `write_data_dir`, for sets that are deliberately broken).
 pub fn write_raw_version(dir: &Path, cert: &[u8], key: &[u8], ca: &[u8]) {
-    use proxy_lib::bundle::{CA_FILE, CERT_FILE, DATA_LINK, KEY_FILE};
+    use proxy_lib::certdir::{CA_FILE, CERT_FILE, DATA_LINK, KEY_FILE};
     let name = format!("..raw.{:016x}", rand::random::<u64>());
     let version = dir.join(&name);
     std::fs::create_dir(&version).unwrap();

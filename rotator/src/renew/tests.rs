@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use proxy_lib::bundle::{CERT_FILE, KEY_FILE};
+use proxy_lib::certdir::{CERT_FILE, KEY_FILE};
 use proxy_lib::clock::Clock;
 use proxy_lib::identity::Identity;
 
@@ -253,7 +253,7 @@ async fn an_unusable_cert_on_disk_means_renew_now() {
     r.cycle(false).await.unwrap();
     assert!(matches!(r.decide().1, Decision::At(_)));
     let dir = rig.config.dir.clone();
-    let version = proxy_lib::bundle::resolve_data_dir(&dir);
+    let version = proxy_lib::certdir::resolve_data_dir(&dir);
 
     // Mismatched key.
     let good_key = std::fs::read(version.join(KEY_FILE)).unwrap();
@@ -585,7 +585,7 @@ async fn the_token_and_key_never_reach_the_logs_or_other_files() {
             holders.push(name);
         }
     }
-    let version = proxy_lib::bundle::resolve_data_dir(&rig.config.dir);
+    let version = proxy_lib::certdir::resolve_data_dir(&rig.config.dir);
     let expect = version
         .join(KEY_FILE)
         .strip_prefix(rig._tmp.path())

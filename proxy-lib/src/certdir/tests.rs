@@ -1,13 +1,14 @@
-//! Swap tests: layout, modes, pruning, legacy takeover, and a crash after every step.
+//! Writer tests: layout, modes, pruning, legacy takeover, and a crash after every step; the
+//! reader's retry.
 
 use super::*;
 use std::cell::Cell;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, UNIX_EPOCH};
 
-use proxy_lib::bundle::CertBundle;
-use proxy_lib::identity::Identity;
-use proxy_lib::test_util::TestPki;
+use crate::bundle::CertBundle;
+use crate::identity::Identity;
+use crate::test_util::TestPki;
 
 /// Fails every operation from step `crash_at` on, as a killed process would stop; the
 /// crashing write leaves a torn (half-written, unsynced) file behind.
@@ -117,12 +118,12 @@ fn bundle(pki: &TestPki) -> CertBundle {
 }
 
 fn install(
-    store: &Store,
+    store: &Writer,
     fs: &dyn FsOps,
     b: &CertBundle,
     at: SystemTime,
-) -> Result<PathBuf, StoreError> {
-    store.swap(
+) -> Result<PathBuf, FsError> {
+    store.write(
         fs,
         &NewSet {
             chain: &b.chain,
@@ -148,7 +149,7 @@ fn reader_serial(dir: &Path) -> String {
         })
         .count();
     if links == 3 || links == 0 {
-        let top = proxy_lib::pem::read_certs(&dir.join(CERT_FILE)).unwrap();
+        let top = crate::pem::read_certs(&dir.join(CERT_FILE)).unwrap();
         let key = PrivateKey::read(&dir.join(KEY_FILE)).unwrap();
         let via = CertBundle::from_parts(top, key, b.anchors.clone()).unwrap();
         via.check(now())
@@ -157,21 +158,12 @@ fn reader_serial(dir: &Path) -> String {
     b.leaf.serial
 }
 
-fn leftovers(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("_tmp."))
-        .collect()
-}
-
 #[test]
 fn first_swap_creates_the_data_layout_with_exact_modes() {
-    proxy_lib::install_crypto_provider();
+    crate::install_crypto_provider();
     let pki = TestPki::new(now());
-    let d = crate::testing::fast_tempdir();
-    let store = Store::new(d.path(), None);
+    let d = crate::test_util::fast_tempdir();
+    let store = Writer::new(d.path(), None);
     let b = bundle(&pki);
     let v = install(&store, &RealFs, &b, now()).unwrap();
     assert_eq!(resolve(d.path()), v);
@@ -183,22 +175,22 @@ fn first_swap_creates_the_data_layout_with_exact_modes() {
     assert_eq!(mode_and_gid(&v.join(CERT_FILE)).unwrap().0, 0o644);
     assert_eq!(reader_serial(d.path()), b.leaf.serial);
     // tls.crt holds the leaf followed by the intermediate.
-    let chain = proxy_lib::pem::read_certs(&d.path().join(CERT_FILE)).unwrap();
+    let chain = crate::pem::read_certs(&d.path().join(CERT_FILE)).unwrap();
     assert_eq!(chain, b.chain);
     assert_eq!(chain.len(), 2);
 }
 
 fn resolve(dir: &Path) -> PathBuf {
-    proxy_lib::bundle::resolve_data_dir(dir)
+    resolve_data_dir(dir)
 }
 
 #[test]
 fn key_group_gives_0640_with_that_group() {
     let pki = TestPki::new(now());
-    let d = crate::testing::fast_tempdir();
+    let d = crate::test_util::fast_tempdir();
     // Our own primary group is always one we may chown a file to.
     let gid = std::fs::metadata(d.path()).unwrap().gid();
-    let store = Store::new(d.path(), Some(gid));
+    let store = Writer::new(d.path(), Some(gid));
     let v = install(&store, &RealFs, &bundle(&pki), now()).unwrap();
     assert_eq!(mode_and_gid(&v.join(KEY_FILE)).unwrap(), (0o640, gid));
 }
@@ -206,8 +198,8 @@ fn key_group_gives_0640_with_that_group() {
 #[test]
 fn at_most_one_previous_version_remains() {
     let pki = TestPki::new(now());
-    let d = crate::testing::fast_tempdir();
-    let store = Store::new(d.path(), None);
+    let d = crate::test_util::fast_tempdir();
+    let store = Writer::new(d.path(), None);
     let mut last = Vec::new();
     for i in 0..4 {
         let v = install(
@@ -228,7 +220,7 @@ fn at_most_one_previous_version_remains() {
 #[test]
 fn plain_files_from_an_old_script_are_moved_aside_and_replaced() {
     let pki = TestPki::new(now());
-    let d = crate::testing::fast_tempdir();
+    let d = crate::test_util::fast_tempdir();
     let old = bundle(&pki);
     std::fs::write(d.path().join(CERT_FILE), certs_to_pem(&old.chain)).unwrap();
     std::fs::write(d.path().join(KEY_FILE), old.key.to_pem().as_bytes()).unwrap();
@@ -236,7 +228,7 @@ fn plain_files_from_an_old_script_are_moved_aside_and_replaced() {
     assert_eq!(reader_serial(d.path()), old.leaf.serial);
 
     let new = bundle(&pki);
-    let store = Store::new(d.path(), None);
+    let store = Writer::new(d.path(), None);
     install(&store, &RealFs, &new, now()).unwrap();
     assert_eq!(reader_serial(d.path()), new.leaf.serial);
     for f in [CERT_FILE, KEY_FILE, CA_FILE] {
@@ -253,19 +245,19 @@ fn plain_files_from_an_old_script_are_moved_aside_and_replaced() {
         .filter(|e| e.file_name().to_string_lossy().starts_with(LEGACY_PREFIX))
         .collect();
     assert_eq!(aside.len(), 1);
-    let kept = proxy_lib::pem::read_certs(&aside[0].path().join(CERT_FILE)).unwrap();
+    let kept = crate::pem::read_certs(&aside[0].path().join(CERT_FILE)).unwrap();
     assert_eq!(kept, old.chain);
 }
 
 #[test]
 fn a_crash_after_any_step_leaves_the_old_or_the_new_set_and_the_next_swap_cleans_up() {
-    proxy_lib::install_crypto_provider();
+    crate::install_crypto_provider();
     let pki = TestPki::new(now());
     let mut total_steps = None;
     for fresh_dir in [false, true] {
         for k in 0..100 {
-            let d = crate::testing::fast_tempdir();
-            let store = Store::new(d.path(), None);
+            let d = crate::test_util::fast_tempdir();
+            let store = Writer::new(d.path(), None);
             let mut before = None;
             if fresh_dir {
                 // First run over plain files from a script.
@@ -318,4 +310,120 @@ fn a_crash_after_any_step_leaves_the_old_or_the_new_set_and_the_next_swap_cleans
         total_steps.unwrap() >= 10,
         "the swap has every step covered"
     );
+}
+
+#[test]
+fn version_names_are_utc_stamps_that_the_pruner_recognises() {
+    let t = UNIX_EPOCH + Duration::from_secs(86_400 + 3_723);
+    assert_eq!(version_stamp(t), "1970_01_02_01_02_03");
+    let name = version_name(now());
+    assert!(is_version_name(&name), "{name}");
+    for not in [
+        "..data",
+        "..pre-rotator.1970_01_02_01_02_03",
+        "..1970_01_02.1",
+        "x",
+    ] {
+        assert!(!is_version_name(not), "{not}");
+    }
+    assert!(is_leftover("..data_tmp.00ff") && is_leftover("..tls.key_tmp.00ff"));
+    assert!(!is_leftover("...rotator-state.json.tmp.1") && !is_leftover(&name));
+}
+
+#[test]
+fn a_write_leaves_other_files_of_the_dir_alone() {
+    let pki = TestPki::new(now());
+    let d = crate::test_util::fast_tempdir();
+    // A caller's lock and state file, and its atomic-write temp file.
+    for f in [
+        "..rotator.lock",
+        "..rotator-state.json",
+        "...rotator-state.json.tmp.1",
+    ] {
+        std::fs::write(d.path().join(f), b"x").unwrap();
+    }
+    let store = Writer::new(d.path(), None);
+    for i in 0..3 {
+        install(
+            &store,
+            &RealFs,
+            &bundle(&pki),
+            now() + Duration::from_secs(i),
+        )
+        .unwrap();
+    }
+    for f in [
+        "..rotator.lock",
+        "..rotator-state.json",
+        "...rotator-state.json.tmp.1",
+    ] {
+        assert_eq!(std::fs::read(d.path().join(f)).unwrap(), b"x", "{f}");
+    }
+}
+
+/// An error that says whether it is a vanished file.
+#[derive(Debug, PartialEq)]
+enum ReadErr {
+    Gone,
+    Bad,
+    Unstable(PathBuf),
+}
+
+impl SnapshotError for ReadErr {
+    fn vanished(&self) -> bool {
+        *self == ReadErr::Gone
+    }
+    fn unstable(dir: &Path) -> Self {
+        ReadErr::Unstable(dir.to_path_buf())
+    }
+}
+
+#[test]
+fn the_reader_resolves_again_when_its_version_vanishes_and_gives_up_after_a_few_tries() {
+    let d = tempfile::tempdir().unwrap();
+    for v in ["..v1", "..v2"] {
+        std::fs::create_dir(d.path().join(v)).unwrap();
+    }
+    std::os::unix::fs::symlink("..v1", d.path().join(DATA_LINK)).unwrap();
+    // The writer swaps to ..v2 while ..v1 is being read.
+    let mut seen = Vec::new();
+    let (got, from) = read_snapshot(d.path(), |v| {
+        seen.push(v.to_path_buf());
+        if v.ends_with("..v1") {
+            std::fs::remove_file(d.path().join(DATA_LINK)).unwrap();
+            std::os::unix::fs::symlink("..v2", d.path().join(DATA_LINK)).unwrap();
+            return Err(ReadErr::Gone);
+        }
+        Ok(7)
+    })
+    .unwrap();
+    assert_eq!((got, from.clone()), (7, d.path().join("..v2")));
+    assert_eq!(seen, vec![d.path().join("..v1"), from]);
+
+    // Other errors are not retried.
+    let mut calls = 0;
+    let r: Result<((), _), _> = read_snapshot(d.path(), |_| {
+        calls += 1;
+        Err(ReadErr::Bad)
+    });
+    assert_eq!((r.unwrap_err(), calls), (ReadErr::Bad, 1));
+
+    // A version that keeps vanishing: a few tries, then "unstable".
+    let mut calls = 0;
+    let r: Result<((), _), _> = read_snapshot(d.path(), |_| {
+        calls += 1;
+        Err(ReadErr::Gone)
+    });
+    assert_eq!(r.unwrap_err(), ReadErr::Unstable(d.path().to_path_buf()));
+    assert_eq!(calls, READ_ATTEMPTS);
+
+    // A plain dir (no ..data) is read once: a missing file there is just missing.
+    let plain = tempfile::tempdir().unwrap();
+    let mut calls = 0;
+    let r: Result<((), _), _> = read_snapshot(plain.path(), |v| {
+        assert_eq!(v, plain.path());
+        calls += 1;
+        Err(ReadErr::Gone)
+    });
+    assert_eq!((r.unwrap_err(), calls), (ReadErr::Gone, 1));
 }
