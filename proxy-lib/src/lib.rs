@@ -6,6 +6,7 @@
 //! - [`pem`]: PEM/DER loading of certificates and keys.
 //! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
 //! - [`verify`]: path validation against trust anchors.
+//! - [`tls`]: the one TLS policy; every rustls config and verified connection comes from it.
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit, and the on-disk layout.
 //! - [`fs`]: atomic, mode-correct file writes.
 //! - [`process`]: pidfiles and the programs live pids run.
@@ -38,6 +39,7 @@ pub mod process;
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+pub mod tls;
 pub mod verify;
 
 /// Installs the workspace's one rustls crypto provider (ring) as the process default.
