@@ -111,8 +111,8 @@ fn builder_calls() -> Vec<(String, usize, String)> {
         if rel.starts_with(POLICY_DIR) || rel == SELF {
             continue;
         }
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for (n, line) in text.lines().enumerate() {
             if BUILDERS.iter().any(|b| line.contains(b)) {
                 hits.push((rel.clone(), n + 1, line.trim().to_string()));

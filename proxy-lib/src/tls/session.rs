@@ -4,10 +4,10 @@
 use std::io;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig};
+use rustls::{ClientConfig, DistinguishedName, ServerConfig};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -294,37 +294,17 @@ impl ClientCertVerifier for SignatureOnlyClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signature_checks!();
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::clock::{Clock, FakeClock};
+    use crate::clock::FakeClock;
     use crate::identity::Identity;
     use crate::test_util::TestPki;
 
@@ -332,8 +312,33 @@ mod tests {
     const SERVER: &str = "db.data.serviceaccount.identity.linkerd.cluster.local";
     const CLIENT: &str = "web.apps.serviceaccount.identity.linkerd.cluster.local";
 
-    fn bundle(pki: &TestPki, name: &str, now: SystemTime, life: Duration) -> CertBundle {
-        pki.leaf(&Identity::parse(name).unwrap(), now - HOUR, now + life)
+    /// A PKI, a server leaf for [`SERVER`] and a client leaf for [`CLIENT`] valid from an hour
+    /// ago for the given lifetimes, a fake clock starting now and the real clock.
+    struct Fixture {
+        pki: TestPki,
+        server: CertBundle,
+        client: CertBundle,
+        fake: Arc<FakeClock>,
+        clock: SharedClock,
+        real: SharedClock,
+    }
+
+    fn fixture(server_life: Duration, client_life: Duration) -> Fixture {
+        let real: SharedClock = Arc::new(crate::clock::SystemClock);
+        let now = real.now();
+        let pki = TestPki::new(now);
+        let leaf =
+            |name: &str, life| pki.leaf(&Identity::parse(name).unwrap(), now - HOUR, now + life);
+        let (server, client) = (leaf(SERVER, server_life), leaf(CLIENT, client_life));
+        let fake = Arc::new(FakeClock::new(now));
+        Fixture {
+            pki,
+            server,
+            client,
+            clock: fake.clone(),
+            fake,
+            real,
+        }
     }
 
     /// One connection over an in-memory pipe: the server sends a byte once accepted (so the
@@ -366,15 +371,25 @@ mod tests {
         tokio::join!(server, client)
     }
 
+    fn assert_resumption_refused_as_expired<T: std::fmt::Debug>(r: Result<T, HandshakeError>) {
+        match r {
+            Err(HandshakeError::Resumed(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+            ))) => {}
+            other => panic!("expected a resumption refused as expired, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn mesh_acceptor_verifies_a_resumed_client_again_at_the_clock_now() {
-        let now = crate::clock::SystemClock.now();
-        let pki = TestPki::new(now);
-        let server_clock = Arc::new(FakeClock::new(now));
-        let clock: SharedClock = server_clock.clone();
-        let real: SharedClock = Arc::new(crate::clock::SystemClock);
-        let server = bundle(&pki, SERVER, now, 24 * HOUR);
-        let client = bundle(&pki, CLIENT, now, HOUR);
+        let Fixture {
+            pki,
+            server,
+            client,
+            fake: server_clock,
+            clock,
+            real,
+        } = fixture(24 * HOUR, HOUR);
         let acceptor =
             Acceptor::mesh(&server, &pki.anchors(), &AllowList::default(), &clock).unwrap();
         let connector = Connector::mesh(&client, &pki.anchors(), &real).unwrap();
@@ -392,23 +407,19 @@ mod tests {
         // resume, but the acceptor refuses it.
         server_clock.advance(2 * HOUR);
         let (s, _) = one_conn(&acceptor, &connector).await;
-        match s {
-            Err(HandshakeError::Resumed(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
-            ))) => {}
-            other => panic!("expected a refused resumption, got {other:?}"),
-        }
+        assert_resumption_refused_as_expired(s);
     }
 
     #[tokio::test]
     async fn mesh_connector_verifies_a_resumed_server_again_at_the_clock_now() {
-        let now = crate::clock::SystemClock.now();
-        let pki = TestPki::new(now);
-        let client_clock = Arc::new(FakeClock::new(now));
-        let clock: SharedClock = client_clock.clone();
-        let real: SharedClock = Arc::new(crate::clock::SystemClock);
-        let server = bundle(&pki, SERVER, now, HOUR);
-        let client = bundle(&pki, CLIENT, now, 24 * HOUR);
+        let Fixture {
+            pki,
+            server,
+            client,
+            fake: client_clock,
+            clock,
+            real,
+        } = fixture(HOUR, 24 * HOUR);
         let acceptor =
             Acceptor::mesh(&server, &pki.anchors(), &AllowList::default(), &real).unwrap();
         let connector = Connector::mesh(&client, &pki.anchors(), &clock).unwrap();
@@ -418,23 +429,19 @@ mod tests {
         assert_eq!(c.unwrap(), Some(rustls::HandshakeKind::Full));
         client_clock.advance(2 * HOUR);
         let (_, c) = one_conn(&acceptor, &connector).await;
-        match c {
-            Err(HandshakeError::Resumed(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
-            ))) => {}
-            other => panic!("expected a refused resumption, got {other:?}"),
-        }
+        assert_resumption_refused_as_expired(c);
     }
 
     #[tokio::test]
     async fn deferred_acceptor_hands_out_only_a_chain_that_verifies_now() {
-        let now = crate::clock::SystemClock.now();
-        let pki = TestPki::new(now);
-        let server_clock = Arc::new(FakeClock::new(now));
-        let clock: SharedClock = server_clock.clone();
-        let real: SharedClock = Arc::new(crate::clock::SystemClock);
-        let server = bundle(&pki, SERVER, now, 24 * HOUR);
-        let client = bundle(&pki, CLIENT, now, HOUR);
+        let Fixture {
+            pki,
+            server,
+            client,
+            fake: server_clock,
+            clock,
+            real,
+        } = fixture(24 * HOUR, HOUR);
         let acceptor =
             Acceptor::deferred(&server.chain, &server.key, &pki.anchors(), &[b"h2"], &clock)
                 .unwrap();
@@ -465,11 +472,13 @@ mod tests {
 
     #[tokio::test]
     async fn bare_configs_never_resume() {
-        let now = crate::clock::SystemClock.now();
-        let pki = TestPki::new(now);
-        let real: SharedClock = Arc::new(crate::clock::SystemClock);
-        let server = bundle(&pki, SERVER, now, HOUR);
-        let client = bundle(&pki, CLIENT, now, HOUR);
+        let Fixture {
+            pki,
+            server,
+            client,
+            real,
+            ..
+        } = fixture(HOUR, HOUR);
         let sc = super::super::server_config(&server, &pki.anchors(), &AllowList::default(), &real)
             .unwrap();
         let cc = super::super::client_config(&client, &pki.anchors(), &real).unwrap();
