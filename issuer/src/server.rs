@@ -17,7 +17,6 @@ use proxy_lib::clock::SharedClock;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
 use crate::audit::AuditLog;
@@ -134,7 +133,7 @@ pub struct Server {
     config: Config,
     shared: Arc<Shared>,
     registry: Arc<Registry>,
-    tls: ArcSwap<rustls::ServerConfig>,
+    tls: ArcSwap<proxy_lib::tls::Acceptor>,
     serving: ArcSwap<ServingInfo>,
     watch: Mutex<Watch>,
     warned: Mutex<Option<SystemTime>>,
@@ -443,23 +442,23 @@ async fn accept_loop(
             tracing::warn!(peer = %addr, "too many tls handshakes in progress; connection closed");
             continue;
         };
-        let acceptor = TlsAcceptor::from(server.tls.load_full());
+        let acceptor = server.tls.load_full();
         let tx = tx.clone();
-        let shared = server.shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    let certs = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| trusted_client_chain(&shared, c, addr));
+                    // Only a chain that verifies (for client use, against the anchors in use,
+                    // at the clock's now, also on a resumed session) reaches the
+                    // authenticators; see `Acceptor::deferred`.
+                    if let Some(error) = &tls.ignored_chain {
+                        tracing::debug!(%error, peer = %addr, "client certificate does not verify; ignored");
+                    }
                     let peer = PeerInfo {
                         addr: Some(addr),
-                        client_certs: certs,
+                        client_certs: tls.client_chain,
                     };
-                    let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
+                    let _ = tx.send(Ok(Conn::Tls(Box::new(tls.stream), peer))).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%error, peer = %addr, "tls handshake failed"),
                 Err(_) => tracing::debug!(peer = %addr, "tls handshake timed out"),
@@ -468,96 +467,13 @@ async fn accept_loop(
     }
 }
 
-/// The peer's client certificate chain when it verifies (for client use, against the anchors
-/// in use, at the injected clock's time); `None` otherwise. A chain that does not verify is
-/// ignored rather than refused, see [`ClientCertIgnoredUnlessValid`].
-fn trusted_client_chain(
-    shared: &Shared,
-    certs: &[rustls_pki_types::CertificateDer<'_>],
-    peer: SocketAddr,
-) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
-    let (leaf, intermediates) = certs.split_first()?;
-    let ca = shared.ca.load();
-    match ca.anchors().verify_leaf(
-        leaf,
-        intermediates,
-        shared.clock.now(),
-        proxy_lib::verify::Usage::Client,
-    ) {
-        Ok(()) => Some(Arc::new(
-            certs.iter().map(|c| c.clone().into_owned()).collect(),
-        )),
-        Err(error) => {
-            tracing::debug!(%error, %peer, "client certificate does not verify; ignored");
-            None
-        }
-    }
-}
-
-/// Requests a client certificate and checks the handshake signature made with it (so the
-/// peer holds its key), but never fails the handshake over the chain itself: a running
-/// linkerd2-proxy keeps presenting its last leaf on every renewal, also once that leaf has
-/// expired (the issuer was unreachable for longer than the lifetime) or its anchor was
-/// rotated out, and refusing the handshake would stop it from ever renewing with its token.
-/// The chain is verified after the handshake ([`trusted_client_chain`]) and only a chain
-/// that verifies is handed to the authenticators.
-#[derive(Debug)]
-struct ClientCertIgnoredUnlessValid {
-    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-}
-
-impl rustls::server::danger::ClientCertVerifier for ClientCertIgnoredUnlessValid {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &rustls_pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        _now: rustls_pki_types::UnixTime,
-    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        Ok(rustls::server::danger::ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// Mints a serving certificate for `server_name` from the CA in use and builds the TLS 1.3
-/// server config around it (client certificates requested, never required, and a chain that
-/// does not verify is ignored rather than refused).
+/// acceptor around it (client certificates requested, never required, and a chain that
+/// does not verify is ignored rather than refused: [`proxy_lib::tls::Acceptor::deferred`]).
 fn mint_serving(
     shared: &Shared,
     server_name: &str,
-) -> Result<(Arc<rustls::ServerConfig>, ServingInfo)> {
+) -> Result<(Arc<proxy_lib::tls::Acceptor>, ServingInfo)> {
     let ca = shared.ca.load_full();
     let grant = proxy_lib::validity::Window::grant(
         shared.clock.now(),
@@ -568,26 +484,15 @@ fn mint_serving(
     let key = crate::ca::IssuerKey::generate().map_err(|e| Error::Sign(e.to_string()))?;
     let leaf = crate::signer::sign_server_leaf(&ca, server_name, &key, &grant)?;
     let key_der = proxy_lib::pem::PrivateKey::from_pkcs8_der(key.pkcs8_der().to_vec());
-    let provider = proxy_lib::crypto_provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(ca.anchors().root_store()),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| Error::Server(format!("client verifier: {e}")))?;
-    let verifier = Arc::new(ClientCertIgnoredUnlessValid { inner: verifier });
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Server(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![leaf.der.clone(), ca.cert().clone()],
-            key_der.to_rustls(),
-        )
-        .map_err(|e| Error::Server(format!("serving certificate: {e}")))?;
     // Offer h2, but a client without ALPN (linkerd2-proxy) is accepted as well.
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = proxy_lib::tls::Acceptor::deferred(
+        &[leaf.der.clone(), ca.cert().clone()],
+        &key_der,
+        ca.anchors(),
+        &[b"h2"],
+        &shared.clock,
+    )
+    .map_err(|e| Error::Server(format!("serving certificate: {e}")))?;
     let info = ServingInfo {
         sha256: leaf.sha256.clone(),
         issuer_sha256: proxy_lib::cert::sha256_hex(ca.cert()),
@@ -595,7 +500,7 @@ fn mint_serving(
         renew_at: grant.not_before + grant.lifetime() * 2 / 3,
         ca,
     };
-    Ok((Arc::new(cfg), info))
+    Ok((Arc::new(acceptor), info))
 }
 
 /// Starts the issuer in-process: loads everything, handles SIGHUP (CA reload), and serves on

@@ -7,6 +7,7 @@
 //! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
 //! - [`verify`]: path validation against trust anchors.
 //! - [`validity`]: validity windows and the one rule for granting one.
+//! - [`tls`]: the one TLS policy; every rustls config and verified connection comes from it.
 //! - [`bundle`]: a cert chain + key + anchors checked as one unit.
 //! - [`certdir`]: the cert-dir layout (`..data` → version dir), its reader and its crash-safe
 //!   writer.
@@ -42,6 +43,7 @@ pub mod process;
 pub mod proxy;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
+pub mod tls;
 pub mod validity;
 pub mod verify;
 

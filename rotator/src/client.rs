@@ -233,13 +233,9 @@ impl GrpcIssuer {
                         src.load().map_err(|e| IssueError::Anchors(e.to_string()))?
                     }
                 };
-                let config =
-                    rustls::ClientConfig::builder_with_provider(proxy_lib::crypto_provider())
-                        .with_protocol_versions(&[&rustls::version::TLS13])
-                        .map_err(|e| connect_err(e.to_string()))?
-                        .with_root_certificates(anchors.root_store())
-                        .with_no_client_auth();
-                let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+                let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
+                let tls = proxy_lib::tls::Connector::without_client_cert(&anchors, &clock)
+                    .map_err(|e| connect_err(e.to_string()))?;
                 let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
                     .map_err(|e| connect_err(format!("server name {:?}: {e}", self.server_name)))?;
                 let connector = tower::service_fn(move |_: http::Uri| {
@@ -250,7 +246,7 @@ impl GrpcIssuer {
                         let tcp =
                             tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?;
                         tcp.set_nodelay(true)?;
-                        let stream = tls.connect(name, tcp).await?;
+                        let stream = tls.connect(name, tcp).await.map_err(std::io::Error::from)?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
                     }
                 });

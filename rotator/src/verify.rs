@@ -1,5 +1,7 @@
 //! The verify step: a TLS handshake with the listener that should now serve the new cert,
-//! presenting that cert as the client cert, comparing the served leaf's SHA-256.
+//! presenting that cert as the client cert, comparing the served leaf's SHA-256. The listener
+//! may be any consumer of the cert dir (nginx, postgres, ...), so the floor's consumer-verify
+//! profile allows TLS 1.2 besides 1.3.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +36,7 @@ pub enum VerifyError {
 }
 
 /// Connects to `addr`, verifies the server's chain against the bundle's anchors for
-/// `server_name`, presents the bundle as client cert, and checks that the served leaf is the
+/// `server_name` (an exact DNS SAN of the served leaf), presents the bundle as client cert, and checks that the served leaf is the
 /// bundle's leaf. Returns the served leaf's SHA-256.
 pub async fn served_leaf_matches(
     addr: &HostPort,
@@ -46,13 +48,9 @@ pub async fn served_leaf_matches(
         addr: addr.to_string(),
         reason,
     };
-    let config = rustls::ClientConfig::builder_with_provider(proxy_lib::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| hs(e.to_string()))?
-        .with_root_certificates(bundle.anchors.root_store())
-        .with_client_auth_cert(bundle.chain.clone(), bundle.key.to_rustls())
+    let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
+    let connector = proxy_lib::tls::Connector::consumer(bundle, &clock)
         .map_err(|e| hs(format!("the new cert cannot be used as client cert: {e}")))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = rustls_pki_types::ServerName::try_from(server_name.to_string())
         .map_err(|e| hs(format!("server name {server_name:?}: {e}")))?;
     let fut = async {

@@ -446,11 +446,11 @@ fn long_lived_stream(port: u16, stop: &AtomicBool, echoed: &AtomicU64) -> Result
 }
 
 /// A fresh, full mTLS handshake (no resumption) with the inbound listener, presenting the
-/// current cert from the cert dir; returns what the proxy served.
+/// current cert from the cert dir; returns what the proxy served. (The bare client config
+/// never resumes, so every call is a full handshake.)
 async fn served_leaf(creds: &Reloader, port: u16) -> Result<CertInfo> {
-    let mut config = (*creds.client_config().context("no credentials loaded")?).clone();
-    config.resumption = rustls::client::Resumption::disabled();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let config = creds.client_config().context("no credentials loaded")?;
+    let connector = tokio_rustls::TlsConnector::from(config);
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let name = ServerName::try_from(DEMO_IDENTITY.to_string())?;
     let tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await??;

@@ -20,13 +20,12 @@ use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::proxy::config::Limits;
 use crate::proxy::log_limit::LogLimit;
 use crate::proxy::metrics::{Direction, DirectionMetrics, HandshakeResult, Metrics};
 use crate::proxy::reload::{Credentials, Reloader};
-use crate::proxy::tls::NotAllowed;
+use crate::tls::{HandshakeError, NotAllowed};
 
 /// Copy buffer per direction. TLS records are at most 16 KiB; a larger buffer lets one read
 /// drain several of them and keeps syscalls per byte low on bulk transfers.
@@ -173,7 +172,7 @@ async fn inbound_conn(
     let Some(creds) = current_credentials(shared, Direction::Inbound, peer) else {
         return;
     };
-    let accept = TlsAcceptor::from(creds.server.clone()).accept(tcp);
+    let accept = creds.acceptor.accept(tcp);
     let tls = match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
         Err(_) => {
             shared
@@ -182,7 +181,7 @@ async fn inbound_conn(
             tracing::debug!(%peer, "inbound handshake timed out");
             return;
         }
-        Ok(Err(error)) => {
+        Ok(Err(HandshakeError::Handshake(error))) => {
             let result = classify(&error);
             shared.metrics.handshake(Direction::Inbound, result);
             if error.kind() == io::ErrorKind::UnexpectedEof {
@@ -193,14 +192,14 @@ async fn inbound_conn(
             }
             return;
         }
-        Ok(Ok(tls)) => tls,
+        Ok(Err(HandshakeError::Resumed(error))) => {
+            let result = classify_tls(&error);
+            shared.metrics.handshake(Direction::Inbound, result);
+            log_refusal(shared, peer, result, &error);
+            return;
+        }
+        Ok(Ok(accepted)) => accepted.stream,
     };
-    if let Err(error) = creds.check_resumed_client(tls.get_ref().1) {
-        let result = classify_tls(&error);
-        shared.metrics.handshake(Direction::Inbound, result);
-        log_refusal(shared, peer, result, &error);
-        return;
-    }
     drop(creds);
     shared
         .metrics
@@ -259,7 +258,7 @@ async fn outbound_conn(
             return;
         }
     };
-    let handshake = TlsConnector::from(creds.client.clone()).connect(identity.clone(), remote);
+    let handshake = creds.connector.connect(identity.clone(), remote);
     let tls = match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
         Err(_) => {
             shared
@@ -268,20 +267,20 @@ async fn outbound_conn(
             tracing::warn!(%peer, target, "outbound handshake timed out");
             return;
         }
-        Ok(Err(error)) => {
+        Ok(Err(HandshakeError::Handshake(error))) => {
             let result = classify(&error);
             shared.metrics.handshake(Direction::Outbound, result);
             tracing::warn!(%peer, target, %error, result = result.as_str(), "outbound handshake failed");
             return;
         }
+        Ok(Err(HandshakeError::Resumed(error))) => {
+            let result = classify_tls(&error);
+            shared.metrics.handshake(Direction::Outbound, result);
+            tracing::warn!(%peer, target, %error, result = result.as_str(), "outbound resumed session refused");
+            return;
+        }
         Ok(Ok(tls)) => tls,
     };
-    if let Err(error) = creds.check_resumed_server(tls.get_ref().1, &identity) {
-        let result = classify_tls(&error);
-        shared.metrics.handshake(Direction::Outbound, result);
-        tracing::warn!(%peer, target, %error, result = result.as_str(), "outbound resumed session refused");
-        return;
-    }
     drop(creds);
     shared
         .metrics

@@ -5,7 +5,7 @@
 //! Layout:
 //! - [`config`]: command line and TOML file, validated into [`Config`].
 //! - [`reload`]: [`Reloader`], the atomically swapped credentials (also the embedding API).
-//! - [`tls`]: rustls server/client configs built from one snapshot.
+//! - [`tls`]: the floor's TLS policy ([`crate::tls`]), re-exported under its old path.
 //! - [`listener`]: accept loops and byte forwarding.
 //! - [`log_limit`]: rate-limited logging of refused handshakes.
 //! - [`admin`]: `/metrics`, `/live`, `/ready`, `POST /reload`.
@@ -30,7 +30,7 @@ pub mod metrics;
 pub mod pidfile;
 pub mod reload;
 pub mod signal;
-pub mod tls;
+pub use crate::tls;
 
 use std::future::Future;
 use std::net::SocketAddr;

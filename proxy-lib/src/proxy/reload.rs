@@ -24,10 +24,10 @@
 //!     // The server config current now; after `reloader.reload()` (e.g. on SIGHUP) new
 //!     // connections get the new certificate, this one keeps the old.
 //!     let creds = reloader.current().expect("loaded above");
-//!     let tls = tokio_rustls::TlsAcceptor::from(creds.server.clone()).accept(tcp).await?;
-//!     // A resumed session is not verified again by rustls: check it at our clock's now.
-//!     creds.check_resumed_client(tls.get_ref().1)?;
-//!     // ... serve `tls`
+//!     // A verified connection: a resumed session's client chain is verified again at the
+//!     // clock's now inside `accept`.
+//!     let tls = creds.acceptor.accept(tcp).await?;
+//!     // ... serve `tls.stream`
 //!     # drop(tls);
 //! }
 //! # }
@@ -37,17 +37,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
-use rustls::client::danger::ServerCertVerifier;
-use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, ServerConfig};
-use rustls_pki_types::ServerName;
 use tokio::sync::watch;
 
 use crate::bundle::{BundleError, CertBundle};
 use crate::cert::CertInfo;
 use crate::clock::{SharedClock, unix_secs};
 use crate::proxy::metrics::{Metrics, ReloadResult};
-use crate::proxy::tls::{self, AllowList, TlsError};
+use crate::tls::{self, Acceptor, AllowList, Connector, TlsError};
 use crate::verify::{TrustAnchors, VerifyError};
 
 /// Where a snapshot is read from.
@@ -116,40 +113,22 @@ pub enum ReloadError {
 /// One published snapshot: the configs built from it and facts about the leaf.
 #[derive(Debug)]
 pub struct Credentials {
-    /// Inbound config: serves our chain, requires client certs chaining to the anchors.
+    /// Inbound: serves our chain, requires client certs chaining to the anchors (and on the
+    /// allow-list); a resumed session is verified again at the clock's now.
+    pub acceptor: Acceptor,
+    /// Outbound: presents our chain, verifies servers against the anchors and the exact
+    /// identity; a resumed session is verified again at the clock's now.
+    pub connector: Connector,
+    /// The inbound rules as a bare rustls config, for other TLS stacks; session resumption is
+    /// off (prefer [`Credentials::acceptor`]).
     pub server: Arc<ServerConfig>,
-    /// Outbound config: presents our chain, verifies servers against the anchors.
+    /// The outbound rules as a bare rustls config; session resumption is off (prefer
+    /// [`Credentials::connector`]).
     pub client: Arc<ClientConfig>,
     /// The served leaf (its `sha256` is the fingerprint `POST /reload` reports).
     pub leaf: CertInfo,
     /// The version dir the snapshot was read from.
     pub version_dir: PathBuf,
-    client_verifier: Arc<dyn ClientCertVerifier>,
-    server_verifier: Arc<dyn ServerCertVerifier>,
-    clock: SharedClock,
-}
-
-impl Credentials {
-    /// Call after every inbound handshake made with [`Credentials::server`]: a resumed TLS 1.3
-    /// session carries the client chain of its original handshake, which rustls does not
-    /// verify again; this verifies it at the clock's now (expiry, anchors, allow-list). A full
-    /// handshake passes untouched (it was verified during the handshake).
-    pub fn check_resumed_client(
-        &self,
-        conn: &rustls::ServerConnection,
-    ) -> Result<(), rustls::Error> {
-        tls::recheck_client(conn, self.client_verifier.as_ref(), &self.clock)
-    }
-
-    /// The outbound counterpart of [`Credentials::check_resumed_client`], for connections made
-    /// with [`Credentials::client`] to `identity`.
-    pub fn check_resumed_server(
-        &self,
-        conn: &rustls::ClientConnection,
-        identity: &ServerName<'_>,
-    ) -> Result<(), rustls::Error> {
-        tls::recheck_server(conn, identity, self.server_verifier.as_ref(), &self.clock)
-    }
 }
 
 /// Holds the current [`Credentials`] and replaces them on [`Reloader::reload`].
@@ -271,21 +250,18 @@ impl Reloader {
             dir: version_dir.clone(),
             source,
         };
-        let client_verifier =
-            tls::client_verifier(&bundle.anchors, &self.allow).map_err(tls_err)?;
-        let server_verifier = tls::server_verifier(&bundle.anchors).map_err(tls_err)?;
-        let server = tls::server_config_with(&bundle, client_verifier.clone(), &self.clock)
-            .map_err(tls_err)?;
-        let client = tls::client_config_with(&bundle, server_verifier.clone(), &self.clock)
-            .map_err(tls_err)?;
+        let (anchors, clock) = (&bundle.anchors, &self.clock);
+        let acceptor = Acceptor::mesh(&bundle, anchors, &self.allow, clock).map_err(tls_err)?;
+        let connector = Connector::mesh(&bundle, anchors, clock).map_err(tls_err)?;
+        let server = tls::server_config(&bundle, anchors, &self.allow, clock).map_err(tls_err)?;
+        let client = tls::client_config(&bundle, anchors, clock).map_err(tls_err)?;
         Ok(Credentials {
+            acceptor,
+            connector,
             server: Arc::new(server),
             client: Arc::new(client),
             leaf: bundle.leaf,
             version_dir,
-            client_verifier,
-            server_verifier,
-            clock: self.clock.clone(),
         })
     }
 
@@ -312,14 +288,14 @@ impl Reloader {
         self.current.load_full()
     }
 
-    /// The server config for a new inbound connection, following reloads. Resumed sessions
-    /// need [`Credentials::check_resumed_client`]: prefer [`Reloader::current`].
+    /// The bare server config for a new inbound connection, following reloads; session
+    /// resumption is off. Prefer [`Reloader::current`]'s [`Credentials::acceptor`].
     pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
         self.current.load().as_ref().map(|c| c.server.clone())
     }
 
-    /// The client config for a new outbound connection, following reloads. Resumed sessions
-    /// need [`Credentials::check_resumed_server`]: prefer [`Reloader::current`].
+    /// The bare client config for a new outbound connection, following reloads; session
+    /// resumption is off. Prefer [`Reloader::current`]'s [`Credentials::connector`].
     pub fn client_config(&self) -> Option<Arc<ClientConfig>> {
         self.current.load().as_ref().map(|c| c.client.clone())
     }

@@ -1,27 +1,72 @@
-//! Building the rustls configs the proxy serves and originates with, from one checked
-//! certificate snapshot: TLS 1.3 only, client certificates required and verified against the
-//! anchors (plus an optional identity allow-list), server identity checked by DNS SAN.
+//! The one TLS policy of the workspace: every rustls config the issuer, the rotator and
+//! mtls-proxy use is built here.
 //!
-//! Peer-certificate validity is judged by the injected [`Clock`](crate::clock::Clock), the same
-//! clock that decides readiness.
+//! - Provider: ring, TLS 1.3 suites ordered AES-128-GCM first ([`provider`]); the server's
+//!   order wins.
+//! - Versions: TLS 1.3 only for mesh traffic (proxy ↔ proxy, rotator ↔ issuer); the
+//!   consumer-verify profile ([`Connector::consumer`]) also allows TLS 1.2, because the rotator's
+//!   verify step talks to whatever serves the new certificate (nginx, postgres, ...).
+//! - Verifiers: webpki path validation to the trust anchors at the injected clock's time, then a
+//!   server must carry the expected identity as an exact DNS SAN (no wildcard), and a client
+//!   must be on the [`AllowList`] (empty: any client that chains).
+//! - Connections: [`Acceptor`] and [`Connector`] hand out only verified connections. A resumed
+//!   TLS 1.3 session carries the peer chain of its original handshake, which rustls does not
+//!   verify again; they verify it again at the clock's now, so resumption never outlives a peer
+//!   certificate and no caller has to remember to check. The bare configs
+//!   ([`server_config`], [`client_config`]) have resumption turned off for the same reason.
+//! - The issuer's profile ([`Acceptor::deferred`]): client certificates requested, never
+//!   required; the handshake signature proves the key, and the chain is verified after the
+//!   handshake, so a linkerd2-proxy whose leaf has expired can still renew with its token.
+//!
+//! Peer-certificate validity is judged by the injected [`Clock`](crate::clock::Clock).
 
 use std::fmt;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::time_provider::TimeProvider;
-use rustls::{
-    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
-};
+use rustls::{ClientConfig, DistinguishedName, ServerConfig};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::bundle::CertBundle;
 use crate::cert::CertInfo;
 use crate::clock::SharedClock;
 use crate::verify::TrustAnchors;
+
+/// The handshake-signature checks of a verifier that wraps another (`self.inner`): the wrapper
+/// only adds checks on the chain, the signature rules stay the inner verifier's.
+macro_rules! delegate_signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+}
+
+mod session;
+
+pub use session::{Accepted, Acceptor, Connector, HandshakeError};
 
 /// Why a rustls config could not be built from a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -170,58 +215,22 @@ impl ServerCertVerifier for ExactIdentityVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signature_checks!();
 }
 
 /// The inbound (server) config: our chain and key, TLS 1.3, client certs required and
 /// verified against `anchors`, then checked against `allow`.
 ///
-/// TLS 1.3 session resumption stays on, and a resumed session carries the client chain of
-/// its original handshake without verifying it again: check resumed connections with
-/// [`recheck_client`] (the proxy does; [`crate::proxy::Credentials::check_resumed_client`]
-/// does it for embedders).
+/// Session resumption is off: a resumed session would skip the client check. Serve through an
+/// [`Acceptor`] to keep resumption and have resumed sessions verified again.
 pub fn server_config(
     bundle: &CertBundle,
     anchors: &TrustAnchors,
     allow: &AllowList,
     clock: &SharedClock,
 ) -> Result<ServerConfig, TlsError> {
-    server_config_with(bundle, client_verifier(anchors, allow)?, clock)
-}
-
-/// [`server_config`] with a client verifier built by [`client_verifier`].
-pub fn server_config_with(
-    bundle: &CertBundle,
-    verifier: Arc<dyn ClientCertVerifier>,
-    clock: &SharedClock,
-) -> Result<ServerConfig, TlsError> {
-    let mut config =
-        ServerConfig::builder_with_details(provider(), Arc::new(ClockTime(clock.clone())))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
-    // Our suite order wins over the client's (see `provider`).
-    config.ignore_client_order = true;
+    let mut config = mesh_server_config(bundle, client_verifier(anchors, allow)?, clock)?;
+    without_server_resumption(&mut config);
     Ok(config)
 }
 
@@ -229,73 +238,86 @@ pub fn server_config_with(
 /// server verified against `anchors`; the expected identity is the `ServerName` given to
 /// each connect (it must be a DNS SAN of the server's leaf).
 ///
-/// As on the server side, a resumed session is not verified again by rustls: see
-/// [`recheck_server`].
+/// Session resumption is off, as for [`server_config`]: connect through a [`Connector`] to
+/// keep it.
 pub fn client_config(
     bundle: &CertBundle,
     anchors: &TrustAnchors,
     clock: &SharedClock,
 ) -> Result<ClientConfig, TlsError> {
-    client_config_with(bundle, server_verifier(anchors)?, clock)
+    let mut config = mesh_client_config(Some(bundle), server_verifier(anchors)?, clock)?;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
-/// [`client_config`] with a server verifier built by [`server_verifier`].
-pub fn client_config_with(
+/// Turns TLS 1.3 resumption off on a server config (no tickets, no session cache).
+fn without_server_resumption(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+}
+
+/// A TLS 1.3 server config with the policy's provider and suite order, the clock as time.
+fn mesh_server_config(
     bundle: &CertBundle,
+    verifier: Arc<dyn ClientCertVerifier>,
+    clock: &SharedClock,
+) -> Result<ServerConfig, TlsError> {
+    server_config_from(&bundle.chain, &bundle.key, verifier, clock)
+}
+
+fn server_config_from(
+    chain: &[CertificateDer<'static>],
+    key: &crate::pem::PrivateKey,
+    verifier: Arc<dyn ClientCertVerifier>,
+    clock: &SharedClock,
+) -> Result<ServerConfig, TlsError> {
+    let mut config =
+        ServerConfig::builder_with_details(provider(), Arc::new(ClockTime(clock.clone())))
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.to_vec(), key.to_rustls())?;
+    // Our suite order wins over the client's (see `provider`).
+    config.ignore_client_order = true;
+    Ok(config)
+}
+
+/// A TLS 1.3 client config with the policy's provider, the clock as time, `verifier` for the
+/// server and `bundle` (if any) as the client certificate.
+fn mesh_client_config(
+    bundle: Option<&CertBundle>,
     verifier: Arc<dyn ServerCertVerifier>,
     clock: &SharedClock,
 ) -> Result<ClientConfig, TlsError> {
-    let config = ClientConfig::builder_with_details(provider(), Arc::new(ClockTime(clock.clone())))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+    client_config_from(
+        provider(),
+        &[&rustls::version::TLS13],
+        bundle,
+        verifier,
+        clock,
+    )
+}
+
+fn client_config_from(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    bundle: Option<&CertBundle>,
+    verifier: Arc<dyn ServerCertVerifier>,
+    clock: &SharedClock,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_details(provider, Arc::new(ClockTime(clock.clone())))
+        .with_protocol_versions(versions)?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(bundle.chain.clone(), bundle.key.to_rustls())?;
-    Ok(config)
+        .with_custom_certificate_verifier(verifier);
+    Ok(match bundle {
+        Some(b) => builder.with_client_auth_cert(b.chain.clone(), b.key.to_rustls())?,
+        None => builder.with_no_client_auth(),
+    })
 }
 
 fn now_of(clock: &SharedClock) -> Result<UnixTime, rustls::Error> {
     ClockTime(clock.clone())
         .current_time()
         .ok_or(rustls::Error::FailedToGetCurrentTime)
-}
-
-/// After a handshake on a server connection: a full handshake was verified by `verifier`
-/// already; a resumed one carries the client chain of the original handshake, which is
-/// verified again here at the clock's now (expiry, anchors, allow-list), so resumption can
-/// never outlive the client certificate.
-pub fn recheck_client(
-    conn: &rustls::ServerConnection,
-    verifier: &dyn ClientCertVerifier,
-    clock: &SharedClock,
-) -> Result<(), rustls::Error> {
-    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
-        return Ok(());
-    }
-    let Some((leaf, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
-        return Err(rustls::Error::NoCertificatesPresented);
-    };
-    verifier
-        .verify_client_cert(leaf, intermediates, now_of(clock)?)
-        .map(|_| ())
-}
-
-/// The outbound counterpart of [`recheck_client`]: a resumed session's server chain is
-/// verified again at the clock's now against the anchors and the expected `identity`.
-pub fn recheck_server(
-    conn: &rustls::ClientConnection,
-    identity: &ServerName<'_>,
-    verifier: &dyn ServerCertVerifier,
-    clock: &SharedClock,
-) -> Result<(), rustls::Error> {
-    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
-        return Ok(());
-    }
-    let Some((leaf, intermediates)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
-        return Err(rustls::Error::NoCertificatesPresented);
-    };
-    verifier
-        .verify_server_cert(leaf, intermediates, identity, &[], now_of(clock)?)
-        .map(|_| ())
 }
 
 /// Marker error for a client identity that is not on the allow-list.
@@ -352,27 +374,7 @@ impl ClientCertVerifier for AllowListVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    delegate_signature_checks!();
 }
 
 #[cfg(test)]
