@@ -303,6 +303,37 @@ async fn an_unusable_cert_on_disk_means_renew_now() {
     assert_eq!(r.decide().1, Decision::RenewNow, "expired");
 }
 
+/// A cert whose DNS SAN differs from the identity only in ASCII case (and has the absolute
+/// form's trailing dot) is the identity: it is accepted, judged usable on disk afterwards, and
+/// not renewed again until it is due.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_san_differing_only_in_case_is_accepted_and_then_judged_usable() {
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    rig.issuer.script(|iss, req| {
+        Ok(iss.sign(&req.csr_der, |p| {
+            let san = format!("{}.", ID.to_ascii_uppercase());
+            p.subject_alt_names[0] = rcgen::SanType::DnsName(san.try_into().unwrap());
+        }))
+    });
+    let out = r.cycle(false).await.unwrap();
+    let Outcome::Rotated { next, .. } = out else {
+        panic!("{out:?}")
+    };
+    let (bundle, _) = CertBundle::load_dir(&rig.config.dir).unwrap();
+    assert_ne!(
+        bundle.leaf.dns_sans,
+        [ID.to_string()],
+        "the SAN on disk is the odd one"
+    );
+    assert_eq!(inspect_decision(&rig), Decision::At(next));
+    assert_eq!(
+        r.cycle(false).await.unwrap(),
+        Outcome::NotDue { until: next }
+    );
+    assert_eq!(rig.calls(), 1, "renewed again");
+}
+
 fn inspect_decision(rig: &Rig) -> Decision {
     rig.rotator().decide().1
 }
