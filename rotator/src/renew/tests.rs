@@ -962,3 +962,67 @@ async fn on_a_fresh_host_with_the_issuer_down_each_attempt_logs_one_line_and_sta
         "{r:?}"
     );
 }
+
+/// A cert set on disk whose `tls.key` openssl wrote as SEC1, PKCS#1 or PKCS#8 (PEM or DER)
+/// is read wherever the rotator reads a key: `inspect` judges it usable (no renewal),
+/// `status` says OK, and the verify handshake presents it as the client certificate to a
+/// listener that serves the same set.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cert_set_whose_key_openssl_wrote_in_each_encoding_is_usable_and_verifies() {
+    use crate::testing::{FakeTlsServer, Serve};
+    let keys_dir = tempfile::tempdir().unwrap();
+    let Some(keys) = proxy_lib::test_keys::openssl_keys(keys_dir.path()) else {
+        return;
+    };
+    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
+    let server =
+        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
+    let config = config_in(
+        tmp.path(),
+        &issuer,
+        &format!("[verify]\naddr = \"{}\"\n", server.addr),
+    );
+    let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
+    let verify = config.verify.clone().unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let key = proxy_lib::key::PrivateKey::read(&k.path).unwrap();
+        let now = clock.now();
+        let set =
+            issuer
+                .pki
+                .leaf_for_key(&identity(), &key, now - Duration::from_secs(60), now + DAY);
+        let version = proxy_lib::test_util::write_data_dir(&config.dir, &set);
+        std::fs::copy(&k.path, version.join(KEY_FILE)).unwrap();
+
+        let mut r = Rotator::new(
+            config.clone(),
+            clock.clone(),
+            issuer.clone(),
+            CountingReload::default(),
+            Metrics::new(),
+        );
+        let (_, decision) = r.decide();
+        assert!(
+            matches!(decision, Decision::At(_)),
+            "{}: {decision:?}",
+            k.name
+        );
+        let report = crate::status::report(&config, clock.now());
+        assert_eq!(
+            report.status,
+            crate::status::Level::Ok,
+            "{}: {}",
+            k.name,
+            report.summary
+        );
+        let (on_disk, _) = CertBundle::load_dir(&config.dir).unwrap();
+        assert_eq!(on_disk.key.format(), k.format, "{}", k.name);
+        let served =
+            crate::verify::served_leaf_matches(&verify.addr, ID, &on_disk, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        assert_eq!(served, set.leaf.sha256, "{}", k.name);
+        assert_eq!(server.seen(i + 1).await[i], set.leaf.sha256, "{}", k.name);
+    }
+    assert_eq!(issuer.calls.load(Ordering::SeqCst), 0);
+}
