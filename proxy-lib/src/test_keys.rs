@@ -1,19 +1,13 @@
-//! Test fixture: private keys made by the `openssl` CLI in every encoding [`crate::key`] reads,
-//! and workload leaves for them.
+//! Test fixture: private keys made by the `openssl` CLI in every encoding [`crate::key`] reads
+//! (certify them with [`crate::test_util::TestPki::leaf_for_key`]).
 //!
 //! With `REQUIRE_INTEROP=1` (set by CI) a missing openssl fails the test; otherwise
 //! [`openssl_keys`] returns `None` and the caller skips with a printed reason.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::SystemTime;
 
-use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType};
-
-use crate::bundle::CertBundle;
-use crate::identity::Identity;
-use crate::key::{KeyAlgorithm, KeyFormat, PrivateKey};
-use crate::test_util::TestPki;
+use crate::key::{KeyAlgorithm, KeyFormat};
 
 /// One openssl-made key file.
 #[derive(Debug)]
@@ -93,37 +87,19 @@ pub fn openssl_keys(dir: &Path) -> Option<Vec<OpensslKey>> {
         std::fs::read(dir.join(out)).expect("read public key")
     };
     let (ec, rsa, gen_ec) = (spki("sec1.pem"), spki("pkcs1.pem"), spki("genpkey.pem"));
+    use KeyAlgorithm::{EcdsaP256 as Ec, Rsa};
+    use KeyFormat::{Pkcs1, Pkcs8, Sec1};
     let table: [(&'static str, KeyFormat, KeyAlgorithm, &Vec<u8>); 10] = [
-        ("sec1.pem", KeyFormat::Sec1, KeyAlgorithm::EcdsaP256, &ec),
-        ("sec1.der", KeyFormat::Sec1, KeyAlgorithm::EcdsaP256, &ec),
-        ("pkcs1.pem", KeyFormat::Pkcs1, KeyAlgorithm::Rsa, &rsa),
-        ("pkcs1.der", KeyFormat::Pkcs1, KeyAlgorithm::Rsa, &rsa),
-        (
-            "sec1-p8.pem",
-            KeyFormat::Pkcs8,
-            KeyAlgorithm::EcdsaP256,
-            &ec,
-        ),
-        (
-            "sec1-p8.der",
-            KeyFormat::Pkcs8,
-            KeyAlgorithm::EcdsaP256,
-            &ec,
-        ),
-        ("pkcs1-p8.pem", KeyFormat::Pkcs8, KeyAlgorithm::Rsa, &rsa),
-        ("pkcs1-p8.der", KeyFormat::Pkcs8, KeyAlgorithm::Rsa, &rsa),
-        (
-            "genpkey.pem",
-            KeyFormat::Pkcs8,
-            KeyAlgorithm::EcdsaP256,
-            &gen_ec,
-        ),
-        (
-            "genpkey.der",
-            KeyFormat::Pkcs8,
-            KeyAlgorithm::EcdsaP256,
-            &gen_ec,
-        ),
+        ("sec1.pem", Sec1, Ec, &ec),
+        ("sec1.der", Sec1, Ec, &ec),
+        ("pkcs1.pem", Pkcs1, Rsa, &rsa),
+        ("pkcs1.der", Pkcs1, Rsa, &rsa),
+        ("sec1-p8.pem", Pkcs8, Ec, &ec),
+        ("sec1-p8.der", Pkcs8, Ec, &ec),
+        ("pkcs1-p8.pem", Pkcs8, Rsa, &rsa),
+        ("pkcs1-p8.der", Pkcs8, Rsa, &rsa),
+        ("genpkey.pem", Pkcs8, Ec, &gen_ec),
+        ("genpkey.der", Pkcs8, Ec, &gen_ec),
     ];
     Some(
         table
@@ -137,39 +113,4 @@ pub fn openssl_keys(dir: &Path) -> Option<Vec<OpensslKey>> {
             })
             .collect(),
     )
-}
-
-impl TestPki {
-    /// A workload leaf for `identity` whose key is `key` (any algorithm rcgen can sign a
-    /// certificate for), chained through the issuer, valid `[not_before, not_after]`.
-    pub fn leaf_for_key(
-        &self,
-        identity: &Identity,
-        key: &PrivateKey,
-        not_before: SystemTime,
-        not_after: SystemTime,
-    ) -> CertBundle {
-        let pair = key.to_rcgen().expect("rcgen reads the key");
-        let mut p = CertificateParams::new(vec![identity.to_string()]).expect("params");
-        p.subject_alt_names.push(SanType::URI(
-            identity.spiffe_id().try_into().expect("ia5 string"),
-        ));
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.use_authority_key_identifier_extension = true;
-        p.not_before = not_before.into();
-        p.not_after = not_after.into();
-        let issuer = Issuer::from_ca_cert_der(&self.issuer, &self.issuer_key).expect("issuer");
-        let cert = p.signed_by(&pair, &issuer).expect("sign leaf");
-        CertBundle::from_parts(
-            vec![cert.der().clone(), self.issuer.clone()],
-            key.clone(),
-            self.anchors(),
-        )
-        .expect("bundle")
-    }
 }

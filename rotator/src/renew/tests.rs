@@ -627,18 +627,34 @@ async fn the_token_and_key_never_reach_the_logs_or_other_files() {
     let _ = ID;
 }
 
+/// The config lines of a `[verify]` against `addr`: three attempts 10 ms apart.
+fn verify_extra(addr: std::net::SocketAddr) -> String {
+    format!("[verify]\naddr = \"{addr}\"\nattempts = 3\ndelay = \"10ms\"\n")
+}
+
 /// A rig on real time (sockets and handshakes need it), with `[verify]` at `addr`.
 fn verify_rig(addr: std::net::SocketAddr) -> (tempfile::TempDir, Arc<FakeIssuer>, Config) {
     proxy_lib::install_crypto_provider();
     let tmp = crate::testing::fast_tempdir();
     let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
     let issuer = FakeIssuer::new(clock, DAY);
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!("[verify]\naddr = \"{addr}\"\nattempts = 3\ndelay = \"10ms\"\n"),
-    );
+    let config = config_in(tmp.path(), &issuer, &verify_extra(addr));
     (tmp, issuer, config)
+}
+
+/// A [`verify_rig`] whose `[verify]` listener serves whatever is in the rig's cert dir.
+async fn verify_rig_serving_its_dir() -> (
+    tempfile::TempDir,
+    Arc<FakeIssuer>,
+    Config,
+    crate::testing::FakeTlsServer,
+) {
+    use crate::testing::{FakeTlsServer, Serve};
+    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
+    let server =
+        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
+    let config = config_in(tmp.path(), &issuer, &verify_extra(server.addr));
+    (tmp, issuer, config, server)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -652,14 +668,7 @@ async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_serve
         .leaf(&identity(), now - Duration::from_secs(60), now + DAY);
     let server =
         FakeTlsServer::start(Serve::Fixed(Box::new(old.clone())), &issuer.pki.anchors()).await;
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!(
-            "[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"10ms\"\n",
-            server.addr
-        ),
-    );
+    let config = config_in(tmp.path(), &issuer, &verify_extra(server.addr));
     let reloads = CountingReload::default();
     let metrics = Metrics::new();
     let mut r = Rotator::new(
@@ -705,18 +714,7 @@ async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_serve
 
 #[tokio::test(flavor = "current_thread")]
 async fn verify_passes_when_the_listener_serves_the_new_cert() {
-    use crate::testing::{FakeTlsServer, Serve};
-    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
-    let server =
-        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!(
-            "[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"10ms\"\n",
-            server.addr
-        ),
-    );
+    let (_tmp, issuer, config, server) = verify_rig_serving_its_dir().await;
     let reloads = CountingReload::default();
     let metrics = Metrics::new();
     let mut r = Rotator::new(
@@ -969,19 +967,11 @@ async fn on_a_fresh_host_with_the_issuer_down_each_attempt_logs_one_line_and_sta
 /// listener that serves the same set.
 #[tokio::test(flavor = "current_thread")]
 async fn a_cert_set_whose_key_openssl_wrote_in_each_encoding_is_usable_and_verifies() {
-    use crate::testing::{FakeTlsServer, Serve};
     let keys_dir = tempfile::tempdir().unwrap();
     let Some(keys) = proxy_lib::test_keys::openssl_keys(keys_dir.path()) else {
         return;
     };
-    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
-    let server =
-        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!("[verify]\naddr = \"{}\"\n", server.addr),
-    );
+    let (_tmp, issuer, config, server) = verify_rig_serving_its_dir().await;
     let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
     let verify = config.verify.clone().unwrap();
     for (i, k) in keys.iter().enumerate() {
