@@ -198,7 +198,9 @@ impl PrivateKey {
         text
     }
 
-    /// A rustls key (an owned PKCS#8 copy, which rustls-pki-types zeroizes).
+    /// A rustls key: an owned PKCS#8 copy. rustls needs it by value; rustls-pki-types can
+    /// zeroize it but does not on drop, so keep such copies short-lived (build the config and
+    /// drop them).
     pub fn to_rustls(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.pkcs8.to_vec()))
     }
