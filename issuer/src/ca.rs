@@ -276,57 +276,20 @@ impl Ca {
     }
 }
 
-/// Reads an issuer key: PKCS#8 (PEM or DER), or a SEC1 `EC PRIVATE KEY` as written by
-/// `openssl ecparam -genkey`, converted to PKCS#8 in memory.
+/// Reads an issuer key: PEM or DER, PKCS#8, SEC1 (`openssl ecparam -genkey`) or PKCS#1 (see
+/// [`proxy_lib::key`]). The issuer signs with ECDSA only (P-256 or P-384, as Linkerd's issuer
+/// must): an RSA or Ed25519 key is refused with a message saying so.
 pub fn read_key(bytes: &[u8], what: &str) -> std::result::Result<PrivateKey, String> {
-    use rustls_pki_types::PrivateKeyDer;
-    use rustls_pki_types::pem::PemObject;
-    if pem::is_pem(bytes)
-        && let Ok(PrivateKeyDer::Sec1(k)) = PrivateKeyDer::from_pem_slice(bytes)
-    {
-        return sec1_to_pkcs8(k.secret_sec1_der())
-            .map(|der| PrivateKey::from_pkcs8_der(der.to_vec()))
-            .map_err(|e| format!("{what}: {e}"));
+    let key = PrivateKey::from_bytes(bytes, what).map_err(|e| e.to_string())?;
+    match key.algorithm() {
+        Ok(a) if a.is_ecdsa() => Ok(key),
+        Ok(a) => Err(format!(
+            "{what}: the issuer key is {a} ({} encoding); the issuer signs with ECDSA only: \
+             use a P-256 or P-384 key",
+            key.format()
+        )),
+        Err(e) => Err(format!("{what}: {e}")),
     }
-    PrivateKey::from_bytes(bytes, what).map_err(|e| e.to_string())
-}
-
-const OID_EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-
-/// Wraps a SEC1 ECPrivateKey (which must name its curve) in a PKCS#8 PrivateKeyInfo.
-fn sec1_to_pkcs8(sec1: &[u8]) -> std::result::Result<zeroize::Zeroizing<Vec<u8>>, String> {
-    let curve = if sec1.windows(OID_P256.len()).any(|w| w == OID_P256) {
-        OID_P256
-    } else if sec1.windows(OID_P384.len()).any(|w| w == OID_P384) {
-        OID_P384
-    } else {
-        return Err(
-            "EC private key on an unsupported or unnamed curve (use P-256 or P-384)".into(),
-        );
-    };
-    fn tlv(tag: u8, body: &[u8], out: &mut Vec<u8>) {
-        out.push(tag);
-        let n = body.len();
-        if n < 0x80 {
-            out.push(n as u8);
-        } else if n < 0x100 {
-            out.extend_from_slice(&[0x81, n as u8]);
-        } else {
-            out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]);
-        }
-        out.extend_from_slice(body);
-    }
-    let mut alg = Vec::new();
-    alg.extend_from_slice(OID_EC_PUBLIC_KEY);
-    alg.extend_from_slice(curve);
-    let mut body = zeroize::Zeroizing::new(vec![0x02, 0x01, 0x00]);
-    tlv(0x30, &alg, &mut body);
-    tlv(0x04, sec1, &mut body);
-    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(body.len() + 4));
-    tlv(0x30, &body, &mut out);
-    Ok(out)
 }
 
 fn check_ca_extensions(der: &[u8]) -> std::result::Result<(), String> {
@@ -387,6 +350,15 @@ mod tests {
         f: impl FnOnce(&mut CertificateParams),
     ) -> (CertificateDer<'static>, KeyPair) {
         let key = KeyPair::generate().unwrap();
+        (issuer_cert_for(pki, &key, f), key)
+    }
+
+    /// An issuer CA certificate for `key`, signed by the anchor, changed by `f`.
+    fn issuer_cert_for(
+        pki: &TestPki,
+        key: &KeyPair,
+        f: impl FnOnce(&mut CertificateParams),
+    ) -> CertificateDer<'static> {
         let mut p = CertificateParams::new(Vec::new()).unwrap();
         p.distinguished_name
             .push(DnType::CommonName, "identity.linkerd.cluster.local");
@@ -396,16 +368,8 @@ mod tests {
         p.not_before = (now() - Duration::from_secs(3600)).into();
         p.not_after = (now() + Duration::from_secs(86_400)).into();
         f(&mut p);
-        let anchor_params = {
-            let mut a = CertificateParams::new(Vec::new()).unwrap();
-            a.distinguished_name
-                .push(DnType::CommonName, "root.linkerd.cluster.local");
-            a.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            a
-        };
         let anchor = Issuer::from_ca_cert_der(&pki.anchor, &pki.anchor_key).unwrap();
-        let _ = anchor_params;
-        (p.signed_by(&key, &anchor).unwrap().der().clone(), key)
+        p.signed_by(key, &anchor).unwrap().der().clone()
     }
 
     #[test]
@@ -463,6 +427,43 @@ mod tests {
         // a good variant passes, so the helper itself is sound
         let (c, k) = issuer_variant(&pki, |_| {});
         ca_from(&pki, c, &k, now()).unwrap();
+    }
+
+    /// openssl-made issuer keys: ECDSA in SEC1 and PKCS#8 (PEM or DER) load and sign; RSA,
+    /// whether PKCS#1 or PKCS#8, is refused with a message naming the file and saying why.
+    #[test]
+    fn loads_an_openssl_made_issuer_key_in_every_encoding_and_refuses_rsa() {
+        let d = tempfile::tempdir().unwrap();
+        let Some(keys) = proxy_lib::test_keys::openssl_keys(d.path()) else {
+            return;
+        };
+        let pki = TestPki::new(now());
+        let dir = d.path().join("ca");
+        std::fs::create_dir(&dir).unwrap();
+        let files = CaFiles::in_dir(&dir);
+        std::fs::write(&files.anchors, pem::certs_to_pem([&pki.anchor])).unwrap();
+        let (mut loaded, mut refused) = (0, 0);
+        for k in keys {
+            let pair = PrivateKey::read(&k.path).unwrap().to_rcgen().unwrap();
+            let cert = issuer_cert_for(&pki, &pair, |_| {});
+            std::fs::write(&files.cert, pem::der_to_pem("CERTIFICATE", &cert)).unwrap();
+            std::fs::copy(&k.path, &files.key).unwrap();
+            let r = Ca::load(&files, now());
+            if k.algorithm.is_ecdsa() {
+                let ca = r.unwrap_or_else(|e| panic!("{}: {e}", k.name));
+                assert_eq!(ca.cert(), &cert, "{}", k.name);
+                loaded += 1;
+            } else {
+                let e = r.expect_err(k.name).to_string();
+                assert!(e.contains(&files.key.display().to_string()), "{e}");
+                assert!(
+                    e.contains("the issuer key is RSA") && e.contains("ECDSA only"),
+                    "{e}"
+                );
+                refused += 1;
+            }
+        }
+        assert_eq!((loaded, refused), (6, 4));
     }
 
     #[test]

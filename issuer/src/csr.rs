@@ -132,7 +132,7 @@ fn check_common_name(
         let text = cn
             .as_str()
             .map_err(|_| CsrError::Malformed("common name is not a string".into()))?;
-        if !text.is_empty() && !names_equal(text, identity.as_str()) {
+        if !text.is_empty() && !proxy_lib::identity::matches_san(text, identity.as_str()) {
             return Err(CsrError::CommonName {
                 cn: text.to_string(),
             });
@@ -197,18 +197,13 @@ fn check_extensions(
             }
         }
     }
-    if dns.len() != 1 || !names_equal(&dns[0], identity.as_str()) {
+    if dns.len() != 1 || !proxy_lib::identity::matches_san(&dns[0], identity.as_str()) {
         return Err(CsrError::DnsNames {
             identity: identity.to_string(),
             found: dns,
         });
     }
     Ok(())
-}
-
-fn names_equal(a: &str, b: &str) -> bool {
-    a.trim_end_matches('.')
-        .eq_ignore_ascii_case(b.trim_end_matches('.'))
 }
 
 #[cfg(test)]

@@ -385,7 +385,7 @@ impl TokenStore {
                 at: proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(exp)),
             });
         }
-        if !rec.identity.eq_ignore_ascii_case(identity.as_str()) {
+        if !proxy_lib::identity::matches_san(&rec.identity, identity.as_str()) {
             return Err(AuthError::WrongIdentity {
                 id: rec.id.clone(),
                 requested: identity.to_string(),

@@ -3,6 +3,10 @@
 //! An identity is `<sa>.<ns>.serviceaccount.identity.linkerd.<trust-domain>`; it is carried as
 //! the single DNS SAN of a workload certificate, and the SPIFFE ID
 //! `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` is added as a URI SAN.
+//!
+//! The one rule for "does this certificate name carry that identity" is [`matches_san`], and
+//! the one normalisation of a name an operator typed is [`normalize_name`]: every part of the
+//! workspace uses these two instead of comparing names by hand.
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,6 +15,26 @@ use std::str::FromStr;
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 const MARKER: &str = ".serviceaccount.identity.linkerd.";
+
+/// Whether the DNS SAN `san` names `identity`.
+///
+/// The comparison is that of DNS names: ASCII case-insensitive, with one trailing dot (the
+/// absolute form) ignored on either side. A wildcard SAN (any `*`) never matches: an identity
+/// is one exact name, and a wildcard certificate does not stand for it. An empty name matches
+/// nothing. There is no other normalisation (no trimming, no IDNA mapping).
+pub fn matches_san(san: &str, identity: &str) -> bool {
+    let san = san.strip_suffix('.').unwrap_or(san);
+    let identity = identity.strip_suffix('.').unwrap_or(identity);
+    !san.is_empty() && !san.contains('*') && san.eq_ignore_ascii_case(identity)
+}
+
+/// The normal form of a DNS name an operator wrote (config key, flag, token file): surrounding
+/// whitespace and one trailing dot removed, ASCII folded to lowercase. Validation is the
+/// caller's ([`Identity::parse`], [`TrustDomain::new`], a `ServerName`).
+pub fn normalize_name(s: &str) -> String {
+    let s = s.trim();
+    s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase()
+}
 
 /// Why a name is not a valid identity or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,16 +68,16 @@ pub enum IdentityError {
 pub struct TrustDomain(String);
 
 impl TrustDomain {
-    /// Validates a trust domain (a lowercase DNS name).
+    /// Validates a trust domain (a DNS name, normalised by [`normalize_name`]).
     pub fn new(s: &str) -> Result<Self, IdentityError> {
-        let s = s.trim().trim_end_matches('.');
-        if !is_dns_name(s) {
+        let s = normalize_name(s);
+        if !is_dns_name(&s) {
             return Err(IdentityError::InvalidDns {
                 what: "trust domain",
-                value: s.to_string(),
+                value: s,
             });
         }
-        Ok(Self(s.to_ascii_lowercase()))
+        Ok(Self(s))
     }
 
     /// The trust domain as text.
@@ -102,9 +126,9 @@ impl Identity {
         Self::parse(&format!("{sa}.{ns}{MARKER}{td}"))
     }
 
-    /// Parses and validates an identity name (ASCII case is folded to lowercase).
+    /// Parses and validates an identity name, normalised by [`normalize_name`] first.
     pub fn parse(s: &str) -> Result<Self, IdentityError> {
-        let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = normalize_name(s);
         let Some(m) = name.find(MARKER) else {
             return Err(IdentityError::Shape(s.to_string()));
         };
@@ -256,6 +280,119 @@ mod tests {
         let err = Identity::parse_in("a.b.serviceaccount.identity.linkerd.cluster.local", &td)
             .unwrap_err();
         assert!(matches!(err, IdentityError::OutsideTrustDomain { .. }));
+    }
+
+    #[test]
+    fn matches_san_table() {
+        const ID: &str = "web.prod.serviceaccount.identity.linkerd.cluster.local";
+        let cases: &[(&str, &str, bool, &str)] = &[
+            (ID, ID, true, "identical"),
+            (
+                "WEB.Prod.ServiceAccount.identity.linkerd.CLUSTER.local",
+                ID,
+                true,
+                "SAN case",
+            ),
+            (
+                ID,
+                "Web.PROD.serviceaccount.identity.linkerd.cluster.local",
+                true,
+                "identity case",
+            ),
+            (
+                "web.prod.serviceaccount.identity.linkerd.cluster.local.",
+                ID,
+                true,
+                "SAN dot",
+            ),
+            (
+                ID,
+                "web.prod.serviceaccount.identity.linkerd.cluster.local.",
+                true,
+                "id dot",
+            ),
+            (
+                "web.prod.serviceaccount.identity.linkerd.cluster.local..",
+                ID,
+                false,
+                "two trailing dots",
+            ),
+            (
+                "*.prod.serviceaccount.identity.linkerd.cluster.local",
+                ID,
+                false,
+                "wildcard",
+            ),
+            (
+                "*.prod.serviceaccount.identity.linkerd.cluster.local",
+                "*.prod.serviceaccount.identity.linkerd.cluster.local",
+                false,
+                "wildcard equal to the identity",
+            ),
+            (
+                "w*.prod.serviceaccount.identity.linkerd.cluster.local",
+                ID,
+                false,
+                "partial *",
+            ),
+            ("", ID, false, "empty SAN"),
+            (ID, "", false, "empty identity"),
+            ("", "", false, "both empty"),
+            (".", "", false, "a lone dot"),
+            (
+                "web.prod.serviceaccount.identity.linkerd.cluster.loca",
+                ID,
+                false,
+                "prefix",
+            ),
+            (
+                "xweb.prod.serviceaccount.identity.linkerd.cluster.local",
+                ID,
+                false,
+                "suffix",
+            ),
+            (
+                "web.prod.serviceaccount.identity.linkerd.cluster.local.evil",
+                ID,
+                false,
+                "longer",
+            ),
+            (
+                "eb.prod.serviceaccount.identity.linkerd.cluster.local",
+                ID,
+                false,
+                "shorter",
+            ),
+            (
+                " web.prod.serviceaccount.identity.linkerd.cluster.local",
+                ID,
+                false,
+                "space",
+            ),
+            (
+                "web.prod.serviceaccount.identity.linkerd.cluster.local\0",
+                ID,
+                false,
+                "NUL",
+            ),
+        ];
+        for (san, id, want, why) in cases {
+            assert_eq!(matches_san(san, id), *want, "{why}: {san:?} vs {id:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_normalised_once() {
+        assert_eq!(normalize_name("  Web.Prod.  "), "web.prod");
+        assert_eq!(normalize_name("a.b.."), "a.b.");
+        let td = TrustDomain::new(" Example.ORG. ").unwrap();
+        assert_eq!(td.as_str(), "example.org");
+        let id = Identity::parse(" A.B.serviceaccount.identity.linkerd.Example.Org. ").unwrap();
+        assert_eq!(
+            id.as_str(),
+            "a.b.serviceaccount.identity.linkerd.example.org"
+        );
+        assert!(Identity::parse("a.b.serviceaccount.identity.linkerd.example.org..").is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Layout:
 //! - [`clock`]: the injectable wall clock.
 //! - [`identity`]: Linkerd identity names and SPIFFE IDs.
-//! - [`pem`]: PEM/DER loading of certificates and keys.
+//! - [`pem`]: PEM/DER loading of certificates.
+//! - [`key`]: private keys in PKCS#8, SEC1 or PKCS#1, PEM or DER, held as PKCS#8.
 //! - [`cert`]: facts read from a certificate (names, validity, fingerprint).
 //! - [`verify`]: path validation against trust anchors.
 //! - [`validity`]: validity windows and the one rule for granting one.
@@ -37,10 +38,13 @@ pub mod config_file;
 pub mod fs;
 pub mod human;
 pub mod identity;
+pub mod key;
 pub mod pem;
 pub mod process;
 #[cfg(feature = "proxy")]
 pub mod proxy;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_keys;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;

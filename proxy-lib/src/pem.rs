@@ -1,13 +1,15 @@
-//! PEM/DER loading of certificates and private keys.
+//! PEM/DER loading of certificates (private keys: [`crate::key`]).
 //!
 //! Files may hold PEM (any number of blocks) or a single DER object; parsing is done by
 //! `rustls-pki-types`. Errors name the file and what was wrong, never the key bytes.
 
 use std::path::{Path, PathBuf};
 
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use zeroize::Zeroizing;
+
+/// Private keys are loaded by [`crate::key`]; the type lives on here under its old path.
+pub use crate::key::PrivateKey;
 
 /// Why certificates or a key could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -114,90 +116,6 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError>
     certs_from_bytes(&read(path)?, &path.display().to_string())
 }
 
-/// A private key held in memory: PKCS#8 DER, zeroized when dropped, redacted in `Debug`.
-#[derive(Clone)]
-pub struct PrivateKey(Zeroizing<Vec<u8>>);
-
-impl PrivateKey {
-    /// Wraps PKCS#8 DER bytes.
-    pub fn from_pkcs8_der(der: Vec<u8>) -> Self {
-        Self(Zeroizing::new(der))
-    }
-
-    /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1 labels) or PKCS#8 DER.
-    ///
-    /// Only PKCS#8 is kept as-is; SEC1 EC keys are accepted by rustls too, so the DER
-    /// is kept in whatever form the file had and [`PrivateKey::to_rustls`] labels it.
-    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Self, PemError> {
-        if !is_pem(bytes) {
-            if bytes.first() == Some(&0x30) {
-                return Ok(Self::from_pkcs8_der(bytes.to_vec()));
-            }
-            return Err(PemError::Malformed {
-                what: what.to_string(),
-                reason: "not PEM and not a DER private key".into(),
-            });
-        }
-        let key = PrivateKeyDer::from_pem_slice(bytes).map_err(|e| match e {
-            rustls_pki_types::pem::Error::NoItemsFound => PemError::Malformed {
-                what: what.to_string(),
-                reason: "no private key found".into(),
-            },
-            e => PemError::parse(what, e),
-        })?;
-        match key {
-            PrivateKeyDer::Pkcs8(k) => Ok(Self::from_pkcs8_der(k.secret_pkcs8_der().to_vec())),
-            other => {
-                // Convert SEC1/PKCS#1 to PKCS#8 through rcgen, which understands both.
-                let pair = rcgen::KeyPair::try_from(&other).map_err(|e| PemError::Malformed {
-                    what: what.to_string(),
-                    reason: format!("unsupported private key ({e})"),
-                })?;
-                Ok(Self::from_pkcs8_der(pair.serialize_der()))
-            }
-        }
-    }
-
-    /// Reads a private key file. Blocks.
-    pub fn read(path: &Path) -> Result<Self, PemError> {
-        let bytes = Zeroizing::new(read(path)?);
-        Self::from_bytes(&bytes, &path.display().to_string())
-    }
-
-    /// The PKCS#8 DER bytes.
-    pub fn pkcs8_der(&self) -> &[u8] {
-        &self.0
-    }
-
-    /// The key as PKCS#8 PEM text (zeroized when dropped).
-    pub fn to_pem(&self) -> Zeroizing<String> {
-        let block = ::pem::Pem::new("PRIVATE KEY", self.0.to_vec());
-        let text = Zeroizing::new(::pem::encode_config(&block, pem_config()));
-        let mut contents = block.into_contents();
-        zeroize::Zeroize::zeroize(&mut contents);
-        text
-    }
-
-    /// A rustls key (owned copy).
-    pub fn to_rustls(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.to_vec()))
-    }
-
-    /// An rcgen key pair, for signing with this key.
-    pub fn to_rcgen(&self) -> Result<rcgen::KeyPair, PemError> {
-        rcgen::KeyPair::try_from(self.0.as_slice()).map_err(|e| PemError::Malformed {
-            what: "private key".into(),
-            reason: e.to_string(),
-        })
-    }
-}
-
-impl std::fmt::Debug for PrivateKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PrivateKey([secret key elided])")
-    }
-}
-
 /// PEM text for a list of DER certificates.
 pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
     let mut out = String::new();
@@ -212,7 +130,7 @@ pub fn der_to_pem(label: &str, der: &[u8]) -> String {
     ::pem::encode_config(&::pem::Pem::new(label, der.to_vec()), pem_config())
 }
 
-fn pem_config() -> ::pem::EncodeConfig {
+pub(crate) fn pem_config() -> ::pem::EncodeConfig {
     ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF)
 }
 

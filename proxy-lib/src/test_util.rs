@@ -80,7 +80,20 @@ impl TestPki {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> CertBundle {
-        let key = KeyPair::generate().expect("keygen");
+        let key = PrivateKey::from_pkcs8_der(KeyPair::generate().expect("keygen").serialize_der());
+        self.leaf_for_key(identity, &key, not_before, not_after)
+    }
+
+    /// [`TestPki::leaf`] for a given key (any algorithm rcgen can put in a certificate, e.g.
+    /// one openssl made: see [`crate::test_keys`]).
+    pub fn leaf_for_key(
+        &self,
+        identity: &Identity,
+        key: &PrivateKey,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> CertBundle {
+        let pair = key.to_rcgen().expect("rcgen reads the key");
         let mut p = CertificateParams::new(vec![identity.to_string()]).expect("params");
         p.subject_alt_names.push(SanType::URI(
             identity
@@ -98,10 +111,10 @@ impl TestPki {
         p.not_before = not_before.into();
         p.not_after = not_after.into();
         let issuer = Issuer::from_params(&self.issuer_params, &self.issuer_key);
-        let cert = p.signed_by(&key, &issuer).expect("sign leaf");
+        let cert = p.signed_by(&pair, &issuer).expect("sign leaf");
         CertBundle::from_parts(
             vec![cert.der().clone(), self.issuer.clone()],
-            PrivateKey::from_pkcs8_der(key.serialize_der()),
+            key.clone(),
             self.anchors(),
         )
         .expect("bundle")

@@ -369,7 +369,7 @@ impl RawConfig {
             let s = non_empty(s)?;
             rustls_pki_types::ServerName::try_from(s.to_string())
                 .map_err(|e| format!("not a valid server name: {e}"))?;
-            Ok(s.to_ascii_lowercase())
+            Ok(proxy_lib::identity::normalize_name(s))
         });
         // Linkerd's meaning of a loopback LINKERD2_PROXY_IDENTITY_SVC_ADDR: no TLS (the proxy
         // then ignores _SVC_NAME and talks plaintext to a local identity service). An explicit

@@ -9,6 +9,7 @@ use proxy_lib::bundle::CertBundle;
 use proxy_lib::cert::CertInfo;
 use proxy_lib::clock::{SharedClock, rfc3339, unix_secs};
 use proxy_lib::fs::FileStamp;
+use proxy_lib::identity::matches_san;
 use proxy_lib::verify::Usage;
 
 use crate::client::{CertifyRequest, Issue, IssueError, read_token};
@@ -557,7 +558,8 @@ pub fn inspect(config: &Config, now: SystemTime) -> Current {
     }
     let leaf = bundle.leaf.clone();
     let id = &config.identity;
-    if leaf.dns_sans != [id.to_string()] || leaf.uri_sans != [id.spiffe_id()] {
+    let dns_ok = matches!(leaf.dns_sans.as_slice(), [san] if matches_san(san, id.as_str()));
+    if !dns_ok || leaf.uri_sans != [id.spiffe_id()] {
         return Current::Unusable(format!(
             "the cert is for {:?} / {:?}, not {}",
             leaf.dns_sans, leaf.uri_sans, id

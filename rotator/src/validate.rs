@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use proxy_lib::cert::CertInfo;
 use proxy_lib::clock::rfc3339;
-use proxy_lib::identity::Identity;
+use proxy_lib::identity::{Identity, matches_san};
 use proxy_lib::pem;
 use proxy_lib::verify::{TrustAnchors, Usage};
 use rustls_pki_types::CertificateDer;
@@ -102,8 +102,7 @@ pub fn validate(
     let serial = info.serial.clone();
 
     let spiffe = identity.spiffe_id();
-    let dns_ok =
-        info.dns_sans.len() == 1 && info.dns_sans[0].eq_ignore_ascii_case(identity.as_str());
+    let dns_ok = info.dns_sans.len() == 1 && matches_san(&info.dns_sans[0], identity.as_str());
     let uri_ok = info.uri_sans.len() == 1 && info.uri_sans[0] == spiffe;
     if !dns_ok || !uri_ok || info.other_sans != 0 {
         return Err(ValidateError::Names {

@@ -26,6 +26,7 @@ use serde::Deserialize;
 
 pub use crate::cli::LogFormat;
 use crate::config_file::{self, ConfigFileError};
+use crate::identity::normalize_name;
 
 /// The variable that sets `--log-format` when the flag is not given.
 pub const LOG_FORMAT_ENV: &str = "MTLS_PROXY_LOG_FORMAT";
@@ -296,7 +297,7 @@ impl TryFrom<RawConfig> for Config {
         let mut allow_client = Vec::new();
         for id in &raw.allow_client {
             match ServerName::try_from(id.trim()) {
-                Ok(ServerName::DnsName(_)) => allow_client.push(id.trim().to_ascii_lowercase()),
+                Ok(ServerName::DnsName(_)) => allow_client.push(normalize_name(id)),
                 _ => bad.push(format!("allow_client {id:?}: not a DNS identity name")),
             }
         }
@@ -370,7 +371,7 @@ fn parse_outbound(s: &str) -> Result<Outbound, String> {
     let (target, identity) = rest
         .rsplit_once('@')
         .ok_or("missing @IDENTITY after the target (want LISTEN_IP:PORT=HOST:PORT@IDENTITY)")?;
-    let identity = match ServerName::try_from(identity.trim().to_ascii_lowercase()) {
+    let identity = match ServerName::try_from(normalize_name(identity)) {
         Ok(n @ ServerName::DnsName(_)) => n,
         _ => return Err(format!("identity {identity:?} is not a DNS name")),
     };

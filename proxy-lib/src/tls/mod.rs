@@ -34,6 +34,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use crate::bundle::CertBundle;
 use crate::cert::CertInfo;
 use crate::clock::SharedClock;
+use crate::identity;
 use crate::verify::TrustAnchors;
 
 /// The handshake-signature checks of a verifier that wraps another (`self.inner`): the wrapper
@@ -86,12 +87,13 @@ pub enum TlsError {
 pub struct AllowList(Arc<[String]>);
 
 impl AllowList {
-    /// An allow-list of identity names (compared ASCII-case-insensitively).
+    /// An allow-list of identity names (normalised by [`identity::normalize_name`], matched
+    /// by [`identity::matches_san`]).
     pub fn new(names: impl IntoIterator<Item = String>) -> Self {
         Self(
             names
                 .into_iter()
-                .map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase())
+                .map(|n| identity::normalize_name(&n))
                 .collect(),
         )
     }
@@ -106,7 +108,7 @@ impl AllowList {
         self.is_open()
             || dns_sans
                 .iter()
-                .any(|d| self.0.iter().any(|a| a.eq_ignore_ascii_case(d)))
+                .any(|d| self.0.iter().any(|a| identity::matches_san(d, a)))
     }
 }
 
@@ -169,12 +171,11 @@ pub fn server_verifier(anchors: &TrustAnchors) -> Result<Arc<dyn ServerCertVerif
     Ok(Arc::new(ExactIdentityVerifier { inner }))
 }
 
-/// Whether `dns_sans` holds `identity` itself (ASCII case and a final dot aside).
+/// Whether `dns_sans` holds `identity` itself, by [`identity::matches_san`].
 fn carries_identity(dns_sans: &[String], identity: &str) -> bool {
-    let want = identity.trim_end_matches('.');
     dns_sans
         .iter()
-        .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(want))
+        .any(|d| crate::identity::matches_san(d, identity))
 }
 
 /// Webpki server verification followed by the exact identity check on the leaf's DNS SANs.

@@ -376,3 +376,40 @@ async fn curl_https_with_a_client_cert_reaches_the_app_through_inbound() {
     );
     proxy.stop().await;
 }
+
+/// mtls-proxy serves from a plain cert dir (`tls.crt`, `tls.key`, `ca.crt`; no `..data`)
+/// whose key openssl wrote as SEC1, PKCS#1 or PKCS#8, PEM or DER: the handshake succeeds, the
+/// served leaf is that cert, and bytes reach the app.
+#[tokio::test]
+async fn serves_a_plain_cert_dir_whose_key_openssl_wrote_in_each_encoding() {
+    use proxy_lib::certdir::{CA_FILE, CERT_FILE, KEY_FILE};
+    use proxy_lib::key::PrivateKey;
+    init();
+    let keys_dir = tempfile::tempdir().unwrap();
+    let Some(keys) = proxy_lib::test_keys::openssl_keys(keys_dir.path()) else {
+        return;
+    };
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let client = leaf(&pki, &id("web", "shop"));
+    let app = echo_app().await;
+    for k in keys {
+        let key = PrivateKey::read(&k.path).unwrap();
+        let served = pki.leaf_for_key(&me, &key, now() - HOUR, now() + HOUR);
+        let (cert, _, ca) = pem_of(&served);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CERT_FILE), cert).unwrap();
+        std::fs::copy(&k.path, dir.path().join(KEY_FILE)).unwrap();
+        std::fs::write(dir.path().join(CA_FILE), ca).unwrap();
+        let mut cfg = config(dir.path());
+        cfg.inbound.push(inbound_to(app));
+        let (_, clock) = fake_clock();
+        let proxy = start(&cfg, clock).await;
+        let config = client_config(&pki.anchors(), Some(&client));
+        let tls = tls_connect_within(proxy.inbound[0], config, &me).await;
+        assert_eq!(served_fingerprint(&tls), served.leaf.sha256, "{}", k.name);
+        let back = round_trip(tls, k.name.as_bytes()).await.unwrap();
+        assert_eq!(back, k.name.as_bytes(), "{}", k.name);
+        proxy.stop().await;
+    }
+}

@@ -303,6 +303,37 @@ async fn an_unusable_cert_on_disk_means_renew_now() {
     assert_eq!(r.decide().1, Decision::RenewNow, "expired");
 }
 
+/// A cert whose DNS SAN differs from the identity only in ASCII case (and has the absolute
+/// form's trailing dot) is the identity: it is accepted, judged usable on disk afterwards, and
+/// not renewed again until it is due.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_san_differing_only_in_case_is_accepted_and_then_judged_usable() {
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    rig.issuer.script(|iss, req| {
+        Ok(iss.sign(&req.csr_der, |p| {
+            let san = format!("{}.", ID.to_ascii_uppercase());
+            p.subject_alt_names[0] = rcgen::SanType::DnsName(san.try_into().unwrap());
+        }))
+    });
+    let out = r.cycle(false).await.unwrap();
+    let Outcome::Rotated { next, .. } = out else {
+        panic!("{out:?}")
+    };
+    let (bundle, _) = CertBundle::load_dir(&rig.config.dir).unwrap();
+    assert_ne!(
+        bundle.leaf.dns_sans,
+        [ID.to_string()],
+        "the SAN on disk is the odd one"
+    );
+    assert_eq!(inspect_decision(&rig), Decision::At(next));
+    assert_eq!(
+        r.cycle(false).await.unwrap(),
+        Outcome::NotDue { until: next }
+    );
+    assert_eq!(rig.calls(), 1, "renewed again");
+}
+
 fn inspect_decision(rig: &Rig) -> Decision {
     rig.rotator().decide().1
 }
@@ -596,18 +627,34 @@ async fn the_token_and_key_never_reach_the_logs_or_other_files() {
     let _ = ID;
 }
 
+/// The config lines of a `[verify]` against `addr`: three attempts 10 ms apart.
+fn verify_extra(addr: std::net::SocketAddr) -> String {
+    format!("[verify]\naddr = \"{addr}\"\nattempts = 3\ndelay = \"10ms\"\n")
+}
+
 /// A rig on real time (sockets and handshakes need it), with `[verify]` at `addr`.
 fn verify_rig(addr: std::net::SocketAddr) -> (tempfile::TempDir, Arc<FakeIssuer>, Config) {
     proxy_lib::install_crypto_provider();
     let tmp = crate::testing::fast_tempdir();
     let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
     let issuer = FakeIssuer::new(clock, DAY);
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!("[verify]\naddr = \"{addr}\"\nattempts = 3\ndelay = \"10ms\"\n"),
-    );
+    let config = config_in(tmp.path(), &issuer, &verify_extra(addr));
     (tmp, issuer, config)
+}
+
+/// A [`verify_rig`] whose `[verify]` listener serves whatever is in the rig's cert dir.
+async fn verify_rig_serving_its_dir() -> (
+    tempfile::TempDir,
+    Arc<FakeIssuer>,
+    Config,
+    crate::testing::FakeTlsServer,
+) {
+    use crate::testing::{FakeTlsServer, Serve};
+    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
+    let server =
+        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
+    let config = config_in(tmp.path(), &issuer, &verify_extra(server.addr));
+    (tmp, issuer, config, server)
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -621,14 +668,7 @@ async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_serve
         .leaf(&identity(), now - Duration::from_secs(60), now + DAY);
     let server =
         FakeTlsServer::start(Serve::Fixed(Box::new(old.clone())), &issuer.pki.anchors()).await;
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!(
-            "[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"10ms\"\n",
-            server.addr
-        ),
-    );
+    let config = config_in(tmp.path(), &issuer, &verify_extra(server.addr));
     let reloads = CountingReload::default();
     let metrics = Metrics::new();
     let mut r = Rotator::new(
@@ -674,18 +714,7 @@ async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_serve
 
 #[tokio::test(flavor = "current_thread")]
 async fn verify_passes_when_the_listener_serves_the_new_cert() {
-    use crate::testing::{FakeTlsServer, Serve};
-    let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
-    let server =
-        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
-    let config = config_in(
-        tmp.path(),
-        &issuer,
-        &format!(
-            "[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"10ms\"\n",
-            server.addr
-        ),
-    );
+    let (_tmp, issuer, config, server) = verify_rig_serving_its_dir().await;
     let reloads = CountingReload::default();
     let metrics = Metrics::new();
     let mut r = Rotator::new(
@@ -930,4 +959,60 @@ async fn on_a_fresh_host_with_the_issuer_down_each_attempt_logs_one_line_and_sta
             .is_some_and(|e| e.starts_with("cannot reach the issuer")),
         "{r:?}"
     );
+}
+
+/// A cert set on disk whose `tls.key` openssl wrote as SEC1, PKCS#1 or PKCS#8 (PEM or DER)
+/// is read wherever the rotator reads a key: `inspect` judges it usable (no renewal),
+/// `status` says OK, and the verify handshake presents it as the client certificate to a
+/// listener that serves the same set.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cert_set_whose_key_openssl_wrote_in_each_encoding_is_usable_and_verifies() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let Some(keys) = proxy_lib::test_keys::openssl_keys(keys_dir.path()) else {
+        return;
+    };
+    let (_tmp, issuer, config, server) = verify_rig_serving_its_dir().await;
+    let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
+    let verify = config.verify.clone().unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let key = proxy_lib::key::PrivateKey::read(&k.path).unwrap();
+        let now = clock.now();
+        let set =
+            issuer
+                .pki
+                .leaf_for_key(&identity(), &key, now - Duration::from_secs(60), now + DAY);
+        let version = proxy_lib::test_util::write_data_dir(&config.dir, &set);
+        std::fs::copy(&k.path, version.join(KEY_FILE)).unwrap();
+
+        let mut r = Rotator::new(
+            config.clone(),
+            clock.clone(),
+            issuer.clone(),
+            CountingReload::default(),
+            Metrics::new(),
+        );
+        let (_, decision) = r.decide();
+        assert!(
+            matches!(decision, Decision::At(_)),
+            "{}: {decision:?}",
+            k.name
+        );
+        let report = crate::status::report(&config, clock.now());
+        assert_eq!(
+            report.status,
+            crate::status::Level::Ok,
+            "{}: {}",
+            k.name,
+            report.summary
+        );
+        let (on_disk, _) = CertBundle::load_dir(&config.dir).unwrap();
+        assert_eq!(on_disk.key.format(), k.format, "{}", k.name);
+        let served =
+            crate::verify::served_leaf_matches(&verify.addr, ID, &on_disk, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", k.name));
+        assert_eq!(served, set.leaf.sha256, "{}", k.name);
+        assert_eq!(server.seen(i + 1).await[i], set.leaf.sha256, "{}", k.name);
+    }
+    assert_eq!(issuer.calls.load(Ordering::SeqCst), 0);
 }
