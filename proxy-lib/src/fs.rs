@@ -62,6 +62,27 @@ pub fn create_new(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Resu
 /// Replaces `path` atomically: writes a temporary file beside it with the final mode, fsyncs
 /// it, renames it over `path` and fsyncs the directory. Blocks.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Result<(), FsError> {
+    replace_via_temp(path, data, mode, gid, None)
+}
+
+/// Like [`write_atomic`], but the new file keeps the owner and group the old one had, so a
+/// command run as root that rewrites a service's file (the issuer's token store) does not take
+/// it away from the service. The temporary file is `mode` and the caller's until it is handed
+/// over, just before the rename. Blocks.
+pub fn write_atomic_keeping_owner(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    replace_via_temp(path, data, mode, None, owner_of(path))
+}
+
+/// Writes a temporary file beside `path` (`mode`, group `gid`, then handed to `owner` when
+/// given), renames it over `path` and fsyncs the directory; the temp file never outlives a
+/// failure.
+fn replace_via_temp(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    gid: Option<u32>,
+    owner: Option<(u32, u32)>,
+) -> Result<(), FsError> {
     let dir = parent_dir(path);
     let name = path
         .file_name()
@@ -69,29 +90,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, gid: Option<u32>) -> Re
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{:016x}", rand::random::<u64>()));
     create_new(&tmp, data, mode, gid)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(FsError::new("rename into", path, e));
-    }
-    fsync_dir(dir)
-}
-
-/// Like [`write_atomic`], but the new file keeps the owner and group the old one had, so a
-/// command run as root that rewrites a service's file (the issuer's token store) does not take
-/// it away from the service. The temporary file is 0600-style `mode` and root's until it is
-/// handed over, just before the rename. Blocks.
-pub fn write_atomic_keeping_owner(path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
-    let Some(owner) = owner_of(path) else {
-        return write_atomic(path, data, mode, None);
+    let handed = match owner {
+        Some(owner) => chown_to(&tmp, owner),
+        None => Ok(()),
     };
-    let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{:016x}", rand::random::<u64>()));
-    create_new(&tmp, data, mode, None)?;
-    let renamed = chown_to(&tmp, owner).and_then(|()| {
+    let renamed = handed.and_then(|()| {
         std::fs::rename(&tmp, path).map_err(|e| FsError::new("rename into", path, e))
     });
     if let Err(e) = renamed {
