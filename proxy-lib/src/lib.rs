@@ -16,7 +16,7 @@
 //! - [`process`]: pidfiles and the programs live pids run.
 //! - [`human`]: durations and counts in messages.
 //! - [`account`]: users and groups by name or id, for handing files to a service's user.
-//! - [`admin`]: the admin HTTP endpoints every binary serves.
+//! - `admin` (feature `admin`): the admin HTTP endpoints every binary serves.
 //! - `cli`, `config_file` (feature `cli`): the command-line convention of the three binaries
 //!   (exit codes, `--log-format`, JSON on stderr) and config files whose errors name the key.
 //! - `proxy` (feature `proxy`): the reloadable mTLS proxy behind the `mtls-proxy` binary, and
@@ -26,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod account;
+#[cfg(feature = "admin")]
 pub mod admin;
 pub mod bundle;
 pub mod cert;
