@@ -336,11 +336,12 @@ fn rotations(log: &Path) -> usize {
 fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
     let mut rig = Rig::new();
     rig.serve("1h");
-    // The process to signal: a shell counting SIGHUPs, found through its pidfile.
+    // The process to signal: a shell counting SIGHUPs, found through its pidfile. The trap is
+    // set before the pidfile is written: a SIGHUP that came before it would kill the shell.
     let count_file = rig.path("hups");
     let pidfile = rig.path("app.pid");
     let script = format!(
-        "echo $$ > {pid}; n=0; trap 'n=$((n+1)); echo $n > {count}' HUP; while :; do sleep 0.02; done",
+        "n=0; trap 'n=$((n+1)); echo $n > {count}' HUP; echo $$ > {pid}; while :; do sleep 0.02; done",
         pid = pidfile.display(),
         count = count_file.display()
     );
@@ -395,11 +396,16 @@ fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
         if n > 1 {
             daemon.signal(Signal::HUP);
         }
-        wait_for(
-            &format!("rotation {n} and its hooks"),
-            Duration::from_secs(20),
-            || (counts() == (n, n, n, n)).then_some(()),
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while counts() != (n, n, n, n) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rotation {n}: (rotations, SIGHUPs, POSTs, execs) = {:?}; rotator log:\n{}",
+                counts(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // And nothing more.
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(counts(), (n, n, n, n), "after rotation {n}");
