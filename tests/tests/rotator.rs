@@ -345,7 +345,14 @@ fn daemon_sighup_rotates_once_and_runs_every_hook_once() {
         pid = pidfile.display(),
         count = count_file.display()
     );
-    let _app = ChildGuard(Command::new("sh").args(["-c", &script]).spawn().unwrap());
+    // `env --default-signal=HUP`: a shell that starts with SIGHUP ignored (under nohup, as CI
+    // runners may be) cannot trap it, so it is reset to the default before sh starts.
+    let _app = ChildGuard(
+        Command::new("env")
+            .args(["--default-signal=HUP", "sh", "-c", &script])
+            .spawn()
+            .unwrap(),
+    );
     wait_for("app pidfile", Duration::from_secs(5), || {
         std::fs::read_to_string(&pidfile)
             .ok()
