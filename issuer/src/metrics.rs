@@ -38,25 +38,11 @@ impl Metrics {
             ca_expiration: Gauge::default(),
             ca_reloads: Family::default(),
         };
-        registry.register(
-            "issuer_certify",
-            "Certify decisions by result",
-            m.certify.clone(),
-        );
-        registry.register(
-            "issuer_certify_duration_seconds",
-            "Time to answer a Certify request",
-            m.duration.clone(),
-        );
-        registry.register(
-            "issuer_ca_expiration_timestamp_seconds",
-            "notAfter of the issuer certificate in use, Unix seconds",
-            m.ca_expiration.clone(),
-        );
-        registry.register(
-            "issuer_ca_reloads",
-            "Issuer CA reload attempts by result",
-            m.ca_reloads.clone(),
+        proxy_lib::register_metrics!(registry,
+            m.certify => "issuer_certify", "Certify decisions by result";
+            m.duration => "issuer_certify_duration_seconds", "Time to answer a Certify request";
+            m.ca_expiration => "issuer_ca_expiration_timestamp_seconds", "notAfter of the issuer certificate in use, Unix seconds";
+            m.ca_reloads => "issuer_ca_reloads", "Issuer CA reload attempts by result";
         );
         m
     }

@@ -416,16 +416,8 @@ async fn accept_loop(
 ) {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
-        let (tcp, addr) = tokio::select! {
-            _ = stop.changed() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, addr)) = proxy_lib::net::accept(&listener, &mut stop).await else {
+            return;
         };
         let _ = tcp.set_nodelay(true);
         if server.config.plaintext {

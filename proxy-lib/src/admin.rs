@@ -10,6 +10,28 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 
+/// Registers metrics in a `prometheus_client` registry under their public names, one line
+/// each: `metric => "name", "help"`. Counters get their `_total` suffix from the registry.
+///
+/// ```
+/// use prometheus_client::metrics::counter::Counter;
+/// let mut registry = prometheus_client::registry::Registry::default();
+/// let requests = Counter::<u64>::default();
+/// proxy_lib::register_metrics!(registry,
+///     requests => "app_requests", "Requests served";
+/// );
+/// requests.inc();
+/// let mut text = String::new();
+/// prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+/// assert!(text.contains("app_requests_total 1"));
+/// ```
+#[macro_export]
+macro_rules! register_metrics {
+    ($registry:expr, $($metric:expr => $name:literal, $help:literal);+ $(;)?) => {
+        $( $registry.register($name, $help, $metric.clone()); )+
+    };
+}
+
 /// A readiness probe: true when the process can do its job.
 pub type ReadyFn = Arc<dyn Fn() -> bool + Send + Sync>;
 

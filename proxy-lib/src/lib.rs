@@ -13,6 +13,7 @@
 //! - [`certdir`]: the cert-dir layout (`..data` → version dir), its reader and its crash-safe
 //!   writer.
 //! - [`fs`]: atomic, mode-correct file writes.
+//! - [`net`]: the accept step every listener shares, and rate-limited logging of noisy events.
 //! - [`process`]: pidfiles and the programs live pids run.
 //! - [`human`]: durations and counts in messages.
 //! - [`account`]: users and groups by name or id, for handing files to a service's user.
@@ -40,6 +41,7 @@ pub mod fs;
 pub mod human;
 pub mod identity;
 pub mod key;
+pub mod net;
 pub mod pem;
 pub mod process;
 #[cfg(feature = "proxy")]

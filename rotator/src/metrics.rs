@@ -42,28 +42,14 @@ impl Metrics {
     pub fn new() -> Self {
         let mut reg = Registry::default();
         let cert_expiration = Gauge::default();
-        reg.register(
-            "rotator_cert_expiration_timestamp_seconds",
-            "notAfter of the installed certificate (Unix seconds)",
-            cert_expiration.clone(),
-        );
         let rotations = Family::<ResultLabel, Counter>::default();
-        reg.register(
-            "rotator_rotations",
-            "Renewal cycles that installed a certificate (success) or failed (failure)",
-            rotations.clone(),
-        );
         let last_success = Gauge::default();
-        reg.register(
-            "rotator_last_success_timestamp_seconds",
-            "When the last rotation succeeded (Unix seconds)",
-            last_success.clone(),
-        );
         let reloads = Family::<ResultLabel, Counter>::default();
-        reg.register(
-            "rotator_reloads",
-            "Reload hook runs and verify checks, by result",
-            reloads.clone(),
+        proxy_lib::register_metrics!(reg,
+            cert_expiration => "rotator_cert_expiration_timestamp_seconds", "notAfter of the installed certificate (Unix seconds)";
+            rotations => "rotator_rotations", "Renewal cycles that installed a certificate (success) or failed (failure)";
+            last_success => "rotator_last_success_timestamp_seconds", "When the last rotation succeeded (Unix seconds)";
+            reloads => "rotator_reloads", "Reload hook runs and verify checks, by result";
         );
         Self {
             registry: Arc::new(reg),

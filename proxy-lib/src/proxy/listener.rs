@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use crate::net::LogLimit;
 use crate::proxy::config::Limits;
-use crate::proxy::log_limit::LogLimit;
 use crate::proxy::metrics::{Direction, DirectionMetrics, HandshakeResult, Metrics};
 use crate::proxy::reload::{Credentials, Reloader};
 use crate::tls::{HandshakeError, NotAllowed};
@@ -103,17 +103,8 @@ async fn accept_loop<F, Fut>(
         // would starve the other listeners' clients at the limit (with fewer slots than
         // listeners, for ever). A loop waiting for a slot holds one accepted socket, untouched
         // (no handshake) until a slot frees; further clients wait in the kernel's backlog.
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(error) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
+        let Some((tcp, peer)) = crate::net::accept(&listener, &mut stop).await else {
+            break;
         };
         let permit = match shared.permits.clone().try_acquire_owned() {
             Ok(p) => p,

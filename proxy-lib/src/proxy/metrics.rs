@@ -143,30 +143,12 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         // prometheus-client appends `_total` to counters itself.
-        registry.register(
-            "proxy_tls_handshakes",
-            "TLS handshakes by listener direction and result",
-            m.handshakes.clone(),
-        );
-        registry.register(
-            "proxy_open_connections",
-            "Connections currently open, by listener direction",
-            m.open_connections.clone(),
-        );
-        registry.register(
-            "proxy_bytes",
-            "Payload bytes forwarded (both ways), by listener direction",
-            m.bytes.clone(),
-        );
-        registry.register(
-            "proxy_cert_expiration_timestamp_seconds",
-            "notAfter of the certificate being served, in Unix seconds",
-            m.cert_expiration.clone(),
-        );
-        registry.register(
-            "proxy_reloads",
-            "Certificate reloads by result",
-            m.reloads.clone(),
+        crate::register_metrics!(registry,
+            m.handshakes => "proxy_tls_handshakes", "TLS handshakes by listener direction and result";
+            m.open_connections => "proxy_open_connections", "Connections currently open, by listener direction";
+            m.bytes => "proxy_bytes", "Payload bytes forwarded (both ways), by listener direction";
+            m.cert_expiration => "proxy_cert_expiration_timestamp_seconds", "notAfter of the certificate being served, in Unix seconds";
+            m.reloads => "proxy_reloads", "Certificate reloads by result";
         );
         m
     }

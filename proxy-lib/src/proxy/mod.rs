@@ -7,7 +7,6 @@
 //! - [`reload`]: [`Reloader`], the atomically swapped credentials (also the embedding API).
 //! - [`tls`]: the floor's TLS policy ([`crate::tls`]), re-exported under its old path.
 //! - [`listener`]: accept loops and byte forwarding.
-//! - [`log_limit`]: rate-limited logging of refused handshakes.
 //! - [`admin`]: `/metrics`, `/live`, `/ready`, `POST /reload`.
 //! - [`metrics`]: the proxy's public metrics.
 //! - [`signal`]: SIGHUP / SIGTERM / SIGINT.
@@ -25,7 +24,6 @@
 pub mod admin;
 pub mod config;
 pub mod listener;
-pub mod log_limit;
 pub mod metrics;
 pub mod pidfile;
 pub mod reload;
@@ -197,7 +195,7 @@ impl Proxy {
             limits: self.limits,
             permits: permits.clone(),
             cut: cut_rx,
-            refusals: Arc::new(log_limit::LogLimit::default()),
+            refusals: Arc::new(crate::net::LogLimit::default()),
         };
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.inbound {

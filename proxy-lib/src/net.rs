@@ -1,11 +1,51 @@
-//! A limit on how often a noisy event is logged: at most a burst of lines per window, and the
-//! next line logged says how many were left out, so a flood of refused handshakes (a scanner,
-//! a misconfigured client in a retry loop) cannot fill the journal while one still shows up.
+//! What every listener shares: the accept step of an accept loop, and a limit on how often a
+//! noisy event is logged.
+//!
+//! The limit allows at most a burst of lines per window, and the next line logged says how
+//! many were left out, so a flood of refused handshakes (a scanner, a misconfigured client in a
+//! retry loop) or a streak of failed accepts cannot fill the journal while one still shows up.
 
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// How long an accept loop backs off after a failed accept (EMFILE and friends) instead of
+/// spinning.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Waits for the next connection on `listener`; `None` once `stop` is true or its sender is
+/// gone. A failed accept (out of file descriptors, a connection reset before it was taken) is
+/// logged, at most once a second with the count of those left out, and retried after
+/// [`ACCEPT_BACKOFF`].
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    let failures = LogLimit::new(1, Duration::from_secs(1));
+    loop {
+        if *stop.borrow() {
+            return None;
+        }
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(conn) => return Some(conn),
+                Err(error) => {
+                    if let Some(suppressed) = failures.admit() {
+                        tracing::warn!(%error, suppressed, "accept failed");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            changed = stop.changed() => if changed.is_err() {
+                return None;
+            },
+        }
+    }
+}
 
 /// Lines logged per window by default.
 pub const DEFAULT_BURST: u32 = 10;
