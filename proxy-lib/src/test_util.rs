@@ -94,6 +94,19 @@ impl TestPki {
         not_after: SystemTime,
     ) -> CertBundle {
         let pair = key.to_rcgen().expect("rcgen reads the key");
+        let cert = self.sign(&Self::leaf_params(identity, not_before, not_after), &pair);
+        CertBundle::from_parts(vec![cert, self.issuer.clone()], key.clone(), self.anchors())
+            .expect("bundle")
+    }
+
+    /// The params of a workload leaf for `identity` valid `[not_before, not_after]`, as the
+    /// issuer makes them (DNS and SPIFFE URI SANs, serverAuth + clientAuth, an authority key
+    /// id); tests change them before [`TestPki::sign`] to make a leaf with one thing wrong.
+    pub fn leaf_params(
+        identity: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> CertificateParams {
         let mut p = CertificateParams::new(vec![identity.to_string()]).expect("params");
         p.subject_alt_names.push(SanType::URI(
             identity
@@ -110,14 +123,133 @@ impl TestPki {
         p.use_authority_key_identifier_extension = true;
         p.not_before = not_before.into();
         p.not_after = not_after.into();
+        p
+    }
+
+    /// Signs `params` for `public_key` with the issuer CA.
+    pub fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> CertificateDer<'static> {
         let issuer = Issuer::from_params(&self.issuer_params, &self.issuer_key);
-        let cert = p.signed_by(&pair, &issuer).expect("sign leaf");
-        CertBundle::from_parts(
-            vec![cert.der().clone(), self.issuer.clone()],
-            key.clone(),
-            self.anchors(),
+        params
+            .signed_by(public_key, &issuer)
+            .expect("sign leaf")
+            .der()
+            .clone()
+    }
+}
+
+/// What a [`FakeConsumer`] serves.
+#[derive(Debug, Clone)]
+pub enum Serve {
+    /// Always this bundle (a consumer that never reloads).
+    Fixed(Box<CertBundle>),
+    /// Whatever the cert dir holds at each handshake (a consumer that reloads).
+    FromDir(PathBuf),
+}
+
+#[derive(Debug)]
+struct ServeResolver(Arc<Mutex<Serve>>);
+
+impl rustls::server::ResolvesServerCert for ServeResolver {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let serve = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let bundle = match serve {
+            Serve::Fixed(b) => *b,
+            Serve::FromDir(d) => CertBundle::load_dir(&d).ok()?.0,
+        };
+        bundle.certified_key().ok()
+    }
+}
+
+/// A consumer of the cert dir such as nginx or postgres, for the rotator's verify step: a TLS
+/// listener (TLS 1.2 and 1.3) that requires a client cert chaining to the anchors, serves
+/// what [`Serve`] says, and records the SHA-256 of each client cert it saw. Stops when
+/// dropped.
+pub struct FakeConsumer {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    serve: Arc<Mutex<Serve>>,
+    seen: tokio::sync::watch::Receiver<Vec<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeConsumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeConsumer {
+    /// Starts one on 127.0.0.1 (a free port) on the current tokio runtime.
+    pub async fn start(serve: Serve, anchors: &TrustAnchors) -> Self {
+        Self::start_on("127.0.0.1:0", serve, anchors).await
+    }
+
+    /// [`FakeConsumer::start`] on a given address.
+    pub async fn start_on(listen: &str, serve: Serve, anchors: &TrustAnchors) -> Self {
+        let serve = Arc::new(Mutex::new(serve));
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(anchors.root_store()),
+            crate::crypto_provider(),
         )
-        .expect("bundle")
+        .build()
+        .expect("client verifier");
+        let config = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(ServeResolver(serve.clone())));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .unwrap_or_else(|e| panic!("binding the fake consumer to {listen}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, seen) = tokio::sync::watch::channel(Vec::new());
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await
+                        && let Some(c) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        let sha = crate::cert::sha256_hex(c);
+                        tx.send_modify(|v| v.push(sha));
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            serve,
+            seen,
+            task,
+        }
+    }
+
+    /// Changes what new handshakes are served.
+    pub fn set(&self, serve: Serve) {
+        *self.serve.lock().unwrap_or_else(|e| e.into_inner()) = serve;
+    }
+
+    /// The client certs seen so far (SHA-256, hex), in order.
+    pub fn seen_now(&self) -> Vec<String> {
+        self.seen.borrow().clone()
+    }
+
+    /// The client certs seen, once there are at least `n` (the server side of a TLS 1.3
+    /// handshake finishes after the client's); what there is after 10 s otherwise.
+    pub async fn seen(&self, n: usize) -> Vec<String> {
+        let mut rx = self.seen.clone();
+        let enough = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| v.len() >= n));
+        let _ = enough.await;
+        self.seen_now()
     }
 }
 

@@ -49,12 +49,8 @@ const ALLOWED: &[(&str, &str)] = &[
         "linkerd2-proxy's server config, as a peer of the rotator's certificate",
     ),
     (
-        "rotator/src/testing.rs",
-        "#[cfg(test)] fake consumer (nginx-like, TLS 1.2 allowed) the verify step talks to",
-    ),
-    (
-        "tests/tests/rotator.rs",
-        "fake consumer (nginx-like, TLS 1.2 allowed) the rotator's verify step talks to",
+        "proxy-lib/src/test_util.rs",
+        "test-util fake consumer (nginx-like, TLS 1.2 allowed) the rotator's verify step talks to",
     ),
 ];
 

@@ -432,7 +432,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn an_issuer_cert_for_another_name_or_ca_is_named_not_unreachable() {
-        use crate::testing::{FakeTlsServer, Serve, identity};
+        use crate::testing::{FakeConsumer, Serve, identity};
         proxy_lib::install_crypto_provider();
         let now = proxy_lib::clock::SystemClock.now();
         let pki = proxy_lib::test_util::TestPki::new(now);
@@ -442,7 +442,7 @@ mod tests {
             now - Duration::from_secs(60),
             now + Duration::from_secs(3600),
         );
-        let server = FakeTlsServer::start(Serve::Fixed(Box::new(leaf)), &pki.anchors()).await;
+        let server = FakeConsumer::start(Serve::Fixed(Box::new(leaf)), &pki.anchors()).await;
         let addr = crate::config::parse_host_port(&server.addr.to_string()).unwrap();
         let req = || CertifyRequest {
             identity: "x".into(),

@@ -11,9 +11,7 @@ use proxy_lib::clock::{Clock, FakeClock, SharedClock};
 use proxy_lib::identity::Identity;
 use proxy_lib::pem::certs_to_pem;
 use proxy_lib::test_util::TestPki;
-use rcgen::{
-    CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, KeyPair};
 
 use crate::client::{CertifyRequest, CertifyResponse, Issue, IssueError};
 use crate::config::{Config, MapEnv, RawConfig};
@@ -112,27 +110,18 @@ impl FakeIssuer {
     ) -> CertifyResponse {
         let csr =
             rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into()).unwrap();
-        let id = identity();
         let now = self.clock.now();
-        let mut p = CertificateParams::new(vec![id.to_string()]).unwrap();
-        p.subject_alt_names
-            .push(SanType::URI(id.spiffe_id().try_into().unwrap()));
+        let mut p = TestPki::leaf_params(
+            &identity(),
+            now - Duration::from_secs(20),
+            now + self.lifetime,
+        );
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.use_authority_key_identifier_extension = true;
-        p.not_before = (now - Duration::from_secs(20)).into();
-        p.not_after = (now + self.lifetime).into();
         p.serial_number = Some(rand::random::<u64>().to_be_bytes().to_vec().into());
         tweak(&mut p);
-        let issuer = Issuer::from_ca_cert_der(&self.pki.issuer, &self.pki.issuer_key).unwrap();
-        let cert = p.signed_by(&csr.public_key, &issuer).unwrap();
+        let leaf = self.pki.sign(&p, &csr.public_key);
         CertifyResponse {
-            leaf: cert.der().to_vec(),
+            leaf: leaf.to_vec(),
             intermediates: vec![self.pki.issuer.to_vec()],
             valid_until: Some(now + self.lifetime),
         }
@@ -199,99 +188,5 @@ pub fn config_in(dir: &Path, issuer: &FakeIssuer, extra: &str) -> Config {
     raw.validate().unwrap()
 }
 
-/// What a [`FakeTlsServer`] serves.
-#[derive(Debug, Clone)]
-pub enum Serve {
-    /// Always this bundle (a listener that never reloads).
-    Fixed(Box<proxy_lib::bundle::CertBundle>),
-    /// Whatever is in this cert dir at each handshake (a listener that reloads).
-    FromDir(std::path::PathBuf),
-}
-
-#[derive(Debug)]
-struct Resolver(Arc<Mutex<Serve>>);
-
-impl rustls::server::ResolvesServerCert for Resolver {
-    fn resolve(
-        &self,
-        _: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let serve = self.0.lock().unwrap().clone();
-        let bundle = match &serve {
-            Serve::Fixed(b) => (**b).clone(),
-            Serve::FromDir(d) => proxy_lib::bundle::CertBundle::load_dir(d).ok()?.0,
-        };
-        bundle.certified_key().ok()
-    }
-}
-
-/// A TLS listener on 127.0.0.1 that requires a client cert chaining to `anchors` and
-/// records the SHA-256 of each client cert it saw.
-pub struct FakeTlsServer {
-    pub addr: std::net::SocketAddr,
-    pub client_certs: Arc<Mutex<Vec<String>>>,
-    serve: Arc<Mutex<Serve>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakeTlsServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FakeTlsServer {
-    /// The client certs seen, once there are at least `n` (the server side of a TLS 1.3
-    /// handshake may finish after the client's), waiting up to 5 s.
-    pub async fn seen(&self, n: usize) -> Vec<String> {
-        for _ in 0..500 {
-            let v = self.client_certs.lock().unwrap().clone();
-            if v.len() >= n {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.client_certs.lock().unwrap().clone()
-    }
-
-    /// Changes what new handshakes are served.
-    pub fn set(&self, serve: Serve) {
-        *self.serve.lock().unwrap() = serve;
-    }
-
-    pub async fn start(serve: Serve, anchors: &proxy_lib::verify::TrustAnchors) -> Self {
-        let serve = Arc::new(Mutex::new(serve));
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(anchors.root_store()),
-            proxy_lib::crypto_provider(),
-        )
-        .build()
-        .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(proxy_lib::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(Resolver(serve.clone())));
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client_certs = Arc::new(Mutex::new(Vec::new()));
-        let seen = client_certs.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    let (_, conn) = tls.get_ref();
-                    if let Some(c) = conn.peer_certificates().and_then(|c| c.first()) {
-                        seen.lock().unwrap().push(proxy_lib::cert::sha256_hex(c));
-                    }
-                }
-            }
-        });
-        Self {
-            addr,
-            client_certs,
-            serve,
-            task,
-        }
-    }
-}
+/// The fake consumer (nginx-like) the verify step talks to.
+pub use proxy_lib::test_util::{FakeConsumer, Serve};

@@ -9,14 +9,15 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proxy_lib::bundle::CertBundle;
 use proxy_lib::certdir::{CA_FILE, CERT_FILE, DATA_LINK, KEY_FILE};
 use proxy_lib::clock::{Clock, SystemClock};
 use proxy_lib::identity::Identity;
+use proxy_lib::test_util::{FakeConsumer, Serve};
 use proxy_lib::verify::{TrustAnchors, Usage};
 use rustix::process::Signal;
 use testkit::{ChildGuard, bin, free_port, wait_for};
@@ -525,27 +526,11 @@ fn ready_is_notified_only_after_the_first_cert_is_installed() {
     });
 }
 
-/// A TLS listener (tokio-rustls) requiring a client cert, serving either a fixed bundle or
-/// whatever the cert dir holds at each handshake; records the client certs' SHA-256.
+/// The fake consumer (nginx-like) of `proxy_lib::test_util` on a runtime of its own, for
+/// tests that drive the rotator binary synchronously.
 struct TlsListener {
-    addr: SocketAddr,
-    client_certs: Arc<Mutex<Vec<String>>>,
+    consumer: FakeConsumer,
     _rt: tokio::runtime::Runtime,
-}
-
-#[derive(Debug)]
-struct Resolver(Option<CertBundle>, PathBuf);
-
-impl rustls::server::ResolvesServerCert for Resolver {
-    fn resolve(
-        &self,
-        _: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        match &self.0 {
-            Some(b) => b.certified_key().ok(),
-            None => CertBundle::load_dir(&self.1).ok()?.0.certified_key().ok(),
-        }
-    }
 }
 
 impl TlsListener {
@@ -553,7 +538,7 @@ impl TlsListener {
         Self::start_on("127.0.0.1:0", fixed, dir, anchors)
     }
 
-    /// [`TlsListener::start`] on a given address.
+    /// [`TlsListener::start`] on a given address: serves `fixed`, or the cert dir `dir`.
     fn start_on(
         listen: &str,
         fixed: Option<CertBundle>,
@@ -565,40 +550,21 @@ impl TlsListener {
             .enable_all()
             .build()
             .unwrap();
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(anchors.root_store()),
-            proxy_lib::crypto_provider(),
-        )
-        .build()
-        .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(proxy_lib::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(Resolver(fixed, dir)));
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = rt.block_on(tokio::net::TcpListener::bind(listen)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client_certs = Arc::new(Mutex::new(Vec::new()));
-        let seen = client_certs.clone();
-        rt.spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(tcp).await
-                        && let Some(c) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
-                    {
-                        seen.lock().unwrap().push(proxy_lib::cert::sha256_hex(c));
-                    }
-                });
-            }
-        });
-        Self {
-            addr,
-            client_certs,
-            _rt: rt,
-        }
+        let serve = match fixed {
+            Some(b) => Serve::Fixed(Box::new(b)),
+            None => Serve::FromDir(dir),
+        };
+        let consumer = rt.block_on(FakeConsumer::start_on(listen, serve, anchors));
+        Self { consumer, _rt: rt }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.consumer.addr
+    }
+
+    /// The client certs seen, once there are at least `n`.
+    fn seen(&self, n: usize) -> Vec<String> {
+        self._rt.block_on(self.consumer.seen(n))
     }
 }
 
@@ -626,7 +592,7 @@ fn verify_failure_is_reported_in_the_exit_status_and_success_with_the_new_cert()
         "certs",
         &format!(
             "{hooks}[verify]\naddr = \"{}\"\nattempts = 3\ndelay = \"20ms\"\n",
-            stuck.addr
+            stuck.addr()
         ),
     );
     let out = rotator()
@@ -643,10 +609,8 @@ fn verify_failure_is_reported_in_the_exit_status_and_success_with_the_new_cert()
     assert_eq!(count_lines(&marker), 3, "the reload ran once per attempt");
     let new = CertBundle::load_dir(&dir).unwrap().0;
     assert_ne!(new.leaf.serial, old.leaf.serial);
-    let seen = wait_for("3 handshakes", Duration::from_secs(5), || {
-        let v = stuck.client_certs.lock().unwrap().clone();
-        (v.len() >= 3).then_some(v)
-    });
+    let seen = stuck.seen(3);
+    assert!(seen.len() >= 3, "3 handshakes: {seen:?}");
     assert!(
         seen.iter().all(|s| *s == new.leaf.sha256),
         "the new cert is the client cert"
@@ -669,15 +633,12 @@ fn verify_failure_is_reported_in_the_exit_status_and_success_with_the_new_cert()
         "certs",
         &format!(
             "{hooks}[verify]\naddr = \"{}\"\ndelay = \"20ms\"\n",
-            live.addr
+            live.addr()
         ),
     );
     run_ok(rotator().args(["rotate", "--force", "--config"]).arg(&cfg));
     let newest = CertBundle::load_dir(&dir).unwrap().0;
-    let seen = wait_for("a handshake", Duration::from_secs(5), || {
-        let v = live.client_certs.lock().unwrap().clone();
-        (!v.is_empty()).then_some(v)
-    });
+    let seen = live.seen(1);
     assert_eq!(seen, vec![newest.leaf.sha256.clone()]);
     let out = rotator()
         .args(["status", "--config"])
@@ -739,10 +700,7 @@ fn a_rotate_whose_verify_failed_runs_the_hooks_and_verify_again_next_time() {
     );
     assert_eq!(count_lines(&marker), 3, "the hooks ran again");
     assert_eq!(serial(&dir), installed.leaf.serial, "no new cert");
-    let seen = wait_for("a handshake", Duration::from_secs(5), || {
-        let v = live.client_certs.lock().unwrap().clone();
-        (!v.is_empty()).then_some(v)
-    });
+    let seen = live.seen(1);
     assert_eq!(seen, vec![installed.leaf.sha256.clone()]);
     let (code, summary) = status_of(&cfg);
     assert_eq!(code, Some(0), "{summary}");

@@ -647,19 +647,18 @@ async fn verify_rig_serving_its_dir() -> (
     tempfile::TempDir,
     Arc<FakeIssuer>,
     Config,
-    crate::testing::FakeTlsServer,
+    crate::testing::FakeConsumer,
 ) {
-    use crate::testing::{FakeTlsServer, Serve};
+    use crate::testing::{FakeConsumer, Serve};
     let (tmp, issuer, cfg0) = verify_rig("127.0.0.1:1".parse().unwrap());
-    let server =
-        FakeTlsServer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
+    let server = FakeConsumer::start(Serve::FromDir(cfg0.dir.clone()), &issuer.pki.anchors()).await;
     let config = config_in(tmp.path(), &issuer, &verify_extra(server.addr));
     (tmp, issuer, config, server)
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_served() {
-    use crate::testing::{FakeTlsServer, Serve};
+    use crate::testing::{FakeConsumer, Serve};
     // The "old" cert the listener keeps serving.
     let (tmp, issuer, _) = verify_rig("127.0.0.1:1".parse().unwrap());
     let now = proxy_lib::clock::SystemClock.now();
@@ -667,7 +666,7 @@ async fn verify_fails_after_retrying_the_reload_when_the_old_cert_is_still_serve
         .pki
         .leaf(&identity(), now - Duration::from_secs(60), now + DAY);
     let server =
-        FakeTlsServer::start(Serve::Fixed(Box::new(old.clone())), &issuer.pki.anchors()).await;
+        FakeConsumer::start(Serve::Fixed(Box::new(old.clone())), &issuer.pki.anchors()).await;
     let config = config_in(tmp.path(), &issuer, &verify_extra(server.addr));
     let reloads = CountingReload::default();
     let metrics = Metrics::new();
@@ -742,13 +741,13 @@ async fn verify_passes_when_the_listener_serves_the_new_cert() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn with_verify_ready_waits_until_the_listener_serves_the_cert() {
-    use crate::testing::{FakeTlsServer, Serve};
+    use crate::testing::{FakeConsumer, Serve};
     let (tmp, issuer, _) = verify_rig("127.0.0.1:1".parse().unwrap());
     let now = proxy_lib::clock::SystemClock.now();
     let old = issuer
         .pki
         .leaf(&identity(), now - Duration::from_secs(60), now + DAY);
-    let server = FakeTlsServer::start(Serve::Fixed(Box::new(old)), &issuer.pki.anchors()).await;
+    let server = FakeConsumer::start(Serve::Fixed(Box::new(old)), &issuer.pki.anchors()).await;
     let config = config_in(
         tmp.path(),
         &issuer,
