@@ -184,6 +184,9 @@ async fn post(url: &str, timeout: Duration) -> Result<(), ReloadError> {
         })
 }
 
+/// Runs the exec hook in a process group of its own, so that on timeout the whole group is
+/// killed: a hook's children (`sh -c 'reload &'`) must not outlive it holding the rotator's
+/// stdout open, which would hang `out=$(rotator rotate ...)`.
 async fn exec(argv: &[String], timeout: Duration, cert_dir: &Path) -> Result<(), ReloadError> {
     let err = |reason: String| ReloadError::Exec {
         program: argv[0].clone(),
@@ -193,17 +196,26 @@ async fn exec(argv: &[String], timeout: Duration, cert_dir: &Path) -> Result<(),
         .args(&argv[1..])
         .env("ROTATOR_CERT_DIR", cert_dir)
         .stdin(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| err(e.to_string()))?;
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(err(format!("exited with {status}"))),
         Ok(Err(e)) => Err(err(e.to_string())),
         Err(_) => {
+            if let Some(group) = group {
+                // The group's id is the hook's pid, which stays reserved until it is reaped
+                // below: the signal cannot reach an unrelated group.
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = child.kill().await;
             Err(err(format!(
-                "did not finish within {}; killed",
+                "did not finish within {}; its process group was killed",
                 proxy_lib::human::duration(timeout)
             )))
         }
@@ -274,5 +286,45 @@ mod tests {
         assert!(e.contains("killed"), "{e}");
         let missing = Hooks::new(cfg(vec!["/nonexistent/prog"]), d.path().into());
         assert!(missing.reload().await[0].result.is_err());
+    }
+
+    /// A hook that times out is killed with everything it started: no process of its group
+    /// is left (a background child would keep the rotator's stdout open).
+    #[tokio::test]
+    async fn a_timed_out_hook_leaves_no_process_of_its_group() {
+        let d = tempfile::tempdir().unwrap();
+        let pgid_file = d.path().join("pgid");
+        // The group's id is the shell's pid; it starts a background child that would live
+        // on, then blocks.
+        let script = format!("echo $$ > {}; sleep 60 & sleep 60", pgid_file.display());
+        let hooks = Hooks::new(
+            ReloadConfig {
+                exec: Some(vec!["sh".into(), "-c".into(), script]),
+                // Room for the shell to start and write its pid even on a loaded machine.
+                timeout: Duration::from_secs(2),
+                ..ReloadConfig::default()
+            },
+            d.path().into(),
+        );
+        let e = hooks.reload().await.remove(0).result.unwrap_err();
+        assert!(e.to_string().contains("process group was killed"), "{e}");
+        let pgid: i32 = std::fs::read_to_string(&pgid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let group = rustix::process::Pid::from_raw(pgid).unwrap();
+        // SIGKILL is sent before the hook returns; the orphaned child is gone once whoever
+        // reaps orphans has reaped it (bounded wait, not a sleep to hope on).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match rustix::process::test_kill_process_group(group) {
+                Err(rustix::io::Errno::SRCH) => break,
+                _ if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                other => panic!("process group {pgid} still exists: {other:?}"),
+            }
+        }
     }
 }
