@@ -157,10 +157,8 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
     ip.not_after = (now + opts.issuer_validity).into();
     let issuer = ip.signed_by(&issuer_key, &anchor_issuer).map_err(sign)?;
 
-    std::fs::create_dir_all(&opts.dir).map_err(|source| Error::Io {
-        path: opts.dir.clone(),
-        source,
-    })?;
+    // Exactly 0755 whatever the umask: the keys in it are 0600 on their own.
+    proxy_lib::fs::ensure_dir(&opts.dir, 0o755)?;
     let dir = std::fs::canonicalize(&opts.dir).map_err(|source| Error::Io {
         path: opts.dir.clone(),
         source,

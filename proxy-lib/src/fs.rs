@@ -119,16 +119,25 @@ pub fn chown_to(path: &Path, owner: (u32, u32)) -> Result<(), FsError> {
         .map_err(|e| FsError::new("hand over (chown)", path, e))
 }
 
-/// Creates `dir` and any missing parents with `mode` (less the umask) unless it exists. Blocks.
+/// Creates `dir` and any missing parents with exactly `mode`, whatever the umask (under
+/// `umask 000` a plain `create_dir_all` makes world-writable dirs; under `077` ones the
+/// service's group cannot enter), unless it exists. Dirs that exist are left as they are.
+/// Blocks.
 pub fn ensure_dir(dir: &Path, mode: u32) -> Result<(), FsError> {
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)
-        .map_err(|e| FsError::new("create", dir, e))
+    let missing: Vec<&Path> = dir.ancestors().take_while(|a| !a.is_dir()).collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => std::fs::set_permissions(d, Permissions::from_mode(mode))
+                .map_err(|e| FsError::new("chmod", d, e))?,
+            // Made meanwhile by someone else: theirs to keep as it is.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => {}
+            Err(e) => return Err(FsError::new("create", d, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Fsyncs a directory so that renames and creations in it survive a crash. Blocks.
@@ -186,7 +195,10 @@ pub struct LockGuard {
     _file: File,
 }
 
-/// Takes an exclusive lock on `path` (created 0600 if missing), waiting for other holders. Blocks.
+/// Takes an exclusive lock on `path` (created 0600 if missing), waiting for other holders.
+/// The lock file must be a regular file: a symlink planted in its place is refused, not
+/// followed (a root process would otherwise create or truncate whatever it points at).
+/// Blocks.
 pub fn lock_exclusive(path: &Path) -> Result<LockGuard, FsError> {
     let file = OpenOptions::new()
         .read(true)
@@ -194,8 +206,29 @@ pub fn lock_exclusive(path: &Path) -> Result<LockGuard, FsError> {
         .create(true)
         .truncate(false)
         .mode(SECRET_MODE)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)
-        .map_err(|e| FsError::new("open lock", path, e))?;
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+                FsError::new(
+                    "open lock",
+                    path,
+                    io::Error::other("is a symlink; refusing to follow it"),
+                )
+            } else {
+                FsError::new("open lock", path, e)
+            }
+        })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| FsError::new("stat lock", path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(FsError::new(
+            "open lock",
+            path,
+            io::Error::other("is not a regular file"),
+        ));
+    }
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| FsError::new("lock", path, e.into()))?;
     Ok(LockGuard { _file: file })
@@ -283,5 +316,44 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"b");
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn ensure_dir_sets_exact_modes_whatever_the_umask() {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("a/b/c");
+        // ensure_dir's result does not depend on the umask: it chmods what it creates.
+        ensure_dir(&deep, 0o750).unwrap();
+        for p in [d.path().join("a"), d.path().join("a/b"), deep.clone()] {
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().mode() & 0o777,
+                0o750,
+                "{p:?}"
+            );
+        }
+        // An existing dir is left alone.
+        std::fs::set_permissions(&deep, Permissions::from_mode(0o700)).unwrap();
+        ensure_dir(&deep, 0o755).unwrap();
+        assert_eq!(std::fs::metadata(&deep).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_planted_lock_symlink_is_refused_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("elsewhere");
+        let lock = d.path().join("..lock");
+        std::os::unix::fs::symlink(&target, &lock).unwrap();
+        let e = lock_exclusive(&lock).unwrap_err().to_string();
+        assert!(e.contains("symlink"), "{e}");
+        assert!(
+            !target.exists(),
+            "nothing was created where the link points"
+        );
+        let dir_lock = d.path().join("dir-lock");
+        std::fs::create_dir(&dir_lock).unwrap();
+        assert!(lock_exclusive(&dir_lock).is_err());
+        let real = d.path().join("real.lock");
+        let _held = lock_exclusive(&real).unwrap();
+        assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o777, 0o600);
     }
 }

@@ -37,9 +37,7 @@ pub fn write(dir: &Path, identity: &Identity) -> Result<(PathBuf, PathBuf), Boot
             return Err(BootstrapError::Exists(p.clone()));
         }
     }
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir).map_err(|e| proxy_lib::fs::FsError::new("create", dir, e))?;
-    }
+    proxy_lib::fs::ensure_dir(dir, crate::store::DIR_MODE)?;
     let k = crate::keygen::generate(identity, true)?;
     proxy_lib::fs::create_new(&key_path, k.key.pkcs8_der(), SECRET_MODE, None)?;
     proxy_lib::fs::create_new(&csr_path, &k.csr_der, PUBLIC_MODE, None)?;

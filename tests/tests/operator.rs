@@ -537,3 +537,74 @@ fn readme_openssl_check_of_the_proxy_works() {
         "the proxy did not accept the client cert:\n{text}"
     );
 }
+
+/// Under `umask 000` (a mis-set service manager or shell), nothing `issuer init`, `issuer
+/// token create` and `rotator linkerd-bootstrap` create, dirs included, is group- or
+/// world-writable: every mode is set explicitly.
+#[test]
+fn under_umask_000_nothing_created_is_group_or_world_writable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("made");
+    let under_umask_000 = |bin_name: &str, args: &[&std::ffi::OsStr]| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("umask 000; exec \"$0\" \"$@\"")
+            .arg(bin(bin_name))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{bin_name} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let iss = root.join("etc/issuer");
+    under_umask_000(
+        "issuer",
+        &["init".as_ref(), "--dir".as_ref(), iss.as_os_str()],
+    );
+    under_umask_000(
+        "issuer",
+        &[
+            "token".as_ref(),
+            "create".as_ref(),
+            "--dir".as_ref(),
+            iss.as_os_str(),
+            "--identity".as_ref(),
+            ID.as_ref(),
+        ],
+    );
+    let boot = root.join("var/lib/bootstrap");
+    under_umask_000(
+        "rotator",
+        &[
+            "linkerd-bootstrap".as_ref(),
+            "--dir".as_ref(),
+            boot.as_os_str(),
+            "--identity".as_ref(),
+            ID.as_ref(),
+        ],
+    );
+    let mut seen = 0;
+    let mut stack = vec![root.clone()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+        if !meta.file_type().is_symlink() {
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(
+                meta.mode() & 0o022,
+                0,
+                "{} is {:o}",
+                p.display(),
+                meta.mode() & 0o777
+            );
+            seen += 1;
+        }
+    }
+    // made, etc, issuer, its files; var, lib, bootstrap, key and CSR.
+    assert!(seen >= 10, "only {seen} paths checked");
+}
