@@ -27,6 +27,17 @@ pub struct Metrics {
     pub ca_expiration: Gauge<i64, AtomicI64>,
     /// `issuer_ca_reloads_total{result}`.
     pub ca_reloads: Family<ResultLabel, Counter>,
+    /// `issuer_connections_refused_total{reason}`: connections closed before any request.
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    /// `issuer_connections_shed_total`: quiet connections closed to make room for new ones.
+    pub connections_shed: Counter,
+}
+
+/// The `reason` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `source_pending`, `source_connections` or `handshake_timeout`.
+    pub reason: &'static str,
 }
 
 impl Metrics {
@@ -37,14 +48,25 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             ca_expiration: Gauge::default(),
             ca_reloads: Family::default(),
+            connections_refused: Family::default(),
+            connections_shed: Counter::default(),
         };
         proxy_lib::register_metrics!(registry,
             m.certify => "issuer_certify", "Certify decisions by result";
             m.duration => "issuer_certify_duration_seconds", "Time to answer a Certify request";
             m.ca_expiration => "issuer_ca_expiration_timestamp_seconds", "notAfter of the issuer certificate in use, Unix seconds";
             m.ca_reloads => "issuer_ca_reloads", "Issuer CA reload attempts by result";
+            m.connections_refused => "issuer_connections_refused", "Connections closed before a request, by reason";
+            m.connections_shed => "issuer_connections_shed", "Quiet connections closed to make room for new ones";
         );
         m
+    }
+
+    /// Counts one connection closed before any request.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts one Certify decision.

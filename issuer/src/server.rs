@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use linkerd2_proxy_api::identity::identity_server::IdentityServer;
 use prometheus_client::registry::Registry;
 use proxy_lib::clock::SharedClock;
+use proxy_lib::net::caps::{Caps, ConnCaps, Guarded};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -35,15 +36,28 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once; connections beyond this are closed at once.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Connections tracked at once (handshaking and open); beyond it the quietest is shed.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// TLS handshakes in progress per source (IPv4 address, IPv6 /64).
+pub const MAX_PENDING_PER_SOURCE: usize = 8;
+/// Connections per source (a renewing host needs one, briefly).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// How quiet a connection may stay: until its first request (the HTTP/2 preface), and
+/// between requests.
+pub const CONNECTION_DEADLINES: proxy_lib::net::caps::Deadlines = proxy_lib::net::caps::Deadlines {
+    first_byte: Duration::from_secs(10),
+    idle: Duration::from_secs(60),
+};
 
 /// One accepted connection: plaintext (loopback only) or TLS.
 pub enum Conn {
     /// Plaintext.
-    Plain(TcpStream, PeerInfo),
+    Plain(Guarded<TcpStream>, PeerInfo),
     /// TLS.
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerInfo),
+    Tls(
+        Box<Guarded<tokio_rustls::server::TlsStream<TcpStream>>>,
+        PeerInfo,
+    ),
 }
 
 impl Connected for Conn {
@@ -318,6 +332,8 @@ impl Server {
                 "plaintext serving is only allowed on a loopback address, not {local}"
             )));
         }
+        // One descriptor per connection, plus the admin server's.
+        proxy_lib::net::raise_open_file_limit(MAX_CONNECTIONS as u64 + 256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopper = tokio::spawn(async move {
             shutdown.await;
@@ -408,37 +424,75 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// The issuer's connection caps (see [`proxy_lib::net::caps`]).
+pub fn conn_caps() -> Caps {
+    Caps {
+        max_connections: MAX_CONNECTIONS,
+        max_pending_per_source: MAX_PENDING_PER_SOURCE,
+        max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+        exempt: Vec::new(),
+    }
+}
+
 async fn accept_loop(
     server: Arc<Server>,
     listener: TcpListener,
     tx: mpsc::Sender<io::Result<Conn>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let caps = ConnCaps::new(conn_caps());
+    let refusals = proxy_lib::net::LogLimit::new(1, Duration::from_secs(1));
+    let metrics = server.shared.metrics.clone();
     loop {
         let Some((tcp, addr)) = proxy_lib::net::accept(&listener, &mut stop).await else {
             return;
         };
+        let shed_before = caps.shed_count();
+        let slot = match caps.admit(addr.ip()) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                metrics.connection_refused(refused.label());
+                // One summary line a second at most: a flood must not fill the journal.
+                if let Some(suppressed) = refusals.admit() {
+                    tracing::warn!(
+                        peer = %addr,
+                        reason = %refused,
+                        suppressed,
+                        "connection refused"
+                    );
+                }
+                continue;
+            }
+        };
+        let shed = caps.shed_count() - shed_before;
+        if shed > 0 {
+            metrics.connections_shed.inc_by(shed);
+        }
         let _ = tcp.set_nodelay(true);
         if server.config.plaintext {
             let peer = PeerInfo {
                 addr: Some(addr),
                 client_certs: None,
             };
-            if tx.send(Ok(Conn::Plain(tcp, peer))).await.is_err() {
+            let conn = Guarded::new(tcp, slot, CONNECTION_DEADLINES);
+            if tx.send(Ok(Conn::Plain(conn, peer))).await.is_err() {
                 return;
             }
             continue;
         }
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %addr, "too many tls handshakes in progress; connection closed");
-            continue;
-        };
         let acceptor = server.tls.load_full();
         let tx = tx.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let outcome = tokio::select! {
+                r = handshake => r,
+                _ = slot.shed() => {
+                    tracing::debug!(peer = %addr, "tls handshake shed to make room");
+                    return;
+                }
+            };
+            match outcome {
                 Ok(Ok(tls)) => {
                     // Only a chain that verifies (for client use, against the anchors in use,
                     // at the clock's now, also on a resumed session) reaches the
@@ -450,10 +504,14 @@ async fn accept_loop(
                         addr: Some(addr),
                         client_certs: tls.client_chain,
                     };
-                    let _ = tx.send(Ok(Conn::Tls(Box::new(tls.stream), peer))).await;
+                    let conn = Guarded::new(tls.stream, slot, CONNECTION_DEADLINES);
+                    let _ = tx.send(Ok(Conn::Tls(Box::new(conn), peer))).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%error, peer = %addr, "tls handshake failed"),
-                Err(_) => tracing::debug!(peer = %addr, "tls handshake timed out"),
+                Err(_) => {
+                    metrics.connection_refused("handshake_timeout");
+                    tracing::debug!(peer = %addr, "tls handshake timed out");
+                }
             }
         });
     }

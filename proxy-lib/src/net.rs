@@ -5,6 +5,8 @@
 //! many were left out, so a flood of refused handshakes (a scanner, a misconfigured client in a
 //! retry loop) or a streak of failed accepts cannot fill the journal while one still shows up.
 
+pub mod caps;
+
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -102,6 +104,35 @@ impl LogLimit {
             None
         }
     }
+}
+
+/// Raises this process's soft open-file limit to its hard limit, and warns when even that is
+/// below the `files` its connection limits need (plus a margin for listeners, the admin
+/// server, files read at reloads and logs). The usual soft default of 1024 would make accepts
+/// fail long before a server's configured limits. Returns the soft limit now in force
+/// (`None`: unlimited).
+pub fn raise_open_file_limit(files: u64) -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let raised = rustix::process::Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, soft = ?before.current, "cannot raise the open-file limit");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current;
+    let need = files.saturating_add(64);
+    if let Some(soft) = soft.filter(|s| *s < need) {
+        tracing::warn!(
+            limit = soft,
+            need,
+            "open-file limit is below what the connection limits need: connections beyond it will fail"
+        );
+    }
+    soft
 }
 
 #[cfg(test)]

@@ -306,42 +306,12 @@ async fn watch_dir(
 /// Open files one proxied connection holds (the peer's socket and the app's or target's).
 pub const FILES_PER_CONNECTION: u64 = 2;
 
-/// Raises this process's soft open-file limit to its hard limit, and warns when even that is
-/// below what `max_connections` needs. Each connection holds two descriptors, so the usual soft
-/// default of 1024 would make accepts and app connects fail near 500 connections, long before
-/// the configured limit. Returns the soft limit now in force (`None`: unlimited).
-pub fn raise_open_file_limit(max_connections: usize) -> Option<u64> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let before = getrlimit(Resource::Nofile);
-    if before.current != before.maximum {
-        let raised = rustix::process::Rlimit {
-            current: before.maximum,
-            maximum: before.maximum,
-        };
-        if let Err(error) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(%error, soft = ?before.current, "cannot raise the open-file limit");
-        }
-    }
-    let soft = getrlimit(Resource::Nofile).current;
-    // Listeners, the admin server, files read at reloads, logs: a small margin.
-    let need = (max_connections as u64)
-        .saturating_mul(FILES_PER_CONNECTION)
-        .saturating_add(64);
-    if let Some(soft) = soft.filter(|s| *s < need) {
-        tracing::warn!(
-            limit = soft,
-            max_connections,
-            need,
-            "open-file limit is below what max_connections needs: connections beyond it will fail"
-        );
-    }
-    soft
-}
-
 /// The binary's entry point: installs signal handlers, binds, loads, writes the pidfile, then
 /// serves until SIGTERM/SIGINT, reloading on SIGHUP; removes the pidfile on the way out.
 pub async fn run(config: Config) -> Result<(), Error> {
-    raise_open_file_limit(config.limits.max_connections);
+    crate::net::raise_open_file_limit(
+        (config.limits.max_connections as u64).saturating_mul(FILES_PER_CONNECTION),
+    );
     // Handlers first: from the moment the pidfile exists, SIGHUP means reload, not death.
     let mut signals = signal::Signals::install().map_err(Error::Signals)?;
     // Another instance with this pidfile: say so before its ports make the bind fail.
