@@ -130,6 +130,10 @@ pub enum Error {
     /// The caller's rate limit was hit.
     #[error("rate limit exceeded for this credential and peer; retry later")]
     RateLimited,
+    /// The source address has failed too often (no or a wrong token, malformed requests):
+    /// refused before anything else is done for it.
+    #[error("too many failed requests from this address; retry later")]
+    Throttled,
     /// Too many signings in flight.
     #[error("too many signing requests in flight; retry later")]
     Overloaded,
@@ -239,7 +243,7 @@ impl Error {
             Error::Csr(_) | Error::Identity(_) | Error::RequestTooLarge { .. } => {
                 Code::InvalidArgument
             }
-            Error::RateLimited | Error::Overloaded => Code::ResourceExhausted,
+            Error::RateLimited | Error::Throttled | Error::Overloaded => Code::ResourceExhausted,
             Error::CaUnavailable(_) => Code::Unavailable,
             _ => Code::Internal,
         }

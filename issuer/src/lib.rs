@@ -23,6 +23,7 @@ pub mod reload;
 pub mod server;
 pub mod service;
 pub mod signer;
+pub mod throttle;
 pub mod tokens;
 
 pub use error::{Error, Result};

@@ -31,12 +31,15 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabel, Counter>,
     /// `issuer_connections_shed_total`: quiet connections closed to make room for new ones.
     pub connections_shed: Counter,
+    /// `issuer_audit_failures_total{reason}`: records not written (an issuance then fails).
+    pub audit_failures: Family<ReasonLabel, Counter>,
 }
 
 /// The `reason` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// `source_pending`, `source_connections` or `handshake_timeout`.
+    /// Connections: `source_pending`, `source_connections`, `handshake_timeout`; audit:
+    /// `queue_full`, `timeout`, `write_failed`.
     pub reason: &'static str,
 }
 
@@ -50,6 +53,7 @@ impl Metrics {
             ca_reloads: Family::default(),
             connections_refused: Family::default(),
             connections_shed: Counter::default(),
+            audit_failures: Family::default(),
         };
         proxy_lib::register_metrics!(registry,
             m.certify => "issuer_certify", "Certify decisions by result";
@@ -58,6 +62,7 @@ impl Metrics {
             m.ca_reloads => "issuer_ca_reloads", "Issuer CA reload attempts by result";
             m.connections_refused => "issuer_connections_refused", "Connections closed before a request, by reason";
             m.connections_shed => "issuer_connections_shed", "Quiet connections closed to make room for new ones";
+            m.audit_failures => "issuer_audit_failures", "Audit records not written, by reason (an issuance then fails)";
         );
         m
     }
@@ -65,6 +70,13 @@ impl Metrics {
     /// Counts one connection closed before any request.
     pub fn connection_refused(&self, reason: &'static str) {
         self.connections_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts one audit record not written.
+    pub fn audit_failure(&self, reason: &'static str) {
+        self.audit_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }

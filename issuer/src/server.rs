@@ -221,9 +221,9 @@ impl Server {
         &self.registry
     }
 
-    /// `/ready`: the CA in use can issue now.
+    /// `/ready`: the CA in use can issue now and the audit log keeps up.
     pub fn ready(&self) -> bool {
-        self.shared.ca_usable()
+        self.shared.ca_usable() && self.shared.audit.healthy()
     }
 
     /// The serving certificate in use.
@@ -370,6 +370,7 @@ impl Server {
                             n += 1;
                             if n.is_multiple_of(60) {
                                 me.shared.limiter.retain_recent();
+                                me.shared.throttle.retain_recent();
                                 me.warn_if_expiring();
                             }
                         }

@@ -15,7 +15,7 @@ use proxy_lib::clock::SharedClock;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::Semaphore;
 
-use crate::audit::{AuditEvent, AuditLog, truncate};
+use crate::audit::{AuditEvent, AuditLog, MAX_FIELD_CHARS, truncate};
 use crate::auth::{AuthChain, AuthRequest, Principal};
 use crate::ca::Ca;
 use crate::config::Limits;
@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::signer::{Leaf, LeafKind};
+use crate::throttle::FailureThrottle;
 
 /// What the transport knows about the peer; set on every request by the server.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +48,10 @@ pub struct Shared {
     pub limiter: DefaultKeyedRateLimiter<(String, Option<IpAddr>)>,
     /// Signings in flight.
     pub signing: Semaphore,
+    /// Failed requests per source, checked before authentication.
+    pub throttle: FailureThrottle,
+    /// At most one "throttled" log line a second.
+    pub throttled_log: proxy_lib::net::LogLimit,
     /// Audit sink.
     pub audit: AuditLog,
     /// Metrics.
@@ -85,6 +90,8 @@ impl Shared {
             auth,
             limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(per_minute)),
             signing: Semaphore::new(limits.max_concurrent_signing),
+            throttle: FailureThrottle::default(),
+            throttled_log: proxy_lib::net::LogLimit::new(1, std::time::Duration::from_secs(1)),
             limits,
             audit,
             metrics,
@@ -120,14 +127,27 @@ impl CertifyService {
         principal: &mut Option<Principal>,
     ) -> Result<(Leaf, Arc<Ca>), Error> {
         let s = &*self.shared;
+        let source = peer.addr.map(|a| a.ip());
+        if source.is_some_and(|ip| !s.throttle.allows(ip)) {
+            return Err(Error::Throttled);
+        }
+        let refused_before_auth = |e: Error| {
+            if let Some(ip) = source {
+                s.throttle.failed(ip);
+            }
+            e
+        };
         let size = req.encoded_len();
         if size > s.limits.max_request_bytes {
-            return Err(Error::RequestTooLarge {
+            return Err(refused_before_auth(Error::RequestTooLarge {
                 size,
                 max: s.limits.max_request_bytes,
-            });
+            }));
         }
-        let identity = s.policy.identity(&req.identity)?;
+        let identity = s
+            .policy
+            .identity(&req.identity)
+            .map_err(|e| refused_before_auth(e.into()))?;
         let p = s
             .auth
             .authenticate(&AuthRequest {
@@ -136,7 +156,8 @@ impl CertifyService {
                 peer: peer.addr,
                 client_certs: peer.client_certs.as_deref().map(|v| v.as_slice()),
             })
-            .await?;
+            .await
+            .map_err(|e| refused_before_auth(e.into()))?;
         let key = (
             p.credential.clone(),
             peer.addr.map(|a| a.ip().to_canonical()),
@@ -174,7 +195,7 @@ impl IdentityApi for CertifyService {
         let outcome = self.decide(&req, &peer, &mut principal).await;
         let s = &*self.shared;
         let peer_text = peer.addr.map(|a| a.to_string());
-        let identity = truncate(&req.identity, 256);
+        let identity = truncate(&req.identity, MAX_FIELD_CHARS);
         let mut event = AuditEvent {
             time: proxy_lib::clock::rfc3339(s.clock.now()),
             decision: "issued",
@@ -193,7 +214,16 @@ impl IdentityApi for CertifyService {
                 event.serial = Some(&leaf.serial);
                 event.sha256 = Some(&leaf.sha256);
                 event.not_after = Some(proxy_lib::clock::rfc3339(leaf.not_after));
-                s.audit.record(&event);
+                // No record, no certificate.
+                if let Err(failure) = s.audit.record_issued(&event).await {
+                    s.metrics.audit_failure(failure.label());
+                    s.metrics
+                        .certify("unavailable", started.elapsed().as_secs_f64());
+                    tracing::error!(%failure, identity = %identity, "certificate withheld: its audit record was not written");
+                    return Err(tonic::Status::unavailable(format!(
+                        "{failure}; retry later"
+                    )));
+                }
                 s.metrics.certify("issued", started.elapsed().as_secs_f64());
                 tracing::debug!(
                     identity = %identity,
@@ -208,12 +238,27 @@ impl IdentityApi for CertifyService {
                     valid_until: Some(leaf.not_after.into()),
                 }))
             }
+            Err(Error::Throttled) => {
+                // No audit record per throttled request (that is what a flood would want);
+                // counted, and logged once a second at most.
+                let error = Error::Throttled;
+                s.metrics
+                    .certify(error.result_label(), started.elapsed().as_secs_f64());
+                if let Some(suppressed) = s.throttled_log.admit() {
+                    tracing::warn!(peer = ?peer.addr, suppressed, "requests throttled after repeated failures");
+                }
+                Err(error.to_status())
+            }
             Err(error) => {
                 let status = error.to_status();
                 event.decision = "refused";
                 event.code = Some(error.result_label());
-                event.reason = Some(error.to_string());
-                s.audit.record(&event);
+                // The reason may quote client input (a 60 KB identity): bounded.
+                let reason = error.to_string();
+                event.reason = Some(truncate(&reason, MAX_FIELD_CHARS).to_string());
+                if let Err(failure) = s.audit.record_refused(&event).await {
+                    s.metrics.audit_failure(failure.label());
+                }
                 s.metrics
                     .certify(error.result_label(), started.elapsed().as_secs_f64());
                 if status.code() == tonic::Code::Internal {

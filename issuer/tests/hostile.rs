@@ -35,12 +35,17 @@ struct Issuer {
 
 impl Issuer {
     async fn start() -> Self {
+        Self::start_with(|dir| AuditTarget::File(dir.join("audit.log"))).await
+    }
+
+    /// Starts with the audit log where `audit` says (given the issuer's dir).
+    async fn start_with(audit: impl FnOnce(&std::path::Path) -> AuditTarget) -> Self {
         proxy_lib::install_crypto_provider();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("issuer");
         issuer::init::run_at(&issuer::init::InitOptions::new(&dir), SystemClock.now()).unwrap();
         let mut cfg = Config::load(&dir.join("issuer.toml"), &Overrides::default()).unwrap();
-        cfg.audit = AuditTarget::File(dir.join("audit.log"));
+        cfg.audit = audit(&dir);
         let server = Server::new(cfg.clone(), Arc::new(SystemClock)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -186,5 +191,171 @@ async fn idle_tls_connections_from_one_source_do_not_stop_renewals_from_another(
         "the attacker's surplus was refused"
     );
     drop(held);
+    iss.stop().await;
+}
+
+/// A Certify client over TLS whose connections come from `source` (another loopback address
+/// plays another host).
+async fn client_from(iss: &Issuer, source: &str) -> common::Client {
+    use hyper_util::rt::TokioIo;
+    let anchors =
+        proxy_lib::verify::TrustAnchors::from_bytes(&iss.anchors_pem(), "ca.crt").unwrap();
+    let clock: proxy_lib::clock::SharedClock = Arc::new(SystemClock);
+    let connector = proxy_lib::tls::Connector::without_client_cert(&anchors, &clock).unwrap();
+    let name = ServerName::try_from(iss.cfg.server_name.clone()).unwrap();
+    let (addr, source): (SocketAddr, SocketAddr) =
+        (iss.addr, format!("{source}:0").parse().unwrap());
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, name) = (connector.clone(), name.clone());
+            async move {
+                let s = TcpSocket::new_v4()?;
+                s.bind(source)?;
+                let tcp = s.connect(addr).await?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .expect("connect to issuer");
+    linkerd2_proxy_api::identity::identity_client::IdentityClient::new(channel)
+}
+
+fn audit_bytes(iss: &Issuer) -> Vec<u8> {
+    std::fs::read(iss.dir.join("audit.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failing_requests_is_throttled_and_bounded_in_the_audit_log() {
+    let iss = Issuer::start().await;
+    let before = audit_bytes(&iss).len();
+
+    // No token, 60 KB identities, for 5 s as fast as one client goes.
+    let mut flood = client_from(&iss, "127.0.0.2").await;
+    let huge = "a".repeat(60_000);
+    let (_key, csr) = p256_csr(ID);
+    let (mut sent, mut throttled) = (0, 0);
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < end {
+        let r = certify(&mut flood, request(&huge, b"", csr.clone())).await;
+        let status = r.expect_err("nothing is issued to a flood");
+        sent += 1;
+        if status.code() == tonic::Code::ResourceExhausted {
+            throttled += 1;
+        }
+    }
+    let grown = audit_bytes(&iss);
+    let grown = &grown[before..];
+    assert!(
+        grown.len() < 1 << 20,
+        "{sent} requests grew the audit log by {} bytes",
+        grown.len()
+    );
+    for line in grown.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        assert!(line.len() < 2048, "audit line of {} bytes", line.len());
+    }
+    assert!(
+        throttled > 0 && throttled < sent,
+        "{throttled} of {sent} throttled"
+    );
+
+    // The same with a wrong token, from another address: throttled once over the rate.
+    let mut wrong = client_from(&iss, "127.0.0.3").await;
+    let mut codes = Vec::new();
+    for _ in 0..(issuer::throttle::DEFAULT_BURST + 5) {
+        let r = certify(&mut wrong, request(ID, b"not-a-token", csr.clone())).await;
+        codes.push(r.expect_err("a wrong token gets nothing").code());
+    }
+    let burst = issuer::throttle::DEFAULT_BURST as usize;
+    assert!(
+        codes[..burst]
+            .iter()
+            .all(|c| *c == tonic::Code::Unauthenticated),
+        "{codes:?}"
+    );
+    assert!(
+        codes[burst..]
+            .iter()
+            .all(|c| *c == tonic::Code::ResourceExhausted),
+        "{codes:?}"
+    );
+
+    // A host renewing from 127.0.0.1 meanwhile is not affected.
+    let token = iss.token();
+    let mut host = tls_client(iss.addr, &iss.anchors_pem(), &iss.cfg.server_name).await;
+    let (_key, csr) = p256_csr(ID);
+    certify(&mut host, request(ID, token.as_bytes(), csr))
+        .await
+        .expect("the host renews");
+    iss.stop().await;
+}
+
+/// The audit log is a pipe nobody reads: once it is full, Certify answers UNAVAILABLE (no
+/// certificate without its record) while `/live` keeps answering and `/ready` says no; once
+/// the pipe is broken, still no certificate is issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_broken_audit_sink_withholds_certificates_and_the_issuer_stays_live() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo_dir = tempfile::tempdir().unwrap();
+    let fifo = fifo_dir.path().join("audit.pipe");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    // The reader end, opened and never read from.
+    let reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&fifo)
+        .unwrap();
+    let path = fifo.clone();
+    let iss = Issuer::start_with(move |_| AuditTarget::File(path)).await;
+    let token = iss.token();
+    let mut client = tls_client(iss.addr, &iss.anchors_pem(), &iss.cfg.server_name).await;
+
+    // Issue until the pipe is full (a pipe holds 64 KiB: a few hundred records).
+    let mut issued = 0;
+    let unavailable = loop {
+        let (_key, csr) = p256_csr(ID);
+        match certify(&mut client, request(ID, token.as_bytes(), csr)).await {
+            Ok(_) => issued += 1,
+            Err(status) => break status,
+        }
+        assert!(issued < 5_000, "the pipe never filled");
+    };
+    assert_eq!(
+        unavailable.code(),
+        tonic::Code::Unavailable,
+        "{unavailable:?}"
+    );
+    let live = tokio::time::timeout(Duration::from_secs(1), http_get(iss.admin, "/live"))
+        .await
+        .expect("/live answers within 1 s");
+    assert_eq!(live.0, 200);
+    assert_eq!(http_get(iss.admin, "/ready").await.0, 503);
+    assert!(
+        iss.metric("issuer_audit_failures_total{reason=\"timeout\"}")
+            .await
+            >= 1.0
+    );
+
+    // Broken: the reader goes away; nothing is issued any more.
+    drop(reader);
+    for _ in 0..3 {
+        let (_key, csr) = p256_csr(ID);
+        let status = certify(&mut client, request(ID, token.as_bytes(), csr))
+            .await
+            .expect_err("no certificate without its audit record");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    assert_eq!(http_get(iss.admin, "/ready").await.0, 503);
     iss.stop().await;
 }
