@@ -127,6 +127,15 @@ pub enum Error {
         /// The configured limit.
         max: usize,
     },
+    /// The gRPC message is over the decoder's limit: refused undecoded.
+    #[error("request exceeds the largest message accepted ({max} bytes)")]
+    MessageTooLarge {
+        /// The decoder's limit.
+        max: usize,
+    },
+    /// The gRPC message is not a CertifyRequest.
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
     /// The caller's rate limit was hit.
     #[error("rate limit exceeded for this credential and peer; retry later")]
     RateLimited,
@@ -240,10 +249,14 @@ impl Error {
         match self {
             Error::Auth(a) if a.is_permission() => Code::PermissionDenied,
             Error::Auth(_) => Code::Unauthenticated,
-            Error::Csr(_) | Error::Identity(_) | Error::RequestTooLarge { .. } => {
-                Code::InvalidArgument
-            }
-            Error::RateLimited | Error::Throttled | Error::Overloaded => Code::ResourceExhausted,
+            Error::Csr(_)
+            | Error::Identity(_)
+            | Error::RequestTooLarge { .. }
+            | Error::MalformedRequest(_) => Code::InvalidArgument,
+            Error::RateLimited
+            | Error::Throttled
+            | Error::Overloaded
+            | Error::MessageTooLarge { .. } => Code::ResourceExhausted,
             Error::CaUnavailable(_) => Code::Unavailable,
             _ => Code::Internal,
         }

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod csr;
 pub mod error;
+pub mod front;
 pub mod init;
 pub mod metrics;
 pub mod policy;

@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use linkerd2_proxy_api::identity::identity_server::IdentityServer;
 use prometheus_client::registry::Registry;
 use proxy_lib::clock::SharedClock;
 use proxy_lib::net::caps::{Caps, ConnCaps, Guarded};
@@ -27,7 +26,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::reload::{Watch, fingerprint};
-use crate::service::{CertifyService, PeerInfo, Shared};
+use crate::service::{PeerInfo, Shared};
 use crate::tokens::TokenStore;
 
 /// How often the maintenance loop runs (CA file poll, serving-cert check, expiry warning).
@@ -391,14 +390,14 @@ impl Server {
             server_name = %self.config.server_name,
             "issuer listening"
         );
-        let svc = IdentityServer::new(CertifyService::new(self.shared.clone()))
-            .max_decoding_message_size(
-                self.config
-                    .limits
-                    .max_request_bytes
-                    .saturating_mul(4)
-                    .max(1 << 20),
-            );
+        let svc = crate::front::Front::new(
+            self.shared.clone(),
+            self.config
+                .limits
+                .max_request_bytes
+                .saturating_mul(4)
+                .max(1 << 20),
+        );
         let res = tonic::transport::Server::builder()
             .add_service(svc)
             .serve_with_incoming_shutdown(

@@ -197,6 +197,13 @@ async fn idle_tls_connections_from_one_source_do_not_stop_renewals_from_another(
 /// A Certify client over TLS whose connections come from `source` (another loopback address
 /// plays another host).
 async fn client_from(iss: &Issuer, source: &str) -> common::Client {
+    linkerd2_proxy_api::identity::identity_client::IdentityClient::new(
+        channel_from(iss, source).await,
+    )
+}
+
+/// A gRPC channel to the issuer over TLS from `source`.
+async fn channel_from(iss: &Issuer, source: &str) -> tonic::transport::Channel {
     use hyper_util::rt::TokioIo;
     let anchors =
         proxy_lib::verify::TrustAnchors::from_bytes(&iss.anchors_pem(), "ca.crt").unwrap();
@@ -222,7 +229,7 @@ async fn client_from(iss: &Issuer, source: &str) -> common::Client {
         }))
         .await
         .expect("connect to issuer");
-    linkerd2_proxy_api::identity::identity_client::IdentityClient::new(channel)
+    channel
 }
 
 fn audit_bytes(iss: &Issuer) -> Vec<u8> {
@@ -357,5 +364,108 @@ async fn a_stalled_or_broken_audit_sink_withholds_certificates_and_the_issuer_st
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
     assert_eq!(http_get(iss.admin, "/ready").await.0, 503);
+    iss.stop().await;
+}
+
+/// Sends raw bytes as the Certify message (what a broken or hostile client may send).
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = linkerd2_proxy_api::identity::CertifyResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+#[derive(Debug)]
+struct ResponseDecoder;
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = linkerd2_proxy_api::identity::CertifyResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+async fn certify_raw(
+    channel: tonic::transport::Channel,
+    bytes: Vec<u8>,
+) -> Result<linkerd2_proxy_api::identity::CertifyResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/io.linkerd.proxy.identity.Identity/Certify",
+    );
+    grpc.unary(tonic::Request::new(bytes), path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Requests the gRPC layer cannot decode get the documented codes and an audit line: over
+/// the decoder's limit RESOURCE_EXHAUSTED (not OUT_OF_RANGE), not a CertifyRequest
+/// INVALID_ARGUMENT (not INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_requests_get_documented_codes_and_an_audit_line() {
+    let iss = Issuer::start().await;
+    let channel = channel_from(&iss, "127.0.0.1").await;
+
+    // 2 MiB: over the decoder's limit.
+    let (_key, csr) = p256_csr(ID);
+    let huge = request(&"a".repeat(2 << 20), b"", csr);
+    let mut client =
+        linkerd2_proxy_api::identity::identity_client::IdentityClient::new(channel.clone());
+    let status = certify(&mut client, huge).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("largest message"), "{status:?}");
+
+    // Bytes that are no protobuf message at all.
+    let status = certify_raw(channel, vec![0xff; 16]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("malformed request"),
+        "{status:?}"
+    );
+
+    let audit = String::from_utf8(audit_bytes(&iss)).unwrap();
+    let lines: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let codes: Vec<_> = lines
+        .iter()
+        .map(|l| l["code"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(codes, ["resource_exhausted", "invalid_argument"], "{audit}");
+    assert!(lines.iter().all(|l| l["decision"] == "refused"));
     iss.stop().await;
 }
