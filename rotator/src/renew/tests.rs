@@ -1,6 +1,7 @@
 //! Cycle and daemon-loop tests against the in-process fake issuer, on simulated time.
 
 use super::*;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
