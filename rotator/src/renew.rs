@@ -234,7 +234,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
     /// than scheduled. Records the result in the metrics; the state file is left to the
     /// caller, which writes it once for the whole transition (the new cert's serial and
     /// receipt are recorded with the swap). The blocking steps run off the runtime thread.
-    pub async fn renew_due(&mut self, forced: bool) -> Result<Outcome, CycleError> {
+    pub async fn renew_due(&self, forced: bool) -> Result<Outcome, CycleError> {
         let result = self.renew_traced(forced).await;
         self.metrics.rotation(result.is_ok());
         log_rotated(&result);
@@ -253,7 +253,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         result
     }
 
-    async fn renew_traced(&mut self, force: bool) -> Result<Outcome, CycleError> {
+    async fn renew_traced(&self, force: bool) -> Result<Outcome, CycleError> {
         let span = tracing::info_span!("renewal", identity = %self.config.identity, forced = force);
         tracing::Instrument::instrument(self.renew(), span).await
     }
@@ -298,7 +298,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         blocking(move || record_in(&dir, &metrics, &changes)).await;
     }
 
-    async fn renew(&mut self) -> Result<Outcome, CycleError> {
+    async fn renew(&self) -> Result<Outcome, CycleError> {
         let cfg = &self.config;
         let anchors = cfg
             .trust_anchors

@@ -91,7 +91,8 @@ impl Notify for Recorder {
     }
 }
 
-/// Every file under `dir` with its bytes, except the state file.
+/// Every file under `dir` with its bytes, except the state file and the (empty) lock file the
+/// state file is written under.
 fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -102,7 +103,7 @@ fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
         for e in rd.flatten() {
             let p = e.path();
             let name = p.strip_prefix(dir).unwrap().display().to_string();
-            if name == crate::state::STATE_FILE {
+            if name == crate::state::STATE_FILE || name == crate::store::LOCK_FILE {
                 continue;
             }
             let m = std::fs::symlink_metadata(&p).unwrap();
