@@ -576,6 +576,84 @@ async fn ready_is_sent_only_after_a_valid_cert_is_installed() {
     assert_eq!(seen.last().unwrap().0, Notice::Stopping);
 }
 
+/// Notifications as they come.
+struct Channel(tokio::sync::mpsc::UnboundedSender<Notice>);
+
+impl Notify for Channel {
+    fn notify(&self, notice: Notice) {
+        let _ = self.0.send(notice);
+    }
+}
+
+/// While another process (a one-shot `rotate`) holds the store lock, the daemon's swap waits
+/// for it off the runtime thread: `/metrics` and `/ready` keep answering meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn metrics_and_ready_answer_while_the_swap_waits_for_the_store_lock() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+    let rig = rig(DAY, "");
+    let (locked_tx, locked) = tokio::sync::oneshot::channel();
+    let (release, released_rx) = std::sync::mpsc::channel::<()>();
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = crate::store::Store::new(&rig.config.dir, None);
+    let holder = {
+        let released = released.clone();
+        std::thread::spawn(move || {
+            let guard = store.lock().unwrap();
+            let _ = locked_tx.send(());
+            // Released when the test says so; the timeout only keeps a daemon that blocks
+            // its runtime thread from hanging the test forever.
+            let _ = released_rx.recv_timeout(Duration::from_secs(30));
+            released.store(true, Ordering::SeqCst);
+            drop(guard);
+        })
+    };
+    locked.await.unwrap();
+    let (called_tx, called) = tokio::sync::oneshot::channel();
+    rig.issuer.script(move |iss, req| {
+        let _ = called_tx.send(());
+        Ok(iss.sign(&req.csr_der, |_| {}))
+    });
+    let r = rig.rotator();
+    let metrics = r.metrics().clone();
+    let (notices, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (handle, controls) = daemon::controls();
+    let task = tokio::spawn(daemon::run(
+        r,
+        Arc::new(Channel(notices)),
+        controls,
+        LoopOptions::default(),
+    ));
+    called.await.unwrap();
+    // The daemon has its new cert and waits for the lock to install it.
+    let router = metrics.router();
+    for (path, want) in [
+        ("/metrics", StatusCode::OK),
+        ("/ready", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), want, "{path}");
+    }
+    assert!(
+        !released.load(Ordering::SeqCst),
+        "the admin endpoints answered only once the lock was released"
+    );
+    assert_eq!(rig.serial_on_disk(), None, "installed without the lock");
+    release.send(()).unwrap();
+    while let Some(n) = seen.recv().await {
+        if n == Notice::Ready {
+            break;
+        }
+    }
+    assert!(rig.serial_on_disk().is_some());
+    assert!(metrics.is_ready());
+    handle.shutdown();
+    task.await.unwrap();
+    holder.join().unwrap();
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn the_token_and_key_never_reach_the_logs_or_other_files() {
     let (buf, _guard) = crate::testing::LogCapture::start(tracing::Level::TRACE);
