@@ -43,6 +43,9 @@ impl State {
 
     /// Writes the state file atomically (0644), creating the cert dir (0755) when it does not
     /// exist yet, as on a host that never got a cert. Blocks.
+    ///
+    /// This writes without the store lock: the rotator changes the file through [`update`] or
+    /// [`update_locked`], which read, change and write it under the lock.
     pub fn save(&self, dir: &Path) -> Result<(), proxy_lib::fs::FsError> {
         let json = serde_json::to_vec_pretty(self).expect("state serializes");
         proxy_lib::fs::ensure_dir(dir, crate::store::DIR_MODE)?;
