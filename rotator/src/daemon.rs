@@ -1,19 +1,29 @@
-//! The daemon loop: sleep until the next renewal, a forced renewal (SIGHUP), a shutdown
-//! (SIGTERM, never mid-swap) or at most five minutes, then decide again from the wall clock.
+//! The daemon: a small IO loop around the sans-IO [`machine::Machine`]. The loop sleeps until
+//! the machine's next deadline (at most five minutes, then it looks at the wall clock again),
+//! a forced renewal (SIGHUP), a shutdown (SIGTERM; never mid-swap) or a watchdog tick, feeds
+//! what happened to the machine and carries out the actions it returns. Renewals and verifies
+//! run concurrently with the loop (so the watchdog keeps being pinged), and every blocking
+//! file step (reading the cert dir, the swap, the state file under the store lock) runs on
+//! tokio's blocking pool, so `/metrics` and `/ready` keep answering.
 
+pub mod machine;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use proxy_lib::clock::{rfc3339, unix_secs};
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};
 
 use crate::client::Issue;
-use crate::notify::{Notice, Notify};
+use crate::notify::Notify;
 use crate::reload::Reload;
-use crate::renew::{Current, Rotator};
-use crate::schedule::{self, Decision};
+use crate::renew::{Current, CycleError, Rotator};
+use crate::schedule;
 use crate::state::State;
+use machine::{Action, Disk, Event, Failure, Log, Machine};
 
 /// How the loop is driven from outside: forced renewals and shutdown.
 #[derive(Debug)]
@@ -70,7 +80,7 @@ pub struct LoopOptions {
 
 /// Runs the daemon until shutdown.
 pub async fn run<I: Issue, R: Reload>(
-    mut rotator: Rotator<I, R>,
+    rotator: Rotator<I, R>,
     notifier: Arc<dyn Notify>,
     mut ctl: Controls,
     opts: LoopOptions,
@@ -79,202 +89,151 @@ pub async fn run<I: Issue, R: Reload>(
         Some(s) => rand::rngs::StdRng::seed_from_u64(s),
         None => rand::rngs::StdRng::from_os_rng(),
     };
-    let mut ready = false;
-    let mut attempt: u32 = 0;
-    let mut retry: Option<SystemTime> = None;
-    // The serial on disk when the failing renewal began: a failed forced renewal of a
-    // still-good cert is retried until it succeeds or another cert is installed meanwhile.
-    let mut retry_serial: Option<String> = None;
-    let mut force = false;
-    let mut last_status = String::new();
-    // Whether the listener is known to serve the cert on disk (always, without [verify]).
-    let mut verified = rotator.config().verify.is_none();
-    let mut verify_attempt: u32 = 0;
-    let mut verify_retry: Option<SystemTime> = None;
+    let clock = rotator.clock().clone();
+    let metrics = rotator.metrics().clone();
     // A restarted daemon reports the last success it recorded, not 0 (an "age of the last
     // success" alert would fire at every restart).
-    if let Some(t) = State::load(&rotator.config().dir).last_success {
-        rotator.metrics().last_success.set(t as i64);
+    let dir = rotator.config().dir.clone();
+    if let Some(t) = crate::renew::blocking(move || State::load(&dir).last_success).await {
+        metrics.last_success.set(t as i64);
     }
-
+    let mut machine = Machine::new(rotator.config().policy, rotator.config().verify.is_some());
+    let mut watchdog = opts.watchdog.map(|w| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + w, w);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    // The renewal or verify in progress; it borrows the rotator, as the loop does.
+    let mut busy: Option<Op<'_>> = None;
+    let (mut stopping, mut force_open) = (false, true);
+    let mut event = Some(Event::Start);
     loop {
-        if *ctl.shutdown.borrow() {
-            break;
+        let mut actions = std::collections::VecDeque::new();
+        if let Some(ev) = event {
+            actions.extend(machine.on(clock.now(), rng.random(), ev));
         }
-        let now = rotator.clock().now();
-        let (current, decision) = rotator.decide();
-        if let Some(t) = current.times() {
-            rotator
-                .metrics()
-                .cert_expiration
-                .set(unix_secs(t.not_after) as i64);
-        }
-        let due = force
-            || match retry {
-                Some(r) => r <= now,
-                None => decision == Decision::RenewNow,
-            };
-        if retry.is_some()
-            && !due
-            && decision != Decision::RenewNow
-            && serial_of(&current) != retry_serial
-        {
-            // Someone else (a one-shot rotate) installed a good cert meanwhile.
-            retry = None;
-            attempt = 0;
-        }
-        if due {
-            let forced = std::mem::take(&mut force);
-            let serial_before = serial_of(&current);
-            match rotator.renew_due(forced).await {
-                Ok(_) => {
-                    retry = None;
-                    attempt = 0;
-                    verified = true;
-                    verify_retry = None;
-                    verify_attempt = 0;
+        while let Some(action) = actions.pop_front() {
+            match action {
+                Action::Observe => {
+                    let disk = observe(&rotator).await;
+                    actions.extend(machine.on(clock.now(), rng.random(), Event::Observed(disk)));
                 }
-                Err(e) if e.installed() => {
-                    // The new cert is on disk; the next cycle comes on its normal schedule,
-                    // and the reload/verify is retried with backoff until it succeeds.
-                    retry = None;
-                    attempt = 0;
-                    if rotator.config().verify.is_some() {
-                        verified = false;
-                        let at = verify_retry_at(&rotator, &mut verify_attempt, &mut rng);
-                        verify_retry = Some(at);
-                        tracing::warn!(error = %e, verify_retry_at = %rfc3339(at), "renewal failed");
-                    } else {
-                        tracing::warn!(error = %e, "renewal failed");
-                    }
-                }
-                Err(e) => {
-                    let times = rotator.current().times().copied();
-                    let at = schedule::retry_at(
-                        rotator.clock().now(),
-                        attempt,
-                        times.as_ref(),
-                        &rotator.config().policy,
-                        rng.random::<f64>(),
-                    );
-                    attempt = attempt.saturating_add(1);
-                    // One line per failed attempt: what failed, how often, and when next.
-                    tracing::warn!(error = %e, failures = attempt, retry_at = %rfc3339(at), "renewal failed");
-                    retry = Some(at);
-                    retry_serial = serial_before;
-                }
+                Action::Renew { forced } => busy = Some(Box::pin(renew(&rotator, forced))),
+                Action::Verify => busy = Some(Box::pin(verify(&rotator))),
+                Action::SetReady(ready) => metrics.set_ready(ready),
+                Action::Notify(notice) => notifier.notify(notice),
+                Action::Persist(changes) => rotator.record_off_thread(changes).await,
+                Action::Log(line) => log(line),
+                Action::Stop => return,
             }
-            continue;
         }
-        if !verified
-            && matches!(current, Current::Valid { .. })
-            && verify_retry.is_none_or(|t| t <= now)
-        {
-            match rotator.verify_current().await {
-                Ok(()) => {
-                    verified = true;
-                    verify_retry = None;
-                    verify_attempt = 0;
-                }
-                Err(e) => {
-                    let at = verify_retry_at(&rotator, &mut verify_attempt, &mut rng);
-                    tracing::warn!(error = %e, retry_at = %rfc3339(at), "the listener does not serve the cert on disk");
-                    verify_retry = Some(at);
-                }
-            }
-            continue;
-        }
-        // /ready follows the cert (an expired one while the issuer is down is not ready);
-        // READY=1 goes to systemd once, after the first valid (and verified) cert.
-        let good = matches!(current, Current::Valid { .. }) && verified;
-        rotator.metrics().set_ready(good);
-        if good && !ready {
-            ready = true;
-            notifier.notify(Notice::Ready);
-        }
-        let mut deadline = match (retry, decision) {
-            (Some(r), _) => r,
-            (None, Decision::At(t)) => t,
-            (None, Decision::RenewNow) => now,
-        };
-        if !verified && let Some(v) = verify_retry {
-            deadline = deadline.min(v);
-        }
-        let status = if !verified {
-            format!(
-                "the listener does not serve the new cert yet; checking again at {}",
-                rfc3339(deadline)
-            )
-        } else if retry.is_some() {
-            format!(
-                "renewal failing (attempt {attempt}); next try at {}",
-                rfc3339(deadline)
-            )
-        } else {
-            format!("next renewal at {}", rfc3339(deadline))
-        };
-        if status != last_status {
-            notifier.notify(Notice::Status(status.clone()));
-            let mut st = State::load(&rotator.config().dir);
-            if st.next_renewal != Some(unix_secs(deadline)) {
-                st.next_renewal = Some(unix_secs(deadline));
-                let _ = st.save(&rotator.config().dir);
-            }
-            if verified && retry.is_none() {
-                tracing::info!("{status}");
-            } else {
-                // The failure was logged already, with its retry time.
-                tracing::debug!("{status}");
-            }
-            last_status = status;
-        }
-        let mut nap = schedule::sleep_for(now, deadline);
-        if let Some(w) = opts.watchdog {
-            nap = nap.min(w);
-        }
-        tokio::select! {
+        let nap = machine
+            .next_deadline()
+            .map(|d| schedule::sleep_for(clock.now(), d));
+        event = tokio::select! {
             biased;
-            changed = ctl.shutdown.changed() => {
-                if changed.is_err() {
-                    break;
-                }
+            ev = finish(&mut busy) => {
+                busy = None;
+                Some(ev)
             }
-            Some(()) = ctl.force.recv() => {
-                tracing::info!("renewal forced");
-                force = true;
+            _ = ctl.shutdown.wait_for(|s| *s), if !stopping => {
+                // A dropped sender stops the daemon too.
+                stopping = true;
+                Some(Event::Shutdown)
             }
-            _ = tokio::time::sleep(nap) => {}
-        }
-        if opts.watchdog.is_some() {
-            notifier.notify(Notice::Watchdog);
-        }
-    }
-    notifier.notify(Notice::Stopping);
-    tracing::info!("shutting down");
-}
-
-/// The serial of the cert on disk, when it is usable.
-fn serial_of(current: &Current) -> Option<String> {
-    match current {
-        Current::Valid { leaf, .. } => Some(leaf.serial.clone()),
-        Current::Unusable(_) => None,
+            msg = ctl.force.recv(), if force_open => {
+                force_open = msg.is_some();
+                msg.map(|()| Event::Force)
+            }
+            _ = tokio::time::sleep(nap.unwrap_or_default()), if nap.is_some() => Some(Event::Deadline),
+            _ = tick(&mut watchdog) => Some(Event::Watchdog),
+        };
     }
 }
 
-/// When to retry the reload + verify of a cert already installed (backoff with full jitter,
-/// not bounded by the cert: it stays installed); counts the attempt.
-fn verify_retry_at<I: Issue, R: Reload>(
-    rotator: &Rotator<I, R>,
-    attempt: &mut u32,
-    rng: &mut rand::rngs::StdRng,
-) -> SystemTime {
-    let at = schedule::retry_at(
-        rotator.clock().now(),
-        *attempt,
-        None,
-        &rotator.config().policy,
-        rng.random::<f64>(),
-    );
-    *attempt = attempt.saturating_add(1);
-    at
+/// A renewal or verify in progress, answering with its event.
+type Op<'a> = Pin<Box<dyn Future<Output = Event> + Send + 'a>>;
+
+/// Waits for the operation in progress; never, when there is none.
+async fn finish(busy: &mut Option<Op<'_>>) -> Event {
+    match busy {
+        Some(op) => op.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the next watchdog tick; never, without a watchdog.
+async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Looks at the cert dir (off the runtime thread) and updates the expiry metric.
+async fn observe<I: Issue, R: Reload>(rotator: &Rotator<I, R>) -> Disk {
+    let (current, decision) = rotator.observe().await;
+    if let Some(t) = current.times() {
+        rotator
+            .metrics()
+            .cert_expiration
+            .set(unix_secs(t.not_after) as i64);
+    }
+    let cert = match current {
+        Current::Valid { times, leaf } => Ok((leaf.serial, times)),
+        Current::Unusable(why) => Err(why),
+    };
+    Disk { cert, decision }
+}
+
+async fn renew<I: Issue, R: Reload>(rotator: &Rotator<I, R>, forced: bool) -> Event {
+    let result = rotator.renew_due(forced).await.map(drop).map_err(failure);
+    let disk = observe(rotator).await;
+    Event::Renewed { result, disk }
+}
+
+async fn verify<I: Issue, R: Reload>(rotator: &Rotator<I, R>) -> Event {
+    let result = rotator.verify_current().await.map_err(failure);
+    let disk = observe(rotator).await;
+    Event::Verified { result, disk }
+}
+
+fn failure(e: CycleError) -> Failure {
+    Failure {
+        error: e.to_string(),
+        installed: e.installed_serial().map(str::to_string),
+    }
+}
+
+fn log(line: Log) {
+    match line {
+        Log::Forced => tracing::info!("renewal forced"),
+        Log::NoUsableCert { reason } => {
+            tracing::info!(%reason, "no usable cert on disk; renewing now");
+        }
+        Log::RenewalFailed {
+            error,
+            failures,
+            retry_at,
+        } => {
+            tracing::warn!(%error, failures, retry_at = %rfc3339(retry_at), "renewal failed");
+        }
+        Log::InstalledButFailed {
+            error,
+            verify_retry_at: Some(at),
+        } => {
+            tracing::warn!(%error, verify_retry_at = %rfc3339(at), "renewal failed");
+        }
+        Log::InstalledButFailed { error, .. } => tracing::warn!(%error, "renewal failed"),
+        Log::VerifyFailed { error, retry_at } => tracing::warn!(
+            %error,
+            retry_at = %rfc3339(retry_at),
+            "the listener does not serve the cert on disk"
+        ),
+        Log::Status { text, quiet: false } => tracing::info!("{text}"),
+        Log::Status { text, quiet: true } => tracing::debug!("{text}"),
+        Log::ShuttingDown => tracing::info!("shutting down"),
+    }
 }

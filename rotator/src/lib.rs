@@ -9,7 +9,8 @@
 //! - [`client`]: the [`client::Issue`] trait and the gRPC client for the issuer.
 //! - [`validate`]: checks an answer before anything touches disk.
 //! - [`reload`]: signal / HTTP / exec hooks; [`verify`]: the served-cert check.
-//! - [`renew`]: one renewal cycle shared by `run` and `rotate`; [`daemon`]: the loop.
+//! - [`renew`]: one renewal cycle shared by `run` and `rotate`; [`daemon`]: the daemon, a
+//!   sans-IO state machine ([`daemon::machine`]) and the small IO loop that drives it.
 //! - [`status`], [`state`], [`metrics`], [`notify`], [`signals`], [`bootstrap`].
 //!
 //! In-process use (what `rotator rotate` does):

@@ -1,16 +1,11 @@
 //! One renewal cycle, shared by `run` and `rotate`: look at the cert on disk, decide, and
 //! when due fetch a new cert, validate it, swap it in, reload and verify.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use proxy_lib::bundle::CertBundle;
-use proxy_lib::cert::CertInfo;
 use proxy_lib::clock::{SharedClock, rfc3339, unix_secs};
-use proxy_lib::fs::FileStamp;
-use proxy_lib::identity::matches_san;
-use proxy_lib::verify::Usage;
 
 use crate::client::{CertifyRequest, Issue, IssueError, read_token};
 use crate::config::Config;
@@ -18,7 +13,7 @@ use crate::keygen::{self, KeygenError};
 use crate::metrics::Metrics;
 use crate::reload::{Reload, ReloadError};
 use crate::schedule::{self, CertTimes, Decision};
-use crate::state::State;
+use crate::state::{self, Change, State};
 use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
 use crate::validate::{self, ValidateError};
 use crate::verify::VerifyError;
@@ -104,30 +99,6 @@ impl CycleError {
     }
 }
 
-/// The cert found on disk.
-#[derive(Debug, Clone)]
-pub enum Current {
-    /// A complete, matching set for our identity, chaining to the configured anchors.
-    Valid {
-        /// Its times (issued = when received, if the state file knows, else notBefore + skew).
-        times: CertTimes,
-        /// The leaf.
-        leaf: Box<CertInfo>,
-    },
-    /// Missing, unreadable, mismatched, expired, for another identity or untrusted.
-    Unusable(String),
-}
-
-impl Current {
-    /// The times, for a usable cert.
-    pub fn times(&self) -> Option<&CertTimes> {
-        match self {
-            Current::Valid { times, .. } => Some(times),
-            Current::Unusable(_) => None,
-        }
-    }
-}
-
 /// What a cycle did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -157,30 +128,24 @@ pub enum Outcome {
     },
 }
 
-/// A stable jitter sample in [-1, 1] for a cert, from its fingerprint: the same cert always
-/// gets the same renewal point (across restarts and between `run` and `rotate`), different
-/// certs spread out.
-pub fn jitter_sample(sha256_hex: &str) -> f64 {
-    let n = u64::from_str_radix(sha256_hex.get(..16).unwrap_or("0"), 16).unwrap_or(0);
-    (n as f64 / u64::MAX as f64) * 2.0 - 1.0
-}
-
 /// The rotator: config, clock, issuer, hooks, store and metrics.
 pub struct Rotator<I, R> {
-    config: Config,
+    config: Arc<Config>,
     clock: SharedClock,
     issuer: I,
     reload: R,
     store: Store,
     fs: Arc<dyn FsOps + Send + Sync>,
     metrics: Metrics,
-    cache: Option<(CacheKey, Current)>,
+    view: Arc<Mutex<disk::View>>,
 }
 
 impl<I: Issue, R: Reload> Rotator<I, R> {
     /// A rotator writing through the real filesystem.
     pub fn new(config: Config, clock: SharedClock, issuer: I, reload: R, metrics: Metrics) -> Self {
         let store = Store::new(config.dir.clone(), config.key_group);
+        let config = Arc::new(config);
+        let view = disk::View::new(config.clone(), clock.clone());
         Self {
             config,
             clock,
@@ -189,7 +154,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             store,
             fs: Arc::new(RealFs),
             metrics,
-            cache: None,
+            view: Arc::new(Mutex::new(view)),
         }
     }
 
@@ -214,47 +179,27 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         &self.clock
     }
 
+    fn view(&self) -> MutexGuard<'_, disk::View> {
+        // A panic while inspecting leaves nothing half-done in the cache worth refusing.
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Looks at the cert on disk (cached; re-read only when `..data` or the anchors file
     /// changes). Blocks briefly.
     pub fn current(&mut self) -> Current {
-        let now = self.clock.now();
-        let key = cache_key(&self.config);
-        let cached = match &self.cache {
-            Some((k, c)) if *k == key && key.0 != self.config.dir => Some(c.clone()),
-            _ => None,
-        };
-        let current = cached.unwrap_or_else(|| {
-            let c = inspect(&self.config, now);
-            self.cache = Some((key, c.clone()));
-            c
-        });
-        // Validity moves with time even when the files do not.
-        match current {
-            Current::Valid { times, .. } if now >= times.not_after => {
-                Current::Unusable(format!("expired at {}", rfc3339(times.not_after)))
-            }
-            Current::Valid { times, .. } if now < times.not_before => {
-                Current::Unusable(format!("not valid before {}", rfc3339(times.not_before)))
-            }
-            c => c,
-        }
+        self.view().current()
     }
 
-    /// The renewal decision for what is on disk now.
+    /// The renewal decision for what is on disk now. Blocks briefly.
     pub fn decide(&mut self) -> (Current, Decision) {
-        let now = self.clock.now();
-        let current = self.current();
-        let d = match &current {
-            Current::Valid { times, leaf } => schedule::next_renewal(
-                times,
-                now,
-                &self.config.policy,
-                jitter_sample(&leaf.sha256),
-                self.config.schedule.as_ref(),
-            ),
-            Current::Unusable(_) => Decision::RenewNow,
-        };
-        (current, d)
+        self.view().decide()
+    }
+
+    /// [`Rotator::decide`] off the runtime thread (the daemon's `/metrics` and `/ready` keep
+    /// answering while the cert dir is read).
+    pub async fn observe(&self) -> (Current, Decision) {
+        let view = self.view.clone();
+        blocking(move || view.lock().unwrap_or_else(|p| p.into_inner()).decide()).await
     }
 
     /// One cycle: when due (or `force`), renew, install, reload and verify. When not due but
@@ -286,10 +231,14 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
 
     /// Renews now, whatever the schedule says (the daemon calls this once it has decided a
     /// renewal is due); `forced` records whether it was asked for (SIGHUP, `--force`) rather
-    /// than scheduled. Records the result in the metrics and the state file.
-    pub async fn renew_due(&mut self, forced: bool) -> Result<Outcome, CycleError> {
-        let current = self.current();
-        self.renew_now(current, forced).await
+    /// than scheduled. Records the result in the metrics; the state file is left to the
+    /// caller, which writes it once for the whole transition (the new cert's serial and
+    /// receipt are recorded with the swap). The blocking steps run off the runtime thread.
+    pub async fn renew_due(&self, forced: bool) -> Result<Outcome, CycleError> {
+        let result = self.renew_traced(forced).await;
+        self.metrics.rotation(result.is_ok());
+        log_rotated(&result);
+        result
     }
 
     async fn renew_now(&mut self, current: Current, force: bool) -> Result<Outcome, CycleError> {
@@ -299,63 +248,57 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
                 tracing::info!(reason = %why, "no usable cert on disk; renewing now");
             }
         }
-        let span = tracing::info_span!("renewal", identity = %self.config.identity, forced = force);
-        let result = tracing::Instrument::instrument(self.renew(), span).await;
+        let result = self.renew_traced(force).await;
         self.record_renewal(&result);
         result
+    }
+
+    async fn renew_traced(&self, force: bool) -> Result<Outcome, CycleError> {
+        let span = tracing::info_span!("renewal", identity = %self.config.identity, forced = force);
+        tracing::Instrument::instrument(self.renew(), span).await
     }
 
     /// Records a renewal attempt in the metrics and the state file. A failure is not logged
     /// here: the caller logs it once, with what it does next.
     fn record_renewal(&self, result: &Result<Outcome, CycleError>) {
-        let now = self.clock.now();
+        let at = unix_secs(self.clock.now());
         self.metrics.rotation(result.is_ok());
-        self.update_state(|state| match result {
-            Ok(out) => {
-                self.succeeded(state, now);
-                if let Outcome::Rotated { serial, next, .. } = out {
-                    tracing::info!(%serial, next_renewal = %rfc3339(*next), "rotated");
-                    state.next_renewal = Some(unix_secs(*next));
-                }
-            }
-            Err(e) => failed(state, now, e),
-        });
+        log_rotated(result);
+        match result {
+            Ok(Outcome::Rotated { next, .. }) => self.record(&[
+                Change::Succeeded { at },
+                Change::NextRenewal(unix_secs(*next)),
+            ]),
+            Ok(_) => self.record(&[Change::Succeeded { at }]),
+            Err(e) => self.record(&[failure(at, e)]),
+        }
     }
 
     /// Records running the reload and verify again for a cert already installed: a success
     /// completes the rotation that installed it (when one was left unfinished).
     fn record_finish(&self, result: &Result<(), CycleError>) {
-        let now = self.clock.now();
-        self.update_state(|state| match result {
-            Ok(()) if state.unfinished.is_some() => self.succeeded(state, now),
-            Ok(()) => {}
-            Err(e) => failed(state, now, e),
-        });
-    }
-
-    fn succeeded(&self, state: &mut State, now: SystemTime) {
-        self.metrics.last_success.set(unix_secs(now) as i64);
-        state.last_success = Some(unix_secs(now));
-        state.last_error = None;
-        state.last_error_at = None;
-        state.failures = 0;
-        state.unfinished = None;
-    }
-
-    /// Applies `f` to the state file, writing it when that changed something.
-    fn update_state(&self, f: impl FnOnce(&mut State)) {
-        let before = State::load(&self.config.dir);
-        let mut state = before.clone();
-        f(&mut state);
-        if state == before {
-            return;
-        }
-        if let Err(e) = state.save(&self.config.dir) {
-            tracing::warn!(error = %e, "cannot write the state file");
+        let at = unix_secs(self.clock.now());
+        match result {
+            Ok(()) => self.record(&[Change::Completed { at }]),
+            Err(e) => self.record(&[failure(at, e)]),
         }
     }
 
-    async fn renew(&mut self) -> Result<Outcome, CycleError> {
+    /// Applies `changes` to the state file under the store lock, and the last success to the
+    /// metrics. Blocks (one-shot `rotate`; the daemon goes through [`Rotator::record_off_thread`]).
+    fn record(&self, changes: &[Change]) {
+        record_in(&self.config.dir, &self.metrics, changes);
+    }
+
+    /// Applies one transition's `changes` to the state file under the store lock, off the
+    /// runtime thread, and the last success to the metrics.
+    pub async fn record_off_thread(&self, changes: Vec<Change>) {
+        let dir = self.config.dir.clone();
+        let metrics = self.metrics.clone();
+        blocking(move || record_in(&dir, &metrics, &changes)).await;
+    }
+
+    async fn renew(&self) -> Result<Outcome, CycleError> {
         let cfg = &self.config;
         let anchors = cfg
             .trust_anchors
@@ -382,31 +325,39 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             cfg.policy.clock_skew,
         )?;
         let serial = valid.leaf.serial.clone();
-        let version = {
-            let _lock = self.store.lock()?;
-            self.store.swap(
-                self.fs.as_ref(),
-                &NewSet {
-                    chain: &valid.chain,
-                    key: &fresh.key,
-                    anchors: anchors.certs(),
-                },
-                received,
-            )?
-        };
         let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
-        // What was just validated and written is what is on disk: no need to re-read it.
-        self.cache = Some((
-            (version, anchors_stamp(&self.config)),
-            Current::Valid {
-                times,
-                leaf: Box::new(valid.leaf.clone()),
-            },
-        ));
-        self.update_state(|state| {
-            state.serial = Some(serial.clone());
-            state.received = Some(unix_secs(received));
-        });
+        let key = {
+            // The swap (flock, writes, fsyncs) and the state file run off the runtime thread.
+            let (store, fs, view) = (self.store.clone(), self.fs.clone(), self.view.clone());
+            let (chain, key, anchor_certs) =
+                (valid.chain.clone(), fresh.key, anchors.certs().to_vec());
+            let installed = Change::Installed {
+                serial: serial.clone(),
+                received: unix_secs(received),
+            };
+            let leaf = valid.leaf.clone();
+            blocking(move || -> Result<_, StoreError> {
+                let lock = store.lock()?;
+                let set = NewSet {
+                    chain: &chain,
+                    key: &key,
+                    anchors: &anchor_certs,
+                };
+                let version = store.swap(fs.as_ref(), &set, received)?;
+                // The new cert and when it was received go into the state file together,
+                // under the same lock.
+                if let Err(e) = state::update_locked(store.dir(), &lock, &[installed]) {
+                    tracing::warn!(error = %e, "cannot write the state file");
+                }
+                drop(lock);
+                // What was just validated and written is what is on disk: no need to re-read it.
+                view.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .installed(version, times, leaf);
+                Ok(key)
+            })
+            .await?
+        };
         self.metrics
             .cert_expiration
             .set(unix_secs(valid.leaf.not_after) as i64);
@@ -420,7 +371,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             Decision::At(t) => t,
             Decision::RenewNow => received,
         };
-        let bundle = CertBundle::from_parts(valid.chain.clone(), fresh.key.clone(), anchors)
+        let bundle = CertBundle::from_parts(valid.chain.clone(), key, anchors)
             .map_err(|e| CycleError::Anchors(e.to_string()))?;
         self.reload_and_verify(&bundle).await?;
         Ok(Outcome::Rotated {
@@ -484,24 +435,18 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
 
     /// The cert set on disk, read back to reload and verify it. Blocks briefly.
     fn installed_bundle(&self) -> Result<CertBundle, CycleError> {
-        CertBundle::load_dir(&self.config.dir)
-            .map(|(b, _)| b)
-            .map_err(|e| CycleError::Installed(e.to_string()))
+        installed_bundle(&self.config.dir)
     }
 
     /// Checks that the listener serves the cert on disk (start-up of the daemon with
-    /// `[verify]`), reloading when it does not. Records the result in the state file.
+    /// `[verify]`, and after a rotation whose verify failed), reloading when it does not. The
+    /// cert set is read off the runtime thread; the state file is left to the caller.
     pub async fn verify_current(&self) -> Result<(), CycleError> {
-        let result = self.check_or_reload_current().await;
-        self.record_finish(&result);
-        result
-    }
-
-    async fn check_or_reload_current(&self) -> Result<(), CycleError> {
         if self.config.verify.is_none() {
             return Ok(());
         }
-        let bundle = self.installed_bundle()?;
+        let dir = self.config.dir.clone();
+        let bundle = blocking(move || installed_bundle(&dir)).await?;
         if let Some(v) = &self.config.verify {
             let name = v
                 .server_name
@@ -518,80 +463,66 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
     }
 }
 
-/// Notes a failed attempt in the state; a cert installed before the failure stays to be
+/// The cert set in `dir`, read back to reload and verify it. Blocks briefly.
+fn installed_bundle(dir: &std::path::Path) -> Result<CertBundle, CycleError> {
+    CertBundle::load_dir(dir)
+        .map(|(b, _)| b)
+        .map_err(|e| CycleError::Installed(e.to_string()))
+}
+
+/// A failed attempt, for the state file; a cert installed before the failure stays to be
 /// reloaded and verified.
-fn failed(state: &mut State, now: SystemTime, error: &CycleError) {
-    state.last_error = Some(error.to_string());
-    state.last_error_at = Some(unix_secs(now));
-    state.failures = state.failures.saturating_add(1);
-    if let Some(serial) = error.installed_serial() {
-        state.unfinished = Some(serial.to_string());
+fn failure(at: u64, error: &CycleError) -> Change {
+    Change::Failed {
+        at,
+        error: error.to_string(),
+        installed: error.installed_serial().map(str::to_string),
     }
 }
 
-/// What the cached inspection depends on: the resolved version dir and the anchors file's
-/// stamp.
-type CacheKey = (PathBuf, Option<FileStamp>);
-
-fn anchors_stamp(config: &Config) -> Option<FileStamp> {
-    match &config.trust_anchors {
-        crate::config::AnchorSource::File(p) => FileStamp::of(p),
-        crate::config::AnchorSource::Pem(_) => None,
+fn log_rotated(result: &Result<Outcome, CycleError>) {
+    if let Ok(Outcome::Rotated { serial, next, .. }) = result {
+        tracing::info!(%serial, next_renewal = %rfc3339(*next), "rotated");
     }
 }
 
-fn cache_key(config: &Config) -> CacheKey {
-    (
-        proxy_lib::certdir::resolve_data_dir(&config.dir),
-        anchors_stamp(config),
-    )
-}
-
-/// Reads and checks the cert on disk against the config at `now`. Blocks.
-pub fn inspect(config: &Config, now: SystemTime) -> Current {
-    let (bundle, _) = match CertBundle::load_dir(&config.dir) {
-        Ok(b) => b,
-        Err(e) => return Current::Unusable(format!("cannot load the cert set: {e}")),
-    };
-    if let Err(e) = bundle.check(now) {
-        return Current::Unusable(e.to_string());
-    }
-    let leaf = bundle.leaf.clone();
-    let id = &config.identity;
-    let dns_ok = matches!(leaf.dns_sans.as_slice(), [san] if matches_san(san, id.as_str()));
-    if !dns_ok || leaf.uri_sans != [id.spiffe_id()] {
-        return Current::Unusable(format!(
-            "the cert is for {:?} / {:?}, not {}",
-            leaf.dns_sans, leaf.uri_sans, id
-        ));
-    }
-    // The configured anchors may have rotated: the cert must chain to them too.
-    match config.trust_anchors.load() {
-        Ok(anchors) => {
-            if let Err(e) =
-                anchors.verify_leaf(&bundle.chain[0], &bundle.chain[1..], now, Usage::Server)
-            {
-                return Current::Unusable(format!(
-                    "the cert does not chain to the configured anchors: {e}"
-                ));
+/// Applies `changes` to the state file in `dir` under the store lock and sets the last-success
+/// metric from the result. A state file that cannot be written is logged, not fatal. Blocks.
+fn record_in(dir: &std::path::Path, metrics: &Metrics, changes: &[Change]) {
+    match state::update(dir, changes) {
+        Ok(state) => {
+            if let Some(t) = state.last_success {
+                metrics.last_success.set(t as i64);
             }
         }
-        Err(e) => return Current::Unusable(format!("the configured anchors are unusable: {e}")),
-    }
-    let state = State::load(&config.dir);
-    let times = match state.received_for(&leaf.serial) {
-        Some(secs) => CertTimes::received(
-            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
-            leaf.not_before,
-            leaf.not_after,
-        ),
-        None => CertTimes::found_on_disk(leaf.not_before, leaf.not_after, config.policy.clock_skew),
-    };
-    Current::Valid {
-        times,
-        leaf: Box::new(leaf),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the state file");
+            for c in changes {
+                if let Change::Succeeded { at } = c {
+                    metrics.last_success.set(*at as i64);
+                }
+            }
+        }
     }
 }
+
+/// Runs blocking file work (reads, flock, fsync) on tokio's blocking pool, so the runtime
+/// thread keeps serving `/metrics` and `/ready`. A panic in `f` is passed on as if `f` had
+/// run here.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Cancelled: the runtime is shutting down and drops this task with it.
+            Err(_) => std::future::pending().await,
+        },
+    }
+}
+
+mod disk;
+
+pub use disk::{Current, inspect, jitter_sample};
 
 #[cfg(test)]
 mod tests;

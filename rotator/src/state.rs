@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use proxy_lib::fs::{FsError, LockGuard};
 use serde::{Deserialize, Serialize};
 
 /// The state file's name inside the cert dir.
@@ -42,6 +43,9 @@ impl State {
 
     /// Writes the state file atomically (0644), creating the cert dir (0755) when it does not
     /// exist yet, as on a host that never got a cert. Blocks.
+    ///
+    /// This writes without the store lock: the rotator changes the file through [`update`] or
+    /// [`update_locked`], which read, change and write it under the lock.
     pub fn save(&self, dir: &Path) -> Result<(), proxy_lib::fs::FsError> {
         let json = serde_json::to_vec_pretty(self).expect("state serializes");
         proxy_lib::fs::ensure_dir(dir, crate::store::DIR_MODE)?;
@@ -53,12 +57,107 @@ impl State {
         )
     }
 
+    /// Applies one transition's changes, in order.
+    pub fn apply(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::Installed { serial, received } => {
+                    self.serial = Some(serial.clone());
+                    self.received = Some(*received);
+                }
+                Change::Succeeded { at } => self.succeed(*at),
+                Change::Completed { at } => {
+                    if self.unfinished.is_some() {
+                        self.succeed(*at);
+                    }
+                }
+                Change::Failed {
+                    at,
+                    error,
+                    installed,
+                } => {
+                    self.last_error = Some(error.clone());
+                    self.last_error_at = Some(*at);
+                    self.failures = self.failures.saturating_add(1);
+                    if let Some(serial) = installed {
+                        self.unfinished = Some(serial.clone());
+                    }
+                }
+                Change::NextRenewal(t) => self.next_renewal = Some(*t),
+            }
+        }
+    }
+
+    fn succeed(&mut self, at: u64) {
+        self.last_success = Some(at);
+        self.last_error = None;
+        self.last_error_at = None;
+        self.failures = 0;
+        self.unfinished = None;
+    }
+
     /// The time the current cert was received, if the state is about `serial`.
     pub fn received_for(&self, serial: &str) -> Option<u64> {
         (self.serial.as_deref() == Some(serial))
             .then_some(self.received)
             .flatten()
     }
+}
+
+/// One change a transition makes to the state file. Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new cert was installed (written together with the swap).
+    Installed {
+        /// Its serial.
+        serial: String,
+        /// When it was received.
+        received: u64,
+    },
+    /// A rotation succeeded: records the success and clears the failures, the last error and
+    /// an unfinished rotation.
+    Succeeded {
+        /// When.
+        at: u64,
+    },
+    /// The reload and verify of the cert on disk passed: a success when a rotation was left
+    /// unfinished, nothing otherwise.
+    Completed {
+        /// When.
+        at: u64,
+    },
+    /// An attempt failed; a cert installed before the failure stays to be reloaded and
+    /// verified (`unfinished`).
+    Failed {
+        /// When.
+        at: u64,
+        /// What failed.
+        error: String,
+        /// The serial installed before the failure, if any.
+        installed: Option<String>,
+    },
+    /// The planned next renewal.
+    NextRenewal(u64),
+}
+
+/// Applies `changes` to the state file in `dir` in one read-modify-write under the store lock
+/// (`lock` proves the caller holds it), writing only when something changed. Returns the state
+/// after the changes. Blocks.
+pub fn update_locked(dir: &Path, _lock: &LockGuard, changes: &[Change]) -> Result<State, FsError> {
+    let before = State::load(dir);
+    let mut state = before.clone();
+    state.apply(changes);
+    if state != before {
+        state.save(dir)?;
+    }
+    Ok(state)
+}
+
+/// [`update_locked`], taking and releasing the store lock around it. Blocks (waits for the
+/// lock while another process swaps).
+pub fn update(dir: &Path, changes: &[Change]) -> Result<State, crate::store::StoreError> {
+    let lock = crate::store::Store::new(dir, None).lock()?;
+    Ok(update_locked(dir, &lock, changes)?)
 }
 
 #[cfg(test)]
@@ -83,6 +182,38 @@ mod tests {
         assert_eq!(State::load(d.path()).failures, 1);
         assert_eq!(s.received_for("ab"), Some(5));
         assert_eq!(s.received_for("cd"), None);
+    }
+
+    #[test]
+    fn changes_apply_under_the_lock_and_an_unchanged_state_is_not_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let failed = |at| Change::Failed {
+            at,
+            error: "reload failed".into(),
+            installed: Some("ab".into()),
+        };
+        let s = update(d.path(), &[failed(5), failed(6), Change::NextRenewal(9)]).unwrap();
+        assert_eq!((s.failures, s.last_error_at), (2, Some(6)));
+        assert_eq!(
+            (s.unfinished.as_deref(), s.next_renewal),
+            (Some("ab"), Some(9))
+        );
+        assert_eq!(State::load(d.path()), s);
+        // Completed only counts as a success while a rotation is unfinished.
+        let s = update(d.path(), &[Change::Completed { at: 7 }]).unwrap();
+        assert_eq!(
+            (s.failures, s.last_success, s.unfinished),
+            (0, Some(7), None)
+        );
+        let s = update(d.path(), &[Change::Completed { at: 8 }]).unwrap();
+        assert_eq!(s.last_success, Some(7));
+        // Nothing changes: the file is left as it is.
+        let file = d.path().join(STATE_FILE);
+        std::fs::write(&file, serde_json::to_vec(&s).unwrap()).unwrap();
+        let before = std::fs::read(&file).unwrap();
+        update(d.path(), &[Change::NextRenewal(9)]).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), before);
+        assert!(d.path().join(crate::store::LOCK_FILE).is_file());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Cycle and daemon-loop tests against the in-process fake issuer, on simulated time.
 
 use super::*;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -90,7 +91,8 @@ impl Notify for Recorder {
     }
 }
 
-/// Every file under `dir` with its bytes, except the state file.
+/// Every file under `dir` with its bytes, except the state file and the (empty) lock file the
+/// state file is written under.
 fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -101,7 +103,7 @@ fn snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
         for e in rd.flatten() {
             let p = e.path();
             let name = p.strip_prefix(dir).unwrap().display().to_string();
-            if name == crate::state::STATE_FILE {
+            if name == crate::state::STATE_FILE || name == crate::store::LOCK_FILE {
                 continue;
             }
             let m = std::fs::symlink_metadata(&p).unwrap();
@@ -572,6 +574,84 @@ async fn ready_is_sent_only_after_a_valid_cert_is_installed() {
             .any(|(n, _)| matches!(n, Notice::Status(s) if s.starts_with("next renewal at")))
     );
     assert_eq!(seen.last().unwrap().0, Notice::Stopping);
+}
+
+/// Notifications as they come.
+struct Channel(tokio::sync::mpsc::UnboundedSender<Notice>);
+
+impl Notify for Channel {
+    fn notify(&self, notice: Notice) {
+        let _ = self.0.send(notice);
+    }
+}
+
+/// While another process (a one-shot `rotate`) holds the store lock, the daemon's swap waits
+/// for it off the runtime thread: `/metrics` and `/ready` keep answering meanwhile.
+#[tokio::test(flavor = "current_thread")]
+async fn metrics_and_ready_answer_while_the_swap_waits_for_the_store_lock() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+    let rig = rig(DAY, "");
+    let (locked_tx, locked) = tokio::sync::oneshot::channel();
+    let (release, released_rx) = std::sync::mpsc::channel::<()>();
+    let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = crate::store::Store::new(&rig.config.dir, None);
+    let holder = {
+        let released = released.clone();
+        std::thread::spawn(move || {
+            let guard = store.lock().unwrap();
+            let _ = locked_tx.send(());
+            // Released when the test says so; the timeout only keeps a daemon that blocks
+            // its runtime thread from hanging the test forever.
+            let _ = released_rx.recv_timeout(Duration::from_secs(30));
+            released.store(true, Ordering::SeqCst);
+            drop(guard);
+        })
+    };
+    locked.await.unwrap();
+    let (called_tx, called) = tokio::sync::oneshot::channel();
+    rig.issuer.script(move |iss, req| {
+        let _ = called_tx.send(());
+        Ok(iss.sign(&req.csr_der, |_| {}))
+    });
+    let r = rig.rotator();
+    let metrics = r.metrics().clone();
+    let (notices, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let (handle, controls) = daemon::controls();
+    let task = tokio::spawn(daemon::run(
+        r,
+        Arc::new(Channel(notices)),
+        controls,
+        LoopOptions::default(),
+    ));
+    called.await.unwrap();
+    // The daemon has its new cert and waits for the lock to install it.
+    let router = metrics.router();
+    for (path, want) in [
+        ("/metrics", StatusCode::OK),
+        ("/ready", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), want, "{path}");
+    }
+    assert!(
+        !released.load(Ordering::SeqCst),
+        "the admin endpoints answered only once the lock was released"
+    );
+    assert_eq!(rig.serial_on_disk(), None, "installed without the lock");
+    release.send(()).unwrap();
+    while let Some(n) = seen.recv().await {
+        if n == Notice::Ready {
+            break;
+        }
+    }
+    assert!(rig.serial_on_disk().is_some());
+    assert!(metrics.is_ready());
+    handle.shutdown();
+    task.await.unwrap();
+    holder.join().unwrap();
 }
 
 #[tokio::test(flavor = "current_thread")]
