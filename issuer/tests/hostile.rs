@@ -212,7 +212,7 @@ async fn channel_from(iss: &Issuer, source: &str) -> tonic::transport::Channel {
     let name = ServerName::try_from(iss.cfg.server_name.clone()).unwrap();
     let (addr, source): (SocketAddr, SocketAddr) =
         (iss.addr, format!("{source}:0").parse().unwrap());
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_| {
             let (connector, name) = (connector.clone(), name.clone());
@@ -228,8 +228,7 @@ async fn channel_from(iss: &Issuer, source: &str) -> tonic::transport::Channel {
             }
         }))
         .await
-        .expect("connect to issuer");
-    channel
+        .expect("connect to issuer")
 }
 
 fn audit_bytes(iss: &Issuer) -> Vec<u8> {
