@@ -117,6 +117,49 @@ impl IssueError {
     }
 }
 
+/// A TCP connection to `addr` (each address it resolves to, in turn), from `source` when
+/// given.
+async fn connect(
+    addr: &HostPort,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = match source {
+        None => tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?,
+        Some(ip) => {
+            let mut last = None;
+            let mut found = None;
+            for to in tokio::net::lookup_host((addr.host.as_str(), addr.port)).await? {
+                if to.is_ipv4() != ip.is_ipv4() {
+                    continue;
+                }
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                match socket.connect(to).await {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            found.ok_or_else(|| {
+                last.unwrap_or_else(|| {
+                    std::io::Error::other(format!(
+                        "{} has no address of the family of source_addr {ip}",
+                        addr.host
+                    ))
+                })
+            })?
+        }
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// Something that can certify a CSR.
 pub trait Issue: Send + Sync {
     /// Sends one Certify request.
@@ -151,6 +194,7 @@ pub struct GrpcIssuer {
     server_name: String,
     anchors: Option<Anchors>,
     timeout: Duration,
+    source: Option<std::net::IpAddr>,
 }
 
 /// The anchors the issuer's serving cert is verified against.
@@ -175,6 +219,7 @@ impl GrpcIssuer {
             server_name,
             anchors: Some(Anchors::Fixed(anchors)),
             timeout,
+            source: None,
         }
     }
 
@@ -190,6 +235,7 @@ impl GrpcIssuer {
             server_name,
             anchors: Some(Anchors::Source(source)),
             timeout,
+            source: None,
         }
     }
 
@@ -200,7 +246,15 @@ impl GrpcIssuer {
             server_name: String::new(),
             anchors: None,
             timeout,
+            source: None,
         }
+    }
+
+    /// Connects from `source` (a host with several addresses must use the one the issuer
+    /// knows it by), or from the address the OS picks when `None`.
+    pub fn with_source(mut self, source: Option<std::net::IpAddr>) -> Self {
+        self.source = source;
+        self
     }
 
     async fn call(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
@@ -213,14 +267,13 @@ impl GrpcIssuer {
             .connect_timeout(self.timeout)
             .timeout(self.timeout);
         let addr = self.addr.clone();
+        let source = self.source;
         let channel = match &self.anchors {
             None => {
                 let connector = tower::service_fn(move |_: http::Uri| {
                     let addr = addr.clone();
                     async move {
-                        let tcp =
-                            tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?;
-                        tcp.set_nodelay(true)?;
+                        let tcp = connect(&addr, source).await?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tcp))
                     }
                 });
@@ -243,9 +296,7 @@ impl GrpcIssuer {
                     let tls = tls.clone();
                     let name = name.clone();
                     async move {
-                        let tcp =
-                            tokio::net::TcpStream::connect((addr.host.as_str(), addr.port)).await?;
-                        tcp.set_nodelay(true)?;
+                        let tcp = connect(&addr, source).await?;
                         let stream = tls.connect(name, tcp).await.map_err(std::io::Error::from)?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
                     }
