@@ -18,6 +18,7 @@ use zeroize::Zeroize;
 use crate::error::{Error, Result};
 
 pub mod chain;
+pub mod ops;
 
 pub use chain::{CaError, Link, LinkInfo, Part};
 
