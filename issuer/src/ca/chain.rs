@@ -363,20 +363,6 @@ pub fn check(
         .enumerate()
         .map(|(i, (x, der))| LinkInfo::of(x, der, Link::in_chain(i, subject_of(x))))
         .collect();
-    for (i, l) in links.iter().enumerate() {
-        l.check_ca()?;
-        if i == 0 {
-            if let Some(p) = l.pathlen.filter(|p| *p != 0) {
-                return Err(CaError::IssuerPathLen {
-                    link: l.link.clone(),
-                    pathlen: p,
-                });
-            }
-        } else {
-            l.check_pathlen(i)?;
-        }
-        l.check_valid_at(now)?;
-    }
     for i in 0..parsed.len() - 1 {
         let (child, parent) = (&parsed[i], &parsed[i + 1]);
         let reason = if child.issuer().as_raw() != parent.subject().as_raw() {
@@ -398,6 +384,20 @@ pub fn check(
                 reason,
             });
         }
+    }
+    for (i, l) in links.iter().enumerate() {
+        l.check_ca()?;
+        if i == 0 {
+            if let Some(p) = l.pathlen.filter(|p| *p != 0) {
+                return Err(CaError::IssuerPathLen {
+                    link: l.link.clone(),
+                    pathlen: p,
+                });
+            }
+        } else {
+            l.check_pathlen(i)?;
+        }
+        l.check_valid_at(now)?;
     }
     let top = parsed.last().expect("chain is not empty");
     let top_link = links.last().expect("chain is not empty").link.clone();
@@ -426,4 +426,261 @@ pub fn check(
     anchor.check_valid_at(now)?;
     links.push(anchor);
     Ok(Path { chain, links })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use proxy_lib::pem::PrivateKey;
+    use proxy_lib::verify::{TrustAnchors, Usage};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+
+    use super::*;
+    use crate::ca::Ca;
+
+    fn now() -> SystemTime {
+        rcgen::date_time_ymd(2030, 6, 1).into()
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A CA certificate with its key and params (to sign below it).
+    struct Node {
+        der: CertificateDer<'static>,
+        key: KeyPair,
+        params: CertificateParams,
+    }
+
+    impl Node {
+        fn issuer(&self) -> Issuer<'_, &KeyPair> {
+            Issuer::from_params(&self.params, &self.key)
+        }
+    }
+
+    fn params(cn: &str, bc: IsCa, f: impl FnOnce(&mut CertificateParams)) -> CertificateParams {
+        let mut p = CertificateParams::new(Vec::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = bc;
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = (now() - DAY).into();
+        p.not_after = (now() + 365 * DAY).into();
+        f(&mut p);
+        p
+    }
+
+    fn new_root(cn: &str, bc: IsCa) -> Node {
+        let key = KeyPair::generate().unwrap();
+        let params = params(cn, bc, |p| p.not_after = (now() + 3650 * DAY).into());
+        let der = params.self_signed(&key).unwrap().der().clone();
+        Node { der, key, params }
+    }
+
+    fn under(parent: &Node, cn: &str, bc: IsCa, f: impl FnOnce(&mut CertificateParams)) -> Node {
+        let key = KeyPair::generate().unwrap();
+        let params = params(cn, bc, f);
+        let der = params
+            .signed_by(&key, &parent.issuer())
+            .unwrap()
+            .der()
+            .clone();
+        Node { der, key, params }
+    }
+
+    fn constrained(n: u8) -> IsCa {
+        IsCa::Ca(BasicConstraints::Constrained(n))
+    }
+
+    fn unconstrained() -> IsCa {
+        IsCa::Ca(BasicConstraints::Unconstrained)
+    }
+
+    fn load(anchors: &[&Node], chain: &[&Node], key: &Node, at: SystemTime) -> Result<Ca, CaError> {
+        Ca::from_parts(
+            TrustAnchors::from_certs(anchors.iter().map(|n| n.der.clone()).collect()).unwrap(),
+            chain.iter().map(|n| n.der.clone()).collect(),
+            PrivateKey::from_pkcs8_der(key.key.serialize_der()),
+            at,
+        )
+    }
+
+    /// Linkerd-like: root → intermediate → issuer (no pathlen on the issuer, as cert-manager
+    /// writes it).
+    fn three_levels() -> (Node, Node, Node) {
+        let root = new_root("root.linkerd.cluster.local", unconstrained());
+        let inter = under(&root, "intermediate", constrained(1), |p| {
+            p.not_after = (now() + 200 * DAY).into()
+        });
+        let issuer = under(
+            &inter,
+            "identity.linkerd.cluster.local",
+            unconstrained(),
+            |_| {},
+        );
+        (root, inter, issuer)
+    }
+
+    #[test]
+    fn a_three_level_chain_signs_leaves_that_verify_through_every_link() {
+        let (root, inter, issuer) = three_levels();
+        let other_root = new_root("old-root", unconstrained());
+        // A two-root bundle (anchor rotation), and cert-manager's trailing copy of the root.
+        let ca = load(
+            &[&other_root, &root],
+            &[&issuer, &inter, &root],
+            &issuer,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(ca.chain(), &[issuer.der.clone(), inter.der.clone()]);
+        let links: Vec<_> = ca.links().iter().map(|l| l.link.to_string()).collect();
+        assert_eq!(
+            links,
+            [
+                "issuer certificate (CN=identity.linkerd.cluster.local)",
+                "intermediate #1 of the issuer chain (CN=intermediate)",
+                "trust anchor #1 (CN=root.linkerd.cluster.local)",
+            ]
+        );
+        // Leaves never outlive the shortest link (the intermediate here).
+        assert_eq!(
+            ca.window().not_after,
+            SystemTime::from(rcgen::date_time_ymd(2030, 6, 1)) + 200 * DAY
+        );
+        let id = proxy_lib::identity::Identity::parse(
+            "web.prod.serviceaccount.identity.linkerd.cluster.local",
+        )
+        .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let grant = Window::grant(now(), DAY, Duration::from_secs(20), ca.window());
+        let leaf =
+            crate::signer::sign_leaf(&ca, &id, &key, &grant, crate::signer::LeafKind::Workload)
+                .unwrap();
+        for usage in [Usage::Client, Usage::Server] {
+            ca.anchors()
+                .verify_leaf(&leaf.der, ca.chain(), now(), usage)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn every_link_is_checked_and_the_error_names_it() {
+        let (root, inter, issuer) = three_levels();
+        let cases: Vec<(&str, Result<Ca, CaError>, &str)> = vec![
+            (
+                "expired intermediate",
+                load(&[&root], &[&issuer, &inter], &issuer, now() + 300 * DAY),
+                "intermediate #1 of the issuer chain (CN=intermediate) (serial",
+            ),
+            (
+                "intermediates out of order",
+                load(&[&root], &[&inter, &issuer], &issuer, now()),
+                "issuer certificate (CN=intermediate) was not issued by the next certificate",
+            ),
+            (
+                "missing intermediate",
+                load(&[&root], &[&issuer], &issuer, now()),
+                "does not chain to any trust anchor",
+            ),
+        ];
+        for (what, r, needle) in cases {
+            let e = r.expect_err(what).to_string();
+            assert!(e.contains(needle), "{what}: {e}");
+        }
+        let e = load(&[&root], &[&issuer, &inter], &issuer, now() + 300 * DAY)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not valid now"), "{e}");
+
+        // An intermediate that is not a CA.
+        let not_ca = under(&root, "not-a-ca", IsCa::ExplicitNoCa, |_| {});
+        let below = under(
+            &not_ca,
+            "identity.linkerd.cluster.local",
+            constrained(0),
+            |_| {},
+        );
+        let e = load(&[&root], &[&below, &not_ca], &below, now()).unwrap_err();
+        assert_eq!(e.part(), Part::Chain);
+        assert_eq!(
+            e.to_string(),
+            "intermediate #1 of the issuer chain (CN=not-a-ca) is not a CA (basicConstraints \
+             CA:TRUE missing)"
+        );
+
+        // An intermediate whose pathlen forbids the issuer below it.
+        let tight = under(&root, "tight", constrained(0), |_| {});
+        let below = under(
+            &tight,
+            "identity.linkerd.cluster.local",
+            constrained(0),
+            |_| {},
+        );
+        let e = load(&[&root], &[&below, &tight], &below, now())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("intermediate #1 of the issuer chain (CN=tight) has pathlen 0, which forbids the 1 CA"),
+            "{e}"
+        );
+
+        // An anchor whose pathlen forbids a three-level chain (as `issuer init` used to make).
+        let small_root = new_root("small-root", constrained(1));
+        let inter2 = under(&small_root, "intermediate", unconstrained(), |_| {});
+        let below = under(
+            &inter2,
+            "identity.linkerd.cluster.local",
+            constrained(0),
+            |_| {},
+        );
+        let e = load(&[&small_root], &[&below, &inter2], &below, now()).unwrap_err();
+        assert_eq!(e.part(), Part::Anchors);
+        assert!(
+            e.to_string()
+                .contains("trust anchor #0 (CN=small-root) has pathlen 1, which forbids the 2"),
+            "{e}"
+        );
+
+        // An intermediate without keyCertSign.
+        let no_sign = under(&root, "no-sign", unconstrained(), |p| {
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature]
+        });
+        let below = under(
+            &no_sign,
+            "identity.linkerd.cluster.local",
+            constrained(0),
+            |_| {},
+        );
+        let e = load(&[&root], &[&below, &no_sign], &below, now())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(CN=no-sign) lacks the keyCertSign"), "{e}");
+
+        // A chain whose second certificate did not sign the first.
+        let stranger = under(&root, "intermediate", constrained(1), |_| {});
+        let e = load(&[&root], &[&issuer, &stranger], &issuer, now())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("issuer certificate (CN=identity.linkerd.cluster.local) was not issued by the next certificate, intermediate #1")
+                && e.contains("signature does not verify"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn trailing_anchors_are_dropped_and_an_anchor_alone_is_no_chain() {
+        let (root, inter, issuer) = three_levels();
+        let anchors = [root.der.clone()];
+        let chain = without_anchors(
+            vec![issuer.der.clone(), inter.der.clone(), root.der.clone()],
+            &anchors,
+        );
+        assert_eq!(chain.len(), 2);
+        let e = load(&[&root], &[&root], &root, now()).unwrap_err();
+        assert_eq!(e, CaError::EmptyChain);
+    }
 }
