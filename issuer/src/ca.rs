@@ -129,21 +129,9 @@ impl std::fmt::Debug for Ca {
 impl Ca {
     /// Reads and validates the CA files at `now`. Blocks. Errors name the file at fault.
     pub fn load(files: &CaFiles, now: SystemTime) -> Result<Self> {
-        let read = |p: &Path| {
-            pem::read(p).map_err(|e| match e {
-                pem::PemError::Io { source, .. } => Error::CaUnreadable {
-                    path: p.to_path_buf(),
-                    source,
-                },
-                other => Error::CaMaterial {
-                    path: p.to_path_buf(),
-                    reason: other.to_string(),
-                },
-            })
-        };
-        let anchors = read(&files.anchors)?;
-        let cert = read(&files.cert)?;
-        let key = zeroize::Zeroizing::new(read(&files.key)?);
+        let anchors = read_material(&files.anchors)?;
+        let cert = read_material(&files.cert)?;
+        let key = zeroize::Zeroizing::new(read_material(&files.key)?);
         Self::from_pem(&anchors, &cert, &key, now, files)
     }
 
@@ -176,7 +164,7 @@ impl Ca {
                 Part::Chain => files.cert.clone(),
                 Part::Key => files.key.clone(),
             },
-            source,
+            source: Box::new(source),
         })
     }
 
@@ -289,6 +277,30 @@ impl Ca {
     pub(crate) fn issuer(&self) -> &Issuer<'static, IssuerKey> {
         &self.issuer
     }
+}
+
+/// Reads a CA file (PEM or DER bytes). Blocks. A missing or unreadable file is
+/// [`Error::CaUnreadable`], anything else [`Error::CaMaterial`], both naming the file.
+pub fn read_material(path: &Path) -> Result<Vec<u8>> {
+    pem::read(path).map_err(|e| match e {
+        pem::PemError::Io { source, .. } => Error::CaUnreadable {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => Error::CaMaterial {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// The certificates in `bytes` read from `path` (PEM, or one DER certificate); an error
+/// names the file.
+pub fn certs_in(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    pem::certs_from_bytes(bytes, &path.display().to_string()).map_err(|e| Error::CaMaterial {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Reads an issuer key: PEM or DER, PKCS#8, SEC1 (`openssl ecparam -genkey`) or PKCS#1 (see

@@ -160,7 +160,7 @@ pub enum Error {
         path: PathBuf,
         /// What was wrong, naming the link.
         #[source]
-        source: crate::ca::CaError,
+        source: Box<crate::ca::CaError>,
     },
     /// `issuer ca show` found a link that is invalid or expires soon.
     #[error("{0}")]

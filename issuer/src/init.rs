@@ -19,7 +19,10 @@ use crate::ca::ops::{
     BACKDATE, DEFAULT_CONTROL_PLANE_NAMESPACE, find_signer, issuer_common_name, mint_issuer,
     mint_under, read_signing_key,
 };
-use crate::ca::{ANCHORS_FILE, Ca, CaFiles, ISSUER_CERT_FILE, ISSUER_KEY_FILE, IssuerKey};
+use crate::ca::{
+    ANCHORS_FILE, Ca, CaFiles, ISSUER_CERT_FILE, ISSUER_KEY_FILE, IssuerKey, certs_in,
+    read_material,
+};
 use crate::config::{CONFIG_FILE, DEFAULT_TOKENS_FILE};
 use crate::error::{Error, Result};
 
@@ -262,34 +265,12 @@ fn fresh_trust(opts: &InitOptions, now: SystemTime) -> Result<Material> {
 /// The cluster's anchors with an issuer pair made elsewhere, or a new issuer signed with an
 /// anchor's key; validated exactly as the server will load them before anything is written.
 fn existing_trust(opts: &InitOptions, trust: &Trust, now: SystemTime) -> Result<Material> {
-    let read = |p: &Path| {
-        proxy_lib::pem::read(p).map_err(|e| match e {
-            proxy_lib::pem::PemError::Io { source, .. } => Error::CaUnreadable {
-                path: p.to_path_buf(),
-                source,
-            },
-            other => Error::CaMaterial {
-                path: p.to_path_buf(),
-                reason: other.to_string(),
-            },
-        })
-    };
-    let anchors_in = read(&trust.anchors)?;
-    let anchors =
-        proxy_lib::pem::certs_from_bytes(&anchors_in, &trust.anchors.display().to_string())
-            .map_err(|e| Error::CaMaterial {
-                path: trust.anchors.clone(),
-                reason: e.to_string(),
-            })?;
+    let anchors = certs_in(&read_material(&trust.anchors)?, &trust.anchors)?;
     let anchors_pem = proxy_lib::pem::certs_to_pem(&anchors);
     let (chain_pem, key_pem, names) = match &trust.issuer {
         TrustIssuer::Pair { cert, key } => {
-            let chain = proxy_lib::pem::certs_from_bytes(&read(cert)?, &cert.display().to_string())
-                .map_err(|e| Error::CaMaterial {
-                    path: cert.clone(),
-                    reason: e.to_string(),
-                })?;
-            let key_bytes = Zeroizing::new(read(key)?);
+            let chain = certs_in(&read_material(cert)?, cert)?;
+            let key_bytes = Zeroizing::new(read_material(key)?);
             let parsed =
                 crate::ca::read_key(&key_bytes, &key.display().to_string()).map_err(|reason| {
                     Error::CaMaterial {

@@ -204,6 +204,21 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `issuer init --dir DIR --trust-anchors ANCHORS` + `flags` (FLAG, PATH pairs).
+fn init_with(dir: &Path, anchors: &Path, flags: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut args = vec![
+        "init",
+        "--dir",
+        path_str(dir),
+        "--trust-anchors",
+        path_str(anchors),
+    ];
+    for (flag, path) in flags {
+        args.extend([*flag, path_str(path)]);
+    }
+    run(&args)
+}
+
 /// Starts the issuer of `dir` in-process (real clock: openssl made the certificates now),
 /// certifies `ID` over TLS and returns (Certify response, serving chain); stops the server.
 async fn certify_once(dir: &Path) -> (linkerd2_proxy_api::identity::CertifyResponse, Vec<Vec<u8>>) {
@@ -303,17 +318,14 @@ async fn the_clusters_trust_is_taken_each_way_and_leaves_verify_through_the_chai
 
     // 1. Linkerd's issuer pair under an intermediate, SEC1 key.
     let linkerd = tmp.path().join("linkerd");
-    let (code, _, err) = run(&[
-        "init",
-        "--dir",
-        path_str(&linkerd),
-        "--trust-anchors",
-        path_str(&anchors),
-        "--issuer-cert",
-        path_str(&pki.join("chain.pem")),
-        "--issuer-key",
-        path_str(&pki.join("issuer.key")),
-    ]);
+    let (code, _, err) = init_with(
+        &linkerd,
+        &anchors,
+        &[
+            ("--issuer-cert", &pki.join("chain.pem")),
+            ("--issuer-key", &pki.join("issuer.key")),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(!linkerd.join("anchor.key").exists());
     assert!(!err.contains("offline"), "{err}");
@@ -338,17 +350,14 @@ async fn the_clusters_trust_is_taken_each_way_and_leaves_verify_through_the_chai
 
     // 2. A cert-manager-style issuer: no pathlen, the root at the end of tls.crt.
     let cm = tmp.path().join("cert-manager");
-    let (code, _, err) = run(&[
-        "init",
-        "--dir",
-        path_str(&cm),
-        "--trust-anchors",
-        path_str(&anchors),
-        "--issuer-cert",
-        path_str(&pki.join("cm-tls.crt")),
-        "--issuer-key",
-        path_str(&pki.join("cm.key")),
-    ]);
+    let (code, _, err) = init_with(
+        &cm,
+        &anchors,
+        &[
+            ("--issuer-cert", &pki.join("cm-tls.crt")),
+            ("--issuer-key", &pki.join("cm.key")),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         proxy_lib::pem::read_certs(&cm.join("issuer.crt")).unwrap(),
@@ -413,17 +422,14 @@ fn chains_with_a_bad_link_are_refused_naming_it() {
         ),
     ] {
         let dir = tmp.path().join(chain);
-        let (code, _, err) = run(&[
-            "init",
-            "--dir",
-            path_str(&dir),
-            "--trust-anchors",
-            path_str(&anchors),
-            "--issuer-cert",
-            path_str(&pki.join(chain)),
-            "--issuer-key",
-            path_str(&pki.join(key)),
-        ]);
+        let (code, _, err) = init_with(
+            &dir,
+            &anchors,
+            &[
+                ("--issuer-cert", &pki.join(chain)),
+                ("--issuer-key", &pki.join(key)),
+            ],
+        );
         assert_eq!(code, 1, "{chain}: {err}");
         for n in needles {
             assert!(err.contains(n), "{chain}: {err}");
@@ -471,17 +477,14 @@ fn ca_new_issuer_and_ca_show() {
     make_trust(&pki);
     let dir = tmp.path().join("d");
     let d = path_str(&dir);
-    let (code, _, err) = run(&[
-        "init",
-        "--dir",
-        d,
-        "--trust-anchors",
-        path_str(&pki.join("anchors.pem")),
-        "--issuer-cert",
-        path_str(&pki.join("chain.pem")),
-        "--issuer-key",
-        path_str(&pki.join("issuer.key")),
-    ]);
+    let (code, _, err) = init_with(
+        &dir,
+        &pki.join("anchors.pem"),
+        &[
+            ("--issuer-cert", &pki.join("chain.pem")),
+            ("--issuer-key", &pki.join("issuer.key")),
+        ],
+    );
     assert_eq!(code, 0, "{err}");
 
     let (code, out, err) = run(&["ca", "show", "--dir", d]);

@@ -12,7 +12,7 @@ use proxy_lib::validity::Window;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyUsagePurpose};
 use rustls_pki_types::CertificateDer;
 
-use super::{Ca, CaFiles, IssuerKey};
+use super::{Ca, CaFiles, IssuerKey, certs_in, read_material};
 use crate::error::{Error, Result};
 
 /// How far notBefore of a new CA certificate is backdated.
@@ -133,14 +133,10 @@ pub fn read_signing_key(path: &Path) -> Result<rcgen::KeyPair> {
         path: path.to_path_buf(),
         reason,
     };
-    let key = PrivateKey::read(path).map_err(|e| match e {
-        pem::PemError::Io { source, .. } => Error::CaUnreadable {
-            path: path.to_path_buf(),
-            source,
-        },
-        other => bad(other.to_string()),
-    })?;
-    key.to_rcgen().map_err(|e| bad(e.to_string()))
+    let bytes = zeroize::Zeroizing::new(read_material(path)?);
+    PrivateKey::from_bytes(&bytes, &path.display().to_string())
+        .and_then(|key| key.to_rcgen())
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// What `issuer ca new-issuer` wrote.
@@ -171,24 +167,8 @@ pub fn new_issuer(
     validity: Duration,
     now: SystemTime,
 ) -> Result<NewIssuer> {
-    let read = |p: &Path| {
-        pem::read(p).map_err(|e| match e {
-            pem::PemError::Io { source, .. } => Error::CaUnreadable {
-                path: p.to_path_buf(),
-                source,
-            },
-            other => Error::CaMaterial {
-                path: p.to_path_buf(),
-                reason: other.to_string(),
-            },
-        })
-    };
-    let anchors_pem = read(&files.anchors)?;
-    let anchors = pem::certs_from_bytes(&anchors_pem, &files.anchors.display().to_string())
-        .map_err(|e| Error::CaMaterial {
-            path: files.anchors.clone(),
-            reason: e.to_string(),
-        })?;
+    let anchors_pem = read_material(&files.anchors)?;
+    let anchors = certs_in(&anchors_pem, &files.anchors)?;
     // The intermediates of the chain in use, if it can be read: the key may be one of theirs.
     let current: Vec<CertificateDer<'static>> = pem::read_certs(&files.cert)
         .map(|c| super::chain::without_anchors(c, &anchors))
