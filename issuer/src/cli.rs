@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use proxy_lib::cli::{LogFormat, Logging, fatal, say};
 use proxy_lib::clock::{SharedClock, SystemClock};
-use proxy_lib::identity::{Identity, TrustDomain};
+use proxy_lib::identity::TrustDomain;
 
 use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
@@ -376,7 +376,7 @@ fn ca_show(a: CaShowArgs, clock: SharedClock) -> Result<()> {
 
 fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
     let cfg = Config::load(&a.config.path(), &Overrides::default())?;
-    let identity = Identity::parse_in(&a.identity, &cfg.policy.trust_domain)?;
+    let identity = cfg.policy.identity(&a.identity)?;
     let opts = crate::tokens::CreateOptions {
         identity,
         ttl: a.ttl,

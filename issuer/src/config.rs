@@ -274,10 +274,12 @@ impl Config {
         if let Err(e) = crate::ca::ops::check_namespace(&ca_control_plane_namespace) {
             problems.push(format!("ca.control_plane_namespace: {e}"));
         }
-        let server_name = raw
-            .server_name
-            .clone()
-            .unwrap_or_else(|| trust_domain.identity_service_name().to_string());
+        let server_name = raw.server_name.clone().unwrap_or_else(|| {
+            trust_domain
+                .identity_service_name_in(&ca_control_plane_namespace)
+                .unwrap_or_else(|_| trust_domain.identity_service_name())
+                .to_string()
+        });
         if rustls_pki_types::ServerName::try_from(server_name.as_str())
             .map(|n| !matches!(n, rustls_pki_types::ServerName::DnsName(_)))
             .unwrap_or(true)
@@ -328,6 +330,7 @@ impl Config {
             path: path.to_path_buf(),
             policy: Policy {
                 trust_domain,
+                control_plane_namespace: ca_control_plane_namespace.clone(),
                 lifetime,
                 min_lifetime,
                 clock_skew,

@@ -361,7 +361,10 @@ fn config_text(dir: &Path, td: &TrustDomain, control_plane_namespace: &str) -> S
          max_concurrent_signing = 64\n\
          per_credential_per_minute = 600\n",
         td = q(td.as_str()),
-        name = q(td.identity_service_name().as_str()),
+        name = q(td
+            .identity_service_name_in(control_plane_namespace)
+            .unwrap_or_else(|_| td.identity_service_name())
+            .as_str()),
         dir = q(&dir_s),
         cpns = q(control_plane_namespace),
         tokens = q(&tokens),

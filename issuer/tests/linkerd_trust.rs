@@ -220,8 +220,11 @@ fn init_with(dir: &Path, anchors: &Path, flags: &[(&str, &Path)]) -> (i32, Strin
 }
 
 /// Starts the issuer of `dir` in-process (real clock: openssl made the certificates now),
-/// certifies `ID` over TLS and returns (Certify response, serving chain); stops the server.
-async fn certify_once(dir: &Path) -> (linkerd2_proxy_api::identity::CertifyResponse, Vec<Vec<u8>>) {
+/// certifies `id` over TLS and returns (Certify response, serving chain); stops the server.
+async fn certify_once(
+    dir: &Path,
+    id: &str,
+) -> (linkerd2_proxy_api::identity::CertifyResponse, Vec<Vec<u8>>) {
     let mut cfg = Config::load(&dir.join("issuer.toml"), &Overrides::default()).unwrap();
     cfg.audit = AuditTarget::File(dir.join("audit.log"));
     let clock: proxy_lib::clock::SharedClock = Arc::new(SystemClock);
@@ -236,7 +239,7 @@ async fn certify_once(dir: &Path) -> (linkerd2_proxy_api::identity::CertifyRespo
     let token = issuer::tokens::create(
         &cfg.tokens,
         &issuer::tokens::CreateOptions {
-            identity: Identity::parse(ID).unwrap(),
+            identity: Identity::parse(id).unwrap(),
             ttl: None,
             allowed_ips: Vec::new(),
         },
@@ -244,10 +247,10 @@ async fn certify_once(dir: &Path) -> (linkerd2_proxy_api::identity::CertifyRespo
     )
     .unwrap();
     let mut client = tls_client(addr, &anchors, &cfg.server_name).await;
-    let (_key, csr) = p256_csr(ID);
+    let (_key, csr) = p256_csr(id);
     let resp = certify(
         &mut client,
-        request(ID, token.secret.to_string().as_bytes(), csr),
+        request(id, token.secret.to_string().as_bytes(), csr),
     )
     .await
     .expect("certified");
@@ -335,7 +338,7 @@ async fn the_clusters_trust_is_taken_each_way_and_leaves_verify_through_the_chai
             .len(),
         2
     );
-    let (resp, serving) = certify_once(&linkerd).await;
+    let (resp, serving) = certify_once(&linkerd, ID).await;
     assert_eq!(
         resp.intermediate_certificates,
         vec![der_of(&pki, "issuer.crt"), der_of(&pki, "inter.crt")]
@@ -364,7 +367,7 @@ async fn the_clusters_trust_is_taken_each_way_and_leaves_verify_through_the_chai
         proxy_lib::pem::read_certs(&pki.join("cm.crt")).unwrap(),
         "the trailing root is dropped"
     );
-    let (resp, _) = certify_once(&cm).await;
+    let (resp, _) = certify_once(&cm, ID).await;
     assert_eq!(resp.intermediate_certificates, vec![der_of(&pki, "cm.crt")]);
     check_leaf(tmp.path(), &cm, &resp);
 
@@ -379,7 +382,7 @@ async fn the_clusters_trust_is_taken_each_way_and_leaves_verify_through_the_chai
         "--anchor-key",
         path_str(&pki.join("root.key")),
         "--control-plane-namespace",
-        "linkerd",
+        "mesh-system",
     ]);
     assert_eq!(code, 0, "{err}");
     let files: Vec<_> = std::fs::read_dir(&own)
@@ -387,10 +390,24 @@ async fn the_clusters_trust_is_taken_each_way_and_leaves_verify_through_the_chai
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert!(!files.iter().any(|f| f.contains("anchor")), "{files:?}");
-    let (resp, _) = certify_once(&own).await;
+    // Linkerd installed in namespace mesh-system: identities, the issuer's name and its
+    // serving name all carry it.
+    let id = "web.prod.serviceaccount.identity.mesh-system.cluster.local";
+    let cfg = Config::load(&own.join("issuer.toml"), &Overrides::default()).unwrap();
+    assert_eq!(
+        cfg.server_name,
+        "linkerd-identity.mesh-system.serviceaccount.identity.mesh-system.cluster.local"
+    );
+    assert!(
+        cfg.policy.identity(ID).is_err(),
+        "identity.linkerd. names refused"
+    );
+    let (resp, _) = certify_once(&own, id).await;
     assert_eq!(resp.intermediate_certificates.len(), 1);
     let issuer = proxy_lib::cert::CertInfo::from_der(&resp.intermediate_certificates[0]).unwrap();
-    assert_eq!(issuer.subject, "CN=identity.linkerd.cluster.local");
+    assert_eq!(issuer.subject, "CN=identity.mesh-system.cluster.local");
+    let leaf = proxy_lib::cert::CertInfo::from_der(&resp.leaf_certificate).unwrap();
+    assert_eq!(leaf.dns_sans, vec![id.to_string()]);
     check_leaf(tmp.path(), &own, &resp);
 }
 

@@ -17,8 +17,7 @@ use crate::error::{Error, Result};
 
 /// How far notBefore of a new CA certificate is backdated.
 pub const BACKDATE: Duration = Duration::from_secs(300);
-/// The default control-plane namespace in Linkerd names (`identity.<ns>.<trust-domain>`).
-pub const DEFAULT_CONTROL_PLANE_NAMESPACE: &str = "linkerd";
+pub use proxy_lib::identity::DEFAULT_CONTROL_PLANE_NAMESPACE;
 
 /// Checks a control-plane namespace: a Kubernetes namespace name (a DNS label: 1 to 63
 /// lowercase letters, digits and `-`, starting and ending with a letter or digit).
