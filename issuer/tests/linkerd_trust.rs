@@ -481,6 +481,20 @@ fn chains_with_a_bad_link_are_refused_naming_it() {
         path_str(&pki.join("anchors.pem")),
     ]);
     assert_eq!(code, 64, "{err}");
+    let bad_ns = tmp.path().join("bad-ns");
+    let (code, _, err) = run(&[
+        "init",
+        "--dir",
+        path_str(&bad_ns),
+        "--control-plane-namespace",
+        "Linkerd_CP",
+    ]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("--control-plane-namespace: \"Linkerd_CP\" is not a namespace name"),
+        "{err}"
+    );
+    assert!(!bad_ns.exists());
 }
 
 #[test]
