@@ -204,8 +204,18 @@ pub fn new_issuer(
         now,
         files,
     )?;
+    // Key first, then the certificate; should the second write fail, the old key goes back
+    // so the directory never keeps a mismatched pair.
+    let old_key = std::fs::read(&files.key).ok().map(zeroize::Zeroizing::new);
     proxy_lib::fs::write_atomic_keeping_owner(&files.key, key_pem.as_bytes(), SECRET_MODE)?;
-    proxy_lib::fs::write_atomic_keeping_owner(&files.cert, chain_pem.as_bytes(), PUBLIC_MODE)?;
+    if let Err(e) =
+        proxy_lib::fs::write_atomic_keeping_owner(&files.cert, chain_pem.as_bytes(), PUBLIC_MODE)
+    {
+        if let Some(old) = &old_key {
+            let _ = proxy_lib::fs::write_atomic_keeping_owner(&files.key, old, SECRET_MODE);
+        }
+        return Err(e.into());
+    }
     Ok(NewIssuer {
         files: vec![files.key.clone(), files.cert.clone()],
         subject: ca.info().subject.clone(),
