@@ -1,20 +1,26 @@
-//! The issuer CA: anchors (`ca.crt`), issuer certificate (`issuer.crt`) and key (`issuer.key`),
-//! loaded and validated as one unit. Only a pair that matches, chains to an anchor, is a
-//! pathlen-0 CA with keyCertSign and is valid now is ever accepted.
+//! The issuer CA: anchors (`ca.crt`, one or more roots), issuer chain (`issuer.crt`: the issuer
+//! certificate, then any intermediates up to the anchor) and key (`issuer.key`), loaded and
+//! validated as one unit. Only a pair that matches and whose every link is a valid CA with
+//! keyCertSign, a pathlen that allows what is below it, chaining to an anchor, is accepted.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use proxy_lib::cert::CertInfo;
 use proxy_lib::pem::{self, PrivateKey};
+use proxy_lib::validity::Window;
 use proxy_lib::verify::{TrustAnchors, Usage};
 use rcgen::{Issuer, KeyPair, PublicKeyData, SigningKey};
 use rustls_pki_types::CertificateDer;
-use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroize;
 
 use crate::error::{Error, Result};
+
+pub mod chain;
+pub mod ops;
+
+pub use chain::{CaError, Link, LinkInfo, Part};
 
 /// Anchor bundle file name.
 pub const ANCHORS_FILE: &str = "ca.crt";
@@ -102,7 +108,7 @@ impl CaFiles {
 /// A validated issuer CA, ready to sign.
 pub struct Ca {
     anchors: TrustAnchors,
-    cert: CertificateDer<'static>,
+    path: chain::Path,
     info: CertInfo,
     issuer: Issuer<'static, IssuerKey>,
 }
@@ -113,6 +119,7 @@ impl std::fmt::Debug for Ca {
             .field("anchors", &self.anchors)
             .field("serial", &self.info.serial)
             .field("subject", &self.info.subject)
+            .field("chain_len", &self.path.chain.len())
             .field("not_after", &proxy_lib::clock::rfc3339(self.info.not_after))
             .field("key", &"[secret key elided]")
             .finish()
@@ -122,25 +129,18 @@ impl std::fmt::Debug for Ca {
 impl Ca {
     /// Reads and validates the CA files at `now`. Blocks. Errors name the file at fault.
     pub fn load(files: &CaFiles, now: SystemTime) -> Result<Self> {
-        let read = |p: &Path| {
-            pem::read(p).map_err(|e| match e {
-                pem::PemError::Io { source, .. } => Error::CaUnreadable {
-                    path: p.to_path_buf(),
-                    source,
-                },
-                other => Error::CaMaterial {
-                    path: p.to_path_buf(),
-                    reason: other.to_string(),
-                },
-            })
-        };
-        let anchors = read(&files.anchors)?;
-        let cert = read(&files.cert)?;
-        let key = zeroize::Zeroizing::new(read(&files.key)?);
+        let anchors = read_material(&files.anchors)?;
+        let cert = read_material(&files.cert)?;
+        let key = zeroize::Zeroizing::new(read_material(&files.key)?);
         Self::from_pem(&anchors, &cert, &key, now, files)
     }
 
-    /// Validates CA material given as PEM (or DER) bytes. `files` only names sources in errors.
+    /// THE validating constructor, used by file loads and reloads and by every other CA
+    /// source: anchors (a PEM bundle, possibly several roots), the issuer chain (PEM: the
+    /// issuer certificate first, then each intermediate up to, not including, the anchor; a
+    /// trailing copy of the anchor is tolerated) and the issuer key (PEM or DER, PKCS#8 or
+    /// SEC1), as bytes. `files` only names the sources in errors (for a source that is not
+    /// files, paths such as `secret/linkerd/linkerd-identity-issuer/tls.crt` do).
     pub fn from_pem(
         anchors: &[u8],
         cert: &[u8],
@@ -156,44 +156,46 @@ impl Ca {
             .map_err(|e| bad(&files.anchors, e.to_string()))?;
         let certs = pem::certs_from_bytes(cert, &files.cert.display().to_string())
             .map_err(|e| bad(&files.cert, e.to_string()))?;
-        let cert = certs[0].clone();
         let key =
             read_key(key, &files.key.display().to_string()).map_err(|e| bad(&files.key, e))?;
-        Self::from_parts(anchors, cert, key, now).map_err(|reason| bad(&files.cert, reason))
+        Self::from_parts(anchors, certs, key, now).map_err(|source| Error::CaInvalid {
+            path: match source.part() {
+                Part::Anchors => files.anchors.clone(),
+                Part::Chain => files.cert.clone(),
+                Part::Key => files.key.clone(),
+            },
+            source: Box::new(source),
+        })
     }
 
-    /// Validates an issuer certificate and key against anchors at `now`. The error text says
-    /// what is wrong with the pair.
+    /// Validates an issuer chain (issuer certificate first, then intermediates; trailing
+    /// anchors are dropped) and the issuer key against `anchors` at `now`: every link is
+    /// checked (see [`chain::check`]), the key must match the issuer certificate, and a
+    /// throwaway leaf signed with the pair must path-validate for client and server use.
     pub fn from_parts(
         anchors: TrustAnchors,
-        cert: CertificateDer<'static>,
+        chain: Vec<CertificateDer<'static>>,
         key: PrivateKey,
         now: SystemTime,
-    ) -> std::result::Result<Self, String> {
-        let info = CertInfo::from_der(&cert).map_err(|e| e.to_string())?;
-        check_ca_extensions(&cert)?;
-        if !info.is_valid_at(now) {
-            return Err(format!(
-                "issuer certificate (serial {}) is not valid now: valid {} .. {}",
-                info.serial,
-                proxy_lib::clock::rfc3339(info.not_before),
-                proxy_lib::clock::rfc3339(info.not_after)
-            ));
-        }
-        let pair = key
-            .to_rcgen()
-            .map_err(|e| format!("issuer key is not usable: {e}"))?;
+    ) -> std::result::Result<Self, CaError> {
+        let chain = chain::without_anchors(chain, anchors.certs());
+        let path = chain::check(chain, anchors.certs(), now)?;
+        let cert = &path.chain[0];
+        let info = CertInfo::from_der(cert).map_err(|e| CaError::Malformed {
+            index: 0,
+            reason: e.to_string(),
+        })?;
+        let pair = key.to_rcgen().map_err(|e| CaError::Key(e.to_string()))?;
         if !info.is_certified_key(&pair) {
-            return Err(format!(
-                "issuer key does not match the issuer certificate (serial {})",
-                info.serial
-            ));
+            return Err(CaError::KeyMismatch {
+                serial: info.serial,
+            });
         }
-        let issuer = Issuer::from_ca_cert_der(&cert, IssuerKey(pair))
-            .map_err(|e| format!("issuer certificate cannot be used for signing: {e}"))?;
+        let issuer = Issuer::from_ca_cert_der(cert, IssuerKey(pair))
+            .map_err(|e| CaError::Unusable(e.to_string()))?;
         let ca = Self {
             anchors,
-            cert,
+            path,
             info,
             issuer,
         };
@@ -203,56 +205,40 @@ impl Ca {
 
     /// Mints a throwaway leaf with this pair and path-validates it against the anchors: proves
     /// the key signs what the certificate claims, the names line up byte for byte, and the
-    /// issuer chains to an anchor.
-    fn self_test(&self, now: SystemTime) -> std::result::Result<(), String> {
-        let key = KeyPair::generate().map_err(|e| e.to_string())?;
+    /// chain leads to an anchor.
+    fn self_test(&self, now: SystemTime) -> std::result::Result<(), CaError> {
+        let unusable = |e: &dyn std::fmt::Display| CaError::Unusable(e.to_string());
+        let key = KeyPair::generate().map_err(|e| unusable(&e))?;
         let id = proxy_lib::identity::Identity::parse(
             "self-test.issuer.serviceaccount.identity.linkerd.invalid",
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unusable(&e))?;
         let grant = proxy_lib::validity::Window::grant(
             now,
             Duration::from_secs(60),
             Duration::ZERO,
-            self.info.window(),
+            self.window(),
         );
         let leaf =
             crate::signer::sign_leaf(self, &id, &key, &grant, crate::signer::LeafKind::Workload)
-                .map_err(|e| e.to_string())?;
-        let (_, parsed) = X509Certificate::from_der(&leaf.der).map_err(|e| e.to_string())?;
-        let (_, issuer) = X509Certificate::from_der(&self.cert).map_err(|e| e.to_string())?;
+                .map_err(|e| unusable(&e))?;
+        let (_, parsed) = X509Certificate::from_der(&leaf.der).map_err(|e| unusable(&e))?;
+        let (_, issuer) = X509Certificate::from_der(self.cert()).map_err(|e| unusable(&e))?;
         if parsed.issuer().as_raw() != issuer.subject().as_raw() {
-            return Err(
-                "issuer subject name cannot be reproduced byte for byte (unsupported DN encoding)"
-                    .into(),
-            );
+            return Err(unusable(
+                &"the issuer subject name cannot be reproduced byte for byte (unsupported DN \
+                  encoding)",
+            ));
         }
         self.anchors
-            .verify_leaf(
-                &leaf.der,
-                std::slice::from_ref(&self.cert),
-                now,
-                Usage::Client,
-            )
-            .map_err(|e| {
-                format!("issuer certificate does not chain to an anchor in ca.crt: {e}")
-            })?;
+            .verify_leaf(&leaf.der, self.chain(), now, Usage::Client)
+            .map_err(|e| CaError::Untrusted(e.to_string()))?;
         // linkerd2-proxy verifies its new leaf as a server certificate before using it, and
         // peers verify it as a client certificate: an extendedKeyUsage on the issuer that
         // leaves out serverAuth (or clientAuth) makes every leaf it signs unusable.
         self.anchors
-            .verify_leaf(
-                &leaf.der,
-                std::slice::from_ref(&self.cert),
-                now,
-                Usage::Server,
-            )
-            .map_err(|e| {
-                format!(
-                    "leaves signed by this issuer certificate do not verify for server use \
-                     (an extendedKeyUsage without serverAuth?): {e}"
-                )
-            })
+            .verify_leaf(&leaf.der, self.chain(), now, Usage::Server)
+            .map_err(|e| CaError::NotForServers(e.to_string()))
     }
 
     /// The trust anchors.
@@ -262,7 +248,18 @@ impl Ca {
 
     /// The issuer certificate (DER).
     pub fn cert(&self) -> &CertificateDer<'static> {
-        &self.cert
+        &self.path.chain[0]
+    }
+
+    /// The issuer certificate followed by the intermediates up to (not including) the
+    /// anchor: what a leaf it signs is presented with.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.path.chain
+    }
+
+    /// Every link of the path, issuer first, ending with the anchor it chains to.
+    pub fn links(&self) -> &[LinkInfo] {
+        &self.path.links
     }
 
     /// Facts about the issuer certificate.
@@ -270,10 +267,40 @@ impl Ca {
         &self.info
     }
 
+    /// Where every link of the path (anchor included) is valid: what a leaf may be granted,
+    /// and the life the CA has left.
+    pub fn window(&self) -> Window {
+        self.path.window()
+    }
+
     /// The rcgen issuer (DN, key id, key).
     pub(crate) fn issuer(&self) -> &Issuer<'static, IssuerKey> {
         &self.issuer
     }
+}
+
+/// Reads a CA file (PEM or DER bytes). Blocks. A missing or unreadable file is
+/// [`Error::CaUnreadable`], anything else [`Error::CaMaterial`], both naming the file.
+pub fn read_material(path: &Path) -> Result<Vec<u8>> {
+    pem::read(path).map_err(|e| match e {
+        pem::PemError::Io { source, .. } => Error::CaUnreadable {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => Error::CaMaterial {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// The certificates in `bytes` read from `path` (PEM, or one DER certificate); an error
+/// names the file.
+pub fn certs_in(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    pem::certs_from_bytes(bytes, &path.display().to_string()).map_err(|e| Error::CaMaterial {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// Reads an issuer key: PEM or DER, PKCS#8, SEC1 (`openssl ecparam -genkey`) or PKCS#1 (see
@@ -290,35 +317,6 @@ pub fn read_key(bytes: &[u8], what: &str) -> std::result::Result<PrivateKey, Str
         )),
         Err(e) => Err(format!("{what}: {e}")),
     }
-}
-
-fn check_ca_extensions(der: &[u8]) -> std::result::Result<(), String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
-    let mut ca = None;
-    let mut cert_sign = None;
-    for ext in cert.extensions() {
-        match ext.parsed_extension() {
-            ParsedExtension::BasicConstraints(bc) => ca = Some((bc.ca, bc.path_len_constraint)),
-            ParsedExtension::KeyUsage(ku) => cert_sign = Some(ku.key_cert_sign()),
-            _ => {}
-        }
-    }
-    match ca {
-        Some((true, Some(0))) => {}
-        Some((true, other)) => {
-            return Err(format!(
-                "issuer certificate must have pathlen 0, has {}",
-                other.map_or("none".to_string(), |n| n.to_string())
-            ));
-        }
-        _ => {
-            return Err("issuer certificate is not a CA (basicConstraints CA:TRUE missing)".into());
-        }
-    }
-    if cert_sign != Some(true) {
-        return Err("issuer certificate lacks the keyCertSign key usage".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -339,10 +337,11 @@ mod tests {
     ) -> std::result::Result<Ca, String> {
         Ca::from_parts(
             pki.anchors(),
-            cert,
+            vec![cert],
             PrivateKey::from_pkcs8_der(key.serialize_der()),
             at,
         )
+        .map_err(|e| e.to_string())
     }
 
     fn issuer_variant(
@@ -398,12 +397,17 @@ mod tests {
         let (c, k) = issuer_variant(&pki, |p| p.is_ca = IsCa::ExplicitNoCa);
         let e = ca_from(&pki, c, &k, now()).unwrap_err();
         assert!(e.contains("not a CA"), "{e}");
-        // pathlen other than 0
+        // pathlen other than 0 (or none)
+        let (c, k) = issuer_variant(&pki, |p| {
+            p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1))
+        });
+        let e = ca_from(&pki, c, &k, now()).unwrap_err();
+        assert!(e.contains("pathlen 0 or none, has 1"), "{e}");
+        // ... while no pathlen at all (cert-manager's issuer) is fine
         let (c, k) = issuer_variant(&pki, |p| {
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
         });
-        let e = ca_from(&pki, c, &k, now()).unwrap_err();
-        assert!(e.contains("pathlen"), "{e}");
+        ca_from(&pki, c, &k, now()).unwrap();
         // no keyCertSign
         let (c, k) = issuer_variant(&pki, |p| {
             p.key_usages = vec![KeyUsagePurpose::DigitalSignature]

@@ -1,4 +1,5 @@
-//! The `issuer` command line: `init`, `token create|list|revoke`, `serve`. Each subcommand
+//! The `issuer` command line: `init`, `ca new-issuer|show`, `token create|list|revoke`,
+//! `serve`. Each subcommand
 //! turns its flags into library calls; `main.rs` only parses and maps the exit code.
 
 use std::io::Write;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use proxy_lib::cli::{LogFormat, Logging, fatal, say};
 use proxy_lib::clock::{SharedClock, SystemClock};
-use proxy_lib::identity::{Identity, TrustDomain};
+use proxy_lib::identity::TrustDomain;
 
 use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
@@ -51,8 +52,12 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a trust anchor and issuer CA in DIR, with an issuer.toml naming them.
+    /// Create a trust anchor and issuer CA in DIR (or take the cluster's trust with
+    /// --trust-anchors), with an issuer.toml naming them.
     Init(InitArgs),
+    /// Manage the issuer CA: sign a new issuer pair, show the chain and its expiries.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Manage bootstrap tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -85,6 +90,7 @@ impl ConfigArgs {
 
 /// `issuer init`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("trust_issuer").args(["issuer_cert", "anchor_key"])))]
 pub struct InitArgs {
     /// Directory to create the CA in.
     #[arg(long, value_name = "DIR")]
@@ -92,16 +98,68 @@ pub struct InitArgs {
     /// Trust domain.
     #[arg(long, default_value = proxy_lib::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: TrustDomain,
-    /// Validity of the trust anchor.
-    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+    /// The control-plane namespace in Linkerd names (`identity.<ns>.<trust-domain>`).
+    #[arg(long, value_name = "NS", default_value = crate::ca::ops::DEFAULT_CONTROL_PLANE_NAMESPACE)]
+    pub control_plane_namespace: String,
+    /// Validity of the trust anchor (a new anchor only).
+    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration, conflicts_with = "trust_anchors")]
     pub anchor_validity: Duration,
-    /// Validity of the issuer certificate.
-    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    /// Validity of the issuer certificate init signs (capped at the anchor's notAfter).
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration, conflicts_with = "issuer_cert")]
     pub issuer_validity: Duration,
+    /// Use the cluster's trust anchors (a PEM bundle; several roots during an anchor
+    /// rotation) instead of minting a new anchor; needs --issuer-cert/--issuer-key or
+    /// --anchor-key.
+    #[arg(long, value_name = "FILE", requires = "trust_issuer")]
+    pub trust_anchors: Option<PathBuf>,
+    /// With --trust-anchors: the issuer certificate, then any intermediates up to the anchor
+    /// (Linkerd's `linkerd-identity-issuer` Secret crt.pem/tls.crt, cert-manager, step).
+    #[arg(long, value_name = "FILE", requires_all = ["trust_anchors", "issuer_key"])]
+    pub issuer_cert: Option<PathBuf>,
+    /// The issuer certificate's key (PKCS#8 or SEC1 `EC PRIVATE KEY`, PEM or DER).
+    #[arg(long, value_name = "FILE", requires = "issuer_cert")]
+    pub issuer_key: Option<PathBuf>,
+    /// With --trust-anchors: the key of one of the anchors; init signs a new issuer under
+    /// it. Read only, never copied into DIR.
+    #[arg(long, value_name = "FILE", requires = "trust_anchors")]
+    pub anchor_key: Option<PathBuf>,
     /// Give the files the issuer service reads (all but anchor.key) to USER, and to GROUP if
     /// given (e.g. `--owner issuer`, the service's user). Needs root.
     #[arg(long, value_name = "USER[:GROUP]")]
     pub owner: Option<crate::init::Owner>,
+}
+
+/// `issuer ca ...`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Sign a new issuer pair with an anchor's (or an intermediate's) key and replace
+    /// issuer.crt and issuer.key atomically; the running issuer picks it up by itself.
+    NewIssuer(CaNewIssuerArgs),
+    /// Print the issuer chain and the anchors (subjects, SHA-256 fingerprints, expiries);
+    /// exits 1 when the pair does not load or a link has less than `[ca] warn_before` left.
+    Show(CaShowArgs),
+}
+
+/// `issuer ca new-issuer`.
+#[derive(Debug, Args)]
+pub struct CaNewIssuerArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
+    /// The key of an anchor in ca.crt (or of an intermediate in issuer.crt); read only.
+    #[arg(long, value_name = "FILE")]
+    pub anchor_key: PathBuf,
+    /// Validity of the new issuer certificate (capped at the signer's notAfter).
+    #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+    pub lifetime: Duration,
+}
+
+/// `issuer ca show`.
+#[derive(Debug, Args)]
+pub struct CaShowArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: ConfigArgs,
 }
 
 /// `issuer token ...`.
@@ -206,6 +264,8 @@ fn dispatch(cli: Cli) -> Result<()> {
     let clock: SharedClock = Arc::new(SystemClock);
     match cli.command {
         Command::Init(a) => init(a, clock),
+        Command::Ca(CaCommand::NewIssuer(a)) => ca_new_issuer(a, clock),
+        Command::Ca(CaCommand::Show(a)) => ca_show(a, clock),
         Command::Token(TokenCommand::Create(a)) => token_create(a, clock),
         Command::Token(TokenCommand::List(a)) => token_list(a, clock),
         Command::Token(TokenCommand::Revoke(a)) => token_revoke(a, clock),
@@ -214,27 +274,109 @@ fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn init(a: InitArgs, clock: SharedClock) -> Result<()> {
+    use crate::init::{Trust, TrustIssuer};
+    let trust = match (a.trust_anchors, a.issuer_cert, a.issuer_key, a.anchor_key) {
+        (None, None, None, None) => None,
+        (Some(anchors), Some(cert), Some(key), None) => Some(Trust {
+            anchors,
+            issuer: TrustIssuer::Pair { cert, key },
+        }),
+        (Some(anchors), None, None, Some(key)) => Some(Trust {
+            anchors,
+            issuer: TrustIssuer::AnchorKey(key),
+        }),
+        _ => {
+            return Err(Error::Config {
+                path: "<flags>".into(),
+                problems: vec![
+                    "--trust-anchors takes either --issuer-cert and --issuer-key, or \
+                     --anchor-key"
+                        .into(),
+                ],
+            });
+        }
+    };
     let opts = crate::init::InitOptions {
         dir: a.dir,
         trust_domain: a.trust_domain,
+        control_plane_namespace: a.control_plane_namespace,
         anchor_validity: a.anchor_validity,
         issuer_validity: a.issuer_validity,
         owner: a.owner,
+        trust,
     };
     let out = crate::init::run_at(&opts, clock.now())?;
     for f in &out.files {
         say(format_args!("wrote {}", f.display()));
     }
-    say(format_args!(
-        "keep {} offline: it is only needed to sign the next issuer certificate",
-        opts.dir.join(crate::init::ANCHOR_KEY_FILE).display()
-    ));
+    let anchor_key = opts.dir.join(crate::init::ANCHOR_KEY_FILE);
+    if out
+        .files
+        .iter()
+        .any(|f| f.ends_with(crate::init::ANCHOR_KEY_FILE))
+    {
+        say(format_args!(
+            "keep {} offline: it is only needed to sign the next issuer certificate",
+            anchor_key.display()
+        ));
+    }
     Ok(())
+}
+
+fn ca_new_issuer(a: CaNewIssuerArgs, clock: SharedClock) -> Result<()> {
+    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    if a.lifetime < Duration::from_secs(60) {
+        return Err(Error::Config {
+            path: "<flags>".into(),
+            problems: vec!["--lifetime must be at least 1m".into()],
+        });
+    }
+    let cn = crate::ca::ops::issuer_common_name(
+        &cfg.ca_control_plane_namespace,
+        cfg.policy.trust_domain.as_str(),
+    );
+    let now = clock.now();
+    let out = crate::ca::ops::new_issuer(&cfg.ca_files, &a.anchor_key, &cn, a.lifetime, now)?;
+    for f in &out.files {
+        say(format_args!("wrote {}", f.display()));
+    }
+    say(format_args!(
+        "new issuer {} (serial {}) valid until {}, {} in issuer.crt; a running issuer loads it \
+         within seconds (or on SIGHUP)",
+        out.subject,
+        out.serial,
+        proxy_lib::clock::rfc3339(out.window.not_after),
+        proxy_lib::human::count(out.chain_len as u64, "certificate"),
+    ));
+    if out.window.not_after < now + a.lifetime {
+        say(format_args!(
+            "note: the validity was capped at the signing certificate's notAfter"
+        ));
+    }
+    Ok(())
+}
+
+fn ca_show(a: CaShowArgs, clock: SharedClock) -> Result<()> {
+    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    let report = crate::ca::ops::show(&cfg.ca_files, clock.now(), cfg.ca_warn_before);
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(report.text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|source| Error::Io {
+            path: "<stdout>".into(),
+            source,
+        })?;
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::CaCheck(report.problems.join("; ")))
+    }
 }
 
 fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
     let cfg = Config::load(&a.config.path(), &Overrides::default())?;
-    let identity = Identity::parse_in(&a.identity, &cfg.policy.trust_domain)?;
+    let identity = cfg.policy.identity(&a.identity)?;
     let opts = crate::tokens::CreateOptions {
         identity,
         ttl: a.ttl,

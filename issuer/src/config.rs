@@ -75,6 +75,9 @@ pub struct RawCa {
     pub dir: Option<PathBuf>,
     /// Warn when the issuer certificate has less than this left (humantime).
     pub warn_before: Option<String>,
+    /// The control-plane namespace in Linkerd names (`identity.<ns>.<trust-domain>`), used
+    /// for the issuer certificates `issuer ca new-issuer` mints.
+    pub control_plane_namespace: Option<String>,
 }
 
 /// `[auth]`.
@@ -152,6 +155,8 @@ pub struct Config {
     pub ca_files: CaFiles,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
+    /// The control-plane namespace in Linkerd names (default `linkerd`).
+    pub ca_control_plane_namespace: String,
     /// Token store.
     pub tokens: PathBuf,
     /// Audit log destination.
@@ -261,10 +266,20 @@ impl Config {
                 "ca.source = {other:?}: expected \"files\" or \"kubernetes\""
             )),
         }
-        let server_name = raw
-            .server_name
+        let ca_control_plane_namespace = raw
+            .ca
+            .control_plane_namespace
             .clone()
-            .unwrap_or_else(|| trust_domain.identity_service_name().to_string());
+            .unwrap_or_else(|| crate::ca::ops::DEFAULT_CONTROL_PLANE_NAMESPACE.to_string());
+        if let Err(e) = crate::ca::ops::check_namespace(&ca_control_plane_namespace) {
+            problems.push(format!("ca.control_plane_namespace: {e}"));
+        }
+        let server_name = raw.server_name.clone().unwrap_or_else(|| {
+            trust_domain
+                .identity_service_name_in(&ca_control_plane_namespace)
+                .unwrap_or_else(|_| trust_domain.identity_service_name())
+                .to_string()
+        });
         if rustls_pki_types::ServerName::try_from(server_name.as_str())
             .map(|n| !matches!(n, rustls_pki_types::ServerName::DnsName(_)))
             .unwrap_or(true)
@@ -315,6 +330,7 @@ impl Config {
             path: path.to_path_buf(),
             policy: Policy {
                 trust_domain,
+                control_plane_namespace: ca_control_plane_namespace.clone(),
                 lifetime,
                 min_lifetime,
                 clock_skew,
@@ -325,6 +341,7 @@ impl Config {
             server_name,
             ca_files: CaFiles::in_dir(&ca_dir),
             ca_warn_before,
+            ca_control_plane_namespace,
             tokens,
             audit,
             limits: Limits {

@@ -166,6 +166,18 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// The CA material parses but is refused (a link of the chain, the key, the anchors).
+    #[error("issuer CA material {path}: {source}")]
+    CaInvalid {
+        /// The file (or other source) at fault.
+        path: PathBuf,
+        /// What was wrong, naming the link.
+        #[source]
+        source: Box<crate::ca::CaError>,
+    },
+    /// `issuer ca show` found a link that is invalid or expires soon.
+    #[error("{0}")]
+    CaCheck(String),
     /// The config file is unreadable, not TOML, or has an unknown key or a value of the
     /// wrong type (the error names the file, the line and the key).
     #[error(transparent)]

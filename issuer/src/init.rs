@@ -1,6 +1,8 @@
-//! `issuer init`: a fresh trust anchor and issuer CA, written with the right modes (and, with
-//! `--owner`, handed to the service's user), plus an `issuer.toml` naming them. Refuses
-//! (changing nothing) if any target file exists.
+//! `issuer init`: a fresh trust anchor and issuer CA, or the cluster's own trust (its anchors
+//! with Linkerd's issuer pair, or with a new issuer signed by an anchor's key), written with
+//! the right modes (and, with `--owner`, handed to the service's user), plus an `issuer.toml`
+//! naming them. Refuses (changing nothing) if any target file exists, and never writes
+//! material the server would refuse.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -9,9 +11,18 @@ use proxy_lib::clock::{Clock, SystemClock};
 use proxy_lib::fs::{PUBLIC_MODE, SECRET_MODE};
 use proxy_lib::identity::TrustDomain;
 use proxy_lib::pem::{PrivateKey, der_to_pem};
+use proxy_lib::validity::Window;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyUsagePurpose};
+use zeroize::Zeroizing;
 
-use crate::ca::{ANCHORS_FILE, ISSUER_CERT_FILE, ISSUER_KEY_FILE, IssuerKey};
+use crate::ca::ops::{
+    BACKDATE, DEFAULT_CONTROL_PLANE_NAMESPACE, find_signer, issuer_common_name, mint_issuer,
+    mint_under, read_signing_key,
+};
+use crate::ca::{
+    ANCHORS_FILE, Ca, CaFiles, ISSUER_CERT_FILE, ISSUER_KEY_FILE, IssuerKey, certs_in,
+    read_material,
+};
 use crate::config::{CONFIG_FILE, DEFAULT_TOKENS_FILE};
 use crate::error::{Error, Result};
 
@@ -21,8 +32,6 @@ pub const ANCHOR_KEY_FILE: &str = "anchor.key";
 pub const DEFAULT_ANCHOR_VALIDITY: Duration = Duration::from_secs(3650 * 86_400);
 /// Default issuer validity.
 pub const DEFAULT_ISSUER_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
-/// How far notBefore of the new CA certificates is backdated.
-const BACKDATE: Duration = Duration::from_secs(300);
 
 /// What `init` creates.
 #[derive(Debug, Clone)]
@@ -31,13 +40,44 @@ pub struct InitOptions {
     pub dir: PathBuf,
     /// Trust domain recorded in `issuer.toml` and in the CA names.
     pub trust_domain: TrustDomain,
-    /// Anchor validity.
+    /// The control-plane namespace in Linkerd names (`identity.<ns>.<trust-domain>`).
+    pub control_plane_namespace: String,
+    /// Anchor validity (a fresh anchor only).
     pub anchor_validity: Duration,
-    /// Issuer certificate validity.
+    /// Issuer certificate validity (a minted issuer only; capped at its signer's notAfter).
     pub issuer_validity: Duration,
     /// Who gets the files the running issuer reads (all but `anchor.key`, which stays with
     /// the caller: it belongs offline). `None`: whoever runs `init`.
     pub owner: Option<Owner>,
+    /// Existing trust to use instead of minting a new anchor.
+    pub trust: Option<Trust>,
+}
+
+/// Existing trust (the cluster's) for `init`: the anchors, and either an issuer pair made
+/// elsewhere or the key of an anchor to sign a new issuer with.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The trust-anchor bundle (one or more roots), copied to `ca.crt`.
+    pub anchors: PathBuf,
+    /// Where the issuer comes from.
+    pub issuer: TrustIssuer,
+}
+
+/// Where the issuer of a [`Trust`] comes from.
+#[derive(Debug, Clone)]
+pub enum TrustIssuer {
+    /// An issuer pair made elsewhere (Linkerd's `linkerd-identity-issuer` Secret,
+    /// cert-manager, step): the certificate file (issuer first, then any intermediates) and
+    /// its key (PKCS#8 or SEC1).
+    Pair {
+        /// Issuer certificate (and intermediates).
+        cert: PathBuf,
+        /// Issuer key.
+        key: PathBuf,
+    },
+    /// The key of one of the anchors: `init` signs itself a new issuer under it. The key is
+    /// read, never copied.
+    AnchorKey(PathBuf),
 }
 
 /// The owner `init` gives its files: `--owner USER[:GROUP]`, names or numeric ids, resolved
@@ -78,9 +118,11 @@ impl InitOptions {
         Self {
             dir: dir.into(),
             trust_domain: TrustDomain::default(),
+            control_plane_namespace: DEFAULT_CONTROL_PLANE_NAMESPACE.to_string(),
             anchor_validity: DEFAULT_ANCHOR_VALIDITY,
             issuer_validity: DEFAULT_ISSUER_VALIDITY,
             owner: None,
+            trust: None,
         }
     }
 }
@@ -99,7 +141,13 @@ pub fn run(opts: &InitOptions) -> Result<InitOutput> {
 
 /// Runs `init` with certificates valid from `now`. Blocks.
 pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
-    if opts.issuer_validity > opts.anchor_validity {
+    if let Err(e) = crate::ca::ops::check_namespace(&opts.control_plane_namespace) {
+        return Err(Error::Config {
+            path: "<flags>".into(),
+            problems: vec![format!("--control-plane-namespace: {e}")],
+        });
+    }
+    if opts.trust.is_none() && opts.issuer_validity > opts.anchor_validity {
         return Err(Error::Config {
             path: "<flags>".into(),
             problems: vec!["--issuer-validity must not exceed --anchor-validity".into()],
@@ -127,54 +175,27 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
         return Err(Error::WouldOverwrite(existing));
     }
     let td = &opts.trust_domain;
-    let sign = |e: rcgen::Error| Error::Sign(e.to_string());
-
-    let anchor_key = IssuerKey::generate().map_err(sign)?;
-    let mut ap = CertificateParams::new(Vec::new()).map_err(sign)?;
-    ap.distinguished_name
-        .push(DnType::CommonName, format!("root.linkerd.{td}"));
-    ap.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-    ap.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ap.serial_number = Some(rcgen::SerialNumber::from_slice(
-        &crate::signer::random_serial(),
-    ));
-    ap.not_before = (now - BACKDATE).into();
-    ap.not_after = (now + opts.anchor_validity).into();
-    let anchor = ap.self_signed(&anchor_key).map_err(sign)?;
-    let anchor_issuer = Issuer::new(ap, &anchor_key);
-
-    let issuer_key = IssuerKey::generate().map_err(sign)?;
-    let mut ip = CertificateParams::new(Vec::new()).map_err(sign)?;
-    ip.distinguished_name
-        .push(DnType::CommonName, format!("identity.linkerd.{td}"));
-    ip.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ip.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ip.use_authority_key_identifier_extension = true;
-    ip.serial_number = Some(rcgen::SerialNumber::from_slice(
-        &crate::signer::random_serial(),
-    ));
-    ip.not_before = (now - BACKDATE).into();
-    ip.not_after = (now + opts.issuer_validity).into();
-    let issuer = ip.signed_by(&issuer_key, &anchor_issuer).map_err(sign)?;
-
+    let material = match &opts.trust {
+        None => fresh_trust(opts, now)?,
+        Some(trust) => existing_trust(opts, trust, now)?,
+    };
     // Exactly 0755 whatever the umask: the keys in it are 0600 on their own.
     proxy_lib::fs::ensure_dir(&opts.dir, 0o755)?;
     let dir = std::fs::canonicalize(&opts.dir).map_err(|source| Error::Io {
         path: opts.dir.clone(),
         source,
     })?;
-    let anchor_pem = der_to_pem("CERTIFICATE", anchor.der());
-    let issuer_pem = der_to_pem("CERTIFICATE", issuer.der());
-    let anchor_key_pem = PrivateKey::from_pkcs8_der(anchor_key.pkcs8_der().to_vec()).to_pem();
-    let issuer_key_pem = PrivateKey::from_pkcs8_der(issuer_key.pkcs8_der().to_vec()).to_pem();
-    let toml = config_text(&dir, td);
-    let files: [(&str, &[u8], u32); 5] = [
-        (ANCHORS_FILE, anchor_pem.as_bytes(), PUBLIC_MODE),
-        (ANCHOR_KEY_FILE, anchor_key_pem.as_bytes(), SECRET_MODE),
-        (ISSUER_CERT_FILE, issuer_pem.as_bytes(), PUBLIC_MODE),
-        (ISSUER_KEY_FILE, issuer_key_pem.as_bytes(), SECRET_MODE),
+    let toml = config_text(&dir, td, &opts.control_plane_namespace);
+    let mut files: Vec<(&str, &[u8], u32)> =
+        vec![(ANCHORS_FILE, material.anchors.as_bytes(), PUBLIC_MODE)];
+    if let Some(anchor_key) = &material.anchor_key {
+        files.push((ANCHOR_KEY_FILE, anchor_key.as_bytes(), SECRET_MODE));
+    }
+    files.extend([
+        (ISSUER_CERT_FILE, material.chain.as_bytes(), PUBLIC_MODE),
+        (ISSUER_KEY_FILE, material.key.as_bytes(), SECRET_MODE),
         (CONFIG_FILE, toml.as_bytes(), PUBLIC_MODE),
-    ];
+    ]);
     let mut written = Vec::new();
     // Leave the directory as it was on failure: remove what this run created.
     let undo = |written: &[PathBuf]| {
@@ -200,7 +221,114 @@ pub fn run_at(opts: &InitOptions, now: SystemTime) -> Result<InitOutput> {
     Ok(InitOutput { files: written })
 }
 
-fn config_text(dir: &Path, td: &TrustDomain) -> String {
+/// The PEM text `init` writes.
+struct Material {
+    anchors: String,
+    /// Only when `init` made the anchor.
+    anchor_key: Option<Zeroizing<String>>,
+    chain: String,
+    key: Zeroizing<String>,
+}
+
+/// A new anchor and an issuer under it.
+fn fresh_trust(opts: &InitOptions, now: SystemTime) -> Result<Material> {
+    let td = &opts.trust_domain;
+    let sign = |e: rcgen::Error| Error::Sign(e.to_string());
+    let anchor_key = IssuerKey::generate().map_err(sign)?;
+    let mut ap = CertificateParams::new(Vec::new()).map_err(sign)?;
+    ap.distinguished_name.push(
+        DnType::CommonName,
+        format!("root.{}.{td}", opts.control_plane_namespace),
+    );
+    ap.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    ap.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ap.serial_number = Some(rcgen::SerialNumber::from_slice(
+        &crate::signer::random_serial(),
+    ));
+    let window = Window::new(now - BACKDATE, now + opts.anchor_validity);
+    ap.not_before = window.not_before.into();
+    ap.not_after = window.not_after.into();
+    let anchor = ap.self_signed(&anchor_key).map_err(sign)?;
+    let anchor_issuer = Issuer::new(ap, &anchor_key);
+    let cn = issuer_common_name(&opts.control_plane_namespace, td.as_str());
+    let issuer = mint_issuer(&anchor_issuer, window, &cn, opts.issuer_validity, now)?;
+    Ok(Material {
+        anchors: der_to_pem("CERTIFICATE", anchor.der()),
+        anchor_key: Some(PrivateKey::from_pkcs8_der(anchor_key.pkcs8_der().to_vec()).to_pem()),
+        chain: der_to_pem("CERTIFICATE", &issuer.cert),
+        key: PrivateKey::from_pkcs8_der(issuer.key.pkcs8_der().to_vec()).to_pem(),
+    })
+}
+
+/// The cluster's anchors with an issuer pair made elsewhere, or a new issuer signed with an
+/// anchor's key; validated exactly as the server will load them before anything is written.
+fn existing_trust(opts: &InitOptions, trust: &Trust, now: SystemTime) -> Result<Material> {
+    let anchors = certs_in(&read_material(&trust.anchors)?, &trust.anchors)?;
+    let anchors_pem = proxy_lib::pem::certs_to_pem(&anchors);
+    let (chain_pem, key_pem, names) = match &trust.issuer {
+        TrustIssuer::Pair { cert, key } => {
+            let chain = certs_in(&read_material(cert)?, cert)?;
+            let key_bytes = Zeroizing::new(read_material(key)?);
+            let parsed =
+                crate::ca::read_key(&key_bytes, &key.display().to_string()).map_err(|reason| {
+                    Error::CaMaterial {
+                        path: key.clone(),
+                        reason,
+                    }
+                })?;
+            let names = CaFiles {
+                anchors: trust.anchors.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            (
+                proxy_lib::pem::certs_to_pem(&crate::ca::chain::without_anchors(chain, &anchors)),
+                parsed.to_pem(),
+                names,
+            )
+        }
+        TrustIssuer::AnchorKey(path) => {
+            let key = read_signing_key(path)?;
+            let Some(i) = find_signer(&anchors, &key) else {
+                return Err(Error::CaMaterial {
+                    path: path.clone(),
+                    reason: format!(
+                        "this key belongs to none of the {} certificate(s) in {}",
+                        anchors.len(),
+                        trust.anchors.display()
+                    ),
+                });
+            };
+            let cn = issuer_common_name(&opts.control_plane_namespace, opts.trust_domain.as_str());
+            let minted = mint_under(&anchors[i], key, &cn, opts.issuer_validity, now)?;
+            let names = CaFiles {
+                anchors: trust.anchors.clone(),
+                cert: opts.dir.join(ISSUER_CERT_FILE),
+                key: opts.dir.join(ISSUER_KEY_FILE),
+            };
+            (
+                der_to_pem("CERTIFICATE", &minted.cert),
+                PrivateKey::from_pkcs8_der(minted.key.pkcs8_der().to_vec()).to_pem(),
+                names,
+            )
+        }
+    };
+    Ca::from_pem(
+        anchors_pem.as_bytes(),
+        chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+        now,
+        &names,
+    )?;
+    Ok(Material {
+        anchors: anchors_pem,
+        anchor_key: None,
+        chain: chain_pem,
+        key: key_pem,
+    })
+}
+
+fn config_text(dir: &Path, td: &TrustDomain, control_plane_namespace: &str) -> String {
     let q = |s: &str| toml::Value::String(s.to_string()).to_string();
     let dir_s = dir.display().to_string();
     let tokens = dir.join(DEFAULT_TOKENS_FILE).display().to_string();
@@ -218,6 +346,7 @@ fn config_text(dir: &Path, td: &TrustDomain) -> String {
          [ca]\n\
          source = \"files\"\n\
          dir = {dir}\n\
+         control_plane_namespace = {cpns}\n\
          \n\
          [auth]\n\
          tokens = {tokens}\n\
@@ -230,8 +359,12 @@ fn config_text(dir: &Path, td: &TrustDomain) -> String {
          max_concurrent_signing = 64\n\
          per_credential_per_minute = 600\n",
         td = q(td.as_str()),
-        name = q(td.identity_service_name().as_str()),
+        name = q(td
+            .identity_service_name_in(control_plane_namespace)
+            .unwrap_or_else(|_| td.identity_service_name())
+            .as_str()),
         dir = q(&dir_s),
+        cpns = q(control_plane_namespace),
         tokens = q(&tokens),
     )
 }

@@ -20,6 +20,8 @@ pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(20);
 pub struct Policy {
     /// The only trust domain identities may belong to.
     pub trust_domain: TrustDomain,
+    /// The only control-plane namespace identities may name (`identity.<ns>.<td>`).
+    pub control_plane_namespace: String,
     /// Leaf lifetime (before capping at the issuer's notAfter).
     pub lifetime: Duration,
     /// Minimum useful leaf lifetime.
@@ -32,9 +34,10 @@ pub struct Policy {
 pub type Grant = Window;
 
 impl Policy {
-    /// Parses the requested identity and checks it belongs to the trust domain.
+    /// Parses the requested identity and checks it belongs to the trust domain and the
+    /// control plane.
     pub fn identity(&self, requested: &str) -> Result<Identity, IdentityError> {
-        Identity::parse_in(requested, &self.trust_domain)
+        Identity::parse_in_mesh(requested, &self.trust_domain, &self.control_plane_namespace)
     }
 
     /// The shortest leaf the issuer will mint: `min(min_lifetime, lifetime)`, so configured
@@ -94,6 +97,7 @@ mod tests {
     fn policy() -> Policy {
         Policy {
             trust_domain: TrustDomain::default(),
+            control_plane_namespace: "linkerd".into(),
             lifetime: DEFAULT_LIFETIME,
             min_lifetime: DEFAULT_MIN_LIFETIME,
             clock_skew: DEFAULT_CLOCK_SKEW,

@@ -63,7 +63,7 @@ pub fn reload(shared: &Shared, files: &CaFiles) -> Result<()> {
         Ok(ca) => {
             let old = shared.ca.load();
             let changed = old.cert() != ca.cert();
-            let not_after = ca.info().not_after;
+            let not_after = ca.window().not_after;
             tracing::info!(
                 serial = %ca.info().serial,
                 not_after = %proxy_lib::clock::rfc3339(not_after),

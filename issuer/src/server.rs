@@ -269,7 +269,7 @@ impl Server {
         if !force && !ca_changed && now < cur.renew_at {
             return;
         }
-        if !ca.info().is_valid_at(now) {
+        if !ca.window().contains(now) {
             return;
         }
         match mint_serving(&self.shared, &self.config.server_name) {
@@ -291,7 +291,7 @@ impl Server {
     pub fn ca_expires_soon(&self) -> bool {
         let now = self.shared.clock.now();
         let ca = self.shared.ca.load();
-        ca.info().window().remaining(now) < self.config.ca_warn_before
+        ca.window().remaining(now) < self.config.ca_warn_before
     }
 
     fn warn_if_expiring(&self) {
@@ -300,7 +300,7 @@ impl Server {
         }
         let now = self.shared.clock.now();
         let ca = self.shared.ca.load();
-        let left = ca.info().window().remaining(now);
+        let left = ca.window().remaining(now);
         let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
         if warned
             .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(3600))
@@ -309,7 +309,7 @@ impl Server {
         }
         *warned = Some(now);
         tracing::warn!(
-            not_after = %proxy_lib::clock::rfc3339(ca.info().not_after),
+            not_after = %proxy_lib::clock::rfc3339(ca.window().not_after),
             seconds_left = left.as_secs(),
             "issuer certificate expires soon; rotate it"
         );
@@ -529,20 +529,18 @@ fn mint_serving(
         shared.clock.now(),
         SERVING_LIFETIME,
         shared.policy.clock_skew,
-        ca.info().window(),
+        ca.window(),
     );
     let key = crate::ca::IssuerKey::generate().map_err(|e| Error::Sign(e.to_string()))?;
     let leaf = crate::signer::sign_server_leaf(&ca, server_name, &key, &grant)?;
     let key_der = proxy_lib::pem::PrivateKey::from_pkcs8_der(key.pkcs8_der().to_vec());
     // Offer h2, but a client without ALPN (linkerd2-proxy) is accepted as well.
-    let acceptor = proxy_lib::tls::Acceptor::deferred(
-        &[leaf.der.clone(), ca.cert().clone()],
-        &key_der,
-        ca.anchors(),
-        &[b"h2"],
-        &shared.clock,
-    )
-    .map_err(|e| Error::Server(format!("serving certificate: {e}")))?;
+    let chain: Vec<_> = std::iter::once(leaf.der.clone())
+        .chain(ca.chain().iter().cloned())
+        .collect();
+    let acceptor =
+        proxy_lib::tls::Acceptor::deferred(&chain, &key_der, ca.anchors(), &[b"h2"], &shared.clock)
+            .map_err(|e| Error::Server(format!("serving certificate: {e}")))?;
     let info = ServingInfo {
         sha256: leaf.sha256.clone(),
         issuer_sha256: proxy_lib::cert::sha256_hex(ca.cert()),

@@ -83,7 +83,7 @@ impl Shared {
         let per_minute = limits.per_credential_per_minute;
         metrics
             .ca_expiration
-            .set(proxy_lib::clock::unix_secs(ca.info().not_after) as i64);
+            .set(proxy_lib::clock::unix_secs(ca.window().not_after) as i64);
         Self {
             ca: ArcSwap::from_pointee(ca),
             policy,
@@ -101,9 +101,9 @@ impl Shared {
 
     /// Whether the CA in use can issue now (valid, with at least the minimum lifetime left).
     pub fn ca_usable(&self) -> bool {
-        let ca = self.ca.load();
+        let w = self.ca.load().window();
         self.policy
-            .check_issuer(self.clock.now(), ca.info().not_before, ca.info().not_after)
+            .check_issuer(self.clock.now(), w.not_before, w.not_after)
             .is_ok()
     }
 }
@@ -169,9 +169,8 @@ impl CertifyService {
         let _permit = s.signing.try_acquire().map_err(|_| Error::Overloaded)?;
         let csr = crate::csr::validate(&req.certificate_signing_request, &identity)?;
         let ca = s.ca.load_full();
-        let grant = s
-            .policy
-            .grant(s.clock.now(), ca.info().not_before, ca.info().not_after)?;
+        let w = ca.window();
+        let grant = s.policy.grant(s.clock.now(), w.not_before, w.not_after)?;
         let leaf =
             crate::signer::sign_leaf(&ca, &identity, &csr.public_key, &grant, LeafKind::Workload)?;
         Ok((leaf, ca))
@@ -234,7 +233,7 @@ impl IdentityApi for CertifyService {
                 );
                 Ok(tonic::Response::new(CertifyResponse {
                     leaf_certificate: leaf.der.to_vec(),
-                    intermediate_certificates: vec![ca.cert().to_vec()],
+                    intermediate_certificates: ca.chain().iter().map(|c| c.to_vec()).collect(),
                     valid_until: Some(leaf.not_after.into()),
                 }))
             }

@@ -145,7 +145,7 @@ mod tests {
         let pki = TestPki::new(now());
         let ca = Ca::from_parts(
             pki.anchors(),
-            pki.issuer.clone(),
+            vec![pki.issuer.clone()],
             PrivateKey::from_pkcs8_der(pki.issuer_key.serialize_der()),
             now(),
         )

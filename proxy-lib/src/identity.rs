@@ -1,7 +1,8 @@
 //! Mesh identity names (Linkerd form) and the SPIFFE IDs derived from them.
 //!
-//! An identity is `<sa>.<ns>.serviceaccount.identity.linkerd.<trust-domain>`; it is carried as
-//! the single DNS SAN of a workload certificate, and the SPIFFE ID
+//! An identity is `<sa>.<ns>.serviceaccount.identity.<cp>.<trust-domain>`, where `<cp>` is
+//! Linkerd's control-plane namespace (`linkerd` unless Linkerd was installed elsewhere); it is
+//! carried as the single DNS SAN of a workload certificate, and the SPIFFE ID
 //! `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` is added as a URI SAN.
 //!
 //! The one rule for "does this certificate name carry that identity" is [`matches_san`], and
@@ -14,7 +15,10 @@ use std::str::FromStr;
 /// The trust domain used when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
-const MARKER: &str = ".serviceaccount.identity.linkerd.";
+/// The control-plane namespace used when none is configured.
+pub const DEFAULT_CONTROL_PLANE_NAMESPACE: &str = "linkerd";
+
+const MARKER: &str = ".serviceaccount.identity.";
 
 /// Whether the DNS SAN `san` names `identity`.
 ///
@@ -40,9 +44,10 @@ pub fn normalize_name(s: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum IdentityError {
-    /// The name does not have the `<sa>.<ns>.serviceaccount.identity.linkerd.<td>` shape.
+    /// The name does not have the `<sa>.<ns>.serviceaccount.identity.<cp>.<td>` shape.
     #[error(
-        "identity {0:?} is not of the form <serviceaccount>.<namespace>.serviceaccount.identity.linkerd.<trust-domain>"
+        "identity {0:?} is not of the form <serviceaccount>.<namespace>.serviceaccount.identity.linkerd.<trust-domain> \
+         (with Linkerd's control-plane namespace in place of linkerd if it is installed elsewhere)"
     )]
     Shape(String),
     /// A label is empty, too long or has characters a DNS name cannot hold.
@@ -52,6 +57,18 @@ pub enum IdentityError {
         what: &'static str,
         /// The offending text.
         value: String,
+    },
+    /// The identity names another control-plane namespace.
+    #[error(
+        "identity {identity:?} names control-plane namespace {found:?}, this mesh's is {expected:?}"
+    )]
+    OutsideControlPlane {
+        /// The identity that was asked for.
+        identity: String,
+        /// The control-plane namespace it names.
+        found: String,
+        /// The one that is served.
+        expected: String,
     },
     /// The identity belongs to another trust domain.
     #[error("identity {identity:?} is outside the trust domain {expected:?}")]
@@ -90,6 +107,12 @@ impl TrustDomain {
     pub fn identity_service_name(&self) -> Identity {
         Identity::new("linkerd-identity", "linkerd", self).expect("fixed labels are valid")
     }
+
+    /// The server name of the identity service of a Linkerd installed in namespace `cp`
+    /// (`linkerd-identity.<cp>.serviceaccount.identity.<cp>.<td>`).
+    pub fn identity_service_name_in(&self, cp: &str) -> Result<Identity, IdentityError> {
+        Identity::new_in("linkerd-identity", cp, cp, self)
+    }
 }
 
 impl Default for TrustDomain {
@@ -117,13 +140,20 @@ pub struct Identity {
     name: String,
     sa_end: usize,
     ns_end: usize,
+    cp_start: usize,
     td_start: usize,
 }
 
 impl Identity {
     /// Builds the identity of service account `sa` in namespace `ns`.
     pub fn new(sa: &str, ns: &str, td: &TrustDomain) -> Result<Self, IdentityError> {
-        Self::parse(&format!("{sa}.{ns}{MARKER}{td}"))
+        Self::new_in(sa, ns, DEFAULT_CONTROL_PLANE_NAMESPACE, td)
+    }
+
+    /// Builds the identity of service account `sa` in namespace `ns` for a Linkerd whose
+    /// control plane runs in namespace `cp`.
+    pub fn new_in(sa: &str, ns: &str, cp: &str, td: &TrustDomain) -> Result<Self, IdentityError> {
+        Self::parse(&format!("{sa}.{ns}{MARKER}{cp}.{td}"))
     }
 
     /// Parses and validates an identity name, normalised by [`normalize_name`] first.
@@ -133,14 +163,21 @@ impl Identity {
             return Err(IdentityError::Shape(s.to_string()));
         };
         let head = &name[..m];
-        let td = &name[m + MARKER.len()..];
+        let cp_start = m + MARKER.len();
+        let Some((cp, td)) = name[cp_start..].split_once('.') else {
+            return Err(IdentityError::Shape(s.to_string()));
+        };
         let Some((sa, ns)) = head.split_once('.') else {
             return Err(IdentityError::Shape(s.to_string()));
         };
         if ns.contains('.') {
             return Err(IdentityError::Shape(s.to_string()));
         }
-        for (what, v) in [("service account", sa), ("namespace", ns)] {
+        for (what, v) in [
+            ("service account", sa),
+            ("namespace", ns),
+            ("control-plane namespace", cp),
+        ] {
             if !is_dns_label(v) {
                 return Err(IdentityError::InvalidDns {
                     what,
@@ -163,18 +200,33 @@ impl Identity {
         Ok(Self {
             sa_end: sa.len(),
             ns_end: sa.len() + 1 + ns.len(),
-            td_start: m + MARKER.len(),
+            td_start: cp_start + cp.len() + 1,
+            cp_start,
             name,
         })
     }
 
-    /// Parses an identity and checks that it belongs to `td`.
+    /// Parses an identity and checks that it belongs to `td` (and to a control plane in the
+    /// default namespace, `linkerd`).
     pub fn parse_in(s: &str, td: &TrustDomain) -> Result<Self, IdentityError> {
+        Self::parse_in_mesh(s, td, DEFAULT_CONTROL_PLANE_NAMESPACE)
+    }
+
+    /// Parses an identity and checks that it belongs to `td` and names the control-plane
+    /// namespace `cp`.
+    pub fn parse_in_mesh(s: &str, td: &TrustDomain, cp: &str) -> Result<Self, IdentityError> {
         let id = Self::parse(s)?;
         if id.trust_domain() != td.as_str() {
             return Err(IdentityError::OutsideTrustDomain {
                 identity: id.name,
                 expected: td.to_string(),
+            });
+        }
+        if id.control_plane_namespace() != cp {
+            return Err(IdentityError::OutsideControlPlane {
+                found: id.control_plane_namespace().to_string(),
+                identity: id.name,
+                expected: cp.to_string(),
             });
         }
         Ok(id)
@@ -193,6 +245,11 @@ impl Identity {
     /// The namespace label.
     pub fn namespace(&self) -> &str {
         &self.name[self.sa_end + 1..self.ns_end]
+    }
+
+    /// The control-plane namespace label (`linkerd` by default).
+    pub fn control_plane_namespace(&self) -> &str {
+        &self.name[self.cp_start..self.td_start - 1]
     }
 
     /// The trust domain part.
@@ -272,6 +329,44 @@ mod tests {
             assert!(Identity::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
+
+    #[test]
+    fn the_control_plane_namespace_is_parsed_and_enforced() {
+        let td = TrustDomain::default();
+        let id =
+            Identity::parse("web.prod.serviceaccount.identity.linkerd-cp.cluster.local").unwrap();
+        assert_eq!(id.control_plane_namespace(), "linkerd-cp");
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace(), "prod");
+        assert_eq!(
+            id,
+            Identity::new_in("web", "prod", "linkerd-cp", &td).unwrap()
+        );
+        assert_eq!(
+            Identity::parse(ID_DEFAULT)
+                .unwrap()
+                .control_plane_namespace(),
+            "linkerd"
+        );
+        assert!(Identity::parse_in_mesh(id.as_str(), &td, "linkerd-cp").is_ok());
+        let err = Identity::parse_in(id.as_str(), &td).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::OutsideControlPlane { ref found, .. } if found == "linkerd-cp"),
+            "{err}"
+        );
+        assert_eq!(
+            td.identity_service_name_in("linkerd-cp").unwrap().as_str(),
+            "linkerd-identity.linkerd-cp.serviceaccount.identity.linkerd-cp.cluster.local"
+        );
+        for bad in [
+            "a.b.serviceaccount.identity.cluster",
+            "a.b.serviceaccount.identity.Bad_ns.cluster.local",
+        ] {
+            assert!(Identity::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    const ID_DEFAULT: &str = "a.b.serviceaccount.identity.linkerd.cluster.local";
 
     #[test]
     fn trust_domain_is_enforced() {

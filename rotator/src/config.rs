@@ -509,8 +509,13 @@ impl RawConfig {
         }
         let identity = identity.expect("checked");
         let td = TrustDomain::new(identity.trust_domain()).expect("identity has a valid td");
-        let issuer_name =
-            issuer_name.unwrap_or_else(|| td.identity_service_name().as_str().to_string());
+        // The identity service of the control plane the identity names.
+        let issuer_name = issuer_name.unwrap_or_else(|| {
+            td.identity_service_name_in(identity.control_plane_namespace())
+                .unwrap_or_else(|_| td.identity_service_name())
+                .as_str()
+                .to_string()
+        });
         Ok(Config {
             identity,
             dir: dir.expect("checked"),

@@ -307,30 +307,21 @@ fn rotator_daemon_logs_when_it_retries_an_unreachable_issuer() {
 }
 
 /// The shell block of the README's issuer-CA rotation recipe, adapted to a temp dir: the
-/// issuer dir instead of /etc/issuer, no chown to a user that does not exist here, and a
-/// SIGHUP to `pid` instead of `systemctl reload issuer`.
-fn readme_ca_rotation_script(issuer_dir: &Path, pid: u32) -> String {
-    let script = testkit::sh_block_after(
-        &testkit::readme(),
-        "There is no `issuer` subcommand for this yet",
-    );
+/// issuer dir instead of /etc/issuer, `offline` instead of /media/offline, the built binary,
+/// and a SIGHUP to `pid` instead of `systemctl reload issuer`.
+fn readme_ca_rotation_script(issuer_dir: &Path, offline: &Path, pid: u32) -> String {
+    let script = testkit::sh_block_after(&testkit::readme(), "Where the anchor key is mounted:");
     assert!(script.contains("systemctl reload issuer"), "{script}");
+    assert!(script.contains("issuer ca new-issuer"), "{script}");
     script
         .replace("/etc/issuer", &issuer_dir.display().to_string())
-        .replace(" -o issuer ", " ")
+        .replace("/media/offline", &offline.display().to_string())
+        .replace("issuer ca ", &format!("{} ca ", bin("issuer").display()))
         .replace("systemctl reload issuer", &format!("kill -HUP {pid}"))
 }
 
 #[test]
-fn readme_issuer_ca_rotation_recipe_works_with_openssl() {
-    if !testkit::have_tool("openssl") {
-        assert!(
-            !testkit::require_interop(),
-            "REQUIRE_INTEROP=1 but openssl is missing"
-        );
-        eprintln!("skipping: openssl not installed");
-        return;
-    }
+fn readme_issuer_ca_rotation_recipe_works() {
     proxy_lib::install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let iss = tmp.path().join("iss");
@@ -370,17 +361,20 @@ fn readme_issuer_ca_rotation_recipe_works_with_openssl() {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
 
-    // Where the anchor key lives: a separate dir holding ca.crt and anchor.key.
+    // Where the anchor key lives: a separate dir (removable media), not the issuer's.
     let offline = tmp.path().join("offline");
     std::fs::create_dir(&offline).unwrap();
-    for f in ["ca.crt", "anchor.key"] {
-        std::fs::copy(iss.join(f), offline.join(f)).unwrap();
-    }
-    let script = readme_ca_rotation_script(&iss, issuer.pid());
-    ok(Command::new("sh")
+    std::fs::rename(iss.join("anchor.key"), offline.join("anchor.key")).unwrap();
+    let old_issuer = proxy_lib::pem::read_certs(&iss.join("issuer.crt")).unwrap();
+    let script = readme_ca_rotation_script(&iss, &offline, issuer.pid());
+    let out = ok(Command::new("sh")
         .args(["-ec", &script])
         .current_dir(&offline));
-    let new_issuer = proxy_lib::pem::read_certs(&offline.join("issuer.crt")).unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("ok: the pair loads"), "{shown}");
+    let new_issuer = proxy_lib::pem::read_certs(&iss.join("issuer.crt")).unwrap();
+    assert_ne!(new_issuer, old_issuer);
+    assert!(!iss.join("anchor.key").exists());
 
     wait_for("the new issuer CA in use", Duration::from_secs(20), || {
         let m = testkit::http_get(admin, "/metrics").unwrap().1;
