@@ -16,7 +16,7 @@ use rcgen::{
 };
 
 use crate::client::{CertifyRequest, CertifyResponse, Issue, IssueError};
-use crate::config::{Config, MapEnv, RawConfig};
+use crate::config::{Config, MapEnv, Sources};
 use crate::reload::{HookOutcome, Reload};
 
 pub const ID: &str = "db.ext.serviceaccount.identity.linkerd.cluster.local";
@@ -194,7 +194,7 @@ pub fn config_in(dir: &Path, issuer: &FakeIssuer, extra: &str) -> Config {
         ca.display(),
         token.display()
     );
-    let mut raw = RawConfig::from_toml(&text, Path::new("test.toml")).unwrap();
+    let mut raw = Sources::from_toml(&text, Path::new("test.toml")).unwrap();
     raw.apply_env(&MapEnv::default());
     raw.validate().unwrap()
 }
