@@ -104,19 +104,6 @@ pub enum IssueError {
     Timeout(Duration),
 }
 
-impl IssueError {
-    /// Whether retrying later may help (everything but a refusal of the request itself).
-    pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            IssueError::Status {
-                code: tonic::Code::InvalidArgument,
-                ..
-            }
-        )
-    }
-}
-
 /// Something that can certify a CSR.
 pub trait Issue: Send + Sync {
     /// Sends one Certify request.
