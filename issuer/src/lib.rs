@@ -25,4 +25,4 @@ pub mod service;
 pub mod signer;
 pub mod tokens;
 
-pub use error::{Error, Result};
+pub use error::{Error, RequestError, Result};

@@ -19,7 +19,7 @@ use crate::audit::{AuditEvent, AuditLog, truncate};
 use crate::auth::{AuthChain, AuthRequest, Principal};
 use crate::ca::Ca;
 use crate::config::Limits;
-use crate::error::Error;
+use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::signer::{Leaf, LeafKind};
@@ -118,11 +118,11 @@ impl CertifyService {
         req: &CertifyRequest,
         peer: &PeerInfo,
         principal: &mut Option<Principal>,
-    ) -> Result<(Leaf, Arc<Ca>), Error> {
+    ) -> Result<(Leaf, Arc<Ca>), RequestError> {
         let s = &*self.shared;
         let size = req.encoded_len();
         if size > s.limits.max_request_bytes {
-            return Err(Error::RequestTooLarge {
+            return Err(RequestError::RequestTooLarge {
                 size,
                 max: s.limits.max_request_bytes,
             });
@@ -143,9 +143,9 @@ impl CertifyService {
         );
         *principal = Some(p);
         if s.limiter.check_key(&key).is_err() {
-            return Err(Error::RateLimited);
+            return Err(RequestError::RateLimited);
         }
-        let _permit = s.signing.try_acquire().map_err(|_| Error::Overloaded)?;
+        let _permit = s.signing.try_acquire().map_err(|_| RequestError::Overloaded)?;
         let csr = crate::csr::validate(&req.certificate_signing_request, &identity)?;
         let ca = s.ca.load_full();
         let grant = s
