@@ -1,13 +1,14 @@
-//! `issuer.toml`: the raw file, flag overrides, and the validated [`Config`] the rest of the
-//! crate uses. Every bad field is reported, not just the first.
+//! `issuer.toml`: the typed raw file, the flags layered over it, and the validated [`Config`]
+//! the rest of the crate uses. Every bad field is reported, not just the first.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proxy_lib::config_file::{Layers, de};
 use proxy_lib::identity::TrustDomain;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditTarget;
 use crate::ca::CaFiles;
@@ -17,9 +18,9 @@ use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, 
 /// The config file name inside `--dir`.
 pub const CONFIG_FILE: &str = "issuer.toml";
 /// Default gRPC listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
 /// Default admin listen address.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9990";
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9990));
 /// Default token store file name (next to the config file).
 pub const DEFAULT_TOKENS_FILE: &str = "tokens";
 /// Default request size limit.
@@ -31,24 +32,31 @@ pub const DEFAULT_PER_CREDENTIAL_PER_MINUTE: u32 = 600;
 /// Default: warn when the issuer certificate has less than this left.
 pub const DEFAULT_CA_WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 
-/// `issuer.toml` as written.
+/// `issuer.toml` as written: every key optional, values typed as far as serde can check them
+/// alone. Flags ([`Overrides`]) are a layer over it (see [`proxy_lib::config_file::Layers`]).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Trust domain.
-    pub trust_domain: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub trust_domain: Option<TrustDomain>,
     /// gRPC listen address.
-    pub listen: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub listen: Option<SocketAddr>,
     /// Admin listen address.
-    pub admin: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub admin: Option<SocketAddr>,
     /// Serve without TLS (loopback only).
     pub plaintext: Option<bool>,
-    /// Leaf lifetime (humantime).
-    pub lifetime: Option<String>,
-    /// Minimum leaf lifetime (humantime).
-    pub min_lifetime: Option<String>,
-    /// notBefore backdating (humantime).
-    pub clock_skew: Option<String>,
+    /// Leaf lifetime.
+    #[serde(default, with = "humantime_serde")]
+    pub lifetime: Option<Duration>,
+    /// Minimum leaf lifetime.
+    #[serde(default, with = "humantime_serde")]
+    pub min_lifetime: Option<Duration>,
+    /// notBefore backdating.
+    #[serde(default, with = "humantime_serde")]
+    pub clock_skew: Option<Duration>,
     /// The name the issuer's serving certificate carries.
     pub server_name: Option<String>,
     /// `[ca]`.
@@ -65,16 +73,29 @@ pub struct RawConfig {
     pub limits: RawLimits,
 }
 
-/// `[ca]`.
+/// Where the CA comes from (`ca.source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaSource {
+    /// `ca.dir` holds ca.crt, issuer.crt and issuer.key.
+    #[default]
+    Files,
+    /// A Kubernetes secret (a later issue).
+    Kubernetes,
+}
+
+/// `[ca]`. A new key is one more `Option` field here (with `#[serde(default, with =
+/// "humantime_serde")]` for a duration), read in [`Config::from_layers`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCa {
     /// `files` (or `kubernetes`, a later issue).
-    pub source: Option<String>,
+    pub source: Option<CaSource>,
     /// Directory holding ca.crt, issuer.crt, issuer.key.
     pub dir: Option<PathBuf>,
-    /// Warn when the issuer certificate has less than this left (humantime).
-    pub warn_before: Option<String>,
+    /// Warn when the issuer certificate has less than this left.
+    #[serde(default, with = "humantime_serde")]
+    pub warn_before: Option<Duration>,
 }
 
 /// `[auth]`.
@@ -105,20 +126,26 @@ pub struct RawLimits {
     pub per_credential_per_minute: Option<u32>,
 }
 
-/// Command-line values that override the file.
-#[derive(Debug, Default, Clone)]
+/// Command-line values: the flags layer over the file (unset flags leave the file's keys).
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct Overrides {
     /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// `--admin`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
     /// `--lifetime`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub lifetime: Option<Duration>,
     /// `--min-lifetime`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub min_lifetime: Option<Duration>,
     /// `--clock-skew`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub clock_skew: Option<Duration>,
-    /// `--plaintext`.
+    /// `--plaintext` (only ever turns it on).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub plaintext: bool,
 }
 
@@ -166,15 +193,21 @@ impl Config {
         dir.join(CONFIG_FILE)
     }
 
-    /// Reads and validates `path`, applying `overrides`. Blocks.
+    /// Reads and validates `path`, with `overrides` over it. Blocks.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
-        let raw: RawConfig = proxy_lib::config_file::load(path)?;
-        Self::from_raw(raw, path, overrides)
+        let mut layers = Layers::file(path)?;
+        layers.flags(overrides).map_err(|e| Error::Config {
+            path: PathBuf::from("<flags>"),
+            problems: vec![e.to_string()],
+        })?;
+        Self::from_layers(&layers, path)
     }
 
-    /// Validates a raw config read from `path` (relative paths are resolved against its
-    /// directory).
-    pub fn from_raw(raw: RawConfig, path: &Path, o: &Overrides) -> Result<Self> {
+    /// Validates the layers of a config read from `path` (relative paths are resolved
+    /// against its directory), reporting every bad key and value together.
+    pub fn from_layers(layers: &Layers, path: &Path) -> Result<Self> {
+        let (raw, errors) = layers.extract::<RawConfig>();
+        let mut problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
         let base = proxy_lib::fs::parent_dir(path).to_path_buf();
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -183,59 +216,14 @@ impl Config {
                 base.join(p)
             }
         };
-        let mut problems = Vec::new();
-        let mut dur =
-            |name: &str, v: &Option<String>, flag: Option<Duration>, default: Duration| {
-                if let Some(d) = flag {
-                    return d;
-                }
-                match v {
-                    None => default,
-                    Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
-                        problems.push(format!("{name} = {s:?}: {e}"));
-                        default
-                    }),
-                }
-            };
-        let lifetime = dur("lifetime", &raw.lifetime, o.lifetime, DEFAULT_LIFETIME);
-        let min_lifetime = dur(
-            "min_lifetime",
-            &raw.min_lifetime,
-            o.min_lifetime,
-            DEFAULT_MIN_LIFETIME,
-        );
-        let clock_skew = dur(
-            "clock_skew",
-            &raw.clock_skew,
-            o.clock_skew,
-            DEFAULT_CLOCK_SKEW,
-        );
-        let ca_warn_before = dur(
-            "ca.warn_before",
-            &raw.ca.warn_before,
-            None,
-            DEFAULT_CA_WARN_BEFORE,
-        );
-
-        let trust_domain = match raw.trust_domain.as_deref() {
-            None => TrustDomain::default(),
-            Some(s) => TrustDomain::new(s).unwrap_or_else(|e| {
-                problems.push(format!("trust_domain: {e}"));
-                TrustDomain::default()
-            }),
-        };
-        let mut addr = |name: &str, v: &Option<String>, flag: Option<SocketAddr>, default: &str| {
-            flag.unwrap_or_else(|| {
-                let s = v.as_deref().unwrap_or(default);
-                s.parse().unwrap_or_else(|_| {
-                    problems.push(format!("{name} = {s:?} is not an IP:port address"));
-                    default.parse().expect("default address parses")
-                })
-            })
-        };
-        let listen = addr("listen", &raw.listen, o.listen, DEFAULT_LISTEN);
-        let admin = addr("admin", &raw.admin, o.admin, DEFAULT_ADMIN);
-        let plaintext = o.plaintext || raw.plaintext.unwrap_or(false);
+        let lifetime = raw.lifetime.unwrap_or(DEFAULT_LIFETIME);
+        let min_lifetime = raw.min_lifetime.unwrap_or(DEFAULT_MIN_LIFETIME);
+        let clock_skew = raw.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
+        let ca_warn_before = raw.ca.warn_before.unwrap_or(DEFAULT_CA_WARN_BEFORE);
+        let trust_domain = raw.trust_domain.unwrap_or_default();
+        let listen = raw.listen.unwrap_or(DEFAULT_LISTEN);
+        let admin = raw.admin.unwrap_or(DEFAULT_ADMIN);
+        let plaintext = raw.plaintext.unwrap_or(false);
 
         if lifetime.is_zero() {
             problems.push("lifetime must be greater than zero".into());
@@ -251,15 +239,12 @@ impl Config {
                 "plaintext serving is only allowed on a loopback address, not {listen}"
             ));
         }
-        match raw.ca.source.as_deref() {
-            None | Some("files") => {}
-            Some("kubernetes") => problems.push(
+        match raw.ca.source.unwrap_or_default() {
+            CaSource::Files => {}
+            CaSource::Kubernetes => problems.push(
                 "ca.source = \"kubernetes\" is not supported by this version (use \"files\")"
                     .into(),
             ),
-            Some(other) => problems.push(format!(
-                "ca.source = {other:?}: expected \"files\" or \"kubernetes\""
-            )),
         }
         let server_name = raw
             .server_name
@@ -341,8 +326,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, o: &Overrides) -> Result<Config> {
-        let raw: RawConfig = toml::from_str(text).unwrap();
-        Config::from_raw(raw, Path::new("/etc/issuer/issuer.toml"), o)
+        let path = Path::new("/etc/issuer/issuer.toml");
+        let mut layers = Layers::from_toml(text, path)?;
+        layers.flags(o).unwrap();
+        Config::from_layers(&layers, path)
     }
 
     #[test]
