@@ -108,9 +108,9 @@ impl AuthError {
             Self::NoToken | Self::UnknownToken | Self::Revoked { .. } | Self::Expired { .. } => {
                 Code::Unauthenticated
             }
-            Self::WrongIdentity { .. } | Self::SourceNotAllowed { .. } | Self::PeerUnknown { .. } => {
-                Code::PermissionDenied
-            }
+            Self::WrongIdentity { .. }
+            | Self::SourceNotAllowed { .. }
+            | Self::PeerUnknown { .. } => Code::PermissionDenied,
         }
     }
 }
@@ -179,7 +179,9 @@ impl RequestError {
         use tonic::Code;
         match self {
             Self::Auth(a) => a.code(),
-            Self::Csr(_) | Self::Identity(_) | Self::RequestTooLarge { .. } => Code::InvalidArgument,
+            Self::Csr(_) | Self::Identity(_) | Self::RequestTooLarge { .. } => {
+                Code::InvalidArgument
+            }
             Self::RateLimited | Self::Overloaded => Code::ResourceExhausted,
             Self::CaUnavailable(_) => Code::Unavailable,
             Self::Sign(_) => Code::Internal,

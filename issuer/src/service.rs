@@ -145,7 +145,10 @@ impl CertifyService {
         if s.limiter.check_key(&key).is_err() {
             return Err(RequestError::RateLimited);
         }
-        let _permit = s.signing.try_acquire().map_err(|_| RequestError::Overloaded)?;
+        let _permit = s
+            .signing
+            .try_acquire()
+            .map_err(|_| RequestError::Overloaded)?;
         let csr = crate::csr::validate(&req.certificate_signing_request, &identity)?;
         let ca = s.ca.load_full();
         let grant = s

@@ -77,13 +77,15 @@ pub fn sign_server_leaf(
 
 fn dns_san(name: &str) -> Result<SanType, SignError> {
     Ok(SanType::DnsName(
-        name.try_into().map_err(|e: rcgen::Error| SignError::from(e))?,
+        name.try_into()
+            .map_err(|e: rcgen::Error| SignError::from(e))?,
     ))
 }
 
 fn uri_san(uri: &str) -> Result<SanType, SignError> {
     Ok(SanType::URI(
-        uri.try_into().map_err(|e: rcgen::Error| SignError::from(e))?,
+        uri.try_into()
+            .map_err(|e: rcgen::Error| SignError::from(e))?,
     ))
 }
 

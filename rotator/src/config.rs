@@ -186,7 +186,8 @@ impl Sources {
     /// Applies environment overrides: Linkerd's names first, then `ROTATOR_*` (which win).
     pub fn apply_env(&mut self, env: &dyn Env) {
         self.0.env(env, LINKERD_ENV.iter().copied());
-        self.0.env(env, KEYS.iter().map(|(key, _)| (env_name(key), *key)));
+        self.0
+            .env(env, KEYS.iter().map(|(key, _)| (env_name(key), *key)));
     }
 
     /// The layers, with where each key's value came from.

@@ -22,9 +22,9 @@ where
             .parse()
             .map(Some)
             .map_err(|_| D::Error::custom(format!("expected a number, got {s:?}"))),
-        v @ (toml::Value::Integer(_) | toml::Value::Float(_)) => {
-            T::deserialize(v).map(Some).map_err(|e| D::Error::custom(e.message()))
-        }
+        v @ (toml::Value::Integer(_) | toml::Value::Float(_)) => T::deserialize(v)
+            .map(Some)
+            .map_err(|e| D::Error::custom(e.message())),
         other => Err(D::Error::custom(format!(
             "expected a number, got {}",
             describe(&other)
@@ -78,8 +78,8 @@ where
 {
     let value = match toml::Value::deserialize(d)? {
         toml::Value::String(s) if s.trim_start().starts_with('[') => {
-            let mut table: toml::Table = toml::from_str(&format!("argv = {}", s.trim()))
-                .map_err(|e| {
+            let mut table: toml::Table =
+                toml::from_str(&format!("argv = {}", s.trim())).map_err(|e| {
                     D::Error::custom(format!("not an array of strings: {}", e.message()))
                 })?;
             table

@@ -162,8 +162,8 @@ impl Layers {
     /// The flags layer: every key `flags` serializes (leave unset flags out with `Option`,
     /// `skip_serializing_if`), each reported as coming from `--the-key`.
     pub fn flags<T: Serialize>(&mut self, flags: &T) -> Result<(), FieldError> {
-        let table = toml::Table::try_from(flags)
-            .map_err(|e| FieldError::new("<flags>", e.to_string()))?;
+        let table =
+            toml::Table::try_from(flags).map_err(|e| FieldError::new("<flags>", e.to_string()))?;
         self.set_all(table, &|key| format!("--{}", key.replace('_', "-")));
         Ok(())
     }
@@ -296,7 +296,10 @@ mod tests {
         )
         .unwrap();
         let env = MapEnv::from_pairs([("X_COUNT", " 2 "), ("X_SUB_ON", "yes"), ("X_NAME", " ")]);
-        layers.env(&env, ["name", "count", "sub.on"].map(|k| (env_name("X_", k), k)));
+        layers.env(
+            &env,
+            ["name", "count", "sub.on"].map(|k| (env_name("X_", k), k)),
+        );
         let flags = Raw {
             wait: Some(Duration::from_secs(3)),
             sub: Sub {
@@ -334,14 +337,25 @@ mod tests {
             Path::new("/etc/x.toml"),
         )
         .unwrap();
-        layers.env(&MapEnv::from_pairs([("X_COUNT", "many")]), [("X_COUNT", "count")]);
+        layers.env(
+            &MapEnv::from_pairs([("X_COUNT", "many")]),
+            [("X_COUNT", "count")],
+        );
         layers.set("sub.on", true, "test");
         let (raw, errors) = layers.extract::<Raw>();
         assert_eq!(raw.sub.on, Some(true));
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["bogus", "count", "name", "nope", "sub.extra", "sub.list", "wait"]
+            [
+                "bogus",
+                "count",
+                "name",
+                "nope",
+                "sub.extra",
+                "sub.list",
+                "wait"
+            ]
         );
         for e in &errors {
             let from = if e.key == "count" {
@@ -352,7 +366,11 @@ mod tests {
             assert!(e.message.ends_with(from), "{e}");
             assert!(e.to_string().starts_with(&format!("key `{}`: ", e.key)));
         }
-        assert!(errors[0].message.starts_with("unknown key (expected"), "{}", errors[0]);
+        assert!(
+            errors[0].message.starts_with("unknown key (expected"),
+            "{}",
+            errors[0]
+        );
         assert!(errors[1].message.contains("\"many\""), "{}", errors[1]);
     }
 }
