@@ -2,7 +2,7 @@
 //! flags, in that order of precedence, then deserialized into a binary's typed raw struct with
 //! every bad key reported at once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::Path;
 
@@ -102,6 +102,8 @@ impl fmt::Display for FieldError {
 pub struct Layers {
     table: toml::Table,
     origins: BTreeMap<String, String>,
+    /// Keys whose value is environment text.
+    text: BTreeSet<String>,
 }
 
 impl Layers {
@@ -142,10 +144,12 @@ impl Layers {
             table = slot.as_table_mut().expect("made a table above");
         }
         self.origins.insert(key.to_string(), origin.into());
+        self.text.remove(key);
     }
 
     /// The environment layer: for each `(variable, key)` set to a non-blank value, sets `key`
-    /// to the (trimmed) text. Later pairs win over earlier ones.
+    /// to the (trimmed) text. Later pairs win over earlier ones. When the key's type refuses
+    /// text, the text is read as a TOML value (`600`, `true`, `["a", "b"]`) instead.
     pub fn env<V: AsRef<str>, K: AsRef<str>>(
         &mut self,
         env: &dyn Env,
@@ -155,6 +159,7 @@ impl Layers {
             let var = var.as_ref();
             if let Some(value) = env.get(var).filter(|v| !v.trim().is_empty()) {
                 self.set(key.as_ref(), value.trim().to_string(), var);
+                self.text.insert(key.as_ref().to_string());
             }
         }
     }
@@ -195,6 +200,13 @@ impl Layers {
         self.origins.get(key).map(String::as_str)
     }
 
+    /// Environment text read as a TOML value, for a key whose type is not text.
+    fn as_toml(&self, key: &str, value: &toml::Value) -> Option<toml::Value> {
+        let text = value.as_str().filter(|_| self.text.contains(key))?;
+        let mut table: toml::Table = toml::from_str(&format!("value = {text}")).ok()?;
+        table.remove("value")
+    }
+
     /// Deserializes `T` key by key: every unknown key and every value `T` refuses is
     /// reported (with where it came from), and `T` is built from the other keys.
     pub fn extract<T: DeserializeOwned + Default>(&self) -> (T, Vec<FieldError>) {
@@ -204,20 +216,30 @@ impl Layers {
         let mut errors = Vec::new();
         for (key, value) in leaves {
             let origin = self.origin(&key).unwrap_or("<default>").to_string();
-            let mut alone = Self::new();
-            alone.set(&key, value.clone(), "");
-            match typed::<T>(alone.table) {
-                Ok(_) => good.set(&key, value, origin),
-                Err((path, message)) => {
-                    let (named, message) = name_the_key(Some(path), &message);
-                    // An unknown key is named by serde; any other error is about this leaf.
-                    let key = match named {
-                        Some(named) if message.starts_with("unknown key") => named,
-                        _ => key,
-                    };
-                    errors.push(FieldError::new(key, format!("{message} (from {origin})")));
-                }
+            let check = |value: &toml::Value| {
+                let mut alone = Self::new();
+                alone.set(&key, value.clone(), "");
+                typed::<T>(alone.table).map(|_| ())
+            };
+            let refused = match check(&value) {
+                Ok(()) => None,
+                Err(e) => Some(e),
+            };
+            let Some((path, message)) = refused else {
+                good.set(&key, value, origin);
+                continue;
+            };
+            if let Some(typed) = self.as_toml(&key, &value).filter(|v| check(v).is_ok()) {
+                good.set(&key, typed, origin);
+                continue;
             }
+            let (named, message) = name_the_key(Some(path), &message);
+            // An unknown key is named by serde; any other error is about this leaf.
+            let key = match named {
+                Some(named) if message.starts_with("unknown key") => named,
+                _ => key,
+            };
+            errors.push(FieldError::new(key, format!("{message} (from {origin})")));
         }
         match typed::<T>(good.table) {
             Ok(t) => (t, errors),
@@ -280,6 +302,8 @@ mod tests {
         on: Option<bool>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         list: Vec<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     }
 
     impl Sub {
@@ -295,10 +319,15 @@ mod tests {
             Path::new("x.toml"),
         )
         .unwrap();
-        let env = MapEnv::from_pairs([("X_COUNT", " 2 "), ("X_SUB_ON", "yes"), ("X_NAME", " ")]);
+        let env = MapEnv::from_pairs([
+            ("X_COUNT", " 2 "),
+            ("X_SUB_ON", "yes"),
+            ("X_NAME", " "),
+            ("X_SUB_LIMIT", "7"),
+        ]);
         layers.env(
             &env,
-            ["name", "count", "sub.on"].map(|k| (env_name("X_", k), k)),
+            ["name", "count", "sub.on", "sub.limit"].map(|k| (env_name("X_", k), k)),
         );
         let flags = Raw {
             wait: Some(Duration::from_secs(3)),
@@ -320,6 +349,7 @@ mod tests {
                 sub: Sub {
                     on: Some(true),
                     list: vec!["c".into()],
+                    limit: Some(7),
                 },
             }
         );
@@ -328,6 +358,17 @@ mod tests {
         assert_eq!(layers.origin("sub.list"), Some("--sub.list"));
         assert_eq!(layers.origin("wait"), Some("--wait"));
         assert_eq!(layers.get("sub.on"), Some(&toml::Value::from("yes")));
+
+        // Environment text is read as TOML when the key's type is not text; the file's
+        // values are taken as written.
+        let mut layers = Layers::from_toml("[sub]\nlimit = \"7\"\n", Path::new("x.toml")).unwrap();
+        let env = MapEnv::from_pairs([("X_NAME", "5"), ("X_SUB_LIST", "[\"a\", \"b\"]")]);
+        layers.env(&env, [("X_NAME", "name"), ("X_SUB_LIST", "sub.list")]);
+        let (raw, errors) = layers.extract::<Raw>();
+        assert_eq!(raw.name.as_deref(), Some("5"));
+        assert_eq!(raw.sub.list, ["a", "b"]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "sub.limit");
     }
 
     #[test]
