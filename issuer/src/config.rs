@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proxy_lib::config_file::{Layers, de};
+use proxy_lib::config_file::{Env, Layers, ProcessEnv, de, env_name};
 use proxy_lib::identity::TrustDomain;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,30 @@ pub const DEFAULT_MAX_CONCURRENT_SIGNING: usize = 64;
 pub const DEFAULT_PER_CREDENTIAL_PER_MINUTE: u32 = 600;
 /// Default: warn when the issuer certificate has less than this left.
 pub const DEFAULT_CA_WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+
+/// Prefix of the issuer's config variables: every key of [`KEYS`] can be set as
+/// `ISSUER_<KEY>` (dots as underscores: `ISSUER_LIMITS_MAX_REQUEST_BYTES`).
+pub const ENV_PREFIX: &str = "ISSUER_";
+
+/// Every key of `issuer.toml` (each also settable from the environment, see [`ENV_PREFIX`]).
+pub const KEYS: &[&str] = &[
+    "trust_domain",
+    "listen",
+    "admin",
+    "plaintext",
+    "lifetime",
+    "min_lifetime",
+    "clock_skew",
+    "server_name",
+    "ca.source",
+    "ca.dir",
+    "ca.warn_before",
+    "auth.tokens",
+    "audit.path",
+    "limits.max_request_bytes",
+    "limits.max_concurrent_signing",
+    "limits.per_credential_per_minute",
+];
 
 /// `issuer.toml` as written: every key optional, values typed as far as serde can check them
 /// alone. Flags ([`Overrides`]) are a layer over it (see [`proxy_lib::config_file::Layers`]).
@@ -193,9 +217,16 @@ impl Config {
         dir.join(CONFIG_FILE)
     }
 
-    /// Reads and validates `path`, with `overrides` over it. Blocks.
+    /// Reads and validates `path`, then `ISSUER_*` variables of the process environment,
+    /// then `overrides`. Blocks.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
+        Self::load_with_env(path, overrides, &ProcessEnv)
+    }
+
+    /// [`Config::load`] with the environment given.
+    pub fn load_with_env(path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Self> {
         let mut layers = Layers::file(path)?;
+        layers.env(env, KEYS.iter().map(|k| (env_name(ENV_PREFIX, k), *k)));
         layers.flags(overrides).map_err(|e| Error::Config {
             path: PathBuf::from("<flags>"),
             problems: vec![e.to_string()],
@@ -417,6 +448,44 @@ per_credential_per_minute = 0
         ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
         }
+    }
+
+    #[test]
+    fn every_key_can_come_from_the_environment_between_the_file_and_the_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("issuer.toml");
+        std::fs::write(&path, "lifetime = \"2h\"\nclock_skew = \"5s\"\n").unwrap();
+        let env = proxy_lib::config_file::MapEnv::from_pairs([
+            ("ISSUER_LIFETIME", "3h"),
+            ("ISSUER_CLOCK_SKEW", "7s"),
+            ("ISSUER_LIMITS_PER_CREDENTIAL_PER_MINUTE", "9"),
+            ("ISSUER_PLAINTEXT", "true"),
+            ("ISSUER_TRUST_DOMAIN", "example.org"),
+        ]);
+        let flags = Overrides {
+            clock_skew: Some(Duration::from_secs(1)),
+            ..Overrides::default()
+        };
+        let c = Config::load_with_env(&path, &flags, &env).unwrap();
+        assert_eq!(c.policy.lifetime, Duration::from_secs(3 * 3600));
+        assert_eq!(c.policy.clock_skew, Duration::from_secs(1));
+        assert_eq!(c.limits.per_credential_per_minute.get(), 9);
+        assert!(c.plaintext);
+        assert_eq!(c.policy.trust_domain.as_str(), "example.org");
+        // Every listed key is one RawConfig knows.
+        for key in KEYS {
+            let mut layers = Layers::new();
+            layers.set(key, "x", "test");
+            let (_, errors) = layers.extract::<RawConfig>();
+            assert!(
+                errors.iter().all(|e| !e.message.starts_with("unknown key")),
+                "{key}: {errors:?}"
+            );
+        }
+        let env = proxy_lib::config_file::MapEnv::from_pairs([("ISSUER_LISTEN", "nowhere")]);
+        let e = Config::load_with_env(&path, &Overrides::default(), &env).unwrap_err();
+        assert!(e.to_string().contains("(from ISSUER_LISTEN)"), "{e}");
+        assert_eq!(e.exit_code(), 78);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cli::LogFormat;
-use crate::config_file::{self, ConfigFileError, FieldError, Layers};
+use crate::config_file::{self, ConfigFileError, Env, FieldError, Layers, ProcessEnv, env_name};
 use crate::identity::normalize_name;
 
 /// The variable that sets `--log-format` when the flag is not given.
@@ -446,14 +446,36 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// Prefix of the proxy's config variables: every key can be set as `MTLS_PROXY_<KEY>`
+/// (`MTLS_PROXY_CERTS`; a list as a TOML array, `MTLS_PROXY_INBOUND='["0.0.0.0:4143=127.0.0.1:5432"]'`).
+pub const ENV_PREFIX: &str = "MTLS_PROXY_";
+
+impl RawConfig {
+    /// Every key: the flags' names with underscores.
+    pub fn keys() -> Vec<String> {
+        let cmd = <RawConfig as clap::Args>::augment_args(clap::Command::new("mtls-proxy"));
+        cmd.get_arguments()
+            .map(|a| a.get_id().as_str().to_string())
+            .collect()
+    }
+}
+
 impl Args {
-    /// The raw layer: the config file (if any), then the flags over it; every unknown key
-    /// and value of the wrong type is reported. Blocks (reads the file).
+    /// The raw layer: the config file (if any), then `MTLS_PROXY_*` variables of the
+    /// process environment, then the flags; every unknown key and value of the wrong type is
+    /// reported. Blocks (reads the file).
     pub fn into_raw(self) -> Result<RawConfig, ConfigError> {
+        self.into_raw_with_env(&ProcessEnv)
+    }
+
+    /// [`Args::into_raw`] with the environment given.
+    pub fn into_raw_with_env(self, env: &dyn Env) -> Result<RawConfig, ConfigError> {
         let mut layers = match &self.config {
             Some(path) => Layers::file(path)?,
             None => Layers::new(),
         };
+        let keys = RawConfig::keys();
+        layers.env(env, keys.iter().map(|k| (env_name(ENV_PREFIX, k), k)));
         let invalid = |errors: Vec<FieldError>| {
             ConfigError::Invalid(errors.iter().map(ToString::to_string).collect())
         };
@@ -531,6 +553,34 @@ mod tests {
         std::fs::write(&path, "certs = \"/x\"\nbogus = 1\n").unwrap();
         let err = RawConfig::read(&path).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn the_environment_sits_between_the_file_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, "certs = \"/from-file\"\nmax_connections = 7\n").unwrap();
+        let args = Args::try_parse_from([
+            "mtls-proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--idle-timeout",
+            "1s",
+        ])
+        .unwrap();
+        let env = crate::config_file::MapEnv::from_pairs([
+            ("MTLS_PROXY_MAX_CONNECTIONS", "8"),
+            ("MTLS_PROXY_IDLE_TIMEOUT", "9s"),
+            ("MTLS_PROXY_ADMIN_ALLOW_REMOTE", "true"),
+            ("MTLS_PROXY_INBOUND", "[\"127.0.0.1:1=127.0.0.1:2\"]"),
+        ]);
+        let raw = args.into_raw_with_env(&env).unwrap();
+        assert_eq!(raw.certs, Some(PathBuf::from("/from-file")));
+        assert_eq!(raw.max_connections, Some(8));
+        assert_eq!(raw.idle_timeout, Some(Duration::from_secs(1)));
+        assert!(raw.admin_allow_remote);
+        assert_eq!(raw.inbound, ["127.0.0.1:1=127.0.0.1:2"]);
+        assert_eq!(RawConfig::keys().len(), 15);
     }
 
     #[test]
