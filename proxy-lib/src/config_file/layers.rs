@@ -221,11 +221,7 @@ impl Layers {
                 alone.set(&key, value.clone(), "");
                 typed::<T>(alone.table).map(|_| ())
             };
-            let refused = match check(&value) {
-                Ok(()) => None,
-                Err(e) => Some(e),
-            };
-            let Some((path, message)) = refused else {
+            let Some((path, message)) = check(&value).err() else {
                 good.set(&key, value, origin);
                 continue;
             };
