@@ -32,6 +32,9 @@ pub const LOGGING: Logging = Logging {
 
 /// Signs short-lived workload certificates over Linkerd's identity API.
 ///
+/// Configuration: issuer.toml, then ISSUER_<KEY> variables (dots as underscores, e.g.
+/// ISSUER_LIMITS_MAX_REQUEST_BYTES), then flags; each replaces the keys it sets.
+///
 /// Exit codes: 0 done, 1 failed, 64 bad flag or argument, 66 a named input file (the config
 /// file, or a CA file at start) is missing or unreadable, 78 invalid configuration.
 #[derive(Debug, Parser)]

@@ -1,13 +1,14 @@
-//! `issuer.toml`: the raw file, flag overrides, and the validated [`Config`] the rest of the
-//! crate uses. Every bad field is reported, not just the first.
+//! `issuer.toml`: the typed raw file, the flags layered over it, and the validated [`Config`]
+//! the rest of the crate uses. Every bad field is reported, not just the first.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proxy_lib::config_file::{Env, Layers, ProcessEnv, de, env_name};
 use proxy_lib::identity::TrustDomain;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditTarget;
 use crate::ca::CaFiles;
@@ -17,9 +18,9 @@ use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, 
 /// The config file name inside `--dir`.
 pub const CONFIG_FILE: &str = "issuer.toml";
 /// Default gRPC listen address.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
 /// Default admin listen address.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9990";
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9990));
 /// Default token store file name (next to the config file).
 pub const DEFAULT_TOKENS_FILE: &str = "tokens";
 /// Default request size limit.
@@ -31,24 +32,56 @@ pub const DEFAULT_PER_CREDENTIAL_PER_MINUTE: u32 = 600;
 /// Default: warn when the issuer certificate has less than this left.
 pub const DEFAULT_CA_WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 
-/// `issuer.toml` as written.
+/// Prefix of the issuer's config variables: every key of [`KEYS`] can be set as
+/// `ISSUER_<KEY>` (dots as underscores: `ISSUER_LIMITS_MAX_REQUEST_BYTES`).
+pub const ENV_PREFIX: &str = "ISSUER_";
+
+/// Every key of `issuer.toml` (each also settable from the environment, see [`ENV_PREFIX`]).
+pub const KEYS: &[&str] = &[
+    "trust_domain",
+    "listen",
+    "admin",
+    "plaintext",
+    "lifetime",
+    "min_lifetime",
+    "clock_skew",
+    "server_name",
+    "ca.source",
+    "ca.dir",
+    "ca.warn_before",
+    "ca.control_plane_namespace",
+    "auth.tokens",
+    "audit.path",
+    "limits.max_request_bytes",
+    "limits.max_concurrent_signing",
+    "limits.per_credential_per_minute",
+];
+
+/// `issuer.toml` as written: every key optional, values typed as far as serde can check them
+/// alone. Flags ([`Overrides`]) are a layer over it (see [`proxy_lib::config_file::Layers`]).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Trust domain.
-    pub trust_domain: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub trust_domain: Option<TrustDomain>,
     /// gRPC listen address.
-    pub listen: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub listen: Option<SocketAddr>,
     /// Admin listen address.
-    pub admin: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub admin: Option<SocketAddr>,
     /// Serve without TLS (loopback only).
     pub plaintext: Option<bool>,
-    /// Leaf lifetime (humantime).
-    pub lifetime: Option<String>,
-    /// Minimum leaf lifetime (humantime).
-    pub min_lifetime: Option<String>,
-    /// notBefore backdating (humantime).
-    pub clock_skew: Option<String>,
+    /// Leaf lifetime.
+    #[serde(default, with = "humantime_serde")]
+    pub lifetime: Option<Duration>,
+    /// Minimum leaf lifetime.
+    #[serde(default, with = "humantime_serde")]
+    pub min_lifetime: Option<Duration>,
+    /// notBefore backdating.
+    #[serde(default, with = "humantime_serde")]
+    pub clock_skew: Option<Duration>,
     /// The name the issuer's serving certificate carries.
     pub server_name: Option<String>,
     /// `[ca]`.
@@ -65,16 +98,29 @@ pub struct RawConfig {
     pub limits: RawLimits,
 }
 
-/// `[ca]`.
+/// Where the CA comes from (`ca.source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaSource {
+    /// `ca.dir` holds ca.crt, issuer.crt and issuer.key.
+    #[default]
+    Files,
+    /// A Kubernetes secret (a later issue).
+    Kubernetes,
+}
+
+/// `[ca]`. A new key is one more `Option` field here (with `#[serde(default, with =
+/// "humantime_serde")]` for a duration), read in [`Config::from_layers`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCa {
     /// `files` (or `kubernetes`, a later issue).
-    pub source: Option<String>,
+    pub source: Option<CaSource>,
     /// Directory holding ca.crt, issuer.crt, issuer.key.
     pub dir: Option<PathBuf>,
-    /// Warn when the issuer certificate has less than this left (humantime).
-    pub warn_before: Option<String>,
+    /// Warn when the issuer certificate has less than this left.
+    #[serde(default, with = "humantime_serde")]
+    pub warn_before: Option<Duration>,
     /// The control-plane namespace in Linkerd names (`identity.<ns>.<trust-domain>`), used
     /// for the issuer certificates `issuer ca new-issuer` mints.
     pub control_plane_namespace: Option<String>,
@@ -108,20 +154,26 @@ pub struct RawLimits {
     pub per_credential_per_minute: Option<u32>,
 }
 
-/// Command-line values that override the file.
-#[derive(Debug, Default, Clone)]
+/// Command-line values: the flags layer over the file (unset flags leave the file's keys).
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct Overrides {
     /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// `--admin`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
     /// `--lifetime`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub lifetime: Option<Duration>,
     /// `--min-lifetime`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub min_lifetime: Option<Duration>,
     /// `--clock-skew`.
+    #[serde(skip_serializing_if = "Option::is_none", with = "humantime_serde")]
     pub clock_skew: Option<Duration>,
-    /// `--plaintext`.
+    /// `--plaintext` (only ever turns it on).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub plaintext: bool,
 }
 
@@ -171,15 +223,28 @@ impl Config {
         dir.join(CONFIG_FILE)
     }
 
-    /// Reads and validates `path`, applying `overrides`. Blocks.
+    /// Reads and validates `path`, then `ISSUER_*` variables of the process environment,
+    /// then `overrides`. Blocks.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self> {
-        let raw: RawConfig = proxy_lib::config_file::load(path)?;
-        Self::from_raw(raw, path, overrides)
+        Self::load_with_env(path, overrides, &ProcessEnv)
     }
 
-    /// Validates a raw config read from `path` (relative paths are resolved against its
-    /// directory).
-    pub fn from_raw(raw: RawConfig, path: &Path, o: &Overrides) -> Result<Self> {
+    /// [`Config::load`] with the environment given.
+    pub fn load_with_env(path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Self> {
+        let mut layers = Layers::file(path)?;
+        layers.env(env, KEYS.iter().map(|k| (env_name(ENV_PREFIX, k), *k)));
+        layers.flags(overrides).map_err(|e| Error::Config {
+            path: PathBuf::from("<flags>"),
+            problems: vec![e.to_string()],
+        })?;
+        Self::from_layers(&layers, path)
+    }
+
+    /// Validates the layers of a config read from `path` (relative paths are resolved
+    /// against its directory), reporting every bad key and value together.
+    pub fn from_layers(layers: &Layers, path: &Path) -> Result<Self> {
+        let (raw, errors) = layers.extract::<RawConfig>();
+        let mut problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
         let base = proxy_lib::fs::parent_dir(path).to_path_buf();
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -188,59 +253,14 @@ impl Config {
                 base.join(p)
             }
         };
-        let mut problems = Vec::new();
-        let mut dur =
-            |name: &str, v: &Option<String>, flag: Option<Duration>, default: Duration| {
-                if let Some(d) = flag {
-                    return d;
-                }
-                match v {
-                    None => default,
-                    Some(s) => humantime::parse_duration(s).unwrap_or_else(|e| {
-                        problems.push(format!("{name} = {s:?}: {e}"));
-                        default
-                    }),
-                }
-            };
-        let lifetime = dur("lifetime", &raw.lifetime, o.lifetime, DEFAULT_LIFETIME);
-        let min_lifetime = dur(
-            "min_lifetime",
-            &raw.min_lifetime,
-            o.min_lifetime,
-            DEFAULT_MIN_LIFETIME,
-        );
-        let clock_skew = dur(
-            "clock_skew",
-            &raw.clock_skew,
-            o.clock_skew,
-            DEFAULT_CLOCK_SKEW,
-        );
-        let ca_warn_before = dur(
-            "ca.warn_before",
-            &raw.ca.warn_before,
-            None,
-            DEFAULT_CA_WARN_BEFORE,
-        );
-
-        let trust_domain = match raw.trust_domain.as_deref() {
-            None => TrustDomain::default(),
-            Some(s) => TrustDomain::new(s).unwrap_or_else(|e| {
-                problems.push(format!("trust_domain: {e}"));
-                TrustDomain::default()
-            }),
-        };
-        let mut addr = |name: &str, v: &Option<String>, flag: Option<SocketAddr>, default: &str| {
-            flag.unwrap_or_else(|| {
-                let s = v.as_deref().unwrap_or(default);
-                s.parse().unwrap_or_else(|_| {
-                    problems.push(format!("{name} = {s:?} is not an IP:port address"));
-                    default.parse().expect("default address parses")
-                })
-            })
-        };
-        let listen = addr("listen", &raw.listen, o.listen, DEFAULT_LISTEN);
-        let admin = addr("admin", &raw.admin, o.admin, DEFAULT_ADMIN);
-        let plaintext = o.plaintext || raw.plaintext.unwrap_or(false);
+        let lifetime = raw.lifetime.unwrap_or(DEFAULT_LIFETIME);
+        let min_lifetime = raw.min_lifetime.unwrap_or(DEFAULT_MIN_LIFETIME);
+        let clock_skew = raw.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW);
+        let ca_warn_before = raw.ca.warn_before.unwrap_or(DEFAULT_CA_WARN_BEFORE);
+        let trust_domain = raw.trust_domain.unwrap_or_default();
+        let listen = raw.listen.unwrap_or(DEFAULT_LISTEN);
+        let admin = raw.admin.unwrap_or(DEFAULT_ADMIN);
+        let plaintext = raw.plaintext.unwrap_or(false);
 
         if lifetime.is_zero() {
             problems.push("lifetime must be greater than zero".into());
@@ -256,15 +276,12 @@ impl Config {
                 "plaintext serving is only allowed on a loopback address, not {listen}"
             ));
         }
-        match raw.ca.source.as_deref() {
-            None | Some("files") => {}
-            Some("kubernetes") => problems.push(
+        match raw.ca.source.unwrap_or_default() {
+            CaSource::Files => {}
+            CaSource::Kubernetes => problems.push(
                 "ca.source = \"kubernetes\" is not supported by this version (use \"files\")"
                     .into(),
             ),
-            Some(other) => problems.push(format!(
-                "ca.source = {other:?}: expected \"files\" or \"kubernetes\""
-            )),
         }
         let ca_control_plane_namespace = raw
             .ca
@@ -358,8 +375,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, o: &Overrides) -> Result<Config> {
-        let raw: RawConfig = toml::from_str(text).unwrap();
-        Config::from_raw(raw, Path::new("/etc/issuer/issuer.toml"), o)
+        let path = Path::new("/etc/issuer/issuer.toml");
+        let mut layers = Layers::from_toml(text, path)?;
+        layers.flags(o).unwrap();
+        Config::from_layers(&layers, path)
     }
 
     #[test]
@@ -447,6 +466,44 @@ per_credential_per_minute = 0
         ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
         }
+    }
+
+    #[test]
+    fn every_key_can_come_from_the_environment_between_the_file_and_the_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("issuer.toml");
+        std::fs::write(&path, "lifetime = \"2h\"\nclock_skew = \"5s\"\n").unwrap();
+        let env = proxy_lib::config_file::MapEnv::from_pairs([
+            ("ISSUER_LIFETIME", "3h"),
+            ("ISSUER_CLOCK_SKEW", "7s"),
+            ("ISSUER_LIMITS_PER_CREDENTIAL_PER_MINUTE", "9"),
+            ("ISSUER_PLAINTEXT", "true"),
+            ("ISSUER_TRUST_DOMAIN", "example.org"),
+        ]);
+        let flags = Overrides {
+            clock_skew: Some(Duration::from_secs(1)),
+            ..Overrides::default()
+        };
+        let c = Config::load_with_env(&path, &flags, &env).unwrap();
+        assert_eq!(c.policy.lifetime, Duration::from_secs(3 * 3600));
+        assert_eq!(c.policy.clock_skew, Duration::from_secs(1));
+        assert_eq!(c.limits.per_credential_per_minute.get(), 9);
+        assert!(c.plaintext);
+        assert_eq!(c.policy.trust_domain.as_str(), "example.org");
+        // Every listed key is one RawConfig knows.
+        for key in KEYS {
+            let mut layers = Layers::new();
+            layers.set(key, "x", "test");
+            let (_, errors) = layers.extract::<RawConfig>();
+            assert!(
+                errors.iter().all(|e| !e.message.starts_with("unknown key")),
+                "{key}: {errors:?}"
+            );
+        }
+        let env = proxy_lib::config_file::MapEnv::from_pairs([("ISSUER_LISTEN", "nowhere")]);
+        let e = Config::load_with_env(&path, &Overrides::default(), &env).unwrap_err();
+        assert!(e.to_string().contains("(from ISSUER_LISTEN)"), "{e}");
+        assert_eq!(e.exit_code(), 78);
     }
 
     #[test]

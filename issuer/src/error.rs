@@ -1,4 +1,6 @@
-//! The crate's error type, and the one place where an error becomes a gRPC `Status`.
+//! The crate's errors, one enum per concern: [`RequestError`] for a refused Certify request
+//! (the one place where an error becomes a gRPC `Status`), [`Error`] for an operator command
+//! or `serve` failing to start (the one place where an error becomes an exit code).
 //!
 //! Messages say what was wrong and never include a token, a key or a CSR body.
 
@@ -98,18 +100,38 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    fn is_permission(&self) -> bool {
-        matches!(
-            self,
-            Self::WrongIdentity { .. } | Self::SourceNotAllowed { .. } | Self::PeerUnknown { .. }
-        )
+    /// The gRPC code: UNAUTHENTICATED when the credential itself is refused,
+    /// PERMISSION_DENIED when it is valid but not for this identity or peer.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::NoToken | Self::UnknownToken | Self::Revoked { .. } | Self::Expired { .. } => {
+                Code::Unauthenticated
+            }
+            Self::WrongIdentity { .. }
+            | Self::SourceNotAllowed { .. }
+            | Self::PeerUnknown { .. } => Code::PermissionDenied,
+        }
     }
 }
 
-/// Everything that can go wrong in the issuer.
+/// Certificate generation failed: rcgen refused the parameters or the CA key. Never the
+/// caller's fault (the identity and key were checked before).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("certificate generation failed: {0}")]
+pub struct SignError(pub String);
+
+impl From<rcgen::Error> for SignError {
+    fn from(e: rcgen::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Why one Certify request was refused. Every variant has its gRPC code in
+/// [`RequestError::code`]; the mapping is exhaustive, so a new variant must choose one.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum RequestError {
     /// Authentication or authorisation failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -149,6 +171,67 @@ pub enum Error {
     /// The issuer CA cannot issue now (expired, not yet valid, or too little life left).
     #[error("issuer CA unavailable: {0}")]
     CaUnavailable(String),
+    /// Signing failed (an internal error: the cause is logged, not sent).
+    #[error(transparent)]
+    Sign(#[from] SignError),
+}
+
+impl RequestError {
+    /// The gRPC status for this refusal. The message names the problem; internal causes are
+    /// not echoed (they are logged by the caller).
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::{Code, Status};
+        match self.code() {
+            Code::Internal => Status::new(Code::Internal, "internal error"),
+            code => Status::new(code, self.to_string()),
+        }
+    }
+
+    /// The gRPC code this refusal maps to.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::Auth(a) => a.code(),
+            Self::Csr(_)
+            | Self::Identity(_)
+            | Self::RequestTooLarge { .. }
+            | Self::MalformedRequest(_) => Code::InvalidArgument,
+            Self::RateLimited
+            | Self::Throttled
+            | Self::Overloaded
+            | Self::MessageTooLarge { .. } => Code::ResourceExhausted,
+            Self::CaUnavailable(_) => Code::Unavailable,
+            Self::Sign(_) => Code::Internal,
+        }
+    }
+
+    /// The `result` label of `issuer_certify_total` for this refusal.
+    pub fn result_label(&self) -> &'static str {
+        match self {
+            Self::Auth(a) if a.code() == tonic::Code::PermissionDenied => "permission_denied",
+            Self::Auth(_) => "unauthenticated",
+            Self::Csr(_)
+            | Self::Identity(_)
+            | Self::RequestTooLarge { .. }
+            | Self::MalformedRequest(_) => "invalid_argument",
+            Self::RateLimited
+            | Self::Throttled
+            | Self::Overloaded
+            | Self::MessageTooLarge { .. } => "resource_exhausted",
+            Self::CaUnavailable(_) => "unavailable",
+            Self::Sign(_) => "internal",
+        }
+    }
+}
+
+/// What can stop an operator command (`init`, `token ...`) or `serve` at start. Every
+/// variant has its exit code in [`Error::exit_code`]; the mapping is exhaustive.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The identity given on the command line is malformed or outside the trust domain.
+    #[error("requested identity refused: {0}")]
+    Identity(#[from] IdentityError),
     /// A CA file could not be read (missing or unreadable).
     #[error("issuer CA material {path}: {source}")]
     CaUnreadable {
@@ -178,11 +261,11 @@ pub enum Error {
     /// `issuer ca show` found a link that is invalid or expires soon.
     #[error("{0}")]
     CaCheck(String),
-    /// The config file is unreadable, not TOML, or has an unknown key or a value of the
-    /// wrong type (the error names the file, the line and the key).
+    /// The config file is unreadable, not TOML (the error names the file and the line).
     #[error(transparent)]
     ConfigFile(#[from] proxy_lib::config_file::ConfigFileError),
-    /// The configuration is invalid (every problem listed).
+    /// The configuration is invalid: unknown keys, values of the wrong type or out of range
+    /// (every problem listed, each naming its key).
     #[error("invalid configuration {path}: {}", problems.join("; "))]
     Config {
         /// The config file (or `<flags>`).
@@ -227,6 +310,12 @@ pub enum Error {
     Sign(String),
 }
 
+impl From<SignError> for Error {
+    fn from(e: SignError) -> Self {
+        Self::Sign(e.0)
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -237,53 +326,21 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         use proxy_lib::cli::exit;
         match self {
-            Error::ConfigFile(e) => e.exit_code(),
-            Error::CaUnreadable { .. } => exit::NO_INPUT,
-            Error::Config { .. } => exit::CONFIG,
-            _ => exit::FAILURE,
-        }
-    }
-
-    /// The gRPC status for this error. The message names the problem; internal causes are
-    /// not echoed (they are logged by the caller).
-    pub fn to_status(&self) -> tonic::Status {
-        use tonic::{Code, Status};
-        let code = self.code();
-        match code {
-            Code::Internal => Status::new(code, "internal error"),
-            _ => Status::new(code, self.to_string()),
-        }
-    }
-
-    /// The gRPC code this error maps to.
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            Error::Auth(a) if a.is_permission() => Code::PermissionDenied,
-            Error::Auth(_) => Code::Unauthenticated,
-            Error::Csr(_)
-            | Error::Identity(_)
-            | Error::RequestTooLarge { .. }
-            | Error::MalformedRequest(_) => Code::InvalidArgument,
-            Error::RateLimited
-            | Error::Throttled
-            | Error::Overloaded
-            | Error::MessageTooLarge { .. } => Code::ResourceExhausted,
-            Error::CaUnavailable(_) => Code::Unavailable,
-            _ => Code::Internal,
-        }
-    }
-
-    /// The `result` label of `issuer_certify_total` for this refusal.
-    pub fn result_label(&self) -> &'static str {
-        use tonic::Code;
-        match self.code() {
-            Code::PermissionDenied => "permission_denied",
-            Code::Unauthenticated => "unauthenticated",
-            Code::InvalidArgument => "invalid_argument",
-            Code::ResourceExhausted => "resource_exhausted",
-            Code::Unavailable => "unavailable",
-            _ => "internal",
+            Self::ConfigFile(e) => e.exit_code(),
+            Self::CaUnreadable { .. } => exit::NO_INPUT,
+            Self::Config { .. } => exit::CONFIG,
+            Self::Identity(_)
+            | Self::CaMaterial { .. }
+            | Self::CaInvalid { .. }
+            | Self::CaCheck(_)
+            | Self::Fs(_)
+            | Self::Io { .. }
+            | Self::WouldOverwrite(_)
+            | Self::TokenOutExists(_)
+            | Self::TokenStore { .. }
+            | Self::NoSuchToken(_)
+            | Self::Server(_)
+            | Self::Sign(_) => exit::FAILURE,
         }
     }
 }
@@ -295,7 +352,7 @@ mod tests {
 
     #[test]
     fn errors_map_to_spec_status_codes() {
-        let cases: Vec<(Error, Code)> = vec![
+        let cases: Vec<(RequestError, Code)> = vec![
             (AuthError::NoToken.into(), Code::Unauthenticated),
             (AuthError::UnknownToken.into(), Code::Unauthenticated),
             (
@@ -316,19 +373,21 @@ mod tests {
             ),
             (CsrError::BadSignature.into(), Code::InvalidArgument),
             (
-                Error::RequestTooLarge { size: 2, max: 1 },
+                RequestError::RequestTooLarge { size: 2, max: 1 },
                 Code::InvalidArgument,
             ),
-            (Error::RateLimited, Code::ResourceExhausted),
-            (Error::Overloaded, Code::ResourceExhausted),
-            (Error::CaUnavailable("x".into()), Code::Unavailable),
-            (Error::Sign("boom".into()), Code::Internal),
+            (RequestError::RateLimited, Code::ResourceExhausted),
+            (RequestError::Overloaded, Code::ResourceExhausted),
+            (RequestError::CaUnavailable("x".into()), Code::Unavailable),
+            (SignError("boom".into()).into(), Code::Internal),
         ];
         for (e, code) in cases {
             assert_eq!(e.to_status().code(), code, "{e}");
         }
         assert_eq!(
-            Error::Sign("secret cause".into()).to_status().message(),
+            RequestError::from(SignError("secret cause".into()))
+                .to_status()
+                .message(),
             "internal error"
         );
     }

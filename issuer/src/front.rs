@@ -21,7 +21,7 @@ use tonic::codegen::{Body, Service, StdError, http};
 use tonic::server::NamedService;
 
 use crate::audit::AuditEvent;
-use crate::error::Error;
+use crate::error::RequestError;
 use crate::service::{CertifyService, PeerInfo, Shared};
 
 /// The Identity service behind its front.
@@ -76,13 +76,13 @@ where
         let shared = self.shared.clone();
         if source.is_some_and(|ip| !shared.throttle.allows(ip)) {
             shared.metrics.certify(
-                Error::Throttled.result_label(),
+                RequestError::Throttled.result_label(),
                 started.elapsed().as_secs_f64(),
             );
             if let Some(suppressed) = shared.throttled_log.admit() {
                 tracing::warn!(peer = ?peer.addr, suppressed, "requests throttled after repeated failures");
             }
-            return Box::pin(async { Ok(Error::Throttled.to_status().into_http()) });
+            return Box::pin(async { Ok(RequestError::Throttled.to_status().into_http()) });
         }
         let max = self.max_message_bytes;
         let fut = Service::call(&mut self.inner, req);
@@ -93,10 +93,10 @@ where
             };
             let mapped = match status.code() {
                 // The decoder's size limit: the handler never saw the request.
-                Code::OutOfRange => Error::MessageTooLarge { max },
+                Code::OutOfRange => RequestError::MessageTooLarge { max },
                 // Bytes that are not a CertifyRequest (prost's decode error).
                 Code::Internal if status.message().starts_with("failed to decode") => {
-                    Error::MalformedRequest(status.message().to_string())
+                    RequestError::MalformedRequest(status.message().to_string())
                 }
                 _ => return Ok(res),
             };

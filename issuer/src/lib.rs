@@ -27,4 +27,4 @@ pub mod signer;
 pub mod throttle;
 pub mod tokens;
 
-pub use error::{Error, Result};
+pub use error::{Error, RequestError, Result};

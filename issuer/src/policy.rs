@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use proxy_lib::identity::{Identity, IdentityError, TrustDomain};
 use proxy_lib::validity::{Window, whole_seconds};
 
-use crate::error::Error;
+use crate::error::RequestError;
 
 /// Default leaf lifetime.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -53,10 +53,10 @@ impl Policy {
         now: SystemTime,
         issuer_not_before: SystemTime,
         issuer_not_after: SystemTime,
-    ) -> Result<(), Error> {
+    ) -> Result<(), RequestError> {
         let now = whole_seconds(now);
         if now < issuer_not_before {
-            return Err(Error::CaUnavailable(format!(
+            return Err(RequestError::CaUnavailable(format!(
                 "issuer certificate is not valid before {}",
                 proxy_lib::clock::rfc3339(issuer_not_before)
             )));
@@ -64,7 +64,7 @@ impl Policy {
         let left = Window::new(issuer_not_before, issuer_not_after).remaining(now);
         let min = self.effective_min_lifetime();
         if left < min {
-            return Err(Error::CaUnavailable(format!(
+            return Err(RequestError::CaUnavailable(format!(
                 "issuer certificate expires at {} ({} left), less than the minimum leaf lifetime of {}",
                 proxy_lib::clock::rfc3339(issuer_not_after),
                 proxy_lib::human::duration(Duration::from_secs(left.as_secs())),
@@ -82,7 +82,7 @@ impl Policy {
         now: SystemTime,
         issuer_not_before: SystemTime,
         issuer_not_after: SystemTime,
-    ) -> Result<Grant, Error> {
+    ) -> Result<Grant, RequestError> {
         self.check_issuer(now, issuer_not_before, issuer_not_after)?;
         let issuer = Window::new(issuer_not_before, issuer_not_after);
         Ok(Window::grant(now, self.lifetime, self.clock_skew, issuer))

@@ -19,7 +19,7 @@ use crate::audit::{AuditEvent, AuditLog, MAX_FIELD_CHARS, truncate};
 use crate::auth::{AuthChain, AuthRequest, Principal};
 use crate::ca::Ca;
 use crate::config::Limits;
-use crate::error::Error;
+use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::signer::{Leaf, LeafKind};
@@ -125,11 +125,11 @@ impl CertifyService {
         req: &CertifyRequest,
         peer: &PeerInfo,
         principal: &mut Option<Principal>,
-    ) -> Result<(Leaf, Arc<Ca>), Error> {
+    ) -> Result<(Leaf, Arc<Ca>), RequestError> {
         let s = &*self.shared;
         let source = peer.addr.map(|a| a.ip());
         if source.is_some_and(|ip| !s.throttle.allows(ip)) {
-            return Err(Error::Throttled);
+            return Err(RequestError::Throttled);
         }
         let refused_before_auth = |e: Error| {
             if let Some(ip) = source {
@@ -139,7 +139,7 @@ impl CertifyService {
         };
         let size = req.encoded_len();
         if size > s.limits.max_request_bytes {
-            return Err(refused_before_auth(Error::RequestTooLarge {
+            return Err(refused_before_auth(RequestError::RequestTooLarge {
                 size,
                 max: s.limits.max_request_bytes,
             }));
@@ -164,9 +164,12 @@ impl CertifyService {
         );
         *principal = Some(p);
         if s.limiter.check_key(&key).is_err() {
-            return Err(Error::RateLimited);
+            return Err(RequestError::RateLimited);
         }
-        let _permit = s.signing.try_acquire().map_err(|_| Error::Overloaded)?;
+        let _permit = s
+            .signing
+            .try_acquire()
+            .map_err(|_| RequestError::Overloaded)?;
         let csr = crate::csr::validate(&req.certificate_signing_request, &identity)?;
         let ca = s.ca.load_full();
         let w = ca.window();
@@ -237,10 +240,10 @@ impl IdentityApi for CertifyService {
                     valid_until: Some(leaf.not_after.into()),
                 }))
             }
-            Err(Error::Throttled) => {
+            Err(RequestError::Throttled) => {
                 // No audit record per throttled request (that is what a flood would want);
                 // counted, and logged once a second at most.
-                let error = Error::Throttled;
+                let error = RequestError::Throttled;
                 s.metrics
                     .certify(error.result_label(), started.elapsed().as_secs_f64());
                 if let Some(suppressed) = s.throttled_log.admit() {

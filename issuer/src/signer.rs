@@ -12,7 +12,7 @@ use rcgen::{
 use rustls_pki_types::CertificateDer;
 
 use crate::ca::Ca;
-use crate::error::{Error, Result};
+use crate::error::SignError;
 use crate::policy::Grant;
 
 /// Bytes of a leaf serial: 16 bytes, 126 of them random.
@@ -55,7 +55,7 @@ pub fn sign_leaf(
     public_key: &impl PublicKeyData,
     grant: &Grant,
     kind: LeafKind,
-) -> Result<Leaf> {
+) -> Result<Leaf, SignError> {
     let sans = vec![dns_san(identity.as_str())?, uri_san(&identity.spiffe_id())?];
     sign(ca, sans, public_key, grant, kind)
 }
@@ -67,7 +67,7 @@ pub fn sign_server_leaf(
     server_name: &str,
     public_key: &impl PublicKeyData,
     grant: &Grant,
-) -> Result<Leaf> {
+) -> Result<Leaf, SignError> {
     let mut sans = vec![dns_san(server_name)?];
     if let Ok(id) = Identity::parse(server_name) {
         sans.push(uri_san(&id.spiffe_id())?);
@@ -75,17 +75,17 @@ pub fn sign_server_leaf(
     sign(ca, sans, public_key, grant, LeafKind::Server)
 }
 
-fn dns_san(name: &str) -> Result<SanType> {
+fn dns_san(name: &str) -> Result<SanType, SignError> {
     Ok(SanType::DnsName(
         name.try_into()
-            .map_err(|e: rcgen::Error| Error::Sign(e.to_string()))?,
+            .map_err(|e: rcgen::Error| SignError::from(e))?,
     ))
 }
 
-fn uri_san(uri: &str) -> Result<SanType> {
+fn uri_san(uri: &str) -> Result<SanType, SignError> {
     Ok(SanType::URI(
         uri.try_into()
-            .map_err(|e: rcgen::Error| Error::Sign(e.to_string()))?,
+            .map_err(|e: rcgen::Error| SignError::from(e))?,
     ))
 }
 
@@ -95,7 +95,7 @@ fn sign(
     public_key: &impl PublicKeyData,
     grant: &Grant,
     kind: LeafKind,
-) -> Result<Leaf> {
+) -> Result<Leaf, SignError> {
     let serial = random_serial();
     let mut p = CertificateParams::default();
     // Empty subject (the SAN is then critical): identity names are often longer than the
@@ -117,7 +117,7 @@ fn sign(
     p.not_after = grant.not_after.into();
     let cert = p
         .signed_by(public_key, ca.issuer())
-        .map_err(|e| Error::Sign(e.to_string()))?;
+        .map_err(SignError::from)?;
     let der = cert.der().clone();
     Ok(Leaf {
         sha256: proxy_lib::cert::sha256_hex(&der),

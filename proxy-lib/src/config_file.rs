@@ -2,12 +2,22 @@
 //! and the key at fault (`issuer.toml:3: key `limits.max_request_bytes`: invalid type: ...`),
 //! and say which exit code they mean: 66 for a file that cannot be read, 78 for one that is
 //! not valid.
+//!
+//! The three binaries configure themselves the same way (see [`Layers`]): a typed serde
+//! struct per binary, every key optional, filled from a TOML file, then the environment,
+//! then command-line flags (each layer replacing the keys it sets), every bad key reported
+//! together with where its value came from, then validated into the binary's `Config`.
 
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
 use crate::cli::exit;
+
+pub mod de;
+mod layers;
+
+pub use layers::{Env, FieldError, Layers, MapEnv, ProcessEnv, env_name};
 
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -97,14 +107,25 @@ fn invalid(
             .count()
             + 1
     });
-    let message = error.message().trim();
-    // serde's own wording for `deny_unknown_fields`: "unknown field `x`, expected ...". The
-    // path usually ends with the key already; when it stops at the table, add the key.
+    let (key, message) = name_the_key(key, error.message());
+    ConfigFileError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        line,
+        message,
+    }
+}
+
+/// Turns serde's wording for `deny_unknown_fields` ("unknown field `x`, expected ...") into
+/// the full dotted key and "unknown key (expected ...)"; `key` is the path serde reported,
+/// which usually ends with the unknown key already but may stop at its table.
+fn name_the_key(key: Option<String>, message: &str) -> (Option<String>, String) {
+    let message = message.trim();
     let unknown = message.strip_prefix("unknown field `").and_then(|rest| {
         let (name, rest) = rest.split_once('`')?;
         Some((name, rest.trim_start_matches(',').trim()))
     });
-    let (key, message) = match unknown {
+    match unknown {
         Some((name, rest)) => {
             let full = match key {
                 Some(k) if k == name || k.ends_with(&format!(".{name}")) => k,
@@ -119,12 +140,6 @@ fn invalid(
             (Some(full), message)
         }
         None => (key, message.to_string()),
-    };
-    ConfigFileError::Invalid {
-        path: path.to_path_buf(),
-        key,
-        line,
-        message,
     }
 }
 

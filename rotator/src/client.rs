@@ -104,19 +104,6 @@ pub enum IssueError {
     Timeout(Duration),
 }
 
-impl IssueError {
-    /// Whether retrying later may help (everything but a refusal of the request itself).
-    pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            IssueError::Status {
-                code: tonic::Code::InvalidArgument,
-                ..
-            }
-        )
-    }
-}
-
 /// A TCP connection to `addr` (each address it resolves to, in turn), from `source` when
 /// given.
 async fn connect(

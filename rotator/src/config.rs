@@ -1,22 +1,33 @@
-//! The rotator's configuration: `rotator.toml` and environment overrides read as raw strings,
-//! then validated into [`Config`] in one pass that reports every bad field, not just the first.
+//! The rotator's configuration: `rotator.toml`, then environment overrides, layered as
+//! every binary of the workspace does it ([`proxy_lib::config_file::Layers`]), read into the
+//! typed [`RawConfig`], then validated into [`Config`] in one pass that reports every bad
+//! field, not just the first, each with where its value came from.
 //!
 //! Every key of the file can be set from the environment as `ROTATOR_<KEY>` (dots become
 //! underscores: `backoff.max` is `ROTATOR_BACKOFF_MAX`). Linkerd's variable names are accepted
 //! too, with Linkerd's meaning (see [`LINKERD_ENV`]). Precedence: `ROTATOR_*`, then
-//! `LINKERD2_PROXY_IDENTITY_*`, then the file, then the defaults below.
+//! `LINKERD2_PROXY_IDENTITY_*`, then the file, then the defaults below. A variable set to a
+//! blank value counts as unset.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::fmt::Display;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proxy_lib::config_file::{self, ConfigFileError};
+use proxy_lib::config_file::{self, ConfigFileError, Layers};
 use proxy_lib::identity::{Identity, TrustDomain};
-use proxy_lib::verify::TrustAnchors;
 
 use crate::schedule::{CronSchedule, Policy};
+
+mod raw;
+mod types;
+
+pub use proxy_lib::config_file::{Env, FieldError, MapEnv, ProcessEnv};
+pub use raw::{RawBackoff, RawConfig, RawMetrics, RawReload, RawVerify};
+use types::is_loopback_host;
+pub use types::{
+    AnchorSource, HostPort, ReloadConfig, ReloadSignal, SignalHook, VerifyConfig, parse_host_port,
+};
 
 /// Default fraction of the lifetime after which a cert is renewed.
 pub const DEFAULT_RENEW_AT: f64 = 0.7;
@@ -127,54 +138,6 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
 ];
 
-/// A source of environment variables; the real one reads the process environment, tests
-/// use a map so they never mutate the process environment.
-pub trait Env {
-    /// The value of `name`, if set (and valid UTF-8).
-    fn get(&self, name: &str) -> Option<String>;
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-}
-
-/// A map-backed environment for tests.
-#[derive(Debug, Clone, Default)]
-pub struct MapEnv(pub HashMap<String, String>);
-
-impl MapEnv {
-    /// An environment holding the given pairs.
-    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        Self(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
-}
-
-impl Env for MapEnv {
-    fn get(&self, name: &str) -> Option<String> {
-        self.0.get(name).cloned()
-    }
-}
-
-/// One bad field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// The key (`backoff.max`), or the file for errors about the file itself.
-    pub key: String,
-    /// What was wrong.
-    pub message: String,
-}
-
 /// Why a configuration was refused: every problem found.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -205,168 +168,59 @@ fn list(errors: &[FieldError]) -> String {
         .collect()
 }
 
-/// A raw value from the file or the environment.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RawValue {
-    /// Text (every environment value starts as text).
-    Str(String),
-    /// A TOML number.
-    Num(f64),
-    /// A TOML boolean.
-    Bool(bool),
-    /// A TOML array of strings.
-    List(Vec<String>),
-}
-
-impl fmt::Display for RawValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RawValue::Str(s) => write!(f, "{s:?}"),
-            RawValue::Num(n) => write!(f, "{n}"),
-            RawValue::Bool(b) => write!(f, "{b}"),
-            RawValue::List(l) => write!(f, "{l:?}"),
-        }
-    }
-}
-
-/// The unvalidated configuration: known keys to raw values, with where each came from.
+/// The configuration's layers (the file, then the environment) before validation.
 #[derive(Debug, Clone, Default)]
-pub struct RawConfig {
-    values: BTreeMap<&'static str, (RawValue, String)>,
-    errors: Vec<FieldError>,
-}
+pub struct Sources(Layers);
 
-impl RawConfig {
-    /// Parses TOML text. Unknown keys and values of the wrong shape are recorded as field
-    /// errors (reported together with the rest by [`RawConfig::validate`]).
+impl Sources {
+    /// The file layer from TOML text read from `path` (which names it in errors).
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let table: toml::Table = config_file::parse(text, path)?;
-        let mut raw = Self::default();
-        let origin = path.display().to_string();
-        raw.add_table("", &table, &origin);
-        Ok(raw)
+        Ok(Self(Layers::from_toml(text, path)?))
     }
 
     /// Reads and parses a config file. Blocks.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::from_toml(&config_file::read(path)?, path)
-    }
-
-    fn add_table(&mut self, prefix: &str, table: &toml::Table, origin: &str) {
-        for (k, v) in table {
-            let key = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            if let toml::Value::Table(t) = v {
-                if KEYS
-                    .iter()
-                    .any(|(known, _)| known.starts_with(&format!("{key}.")))
-                {
-                    self.add_table(&key, t, origin);
-                } else {
-                    self.errors.push(FieldError {
-                        key,
-                        message: format!("unknown section (in {origin})"),
-                    });
-                }
-                continue;
-            }
-            let Some(known) = known_key(&key) else {
-                self.errors.push(FieldError {
-                    key,
-                    message: format!("unknown key (in {origin})"),
-                });
-                continue;
-            };
-            let value = match v {
-                toml::Value::String(s) => RawValue::Str(s.clone()),
-                toml::Value::Integer(i) => RawValue::Num(*i as f64),
-                toml::Value::Float(f) => RawValue::Num(*f),
-                toml::Value::Boolean(b) => RawValue::Bool(*b),
-                toml::Value::Array(a) => {
-                    let items: Option<Vec<String>> =
-                        a.iter().map(|i| i.as_str().map(str::to_string)).collect();
-                    match items {
-                        Some(items) => RawValue::List(items),
-                        None => {
-                            self.errors.push(FieldError {
-                                key,
-                                message: format!(
-                                    "expected an array of strings, got {v} (from {origin})"
-                                ),
-                            });
-                            continue;
-                        }
-                    }
-                }
-                other => {
-                    self.errors.push(FieldError {
-                        key,
-                        message: format!(
-                            "expected text, a number, true/false or an array of strings, \
-                             got a {} (from {origin})",
-                            other.type_str()
-                        ),
-                    });
-                    continue;
-                }
-            };
-            self.values.insert(known, (value, origin.to_string()));
-        }
-    }
-
-    /// Sets a key (used for command-line overrides and tests).
-    pub fn set(&mut self, key: &str, value: RawValue, origin: &str) {
-        match known_key(key) {
-            Some(k) => {
-                self.values.insert(k, (value, origin.to_string()));
-            }
-            None => self.errors.push(FieldError {
-                key: key.to_string(),
-                message: format!("unknown key (from {origin})"),
-            }),
-        }
+        Ok(Self(Layers::file(path)?))
     }
 
     /// Applies environment overrides: Linkerd's names first, then `ROTATOR_*` (which win).
     pub fn apply_env(&mut self, env: &dyn Env) {
-        for (var, key) in LINKERD_ENV {
-            if let Some(v) = env.get(var).filter(|v| !v.trim().is_empty()) {
-                self.set(key, RawValue::Str(v), var);
-            }
-        }
-        for (key, _) in KEYS {
-            let var = env_name(key);
-            if let Some(v) = env.get(&var) {
-                self.set(key, RawValue::Str(v), &var);
-            }
-        }
+        self.0.env(env, LINKERD_ENV.iter().copied());
+        self.0
+            .env(env, KEYS.iter().map(|(key, _)| (env_name(key), *key)));
+    }
+
+    /// The layers, with where each key's value came from.
+    pub fn layers(&self) -> &Layers {
+        &self.0
     }
 
     /// Validates every field and returns the config, or every problem found.
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let mut v = Validator {
-            raw: self,
-            errors: self.errors.clone(),
+        let (raw, errors) = self.0.extract::<RawConfig>();
+        let mut v = Check {
+            layers: &self.0,
+            errors,
         };
-        let identity = v.required("identity", |s| {
-            Identity::parse(s).map_err(|e| e.to_string())
-        });
-        let dir = v.required("dir", |s| non_empty(s).map(PathBuf::from));
-        let trust_anchors = v.required("trust_anchors", |s| {
-            let s = non_empty(s)?;
-            Ok(if s.trim_start().starts_with("-----BEGIN") {
-                AnchorSource::Pem(s.to_string())
+        let identity = v.required("identity", raw.identity);
+        let dir = v.non_empty("dir", raw.dir);
+        let dir = v.required("dir", dir);
+        let trust_anchors = v.required("trust_anchors", raw.trust_anchors);
+        let trust_anchors = v.value("trust_anchors", trust_anchors, |s| {
+            let s = s.trim();
+            if s.is_empty() {
+                Err("must not be empty".to_string())
+            } else if s.starts_with("-----BEGIN") {
+                Ok(AnchorSource::Pem(s.to_string()))
             } else {
-                AnchorSource::File(PathBuf::from(s))
-            })
+                Ok(AnchorSource::File(PathBuf::from(s)))
+            }
         });
-        let token_file = v.required("token_file", |s| non_empty(s).map(PathBuf::from));
-        let issuer_addr = v.required("issuer_addr", parse_host_port);
-        let issuer_name = v.optional("issuer_name", |s| {
-            let s = non_empty(s)?;
+        let token_file = v.non_empty("token_file", raw.token_file);
+        let token_file = v.required("token_file", token_file);
+        let issuer_addr = v.required("issuer_addr", raw.issuer_addr);
+        let issuer_name = v.value("issuer_name", raw.issuer_name, |s| {
+            let s = s.trim();
             rustls_pki_types::ServerName::try_from(s.to_string())
                 .map_err(|e| format!("not a valid server name: {e}"))?;
             Ok(proxy_lib::identity::normalize_name(s))
@@ -374,30 +228,35 @@ impl RawConfig {
         // Linkerd's meaning of a loopback LINKERD2_PROXY_IDENTITY_SVC_ADDR: no TLS (the proxy
         // then ignores _SVC_NAME and talks plaintext to a local identity service). An explicit
         // `plaintext` wins; a loopback issuer_addr from anywhere else keeps TLS.
-        let linkerd_loopback = v
-            .get("issuer_addr")
-            .is_some_and(|(_, origin)| origin == LINKERD_SVC_ADDR)
+        let linkerd_loopback = self.0.origin("issuer_addr") == Some(LINKERD_SVC_ADDR)
             && issuer_addr
                 .as_ref()
                 .is_some_and(|a| is_loopback_host(&a.host));
-        let plaintext = v.bool("plaintext").unwrap_or(linkerd_loopback);
-        let timeout = v.duration("timeout").unwrap_or(DEFAULT_TIMEOUT);
-        let renew_at = v
-            .number(
-                "renew_at",
-                |n| n > 0.0 && n < 1.0,
-                "must be between 0 and 1 (exclusive)",
-            )
-            .unwrap_or(DEFAULT_RENEW_AT);
-        let jitter = v
-            .number("jitter", |n| (0.0..0.5).contains(&n), "must be in [0, 0.5)")
-            .unwrap_or(DEFAULT_JITTER);
-        let margin = v
-            .number("margin", |n| (0.0..0.5).contains(&n), "must be in [0, 0.5)")
-            .unwrap_or(DEFAULT_MARGIN);
-        let clock_skew = v.duration("clock_skew").unwrap_or(DEFAULT_CLOCK_SKEW);
-        let backoff_min = v.duration("backoff.min").unwrap_or(DEFAULT_BACKOFF_MIN);
-        let backoff_max = v.duration("backoff.max").unwrap_or(DEFAULT_BACKOFF_MAX);
+        let plaintext = raw.plaintext.unwrap_or(linkerd_loopback);
+        let renew_at = v.range(
+            "renew_at",
+            raw.renew_at,
+            |n| n > 0.0 && n < 1.0,
+            "must be between 0 and 1 (exclusive)",
+            DEFAULT_RENEW_AT,
+        );
+        let fraction = |n: f64| (0.0..0.5).contains(&n);
+        let jitter = v.range(
+            "jitter",
+            raw.jitter,
+            fraction,
+            "must be in [0, 0.5)",
+            DEFAULT_JITTER,
+        );
+        let margin = v.range(
+            "margin",
+            raw.margin,
+            fraction,
+            "must be in [0, 0.5)",
+            DEFAULT_MARGIN,
+        );
+        let backoff_min = raw.backoff.min.unwrap_or(DEFAULT_BACKOFF_MIN);
+        let backoff_max = raw.backoff.max.unwrap_or(DEFAULT_BACKOFF_MAX);
         if backoff_min.is_zero() {
             v.error("backoff.min", "must be greater than zero");
         }
@@ -416,84 +275,14 @@ impl RawConfig {
         if renew_at - jitter <= 0.0 {
             v.error("jitter", "renew_at - jitter must stay above 0");
         }
-        let schedule = v.optional("schedule", |s| {
-            CronSchedule::parse(s).map_err(|e| e.to_string())
+        let schedule = v.value("schedule", raw.schedule, |s| {
+            CronSchedule::parse(s.trim()).map_err(|e| e.to_string())
         });
-        let key_group = v.optional("key_group", |s| {
-            proxy_lib::account::group_id(s).map_err(|e| e.to_string())
+        let key_group = v.value("key_group", raw.key_group, |s| {
+            proxy_lib::account::group_id(s.trim()).map_err(|e| e.to_string())
         });
-
-        // [reload]
-        let pidfile = v.optional("reload.pidfile", |s| non_empty(s).map(PathBuf::from));
-        let signal = v.optional("reload.signal", ReloadSignal::parse);
-        let process_name = v.optional("reload.process_name", |s| non_empty(s).map(str::to_string));
-        let http = v.optional("reload.http", |s| {
-            let uri: http::Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
-            if uri.scheme_str() != Some("http") || uri.host().is_none() {
-                return Err("must be an http:// URL with a host".into());
-            }
-            Ok(uri.to_string())
-        });
-        let exec = v.list("reload.exec");
-        let reload_timeout = v
-            .duration("reload.timeout")
-            .unwrap_or(DEFAULT_RELOAD_TIMEOUT);
-        let signal_hook = match (pidfile, signal, process_name) {
-            (Some(pidfile), signal, Some(process_name)) => Some(SignalHook {
-                pidfile,
-                signal: signal.unwrap_or(ReloadSignal::Hup),
-                process_name,
-            }),
-            (Some(_), _, None) => {
-                v.error(
-                    "reload.process_name",
-                    "is required with reload.pidfile (the pid is checked before it is signalled)",
-                );
-                None
-            }
-            (None, Some(_), _) | (None, None, Some(_)) => {
-                v.error(
-                    "reload.pidfile",
-                    "is required with reload.signal/process_name",
-                );
-                None
-            }
-            (None, None, None) => None,
-        };
-        let reload = ReloadConfig {
-            signal: signal_hook,
-            http,
-            exec,
-            timeout: reload_timeout,
-        };
-
-        // [verify]
-        let verify_addr = v.optional("verify.addr", parse_host_port);
-        let verify_name = v.optional("verify.server_name", |s| {
-            rustls_pki_types::ServerName::try_from(s.to_string())
-                .map(|_| s.to_string())
-                .map_err(|e| format!("not a valid server name: {e}"))
-        });
-        let verify_attempts = v
-            .number(
-                "verify.attempts",
-                |n| (1.0..=100.0).contains(&n) && n.fract() == 0.0,
-                "must be a whole number from 1 to 100",
-            )
-            .map(|n| n as u32)
-            .unwrap_or(DEFAULT_VERIFY_ATTEMPTS);
-        let verify_delay = v.duration("verify.delay").unwrap_or(DEFAULT_VERIFY_DELAY);
-        let verify = verify_addr.map(|addr| VerifyConfig {
-            addr,
-            server_name: verify_name,
-            attempts: verify_attempts,
-            delay: verify_delay,
-        });
-        let metrics_listen = v.optional("metrics.listen", |s| {
-            s.parse::<SocketAddr>()
-                .map_err(|e| format!("not an ip:port address: {e}"))
-        });
-
+        let reload = v.reload(raw.reload);
+        let verify = v.verify(raw.verify);
         if plaintext
             && let Some(addr) = &issuer_addr
             && !is_loopback_host(&addr.host)
@@ -503,14 +292,17 @@ impl RawConfig {
                 format!("only allowed with a loopback issuer_addr, not {addr}"),
             );
         }
-
+        let (Some(identity), Some(dir), Some(trust_anchors), Some(token_file), Some(issuer_addr)) =
+            (identity, dir, trust_anchors, token_file, issuer_addr)
+        else {
+            return Err(ConfigError::Invalid(v.errors));
+        };
         if !v.errors.is_empty() {
             return Err(ConfigError::Invalid(v.errors));
         }
-        let identity = identity.expect("checked");
-        let td = TrustDomain::new(identity.trust_domain()).expect("identity has a valid td");
         // The identity service of the control plane the identity names.
         let issuer_name = issuer_name.unwrap_or_else(|| {
+            let td = TrustDomain::new(identity.trust_domain()).unwrap_or_default();
             td.identity_service_name_in(identity.control_plane_namespace())
                 .unwrap_or_else(|_| td.identity_service_name())
                 .as_str()
@@ -518,18 +310,18 @@ impl RawConfig {
         });
         Ok(Config {
             identity,
-            dir: dir.expect("checked"),
-            trust_anchors: trust_anchors.expect("checked"),
-            token_file: token_file.expect("checked"),
-            issuer_addr: issuer_addr.expect("checked"),
+            dir,
+            trust_anchors,
+            token_file,
+            issuer_addr,
             issuer_name,
             plaintext,
-            timeout,
+            timeout: raw.timeout.unwrap_or(DEFAULT_TIMEOUT),
             policy: Policy {
                 renew_at,
                 jitter,
                 margin,
-                clock_skew,
+                clock_skew: raw.clock_skew.unwrap_or(DEFAULT_CLOCK_SKEW),
                 backoff_min,
                 backoff_max,
             },
@@ -537,317 +329,166 @@ impl RawConfig {
             key_group,
             reload,
             verify,
-            metrics_listen,
+            metrics_listen: raw.metrics.listen,
         })
     }
 }
 
 /// Loads the config: the file (if any), then the environment, then validates. Blocks.
 pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
-    let mut raw = match path {
-        Some(p) => RawConfig::load(p)?,
-        None => RawConfig::default(),
+    let mut sources = match path {
+        Some(p) => Sources::load(p)?,
+        None => Sources::default(),
     };
-    raw.apply_env(env);
-    raw.validate()
+    sources.apply_env(env);
+    sources.validate()
 }
 
 /// The environment variable for a key: `ROTATOR_BACKOFF_MAX` for `backoff.max`.
 pub fn env_name(key: &str) -> String {
-    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "_"))
+    config_file::env_name(ENV_PREFIX, key)
 }
 
-fn known_key(key: &str) -> Option<&'static str> {
-    KEYS.iter().map(|(k, _)| *k).find(|k| *k == key)
-}
-
-struct Validator<'a> {
-    raw: &'a RawConfig,
+/// Validation in progress: the problems found so far, each naming where its value came from.
+struct Check<'a> {
+    layers: &'a Layers,
     errors: Vec<FieldError>,
 }
 
-impl Validator<'_> {
-    fn error(&mut self, key: &str, message: impl Into<String>) {
-        self.errors.push(FieldError {
-            key: key.to_string(),
-            message: message.into(),
-        });
-    }
-
-    fn get(&self, key: &str) -> Option<&(RawValue, String)> {
-        self.raw.values.get(key)
-    }
-
-    fn optional<T>(&mut self, key: &str, f: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
-        let (value, origin) = self.get(key)?.clone();
-        let RawValue::Str(s) = value else {
-            self.error(key, format!("expected text, got {value} (from {origin})"));
-            return None;
+impl Check<'_> {
+    fn error(&mut self, key: &str, message: impl Display) {
+        let message = match self.layers.origin(key) {
+            Some(origin) => format!("{message} (from {origin})"),
+            None => message.to_string(),
         };
-        match f(s.trim()) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.error(key, format!("{e} (from {origin})"));
-                None
-            }
-        }
+        self.errors.push(FieldError::new(key, message));
     }
 
-    fn required<T>(&mut self, key: &str, f: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
-        if self.get(key).is_none() {
+    /// `value`, or a "required" error when neither it nor a refused value is there.
+    fn required<T>(&mut self, key: &str, value: Option<T>) -> Option<T> {
+        if value.is_none() && !self.errors.iter().any(|e| e.key == key) {
             self.error(
                 key,
                 format!("is required (set it in the file or as {})", env_name(key)),
             );
-            return None;
         }
-        self.optional(key, f)
+        value
     }
 
-    fn bool(&mut self, key: &str) -> Option<bool> {
-        let (value, origin) = self.get(key)?.clone();
-        match value {
-            RawValue::Bool(b) => Some(b),
-            RawValue::Str(s) => match s.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" => Some(true),
-                "false" | "0" | "no" | "" => Some(false),
-                _ => {
-                    self.error(
-                        key,
-                        format!("expected true or false, got {s:?} (from {origin})"),
-                    );
-                    None
-                }
-            },
-            other => {
-                self.error(
-                    key,
-                    format!("expected true or false, got {other} (from {origin})"),
-                );
+    /// `value` checked and converted by `f`.
+    fn value<T, U>(
+        &mut self,
+        key: &str,
+        value: Option<T>,
+        f: impl FnOnce(T) -> Result<U, String>,
+    ) -> Option<U> {
+        match f(value?) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(key, e);
                 None
             }
         }
     }
 
-    fn number(&mut self, key: &str, ok: impl Fn(f64) -> bool, rule: &str) -> Option<f64> {
-        let (value, origin) = self.get(key)?.clone();
-        let n = match &value {
-            RawValue::Num(n) => Some(*n),
-            RawValue::Str(s) => s.trim().parse::<f64>().ok(),
-            _ => None,
-        };
-        match n {
-            Some(n) if n.is_finite() && ok(n) => Some(n),
-            Some(_) => {
-                self.error(key, format!("{rule}, got {value} (from {origin})"));
-                None
+    fn non_empty(&mut self, key: &str, path: Option<PathBuf>) -> Option<PathBuf> {
+        self.value(key, path, |p| {
+            if p.as_os_str().is_empty() {
+                Err("must not be empty".into())
+            } else {
+                Ok(p)
             }
-            None => {
-                self.error(
-                    key,
-                    format!("expected a number, got {value} (from {origin})"),
-                );
-                None
-            }
-        }
-    }
-
-    fn duration(&mut self, key: &str) -> Option<Duration> {
-        self.optional(key, |s| {
-            humantime::parse_duration(s)
-                .map_err(|e| format!("not a duration like \"30s\" or \"5m\": {e}"))
         })
     }
 
-    fn list(&mut self, key: &str) -> Option<Vec<String>> {
-        let (value, origin) = self.get(key)?.clone();
-        let argv = match value {
-            RawValue::List(l) => l,
-            // From the environment: a TOML/JSON array, or whitespace-separated words.
-            RawValue::Str(s) if s.trim_start().starts_with('[') => {
-                match serde_json::from_str::<Vec<String>>(s.trim()) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        self.error(key, format!("not an array of strings: {e} (from {origin})"));
-                        return None;
-                    }
-                }
+    fn range(
+        &mut self,
+        key: &str,
+        value: Option<f64>,
+        ok: impl Fn(f64) -> bool,
+        rule: &str,
+        default: f64,
+    ) -> f64 {
+        self.value(key, value, |n| {
+            if n.is_finite() && ok(n) {
+                Ok(n)
+            } else {
+                Err(format!("{rule}, got {n}"))
             }
-            RawValue::Str(s) => s.split_whitespace().map(str::to_string).collect(),
-            other => {
-                self.error(
-                    key,
-                    format!("expected an array of strings, got {other} (from {origin})"),
-                );
-                return None;
+        })
+        .unwrap_or(default)
+    }
+
+    fn reload(&mut self, raw: RawReload) -> ReloadConfig {
+        let pidfile = self.non_empty("reload.pidfile", raw.pidfile);
+        let process_name = self.value("reload.process_name", raw.process_name, |s| {
+            let s = s.trim();
+            if s.is_empty() {
+                Err("must not be empty".to_string())
+            } else {
+                Ok(s.to_string())
             }
-        };
-        if argv.is_empty() || argv[0].is_empty() {
-            self.error(key, format!("must name a program to run (from {origin})"));
-            return None;
-        }
-        Some(argv)
-    }
-}
-
-fn non_empty(s: &str) -> Result<&str, String> {
-    if s.is_empty() {
-        Err("must not be empty".into())
-    } else {
-        Ok(s)
-    }
-}
-
-/// A `host:port` address (host may be a name or an IP; IPv6 in brackets).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPort {
-    /// Host name or IP (without brackets).
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
-impl HostPort {
-    /// Resolves to socket addresses. Blocks (DNS).
-    pub fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
-        Ok((self.host.as_str(), self.port).to_socket_addrs()?.collect())
-    }
-}
-
-impl fmt::Display for HostPort {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// Parses `host:port` or `[v6]:port`.
-pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok(HostPort {
-            host: sa.ip().to_string(),
-            port: sa.port(),
         });
-    }
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not host:port"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("{s:?}: port {port:?} is not a number from 0 to 65535"))?;
-    if host.is_empty() || host.contains(':') || host.contains('/') {
-        return Err(format!("{s:?} is not host:port"));
-    }
-    Ok(HostPort {
-        host: host.to_string(),
-        port,
-    })
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Where the trust anchors come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AnchorSource {
-    /// A PEM file, re-read on every rotation.
-    File(PathBuf),
-    /// PEM text given inline (e.g. `LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS`).
-    Pem(String),
-}
-
-impl AnchorSource {
-    /// Loads the anchors. Blocks for a file.
-    pub fn load(&self) -> Result<TrustAnchors, proxy_lib::verify::VerifyError> {
-        match self {
-            AnchorSource::File(p) => TrustAnchors::read(p),
-            AnchorSource::Pem(text) => TrustAnchors::from_bytes(text.as_bytes(), "trust_anchors"),
-        }
-    }
-}
-
-/// A signal the signal hook can send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReloadSignal {
-    /// SIGHUP.
-    Hup,
-    /// SIGUSR1.
-    Usr1,
-    /// SIGUSR2.
-    Usr2,
-}
-
-impl ReloadSignal {
-    /// Parses `HUP`, `SIGHUP`, `USR1`, `SIGUSR2`, ... (case-insensitive).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let up = s.trim().to_ascii_uppercase();
-        match up.strip_prefix("SIG").unwrap_or(&up) {
-            "HUP" => Ok(Self::Hup),
-            "USR1" => Ok(Self::Usr1),
-            "USR2" => Ok(Self::Usr2),
-            _ => Err(format!("{s:?} is not one of HUP, USR1, USR2")),
+        let http = self.value("reload.http", raw.http, |s| {
+            let uri: http::Uri = s.trim().parse().map_err(|e| format!("not a URL: {e}"))?;
+            if uri.scheme_str() != Some("http") || uri.host().is_none() {
+                return Err("must be an http:// URL with a host".into());
+            }
+            Ok(uri.to_string())
+        });
+        let signal = match (pidfile, raw.signal, process_name) {
+            (Some(pidfile), signal, Some(process_name)) => Some(SignalHook {
+                pidfile,
+                signal: signal.unwrap_or(ReloadSignal::Hup),
+                process_name,
+            }),
+            (Some(_), _, None) => {
+                self.error(
+                    "reload.process_name",
+                    "is required with reload.pidfile (the pid is checked before it is signalled)",
+                );
+                None
+            }
+            (None, Some(_), _) | (None, None, Some(_)) => {
+                self.error(
+                    "reload.pidfile",
+                    "is required with reload.signal/process_name",
+                );
+                None
+            }
+            (None, None, None) => None,
+        };
+        ReloadConfig {
+            signal,
+            http,
+            exec: raw.exec,
+            timeout: raw.timeout.unwrap_or(DEFAULT_RELOAD_TIMEOUT),
         }
     }
 
-    /// The rustix signal.
-    pub fn to_rustix(self) -> rustix::process::Signal {
-        match self {
-            Self::Hup => rustix::process::Signal::HUP,
-            Self::Usr1 => rustix::process::Signal::USR1,
-            Self::Usr2 => rustix::process::Signal::USR2,
-        }
+    fn verify(&mut self, raw: RawVerify) -> Option<VerifyConfig> {
+        let server_name = self.value("verify.server_name", raw.server_name, |s| {
+            let s = s.trim();
+            rustls_pki_types::ServerName::try_from(s.to_string())
+                .map(|_| s.to_string())
+                .map_err(|e| format!("not a valid server name: {e}"))
+        });
+        let attempts = self
+            .value("verify.attempts", raw.attempts, |n| {
+                if (1..=100).contains(&n) {
+                    Ok(n)
+                } else {
+                    Err(format!("must be a whole number from 1 to 100, got {n}"))
+                }
+            })
+            .unwrap_or(DEFAULT_VERIFY_ATTEMPTS);
+        Some(VerifyConfig {
+            addr: raw.addr?,
+            server_name,
+            attempts,
+            delay: raw.delay.unwrap_or(DEFAULT_VERIFY_DELAY),
+        })
     }
-}
-
-/// Signal a process found through its pidfile, after checking it is the expected one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignalHook {
-    /// The pidfile.
-    pub pidfile: PathBuf,
-    /// The signal.
-    pub signal: ReloadSignal,
-    /// Expected `/proc/<pid>/comm` (or the file name of `/proc/<pid>/exe`).
-    pub process_name: String,
-}
-
-/// The reload hooks run after each rotation (any combination).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ReloadConfig {
-    /// Signal a process.
-    pub signal: Option<SignalHook>,
-    /// POST to this URL.
-    pub http: Option<String>,
-    /// Run this argv.
-    pub exec: Option<Vec<String>>,
-    /// Timeout of the HTTP and exec hooks.
-    pub timeout: Duration,
-}
-
-impl ReloadConfig {
-    /// Whether any hook is configured.
-    pub fn is_empty(&self) -> bool {
-        self.signal.is_none() && self.http.is_none() && self.exec.is_none()
-    }
-}
-
-/// The verify step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyConfig {
-    /// The TLS listener.
-    pub addr: HostPort,
-    /// Server name to verify (default: the identity).
-    pub server_name: Option<String>,
-    /// Reload+verify attempts.
-    pub attempts: u32,
-    /// Pause between reload and handshake.
-    pub delay: Duration,
 }
 
 /// The validated configuration.
@@ -897,7 +538,7 @@ mod tests {
     }
 
     fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let mut raw = RawConfig::from_toml(text, Path::new("rotator.toml"))?;
+        let mut raw = Sources::from_toml(text, Path::new("rotator.toml"))?;
         raw.apply_env(&MapEnv::from_pairs(env.iter().copied()));
         raw.validate()
     }
@@ -1080,7 +721,7 @@ mod tests {
             ("bogus = 1\n", "bogus"),
             ("[bogus]\nx = 1\n", "bogus"),
         ] {
-            let raw = RawConfig::from_toml(text, path).unwrap();
+            let raw = Sources::from_toml(text, path).unwrap();
             let err = raw.validate().unwrap_err();
             assert_eq!(err.exit_code(), 78);
             let ConfigError::Invalid(errs) = err else {
@@ -1104,7 +745,7 @@ mod tests {
         let e = load(Some(&missing), &MapEnv::default()).unwrap_err();
         assert_eq!(e.exit_code(), 66);
         assert!(e.to_string().contains("missing.toml"), "{e}");
-        let e = RawConfig::from_toml("\nrenew_at = [\n", Path::new("r.toml")).unwrap_err();
+        let e = Sources::from_toml("\nrenew_at = [\n", Path::new("r.toml")).unwrap_err();
         assert_eq!(e.exit_code(), 78);
         assert!(e.to_string().contains("r.toml:2"), "{e}");
     }
@@ -1113,10 +754,11 @@ mod tests {
     fn every_key_has_an_environment_variable() {
         for (key, _) in KEYS {
             let var = env_name(key);
-            let mut raw = RawConfig::default();
-            raw.apply_env(&MapEnv::from_pairs([(var.as_str(), "x")]));
-            assert!(raw.values.contains_key(key), "{var} does not set {key}");
-            assert!(raw.errors.is_empty());
+            let mut sources = Sources::default();
+            sources.apply_env(&MapEnv::from_pairs([(var.as_str(), "x")]));
+            let layers = sources.layers();
+            assert!(layers.get(key).is_some(), "{var} does not set {key}");
+            assert_eq!(layers.origin(key), Some(var.as_str()));
         }
         assert_eq!(env_name("backoff.max"), "ROTATOR_BACKOFF_MAX");
     }

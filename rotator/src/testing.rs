@@ -14,7 +14,7 @@ use proxy_lib::test_util::TestPki;
 use rcgen::{CertificateParams, KeyPair};
 
 use crate::client::{CertifyRequest, CertifyResponse, Issue, IssueError};
-use crate::config::{Config, MapEnv, RawConfig};
+use crate::config::{Config, MapEnv, Sources};
 use crate::reload::{HookOutcome, Reload};
 
 pub const ID: &str = "db.ext.serviceaccount.identity.linkerd.cluster.local";
@@ -183,7 +183,7 @@ pub fn config_in(dir: &Path, issuer: &FakeIssuer, extra: &str) -> Config {
         ca.display(),
         token.display()
     );
-    let mut raw = RawConfig::from_toml(&text, Path::new("test.toml")).unwrap();
+    let mut raw = Sources::from_toml(&text, Path::new("test.toml")).unwrap();
     raw.apply_env(&MapEnv::default());
     raw.validate().unwrap()
 }

@@ -1,5 +1,6 @@
-//! The proxy's configuration: the command line and the TOML file (same keys) as a raw layer,
-//! validated once into [`Config`]. Every bad field is reported, not just the first.
+//! The proxy's configuration: the TOML file, then the command line (one struct,
+//! [`RawConfig`], declares both, with the same keys), validated once into [`Config`].
+//! Every bad field is reported, not just the first.
 //!
 //! ```toml
 //! certs = "/var/lib/mtls/certs"          # the rotator's dir (..data layout)
@@ -22,10 +23,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::cli::LogFormat;
-use crate::config_file::{self, ConfigFileError};
+use crate::config_file::{self, ConfigFileError, Env, FieldError, Layers, ProcessEnv, env_name};
 use crate::identity::normalize_name;
 
 /// The variable that sets `--log-format` when the flag is not given.
@@ -78,48 +79,100 @@ impl ConfigError {
     }
 }
 
-/// The raw layer: every key optional, as read from the file and/or flags.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+/// The raw layer, every key optional: one struct is both the TOML file's schema and the
+/// command line's flags (`--idle-timeout` is `idle_timeout`), so a key cannot exist in one
+/// and not the other. The flags are a layer over the file
+/// ([`crate::config_file::Layers`]): a flag given replaces the file's key (a list replaces
+/// the list).
+// The doc comments below are clap's --help text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Cert dir.
+    /// The rotator's cert dir (`..data` layout, or plain tls.crt/tls.key/ca.crt). Required
+    /// (here or in --config); the proxy starts not ready if it holds no valid set yet.
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub certs: Option<PathBuf>,
-    /// Anchors file (default: the snapshot's `ca.crt`).
+    /// Trust anchors (PEM) for peers, re-read at every reload [default: DIR's ca.crt].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub trust_anchors: Option<PathBuf>,
-    /// `LISTEN=APP_HOST:PORT` entries.
-    #[serde(default)]
+    /// Inbound listener (repeatable): terminate mTLS, forward to the app, e.g.
+    /// 0.0.0.0:4143=127.0.0.1:8080. At least one --inbound or --outbound is required.
+    #[arg(long, value_name = "LISTEN=APP")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound: Vec<String>,
-    /// `LISTEN=HOST:PORT@IDENTITY` entries.
-    #[serde(default)]
+    /// Outbound listener (repeatable): plaintext in on a loopback LISTEN, mTLS out to
+    /// HOST:PORT, whose cert must carry IDENTITY as a DNS SAN (sent as SNI too).
+    #[arg(long, value_name = "LISTEN=HOST:PORT@IDENTITY")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
-    /// Admin listen address.
+    /// Admin HTTP address (/metrics, /live, /ready, POST /reload) [default: 127.0.0.1:4191].
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
     /// Allow a non-loopback admin address (this also opens POST /reload to the network)
     /// [default: loopback only].
-    pub admin_allow_remote: Option<bool>,
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin_allow_remote: bool,
     /// Allow a non-loopback outbound (plaintext) listen address [default: loopback only].
-    pub outbound_allow_remote: Option<bool>,
-    /// Pidfile path.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outbound_allow_remote: bool,
+    /// Write the pid here at start (after the SIGHUP handler is installed); removed on exit
+    /// [default: none].
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pidfile: Option<PathBuf>,
-    /// Client identities allowed inbound (empty: any that chains to the anchors).
-    #[serde(default)]
+    /// Client identity allowed inbound (repeatable), matched exactly (ASCII case aside)
+    /// against the client leaf's DNS SANs [default: any client that chains to the anchors].
+    #[arg(long, value_name = "IDENTITY")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_client: Vec<String>,
-    /// Connect timeout.
-    #[serde(default, with = "humantime_serde")]
+    /// Timeout connecting to the app or target [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub connect_timeout: Option<Duration>,
-    /// Handshake timeout.
-    #[serde(default, with = "humantime_serde")]
+    /// Timeout of a TLS handshake [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub handshake_timeout: Option<Duration>,
-    /// Idle timeout.
-    #[serde(default, with = "humantime_serde")]
+    /// Close a connection idle (no bytes either way) this long [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub idle_timeout: Option<Duration>,
-    /// Connection limit.
+    /// Connections open at once, all listeners together [default: 10000].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// Drain timeout at shutdown.
-    #[serde(default, with = "humantime_serde")]
+    /// Grace period for open connections after SIGTERM/SIGINT [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub drain_timeout: Option<Duration>,
-    /// `..data` check interval (0 = off).
-    #[serde(default, with = "humantime_serde")]
+    /// Check `DIR/..data` for a new version this often, besides SIGHUP; 0s = off [default: 5s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub watch_interval: Option<Duration>,
 }
 
@@ -132,37 +185,6 @@ impl RawConfig {
     /// Reads a TOML file. Blocks.
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         Ok(config_file::load(path)?)
-    }
-
-    /// `self` with every key set in `over` replaced (lists replace, not append).
-    pub fn overlay(mut self, over: RawConfig) -> Self {
-        macro_rules! take {
-            ($($f:ident),*) => { $( if over.$f.is_some() { self.$f = over.$f; } )* };
-        }
-        take!(
-            certs,
-            trust_anchors,
-            admin,
-            admin_allow_remote,
-            outbound_allow_remote,
-            pidfile,
-            connect_timeout,
-            handshake_timeout,
-            idle_timeout,
-            max_connections,
-            drain_timeout,
-            watch_interval
-        );
-        for (mine, theirs) in [
-            (&mut self.inbound, over.inbound),
-            (&mut self.outbound, over.outbound),
-            (&mut self.allow_client, over.allow_client),
-        ] {
-            if !theirs.is_empty() {
-                *mine = theirs;
-            }
-        }
-        self
     }
 }
 
@@ -267,7 +289,7 @@ impl TryFrom<RawConfig> for Config {
         if raw.inbound.is_empty() && raw.outbound.is_empty() {
             bad.push("no listener: give at least one --inbound or --outbound".into());
         }
-        if !raw.outbound_allow_remote.unwrap_or(false) {
+        if !raw.outbound_allow_remote {
             for o in &outbound {
                 if !o.listen.ip().is_loopback() {
                     bad.push(format!(
@@ -281,7 +303,7 @@ impl TryFrom<RawConfig> for Config {
         let admin_text = raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN);
         let admin = match admin_text.parse::<SocketAddr>() {
             Ok(a) => {
-                if !a.ip().is_loopback() && !raw.admin_allow_remote.unwrap_or(false) {
+                if !a.ip().is_loopback() && !raw.admin_allow_remote {
                     bad.push(format!(
                         "admin address {a} is not loopback (set admin_allow_remote = true to allow \
                          POST /reload from the network)"
@@ -415,88 +437,53 @@ pub struct Args {
     /// (trust_anchors, allow_client, ...); flags given too override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The rotator's cert dir (`..data` layout, or plain tls.crt/tls.key/ca.crt). Required
-    /// (here or in --config); the proxy starts not ready if it holds no valid set yet.
-    #[arg(long, value_name = "DIR")]
-    pub certs: Option<PathBuf>,
-    /// Trust anchors (PEM) for peers, re-read at every reload [default: DIR's ca.crt].
-    #[arg(long, value_name = "FILE")]
-    pub trust_anchors: Option<PathBuf>,
-    /// Inbound listener (repeatable): terminate mTLS, forward to the app, e.g.
-    /// 0.0.0.0:4143=127.0.0.1:8080. At least one --inbound or --outbound is required.
-    #[arg(long, value_name = "LISTEN=APP")]
-    pub inbound: Vec<String>,
-    /// Outbound listener (repeatable): plaintext in on a loopback LISTEN, mTLS out to
-    /// HOST:PORT, whose cert must carry IDENTITY as a DNS SAN (sent as SNI too).
-    #[arg(long, value_name = "LISTEN=HOST:PORT@IDENTITY")]
-    pub outbound: Vec<String>,
-    /// Admin HTTP address (/metrics, /live, /ready, POST /reload) [default: 127.0.0.1:4191].
-    #[arg(long, value_name = "ADDR")]
-    pub admin: Option<String>,
-    /// Allow a non-loopback admin address (this also opens POST /reload to the network)
-    /// [default: loopback only].
-    #[arg(long)]
-    pub admin_allow_remote: bool,
-    /// Allow a non-loopback outbound (plaintext) listen address [default: loopback only].
-    #[arg(long)]
-    pub outbound_allow_remote: bool,
-    /// Write the pid here at start (after the SIGHUP handler is installed); removed on exit
-    /// [default: none].
-    #[arg(long, value_name = "FILE")]
-    pub pidfile: Option<PathBuf>,
-    /// Client identity allowed inbound (repeatable), matched exactly (ASCII case aside)
-    /// against the client leaf's DNS SANs [default: any client that chains to the anchors].
-    #[arg(long, value_name = "IDENTITY")]
-    pub allow_client: Vec<String>,
-    /// Timeout connecting to the app or target [default: 5s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Option<Duration>,
-    /// Timeout of a TLS handshake [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub handshake_timeout: Option<Duration>,
-    /// Close a connection idle (no bytes either way) this long [default: 10m].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub idle_timeout: Option<Duration>,
-    /// Connections open at once, all listeners together [default: 10000].
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Grace period for open connections after SIGTERM/SIGINT [default: 10s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Option<Duration>,
-    /// Check `DIR/..data` for a new version this often, besides SIGHUP; 0s = off [default: 5s].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
-    pub watch_interval: Option<Duration>,
+    /// The config keys given as flags.
+    #[command(flatten)]
+    pub flags: RawConfig,
     /// Log format on stderr; with json every line is a JSON object, errors included (the
     /// level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = LOG_FORMAT_ENV)]
     pub log_format: LogFormat,
 }
 
+/// Prefix of the proxy's config variables: every key can be set as `MTLS_PROXY_<KEY>`
+/// (`MTLS_PROXY_CERTS`; a list as a TOML array, `MTLS_PROXY_INBOUND='["0.0.0.0:4143=127.0.0.1:5432"]'`).
+pub const ENV_PREFIX: &str = "MTLS_PROXY_";
+
+impl RawConfig {
+    /// Every key: the flags' names with underscores.
+    pub fn keys() -> Vec<String> {
+        let cmd = <RawConfig as clap::Args>::augment_args(clap::Command::new("mtls-proxy"));
+        cmd.get_arguments()
+            .map(|a| a.get_id().as_str().to_string())
+            .collect()
+    }
+}
+
 impl Args {
-    /// The raw layer: the config file (if any) overlaid with the flags. Blocks (reads the file).
+    /// The raw layer: the config file (if any), then `MTLS_PROXY_*` variables of the
+    /// process environment, then the flags; every unknown key and value of the wrong type is
+    /// reported. Blocks (reads the file).
     pub fn into_raw(self) -> Result<RawConfig, ConfigError> {
-        let base = match &self.config {
-            Some(path) => RawConfig::read(path)?,
-            None => RawConfig::default(),
+        self.into_raw_with_env(&ProcessEnv)
+    }
+
+    /// [`Args::into_raw`] with the environment given.
+    pub fn into_raw_with_env(self, env: &dyn Env) -> Result<RawConfig, ConfigError> {
+        let mut layers = match &self.config {
+            Some(path) => Layers::file(path)?,
+            None => Layers::new(),
         };
-        let flags = RawConfig {
-            certs: self.certs,
-            trust_anchors: self.trust_anchors,
-            inbound: self.inbound,
-            outbound: self.outbound,
-            admin: self.admin,
-            admin_allow_remote: self.admin_allow_remote.then_some(true),
-            outbound_allow_remote: self.outbound_allow_remote.then_some(true),
-            pidfile: self.pidfile,
-            allow_client: self.allow_client,
-            connect_timeout: self.connect_timeout,
-            handshake_timeout: self.handshake_timeout,
-            idle_timeout: self.idle_timeout,
-            max_connections: self.max_connections,
-            drain_timeout: self.drain_timeout,
-            watch_interval: self.watch_interval,
+        let keys = RawConfig::keys();
+        layers.env(env, keys.iter().map(|k| (env_name(ENV_PREFIX, k), k)));
+        let invalid = |errors: Vec<FieldError>| {
+            ConfigError::Invalid(errors.iter().map(ToString::to_string).collect())
         };
-        Ok(base.overlay(flags))
+        layers.flags(&self.flags).map_err(|e| invalid(vec![e]))?;
+        match layers.extract::<RawConfig>() {
+            (raw, errors) if errors.is_empty() => Ok(raw),
+            (_, errors) => Err(invalid(errors)),
+        }
     }
 
     /// The validated config. Blocks (reads the file).
@@ -566,6 +553,34 @@ mod tests {
         std::fs::write(&path, "certs = \"/x\"\nbogus = 1\n").unwrap();
         let err = RawConfig::read(&path).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn the_environment_sits_between_the_file_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, "certs = \"/from-file\"\nmax_connections = 7\n").unwrap();
+        let args = Args::try_parse_from([
+            "mtls-proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--idle-timeout",
+            "1s",
+        ])
+        .unwrap();
+        let env = crate::config_file::MapEnv::from_pairs([
+            ("MTLS_PROXY_MAX_CONNECTIONS", "8"),
+            ("MTLS_PROXY_IDLE_TIMEOUT", "9s"),
+            ("MTLS_PROXY_ADMIN_ALLOW_REMOTE", "true"),
+            ("MTLS_PROXY_INBOUND", "[\"127.0.0.1:1=127.0.0.1:2\"]"),
+        ]);
+        let raw = args.into_raw_with_env(&env).unwrap();
+        assert_eq!(raw.certs, Some(PathBuf::from("/from-file")));
+        assert_eq!(raw.max_connections, Some(8));
+        assert_eq!(raw.idle_timeout, Some(Duration::from_secs(1)));
+        assert!(raw.admin_allow_remote);
+        assert_eq!(raw.inbound, ["127.0.0.1:1=127.0.0.1:2"]);
+        assert_eq!(RawConfig::keys().len(), 15);
     }
 
     #[test]
