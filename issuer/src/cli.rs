@@ -115,12 +115,33 @@ pub enum TokenCommand {
     Revoke(TokenRevokeArgs),
 }
 
+/// Where the token records are: the store the configuration names, or Kubernetes.
+#[derive(Debug, Args)]
+#[group(id = "token_store", required = true, multiple = true)]
+pub struct TokenStoreArgs {
+    /// Short for `--config DIR/issuer.toml`.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub dir: Option<PathBuf>,
+    /// The configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Keep the records in Kubernetes Secrets (the kubeconfig as kubectl finds it, or the
+    /// in-cluster config), as every issuer replica with `[auth] store = "kubernetes"` reads
+    /// them. Implied by that setting in the configuration.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace of the token Secrets [default: `[auth] namespace` in the configuration,
+    /// else its `[ca] namespace`, else linkerd].
+    #[arg(long, requires = "kubernetes")]
+    pub namespace: Option<String>,
+}
+
 /// `issuer token create`.
 #[derive(Debug, Args)]
 pub struct TokenCreateArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub config: ConfigArgs,
+    pub config: TokenStoreArgs,
     /// The identity the token may request.
     #[arg(long)]
     pub identity: String,
@@ -145,7 +166,7 @@ pub struct TokenCreateArgs {
 pub struct TokenListArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub config: ConfigArgs,
+    pub config: TokenStoreArgs,
     /// JSON output.
     #[arg(long)]
     pub json: bool,
@@ -156,7 +177,7 @@ pub struct TokenListArgs {
 pub struct TokenRevokeArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub config: ConfigArgs,
+    pub config: TokenStoreArgs,
     /// Ids of the tokens to revoke (see `token list`).
     #[arg(required = true)]
     pub ids: Vec<String>,
@@ -232,9 +253,81 @@ fn init(a: InitArgs, clock: SharedClock) -> Result<()> {
     Ok(())
 }
 
+/// The token store a `token` subcommand works on.
+enum TokenBackend {
+    File(PathBuf),
+    Kubernetes {
+        rt: tokio::runtime::Runtime,
+        tokens: crate::kubernetes::tokens::KubeTokens,
+    },
+}
+
+impl TokenBackend {
+    /// The store and trust domain `a` names.
+    fn open(a: &TokenStoreArgs) -> Result<(Self, TrustDomain)> {
+        let path = match (&a.config, &a.dir) {
+            (Some(c), _) => Some(c.clone()),
+            (None, Some(d)) => Some(Config::path_in_dir(d)),
+            (None, None) => None,
+        };
+        let cfg = path
+            .map(|p| Config::load(&p, &Overrides::default()))
+            .transpose()?;
+        let trust_domain = cfg
+            .as_ref()
+            .map(|c| c.policy.trust_domain.clone())
+            .unwrap_or_default();
+        let configured = cfg.as_ref().and_then(|c| c.tokens_kubernetes.clone());
+        if !a.kubernetes && configured.is_none() {
+            let tokens = cfg.map(|c| c.tokens).ok_or_else(|| Error::Config {
+                path: "<flags>".into(),
+                problems: vec!["give --dir, --config or --kubernetes".into()],
+            })?;
+            return Ok((Self::File(tokens), trust_domain));
+        }
+        let namespace = a
+            .namespace
+            .clone()
+            .or(configured)
+            .unwrap_or_else(|| crate::kubernetes::DEFAULT_NAMESPACE.to_string());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Server(format!("runtime: {e}")))?;
+        let client = rt.block_on(crate::kubernetes::client())?;
+        let tokens = crate::kubernetes::tokens::KubeTokens::new(client, &namespace);
+        Ok((Self::Kubernetes { rt, tokens }, trust_domain))
+    }
+
+    fn create(
+        &self,
+        opts: &crate::tokens::CreateOptions,
+        now: std::time::SystemTime,
+    ) -> Result<crate::tokens::NewToken> {
+        match self {
+            Self::File(p) => crate::tokens::create(p, opts, now),
+            Self::Kubernetes { rt, tokens } => rt.block_on(tokens.create(opts, now)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<crate::tokens::TokenRecord>> {
+        match self {
+            Self::File(p) => crate::tokens::list(p),
+            Self::Kubernetes { rt, tokens } => rt.block_on(tokens.list()),
+        }
+    }
+
+    fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
+        match self {
+            Self::File(p) => crate::tokens::revoke(p, id, now),
+            Self::Kubernetes { rt, tokens } => rt.block_on(tokens.revoke(id, now)),
+        }
+    }
+}
+
 fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
-    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
-    let identity = Identity::parse_in(&a.identity, &cfg.policy.trust_domain)?;
+    let (store, trust_domain) = TokenBackend::open(&a.config)?;
+    let identity = Identity::parse_in(&a.identity, &trust_domain)?;
     let opts = crate::tokens::CreateOptions {
         identity,
         ttl: a.ttl,
@@ -246,7 +339,7 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
     {
         return Err(Error::TokenOutExists(out.clone()));
     }
-    let t = crate::tokens::create(&cfg.tokens, &opts, clock.now())?;
+    let t = store.create(&opts, clock.now())?;
     let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
     line.push(b'\n');
     match &a.out {
@@ -258,7 +351,7 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
             };
             if let Err(e) = written {
                 // Do not leave a usable token nobody holds.
-                let _ = crate::tokens::revoke(&cfg.tokens, &t.record.id, clock.now());
+                let _ = store.revoke(&t.record.id, clock.now());
                 return Err(e.into());
             }
             say(format_args!("token written to {}", out.display()));
@@ -302,8 +395,8 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
 }
 
 fn token_list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
-    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
-    let records = crate::tokens::list(&cfg.tokens)?;
+    let (store, _) = TokenBackend::open(&a.config)?;
+    let records = store.list()?;
     let now = clock.now();
     let ts = |s: u64| proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
     let mut out = std::io::stdout().lock();
@@ -359,9 +452,9 @@ fn token_list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
 }
 
 fn token_revoke(a: TokenRevokeArgs, clock: SharedClock) -> Result<()> {
-    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    let (store, _) = TokenBackend::open(&a.config)?;
     for id in &a.ids {
-        let r = crate::tokens::revoke(&cfg.tokens, id, clock.now())?;
+        let r = store.revoke(id, clock.now())?;
         say(format_args!("revoked token {} for {}", r.id, r.identity));
     }
     Ok(())

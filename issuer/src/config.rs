@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::audit::AuditTarget;
 use crate::ca::CaFiles;
+use crate::kubernetes::ca::KubeCaNames;
 use crate::error::{Error, Result};
 use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, Policy};
 
@@ -69,10 +70,16 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCa {
-    /// `files` (or `kubernetes`, a later issue).
+    /// `files` or `kubernetes`.
     pub source: Option<String>,
     /// Directory holding ca.crt, issuer.crt, issuer.key.
     pub dir: Option<PathBuf>,
+    /// `kubernetes`: namespace of the Secret and the ConfigMap.
+    pub namespace: Option<String>,
+    /// `kubernetes`: the issuer Secret.
+    pub secret: Option<String>,
+    /// `kubernetes`: the trust-roots ConfigMap (key `ca-bundle.crt`).
+    pub trust_roots: Option<String>,
     /// Warn when the issuer certificate has less than this left (humantime).
     pub warn_before: Option<String>,
 }
@@ -83,6 +90,10 @@ pub struct RawCa {
 pub struct RawAuth {
     /// Token store file.
     pub tokens: Option<PathBuf>,
+    /// `file` or `kubernetes`.
+    pub store: Option<String>,
+    /// `kubernetes`: namespace of the token Secrets (default: the CA namespace).
+    pub namespace: Option<String>,
 }
 
 /// `[audit]`.
@@ -150,6 +161,11 @@ pub struct Config {
     pub server_name: String,
     /// CA files.
     pub ca_files: CaFiles,
+    /// `[ca] source = "kubernetes"`: the Secret and ConfigMap to watch instead of the files.
+    pub ca_kubernetes: Option<KubeCaNames>,
+    /// `[auth] store = "kubernetes"`: the namespace of the token Secrets (used instead of
+    /// the token file).
+    pub tokens_kubernetes: Option<String>,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// Token store.
@@ -251,16 +267,48 @@ impl Config {
                 "plaintext serving is only allowed on a loopback address, not {listen}"
             ));
         }
-        match raw.ca.source.as_deref() {
-            None | Some("files") => {}
-            Some("kubernetes") => problems.push(
-                "ca.source = \"kubernetes\" is not supported by this version (use \"files\")"
-                    .into(),
+        let mut kube_name = |key: &str, v: &Option<String>, default: &str| {
+            let v = v.clone().unwrap_or_else(|| default.to_string());
+            if !is_kube_name(&v) {
+                problems.push(format!("{key} = {v:?} is not a Kubernetes object name"));
+            }
+            v
+        };
+        let ca_namespace = kube_name(
+            "ca.namespace",
+            &raw.ca.namespace,
+            crate::kubernetes::DEFAULT_NAMESPACE,
+        );
+        let names = KubeCaNames {
+            namespace: ca_namespace.clone(),
+            secret: kube_name("ca.secret", &raw.ca.secret, crate::kubernetes::DEFAULT_SECRET),
+            trust_roots: kube_name(
+                "ca.trust_roots",
+                &raw.ca.trust_roots,
+                crate::kubernetes::DEFAULT_TRUST_ROOTS,
             ),
-            Some(other) => problems.push(format!(
-                "ca.source = {other:?}: expected \"files\" or \"kubernetes\""
-            )),
-        }
+        };
+        let tokens_namespace = kube_name("auth.namespace", &raw.auth.namespace, &ca_namespace);
+        let ca_kubernetes = match raw.ca.source.as_deref() {
+            None | Some("files") => None,
+            Some("kubernetes") => Some(names),
+            Some(other) => {
+                problems.push(format!(
+                    "ca.source = {other:?}: expected \"files\" or \"kubernetes\""
+                ));
+                None
+            }
+        };
+        let tokens_kubernetes = match raw.auth.store.as_deref() {
+            None | Some("file") => None,
+            Some("kubernetes") => Some(tokens_namespace),
+            Some(other) => {
+                problems.push(format!(
+                    "auth.store = {other:?}: expected \"file\" or \"kubernetes\""
+                ));
+                None
+            }
+        };
         let server_name = raw
             .server_name
             .clone()
@@ -324,6 +372,8 @@ impl Config {
             plaintext,
             server_name,
             ca_files: CaFiles::in_dir(&ca_dir),
+            ca_kubernetes,
+            tokens_kubernetes,
             ca_warn_before,
             tokens,
             audit,
@@ -334,6 +384,19 @@ impl Config {
             },
         })
     }
+}
+
+/// A DNS-1123 label or subdomain, as Kubernetes names namespaces, Secrets and ConfigMaps.
+fn is_kube_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -412,7 +475,7 @@ plaintext = true
 lifetime = "soon"
 server_name = "10.0.0.1"
 [ca]
-source = "kubernetes"
+source = "kubernets"
 [limits]
 per_credential_per_minute = 0
 "#;
@@ -461,5 +524,36 @@ per_credential_per_minute = 0
         let e = Config::load(&d.path().join("missing.toml"), &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
         assert_eq!(e.exit_code(), 66, "{e}");
+    }
+
+    #[test]
+    fn kubernetes_sources_take_their_keys_and_defaults() {
+        let c = parse(
+            "[ca]\nsource = \"kubernetes\"\n[auth]\nstore = \"kubernetes\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.ca_kubernetes, Some(KubeCaNames::default()));
+        assert_eq!(c.tokens_kubernetes.as_deref(), Some("linkerd"));
+        let c = parse(
+            "[ca]\nsource = \"kubernetes\"\nnamespace = \"mesh\"\nsecret = \"iss\"\n\
+             trust_roots = \"roots\"\n[auth]\nstore = \"kubernetes\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let names = c.ca_kubernetes.unwrap();
+        assert_eq!((names.namespace.as_str(), names.secret.as_str(), names.trust_roots.as_str()), ("mesh", "iss", "roots"));
+        assert_eq!(c.tokens_kubernetes.as_deref(), Some("mesh"));
+        let c = parse("[auth]\nstore = \"kubernetes\"\nnamespace = \"tok\"\n", &Overrides::default()).unwrap();
+        assert!(c.ca_kubernetes.is_none());
+        assert_eq!(c.tokens_kubernetes.as_deref(), Some("tok"));
+        let Err(Error::Config { problems, .. }) = parse(
+            "[ca]\nnamespace = \"Bad_NS\"\n[auth]\nstore = \"etcd\"\n",
+            &Overrides::default(),
+        ) else {
+            panic!("accepted");
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("ca.namespace") && all.contains("auth.store"), "{all}");
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod csr;
 pub mod error;
 pub mod init;
+pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
