@@ -232,7 +232,8 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     let calls = fake.calls();
     assert!(
         calls.iter().filter(|c| c.verb == "list").count() > lists_before,
-        "no relist after 410 Gone"
+        "no relist after 410 Gone: {:#?}",
+        &calls[calls.len().saturating_sub(12)..]
     );
 
     // Revoking through the store is honoured.
@@ -332,8 +333,10 @@ async fn two_replicas_share_the_token_secrets() {
     let dir = tmp.path().join("iss");
     init_ca(&dir);
     let cfg_path = dir.join("issuer.toml");
-    let mut text = std::fs::read_to_string(&cfg_path).unwrap();
-    text.push_str("\n[auth]\nstore = \"kubernetes\"\nnamespace = \"mesh-tokens\"\n");
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace(
+        "[auth]\n",
+        "[auth]\nstore = \"kubernetes\"\nnamespace = \"mesh-tokens\"\n",
+    );
     std::fs::write(&cfg_path, text).unwrap();
     let fake = FakeKube::start().await;
     let kubeconfig = tmp.path().join("kubeconfig");
@@ -358,11 +361,20 @@ async fn two_replicas_share_the_token_secrets() {
             err,
         };
         let admin: SocketAddr = ([127, 0, 0, 1], admin).into();
-        eventually("a replica to be ready", || async {
-            (http_get(admin, "/ready").await.0 == 200).then_some(())
+        replicas.push(r);
+        let r = replicas.last_mut().unwrap();
+        eventually("a replica to be ready", || {
+            let exited = r.child.try_wait().unwrap();
+            let log = r.err.clone();
+            async move {
+                if let Some(status) = exited {
+                    panic!("issuer exited ({status}): {}", std::fs::read_to_string(log).unwrap_or_default());
+                }
+                let up = tokio::net::TcpStream::connect(admin).await.is_ok();
+                (up && http_get(admin, "/ready").await.0 == 200).then_some(())
+            }
         })
         .await;
-        replicas.push(r);
     }
 
     let run = |args: &[&str]| {

@@ -81,7 +81,15 @@ struct Store {
 struct Inner {
     store: Mutex<Store>,
     events: broadcast::Sender<Event>,
-    down: watch::Sender<bool>,
+    down: watch::Sender<Down>,
+}
+
+/// Whether the server is down, and how many times it went down (so a connection notices a
+/// down-and-up even when both happened before it looked).
+#[derive(Debug, Clone, Copy, Default)]
+struct Down {
+    down: bool,
+    cuts: u64,
 }
 
 impl Inner {
@@ -101,7 +109,10 @@ pub struct FakeKube {
 impl Drop for FakeKube {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = self.inner.down.send(true);
+        self.inner.down.send_modify(|d| {
+            d.down = true;
+            d.cuts += 1;
+        });
     }
 }
 
@@ -281,7 +292,7 @@ impl FakeKube {
             .expect("bind the fake API server");
         let addr = listener.local_addr().expect("fake API server address");
         let (events, _) = broadcast::channel(1024);
-        let (down, _) = watch::channel(false);
+        let (down, _) = watch::channel(Down::default());
         let mut kinds = HashMap::new();
         kinds.insert("v1/secrets".to_string(), "Secret".to_string());
         kinds.insert("v1/configmaps".to_string(), "ConfigMap".to_string());
@@ -389,7 +400,12 @@ impl FakeKube {
     /// `true`: every open connection (watches included) is cut and new ones are closed as
     /// soon as they are accepted. `false`: serving again.
     pub fn set_down(&self, down: bool) {
-        let _ = self.inner.down.send(down);
+        self.inner.down.send_modify(|d| {
+            if down && !d.down {
+                d.cuts += 1;
+            }
+            d.down = down;
+        });
     }
 
     /// Every request seen so far, in order.
@@ -426,7 +442,8 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
             continue;
         };
         let mut down = inner.down.subscribe();
-        if *down.borrow_and_update() {
+        let Down { down: is_down, cuts } = *down.borrow_and_update();
+        if is_down {
             drop(tcp);
             continue;
         }
@@ -440,7 +457,7 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 .serve_connection(TokioIo::new(tcp), svc);
             tokio::select! {
                 _ = conn => {}
-                _ = down.wait_for(|d| *d) => {}
+                _ = down.wait_for(|d| d.cuts != cuts) => {}
             }
         });
     }
@@ -616,6 +633,8 @@ fn watch_response(inner: &Inner, t: Target, query: BTreeMap<String, String>) -> 
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(1800));
     let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let mut down = inner.down.subscribe();
+    let cuts = down.borrow_and_update().cuts;
     // Subscribe before reading the history so no event falls between the two.
     let mut live = inner.events.subscribe();
     let (initial, mut last, gone) = {
@@ -659,8 +678,13 @@ fn watch_response(inner: &Inner, t: Target, query: BTreeMap<String, String>) -> 
             let ev = tokio::select! {
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
+                _ = down.wait_for(|d| d.cuts != cuts) => return,
                 ev = live.recv() => ev,
             };
+            // Nothing reaches a client once the server is down, even an event already queued.
+            if down.borrow().cuts != cuts {
+                return;
+            }
             match ev {
                 Ok(ev) if ev.rv > last => {
                     last = ev.rv;
