@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use crate::audit::AuditTarget;
 use crate::ca::CaFiles;
-use crate::kubernetes::ca::KubeCaNames;
 use crate::error::{Error, Result};
+use crate::kubernetes::ca::KubeCaNames;
 use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, Policy};
 
 /// The config file name inside `--dir`.
@@ -281,7 +281,11 @@ impl Config {
         );
         let names = KubeCaNames {
             namespace: ca_namespace.clone(),
-            secret: kube_name("ca.secret", &raw.ca.secret, crate::kubernetes::DEFAULT_SECRET),
+            secret: kube_name(
+                "ca.secret",
+                &raw.ca.secret,
+                crate::kubernetes::DEFAULT_SECRET,
+            ),
             trust_roots: kube_name(
                 "ca.trust_roots",
                 &raw.ca.trust_roots,
@@ -393,7 +397,8 @@ fn is_kube_name(s: &str) -> bool {
         && s.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         })
@@ -542,9 +547,20 @@ per_credential_per_minute = 0
         )
         .unwrap();
         let names = c.ca_kubernetes.unwrap();
-        assert_eq!((names.namespace.as_str(), names.secret.as_str(), names.trust_roots.as_str()), ("mesh", "iss", "roots"));
+        assert_eq!(
+            (
+                names.namespace.as_str(),
+                names.secret.as_str(),
+                names.trust_roots.as_str()
+            ),
+            ("mesh", "iss", "roots")
+        );
         assert_eq!(c.tokens_kubernetes.as_deref(), Some("mesh"));
-        let c = parse("[auth]\nstore = \"kubernetes\"\nnamespace = \"tok\"\n", &Overrides::default()).unwrap();
+        let c = parse(
+            "[auth]\nstore = \"kubernetes\"\nnamespace = \"tok\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
         assert!(c.ca_kubernetes.is_none());
         assert_eq!(c.tokens_kubernetes.as_deref(), Some("tok"));
         let Err(Error::Config { problems, .. }) = parse(
@@ -554,6 +570,9 @@ per_credential_per_minute = 0
             panic!("accepted");
         };
         let all = problems.join("\n");
-        assert!(all.contains("ca.namespace") && all.contains("auth.store"), "{all}");
+        assert!(
+            all.contains("ca.namespace") && all.contains("auth.store"),
+            "{all}"
+        );
     }
 }

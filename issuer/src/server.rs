@@ -257,8 +257,9 @@ impl Server {
         let audit = AuditLog::open(&config.audit)?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
-        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> =
-            vec![Arc::new(TokenAuthenticator::new(tokens.clone(), clock.clone()))];
+        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> = vec![Arc::new(
+            TokenAuthenticator::new(tokens.clone(), clock.clone()),
+        )];
         chain.extend(extra);
         let auth = AuthChain::new(chain);
         let shared = Arc::new(Shared::new(

@@ -49,11 +49,8 @@ impl std::str::FromStr for IpNet {
         })?;
         Ok(Self(match net {
             ipnet::IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
-                Some(v4) => ipnet::IpNet::new(
-                    IpAddr::V4(v4),
-                    v6.prefix_len().saturating_sub(96),
-                )
-                .map_err(|_| format!("{s:?} has an invalid prefix length"))?,
+                Some(v4) => ipnet::IpNet::new(IpAddr::V4(v4), v6.prefix_len().saturating_sub(96))
+                    .map_err(|_| format!("{s:?} has an invalid prefix length"))?,
                 None => net,
             },
             v4 => v4,
@@ -302,7 +299,9 @@ impl std::fmt::Debug for TokenStore {
             Source::File { path, .. } => path.display().to_string(),
             Source::Fed { origin } => origin.clone(),
         };
-        f.debug_struct("TokenStore").field("source", &origin).finish()
+        f.debug_struct("TokenStore")
+            .field("source", &origin)
+            .finish()
     }
 }
 
@@ -666,9 +665,17 @@ mod tests {
             "10.1.0.0/16".parse::<IpNet>().unwrap().to_string(),
             "10.1.0.0/16"
         );
-        assert!("10.1.2.3/x".parse::<IpNet>().unwrap_err().contains("prefix"));
+        assert!(
+            "10.1.2.3/x"
+                .parse::<IpNet>()
+                .unwrap_err()
+                .contains("prefix")
+        );
         assert_eq!("10.1.2.3".parse::<IpNet>().unwrap().to_string(), "10.1.2.3");
-        assert_eq!("::ffff:10.1.0.0/112".parse::<IpNet>().unwrap().to_string(), "10.1.0.0/16");
+        assert_eq!(
+            "::ffff:10.1.0.0/112".parse::<IpNet>().unwrap().to_string(),
+            "10.1.0.0/16"
+        );
         let mapped: IpNet = "::ffff:10.1.2.3".parse().unwrap();
         assert!(mapped.contains("10.1.2.3".parse().unwrap()));
         assert!(revoke(Path::new("/nonexistent/x/tokens"), "x", UNIX_EPOCH).is_err());

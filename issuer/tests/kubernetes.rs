@@ -111,7 +111,11 @@ fn assert_calls_within(calls: &[Call], rules: &[Rule]) {
                 && match r.names {
                     Names::All => true,
                     Names::IssuerSecret | Names::TrustRoots => {
-                        let want = if r.names == Names::IssuerSecret { SECRET } else { ROOTS };
+                        let want = if r.names == Names::IssuerSecret {
+                            SECRET
+                        } else {
+                            ROOTS
+                        };
                         c.name.as_deref() == Some(want)
                             || c.query.get("fieldSelector").map(String::as_str)
                                 == Some(&format!("metadata.name={want}"))
@@ -145,7 +149,10 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     let fake = FakeKube::start().await;
     fake.put("v1/configmaps", roots(&format!("{anchor_a}{anchor_b}")));
     // Linkerd's own layout first.
-    fake.put("v1/secrets", secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]));
+    fake.put(
+        "v1/secrets",
+        secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]),
+    );
     let client = client_for(&fake).await;
 
     let cfg = config(
@@ -178,8 +185,13 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
         .await
         .unwrap();
     let token = t.secret.to_string();
-    let stored = fake.get("v1/secrets", NS, &format!("issuer-token-{}", t.record.id)).unwrap();
-    assert!(!stored.to_string().contains(&token), "the token itself was stored");
+    let stored = fake
+        .get("v1/secrets", NS, &format!("issuer-token-{}", t.record.id))
+        .unwrap();
+    assert!(
+        !stored.to_string().contains(&token),
+        "the token itself was stored"
+    );
     let first = eventually("the token to be accepted", || async {
         issued_by(addr, &token).await.ok()
     })
@@ -189,7 +201,11 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     // A new valid pair, in cert-manager's layout: new leaves switch to it.
     fake.put(
         "v1/secrets",
-        secret(&[("tls.crt", &issuer_b), ("tls.key", &key_b), ("ca.crt", &anchor_b)]),
+        secret(&[
+            ("tls.crt", &issuer_b),
+            ("tls.key", &key_b),
+            ("ca.crt", &anchor_b),
+        ]),
     );
     eventually("leaves from the new pair", || async {
         (issued_by(addr, &token).await.ok()? == der(&issuer_b)).then_some(())
@@ -197,7 +213,10 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     .await;
 
     // An invalid pair (key from another pair): refused, counted, the old one kept.
-    fake.put("v1/secrets", secret(&[("tls.crt", &issuer_b), ("tls.key", &key_a)]));
+    fake.put(
+        "v1/secrets",
+        secret(&[("tls.crt", &issuer_b), ("tls.key", &key_a)]),
+    );
     eventually("the refusal to be counted", || async {
         let text = http_get(admin_addr, "/metrics").await.1;
         (metric(&text, "issuer_ca_reloads_total{result=\"refused\"}")? >= 1.0).then_some(())
@@ -208,7 +227,10 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
 
     // A new trust bundle (anchor A alone) with a pair under it: picked up.
     fake.put("v1/configmaps", roots(&anchor_a));
-    fake.put("v1/secrets", secret(&[("crt.pem", &issuer_a2), ("key.pem", &key_a2)]));
+    fake.put(
+        "v1/secrets",
+        secret(&[("crt.pem", &issuer_a2), ("key.pem", &key_a2)]),
+    );
     eventually("the new bundle and pair", || async {
         let ca = server.shared().ca.load_full();
         (ca.anchors().certs().len() == 1 && ca.cert().as_ref() == der(&issuer_a2).as_slice())
@@ -222,12 +244,16 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     let lists_before = fake.calls().iter().filter(|c| c.verb == "list").count();
     fake.set_down(true);
     fake.put("v1/configmaps", roots(&format!("{anchor_a}{anchor_b}")));
-    fake.put("v1/secrets", secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]));
+    fake.put(
+        "v1/secrets",
+        secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]),
+    );
     fake.compact();
     fake.set_down(false);
-    eventually("leaves from the pair set while the API server was away", || async {
-        (issued_by(addr, &token).await.ok()? == der(&issuer_a)).then_some(())
-    })
+    eventually(
+        "leaves from the pair set while the API server was away",
+        || async { (issued_by(addr, &token).await.ok()? == der(&issuer_a)).then_some(()) },
+    )
     .await;
     let calls = fake.calls();
     assert!(
@@ -237,7 +263,10 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     );
 
     // Revoking through the store is honoured.
-    tokens.revoke(&t.record.id, SystemClock.now()).await.unwrap();
+    tokens
+        .revoke(&t.record.id, SystemClock.now())
+        .await
+        .unwrap();
     let st = eventually("the revoke to be honoured", || async {
         issued_by(addr, &token).await.err()
     })
@@ -289,7 +318,11 @@ async fn a_missing_issuer_secret_is_named_at_start() {
     let e = Server::open(cfg, Arc::new(SystemClock), Vec::new(), Some(client))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("Secret linkerd/linkerd-identity-issuer"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Secret linkerd/linkerd-identity-issuer"),
+        "{e}"
+    );
     fake.stop().await;
 }
 
@@ -368,7 +401,10 @@ async fn two_replicas_share_the_token_secrets() {
             let log = r.err.clone();
             async move {
                 if let Some(status) = exited {
-                    panic!("issuer exited ({status}): {}", std::fs::read_to_string(log).unwrap_or_default());
+                    panic!(
+                        "issuer exited ({status}): {}",
+                        std::fs::read_to_string(log).unwrap_or_default()
+                    );
                 }
                 let up = tokio::net::TcpStream::connect(admin).await.is_ok();
                 (up && http_get(admin, "/ready").await.0 == 200).then_some(())
@@ -409,7 +445,14 @@ async fn two_replicas_share_the_token_secrets() {
     assert_eq!(listed[0]["status"], "active");
     assert_eq!(fake.list("v1/secrets", "mesh-tokens").len(), 1);
 
-    run(&["token", "revoke", "--kubernetes", "--namespace", "mesh-tokens", &id]);
+    run(&[
+        "token",
+        "revoke",
+        "--kubernetes",
+        "--namespace",
+        "mesh-tokens",
+        &id,
+    ]);
     for r in &replicas {
         let st = eventually("the revoke on every replica", || async {
             issued_by(r.addr, &token).await.err()
@@ -421,10 +464,26 @@ async fn two_replicas_share_the_token_secrets() {
             std::fs::read_to_string(&r.err).unwrap_or_default()
         );
     }
-    assert!(run(&["token", "list", "--kubernetes", "--namespace", "mesh-tokens"]).contains("revoked"));
+    assert!(
+        run(&[
+            "token",
+            "list",
+            "--kubernetes",
+            "--namespace",
+            "mesh-tokens"
+        ])
+        .contains("revoked")
+    );
     // An unknown id is a clear error.
     let out = issuer_cmd(&kubeconfig)
-        .args(["token", "revoke", "--kubernetes", "--namespace", "mesh-tokens", "nope"])
+        .args([
+            "token",
+            "revoke",
+            "--kubernetes",
+            "--namespace",
+            "mesh-tokens",
+            "nope",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -445,11 +504,14 @@ fn manifests() -> Vec<Value> {
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
         for doc in text.split("\n---") {
-            if doc.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            if doc
+                .lines()
+                .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+            {
                 continue;
             }
-            let v: Value = serde_saphyr::from_str(doc)
-                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            let v: Value =
+                serde_saphyr::from_str(doc).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             docs.push(v);
         }
     }
@@ -472,7 +534,11 @@ fn role_rules(docs: &[Value], name: &str) -> Vec<(String, Vec<String>, Vec<Strin
     };
     let mut out = Vec::new();
     for r in role["rules"].as_array().unwrap() {
-        assert_eq!(strs(&r["apiGroups"]), vec![String::new()], "{name}: core group only");
+        assert_eq!(
+            strs(&r["apiGroups"]),
+            vec![String::new()],
+            "{name}: core group only"
+        );
         for res in strs(&r["resources"]) {
             out.push((res, strs(&r["verbs"]), strs(&r["resourceNames"])));
         }
@@ -507,7 +573,10 @@ fn declared(rules: &[Rule]) -> Vec<(String, Vec<String>, Vec<String>)> {
 fn example_rbac_matches_what_the_code_calls() {
     let docs = manifests();
     assert_eq!(role_rules(&docs, "mesh-issuer"), declared(ISSUER_RULES));
-    assert_eq!(role_rules(&docs, "mesh-issuer-tokens"), declared(OPERATOR_RULES));
+    assert_eq!(
+        role_rules(&docs, "mesh-issuer-tokens"),
+        declared(OPERATOR_RULES)
+    );
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     for k in [
         "ServiceAccount",
@@ -526,7 +595,11 @@ fn example_rbac_matches_what_the_code_calls() {
         .find(|d| d["kind"] == "ConfigMap" && d["data"]["issuer.toml"].is_string())
         .expect("issuer.toml ConfigMap");
     let raw: RawConfig = toml::from_str(cm["data"]["issuer.toml"].as_str().unwrap()).unwrap();
-    let cfg = Config::from_raw(raw, Path::new("/etc/issuer/issuer.toml"), &Overrides::default())
-        .unwrap();
+    let cfg = Config::from_raw(
+        raw,
+        Path::new("/etc/issuer/issuer.toml"),
+        &Overrides::default(),
+    )
+    .unwrap();
     assert!(cfg.ca_kubernetes.is_some() && cfg.tokens_kubernetes.is_some());
 }

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::runtime::watcher;
 use kube::Api;
+use kube::runtime::watcher;
 use tokio::sync::watch;
 
 use crate::ca::{Ca, CaFiles};
@@ -46,7 +46,10 @@ impl Default for KubeCaNames {
 
 impl KubeCaNames {
     fn secret_key(&self, key: &str) -> PathBuf {
-        PathBuf::from(format!("Secret {}/{} key {key}", self.namespace, self.secret))
+        PathBuf::from(format!(
+            "Secret {}/{} key {key}",
+            self.namespace, self.secret
+        ))
     }
 
     fn roots_key(&self) -> PathBuf {
@@ -74,8 +77,12 @@ impl Seen {
     pub fn versions(&self) -> (Option<String>, Option<String>) {
         let rv = |m: &kube::api::ObjectMeta| m.resource_version.clone();
         (
-            self.secret.as_ref().and_then(|s| s.as_ref().and_then(|s| rv(&s.metadata))),
-            self.roots.as_ref().and_then(|c| c.as_ref().and_then(|c| rv(&c.metadata))),
+            self.secret
+                .as_ref()
+                .and_then(|s| s.as_ref().and_then(|s| rv(&s.metadata))),
+            self.roots
+                .as_ref()
+                .and_then(|c| c.as_ref().and_then(|c| rv(&c.metadata))),
         )
     }
 }

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use futures_util::StreamExt;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 

@@ -51,7 +51,8 @@ pub fn record_of(secret: &Secret) -> std::result::Result<TokenRecord, String> {
         .as_ref()
         .and_then(|d| d.get(RECORD_KEY))
         .ok_or_else(|| format!("no {RECORD_KEY} key"))?;
-    serde_json::from_slice(&bytes.0).map_err(|e| format!("{RECORD_KEY} is not a token record ({e})"))
+    serde_json::from_slice(&bytes.0)
+        .map_err(|e| format!("{RECORD_KEY} is not a token record ({e})"))
 }
 
 fn secret_for(record: &TokenRecord) -> Result<Secret> {
@@ -138,17 +139,31 @@ impl KubeTokens {
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     return Err(Error::NoSuchToken(id.to_string()));
                 }
-                Err(e) => return Err(kube_err(&format!("reading Secret {}/{name}", self.namespace), e)),
+                Err(e) => {
+                    return Err(kube_err(
+                        &format!("reading Secret {}/{name}", self.namespace),
+                        e,
+                    ));
+                }
             };
             let mut rec = record_of(&secret).map_err(|reason| {
                 Error::Kubernetes(format!("Secret {}/{name}: {reason}", self.namespace))
             })?;
             rec.revoke(now);
             secret.data = secret_for(&rec)?.data;
-            match self.api.replace(&name, &PostParams::default(), &secret).await {
+            match self
+                .api
+                .replace(&name, &PostParams::default(), &secret)
+                .await
+            {
                 Ok(_) => return Ok(rec),
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
-                Err(e) => return Err(kube_err(&format!("updating Secret {}/{name}", self.namespace), e)),
+                Err(e) => {
+                    return Err(kube_err(
+                        &format!("updating Secret {}/{name}", self.namespace),
+                        e,
+                    ));
+                }
             }
         }
         Err(Error::Kubernetes(format!(

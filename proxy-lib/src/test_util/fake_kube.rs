@@ -237,7 +237,11 @@ impl Store {
     }
 
     fn api_version(resource: &str) -> String {
-        resource.rsplit_once('/').map(|(gv, _)| gv).unwrap_or("v1").to_string()
+        resource
+            .rsplit_once('/')
+            .map(|(gv, _)| gv)
+            .unwrap_or("v1")
+            .to_string()
     }
 
     /// Stores `obj` (stamping apiVersion, kind, namespace, uid, resourceVersion) and records
@@ -363,7 +367,11 @@ impl FakeKube {
     /// Deletes an object; watchers see DELETED. False if there was none.
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) -> bool {
         let mut s = self.inner.lock();
-        let key = (resource.to_string(), namespace.to_string(), name.to_string());
+        let key = (
+            resource.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
         let Some(obj) = s.objects.get(&key).cloned() else {
             return false;
         };
@@ -374,7 +382,11 @@ impl FakeKube {
 
     /// One object, if present.
     pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
-        let key = (resource.to_string(), namespace.to_string(), name.to_string());
+        let key = (
+            resource.to_string(),
+            namespace.to_string(),
+            name.to_string(),
+        );
         self.inner.lock().objects.get(&key).cloned()
     }
 
@@ -442,7 +454,10 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
             continue;
         };
         let mut down = inner.down.subscribe();
-        let Down { down: is_down, cuts } = *down.borrow_and_update();
+        let Down {
+            down: is_down,
+            cuts,
+        } = *down.borrow_and_update();
         if is_down {
             drop(tcp);
             continue;
@@ -453,8 +468,8 @@ async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 let inner = inner.clone();
                 async move { Ok::<_, Infallible>(handle(&inner, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc);
+            let conn =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = down.wait_for(|d| d.cuts != cuts) => {}
@@ -496,7 +511,11 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
         Err(e) => return error(400, "BadRequest", e.to_string()),
     };
     let Some(kind) = inner.lock().kind_of(&t.resource) else {
-        return error(404, "NotFound", format!("the server doesn't have a resource type {:?}", t.resource));
+        return error(
+            404,
+            "NotFound",
+            format!("the server doesn't have a resource type {:?}", t.resource),
+        );
     };
     let ns = t.namespace.clone().unwrap_or_default();
     match verb {
@@ -557,7 +576,9 @@ fn selected(t: &Target, query: &BTreeMap<String, String>, o: &Value) -> bool {
     query
         .get("labelSelector")
         .is_none_or(|s| labels_match(s, &m["labels"]))
-        && query.get("fieldSelector").is_none_or(|s| fields_match(s, o))
+        && query
+            .get("fieldSelector")
+            .is_none_or(|s| fields_match(s, o))
 }
 
 fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
@@ -585,7 +606,11 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
             (obj, "ADDED")
         }
         _ => {
-            let key = (t.resource.clone(), ns.clone(), t.name.clone().unwrap_or_default());
+            let key = (
+                t.resource.clone(),
+                ns.clone(),
+                t.name.clone().unwrap_or_default(),
+            );
             let Some(current) = s.objects.get(&key).cloned() else {
                 return not_found(t);
             };
@@ -642,7 +667,11 @@ fn watch_response(inner: &Inner, t: Target, query: BTreeMap<String, String>) -> 
         let mut initial = Vec::new();
         match from {
             Some(rv) if rv < s.oldest => {
-                let gone = status(410, "Expired", format!("too old resource version: {rv} ({})", s.oldest));
+                let gone = status(
+                    410,
+                    "Expired",
+                    format!("too old resource version: {rv} ({})", s.oldest),
+                );
                 initial.push(event_line("ERROR", &gone));
             }
             Some(rv) => {
@@ -728,7 +757,14 @@ mod tests {
     #[test]
     fn paths() {
         let t = parse_path("/api/v1/namespaces/linkerd/secrets/s").unwrap();
-        assert_eq!((t.resource.as_str(), t.namespace.as_deref(), t.name.as_deref()), ("v1/secrets", Some("linkerd"), Some("s")));
+        assert_eq!(
+            (
+                t.resource.as_str(),
+                t.namespace.as_deref(),
+                t.name.as_deref()
+            ),
+            ("v1/secrets", Some("linkerd"), Some("s"))
+        );
         let t = parse_path("/apis/workload.linkerd.io/v1beta1/externalworkloads").unwrap();
         assert_eq!(t.resource, "workload.linkerd.io/v1beta1/externalworkloads");
         assert!(t.namespace.is_none() && t.name.is_none());
