@@ -256,10 +256,13 @@ fn init(a: InitArgs, clock: SharedClock) -> Result<()> {
 /// The token store a `token` subcommand works on.
 enum TokenBackend {
     File(PathBuf),
-    Kubernetes {
-        rt: tokio::runtime::Runtime,
-        tokens: crate::kubernetes::tokens::KubeTokens,
-    },
+    Kubernetes(Box<KubeBackend>),
+}
+
+/// The token Secrets and a runtime to call the API server from the synchronous CLI.
+struct KubeBackend {
+    rt: tokio::runtime::Runtime,
+    tokens: crate::kubernetes::tokens::KubeTokens,
 }
 
 impl TokenBackend {
@@ -296,7 +299,10 @@ impl TokenBackend {
             .map_err(|e| Error::Server(format!("runtime: {e}")))?;
         let client = rt.block_on(crate::kubernetes::client())?;
         let tokens = crate::kubernetes::tokens::KubeTokens::new(client, &namespace);
-        Ok((Self::Kubernetes { rt, tokens }, trust_domain))
+        Ok((
+            Self::Kubernetes(Box::new(KubeBackend { rt, tokens })),
+            trust_domain,
+        ))
     }
 
     fn create(
@@ -306,21 +312,21 @@ impl TokenBackend {
     ) -> Result<crate::tokens::NewToken> {
         match self {
             Self::File(p) => crate::tokens::create(p, opts, now),
-            Self::Kubernetes { rt, tokens } => rt.block_on(tokens.create(opts, now)),
+            Self::Kubernetes(k) => k.rt.block_on(k.tokens.create(opts, now)),
         }
     }
 
     fn list(&self) -> Result<Vec<crate::tokens::TokenRecord>> {
         match self {
             Self::File(p) => crate::tokens::list(p),
-            Self::Kubernetes { rt, tokens } => rt.block_on(tokens.list()),
+            Self::Kubernetes(k) => k.rt.block_on(k.tokens.list()),
         }
     }
 
     fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
         match self {
             Self::File(p) => crate::tokens::revoke(p, id, now),
-            Self::Kubernetes { rt, tokens } => rt.block_on(tokens.revoke(id, now)),
+            Self::Kubernetes(k) => k.rt.block_on(k.tokens.revoke(id, now)),
         }
     }
 }
