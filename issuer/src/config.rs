@@ -267,9 +267,15 @@ impl Config {
                 "plaintext serving is only allowed on a loopback address, not {listen}"
             ));
         }
+        // Namespaces are DNS labels; Secret and ConfigMap names DNS subdomains.
         let mut kube_name = |key: &str, v: &Option<String>, default: &str| {
             let v = v.clone().unwrap_or_else(|| default.to_string());
-            if !is_kube_name(&v) {
+            let ok = if key.ends_with("namespace") {
+                proxy_lib::identity::is_dns_label(&v)
+            } else {
+                proxy_lib::identity::is_dns_name(&v)
+            };
+            if !ok {
                 problems.push(format!("{key} = {v:?} is not a Kubernetes object name"));
             }
             v
@@ -388,20 +394,6 @@ impl Config {
             },
         })
     }
-}
-
-/// A DNS-1123 label or subdomain, as Kubernetes names namespaces, Secrets and ConfigMaps.
-fn is_kube_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
 }
 
 #[cfg(test)]
