@@ -603,3 +603,60 @@ fn example_rbac_matches_what_the_code_calls() {
     .unwrap();
     assert!(cfg.ca_kubernetes.is_some() && cfg.tokens_kubernetes.is_some());
 }
+
+// The fake API server is general: review resources answered by a hook (as a later
+// TokenReview authenticator needs), calls awaited rather than slept on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_api_server_answers_reviews_and_records_calls() {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    let fake = FakeKube::start().await;
+    fake.on_create(
+        "authentication.k8s.io/v1/tokenreviews",
+        "TokenReview",
+        Arc::new(|req: &Value| {
+            let ok = req["spec"]["token"] == "good";
+            Ok(json!({"metadata": {}, "spec": req["spec"].clone(),
+                      "status": {"authenticated": ok}}))
+        }),
+    );
+    let client = client_for(&fake).await;
+    let api: kube::Api<TokenReview> = kube::Api::all(client.clone());
+    let review = |token: &str| TokenReview {
+        spec: TokenReviewSpec {
+            token: Some(token.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pp = kube::api::PostParams::default();
+    let good = api.create(&pp, &review("good")).await.unwrap();
+    assert_eq!(good.status.unwrap().authenticated, Some(true));
+    let bad = api.create(&pp, &review("bad")).await.unwrap();
+    assert_eq!(bad.status.unwrap().authenticated, Some(false));
+    assert!(
+        fake.list("authentication.k8s.io/v1/tokenreviews", "")
+            .is_empty(),
+        "reviews are not stored"
+    );
+
+    // An unknown resource is a 404 Status the client reports as such.
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client.clone(), NS);
+    match leases.get("x").await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 404),
+        other => panic!("{other:?}"),
+    }
+
+    // A watcher's watch request is awaited on the recorder, not slept on.
+    let src = issuer::kubernetes::ca::KubeCaSource::start(
+        client,
+        issuer::kubernetes::ca::KubeCaNames::default(),
+    );
+    assert!(
+        fake.wait_for_call(Duration::from_secs(10), |c| c.verb == "watch"
+            && c.plural() == "configmaps")
+            .await
+    );
+    drop(src);
+    fake.stop().await;
+}

@@ -77,12 +77,20 @@ struct Store {
     calls: Vec<Call>,
 }
 
-#[derive(Debug)]
 struct Inner {
     store: Mutex<Store>,
     events: broadcast::Sender<Event>,
     down: watch::Sender<Down>,
+    /// Bumped on every recorded call (for [`FakeKube::wait_for_call`]).
+    called: watch::Sender<usize>,
+    /// Resources whose create is answered by a function instead of being stored.
+    hooks: Mutex<HashMap<String, CreateHook>>,
 }
+
+/// Answers a create (the request body) with the object to return, or `Err((code, reason,
+/// message))` for a `Status` error. For review-style resources (`TokenReview`,
+/// `SubjectAccessReview`) whose answer the API server computes and never stores.
+pub type CreateHook = Arc<dyn Fn(&Value) -> Result<Value, (u16, String, String)> + Send + Sync>;
 
 /// Whether the server is down, and how many times it went down (so a connection notices a
 /// down-and-up even when both happened before it looked).
@@ -90,6 +98,12 @@ struct Inner {
 struct Down {
     down: bool,
     cuts: u64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner").field("store", &self.store).finish()
+    }
 }
 
 impl Inner {
@@ -297,6 +311,7 @@ impl FakeKube {
         let addr = listener.local_addr().expect("fake API server address");
         let (events, _) = broadcast::channel(1024);
         let (down, _) = watch::channel(Down::default());
+        let (called, _) = watch::channel(0);
         let mut kinds = HashMap::new();
         kinds.insert("v1/secrets".to_string(), "Secret".to_string());
         kinds.insert("v1/configmaps".to_string(), "ConfigMap".to_string());
@@ -311,6 +326,8 @@ impl FakeKube {
             }),
             events,
             down,
+            called,
+            hooks: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(accept_loop(listener, inner.clone()));
         Self { inner, addr, task }
@@ -428,17 +445,23 @@ impl FakeKube {
     /// Waits (up to `timeout`) until a recorded call satisfies `f`; true if one did. Lets a
     /// test wait on "the client has asked X" (e.g. its watch is open) instead of sleeping.
     pub async fn wait_for_call(&self, timeout: Duration, f: impl Fn(&Call) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.inner.lock().calls.iter().any(&f) {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            // The recorder has no notifier: re-check at a short, bounded interval.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut called = self.inner.called.subscribe();
+        let seen = |_: &usize| self.inner.lock().calls.iter().any(&f);
+        tokio::time::timeout(timeout, called.wait_for(seen))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Answers every create of `resource` with `hook` (nothing is stored, no event is sent),
+    /// as the API server does for review resources such as
+    /// `authentication.k8s.io/v1/tokenreviews`. Registers `kind` for it too.
+    pub fn on_create(&self, resource: &str, kind: &str, hook: CreateHook) {
+        self.register(resource, kind);
+        self.inner
+            .hooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(resource.to_string(), hook);
     }
 
     /// Stops the server and cuts its connections.
@@ -506,6 +529,7 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
         name: t.name.clone(),
         query: query.clone(),
     });
+    inner.called.send_modify(|n| *n += 1);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(400, "BadRequest", e.to_string()),
@@ -586,6 +610,24 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
         Ok(v) => v,
         Err(e) => return error(400, "BadRequest", format!("request body: {e}")),
     };
+    let hook = inner
+        .hooks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&t.resource)
+        .cloned();
+    if let Some(hook) = hook.filter(|_| verb == "create") {
+        return match hook(&incoming) {
+            Ok(mut answer) => {
+                if let Some(k) = inner.lock().kind_of(&t.resource) {
+                    answer["kind"] = json!(k);
+                }
+                answer["apiVersion"] = json!(Store::api_version(&t.resource));
+                json_response(201, &answer)
+            }
+            Err((code, reason, message)) => error(code, &reason, message),
+        };
+    }
     let mut s = inner.lock();
     let ns = t.namespace.clone().unwrap_or_default();
     let (obj, kind) = match verb {
