@@ -53,14 +53,6 @@ fn token(dir: &Path, identity: &str) -> String {
     out.trim().to_string()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A running `issuer serve`, killed on drop, with its stdout and stderr captured.
 struct Served {
     child: Child,

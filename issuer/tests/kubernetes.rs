@@ -340,14 +340,6 @@ impl Drop for Replica {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn issuer_cmd(kubeconfig: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_issuer"));
     c.env("KUBECONFIG", kubeconfig)
