@@ -60,11 +60,23 @@ impl KubeCaNames {
     }
 }
 
-/// What the watches have seen. `None`: not listed yet; `Some(None)`: absent.
-#[derive(Debug, Clone, Default)]
+/// What the watches have seen. `None`: not listed yet; `Some(None)`: absent. `Debug` shows
+/// only resourceVersions: the Secret holds the issuer key.
+#[derive(Clone, Default)]
 pub struct Seen {
     secret: Option<Option<Secret>>,
     roots: Option<Option<ConfigMap>>,
+}
+
+impl std::fmt::Debug for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (secret, roots) = self.versions();
+        f.debug_struct("Seen")
+            .field("secret_version", &secret)
+            .field("roots_version", &roots)
+            .field("synced", &self.synced())
+            .finish()
+    }
 }
 
 impl Seen {
@@ -88,11 +100,19 @@ impl Seen {
 }
 
 /// The watched CA objects. Dropping it stops the watches.
-#[derive(Debug)]
 pub struct KubeCaSource {
     names: KubeCaNames,
     seen: watch::Receiver<Seen>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for KubeCaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeCaSource")
+            .field("names", &self.names)
+            .field("seen", &*self.seen.borrow())
+            .finish()
+    }
 }
 
 impl Drop for KubeCaSource {
@@ -210,4 +230,78 @@ pub fn load(names: &KubeCaNames, seen: &Seen, now: SystemTime) -> Result<Ca> {
         key: names.secret_key(key_key),
     };
     Ca::from_pem(anchors.as_bytes(), cert, &key, now, &sources)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use proxy_lib::clock::{Clock, SystemClock};
+
+    fn seen(data: &[(&str, &[u8])], bundle: Option<&str>) -> Seen {
+        let secret = Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        let roots = bundle.map(|b| ConfigMap {
+            data: Some([(TRUST_ROOTS_KEY.to_string(), b.to_string())].into()),
+            ..ConfigMap::default()
+        });
+        Seen {
+            secret: Some(Some(secret)),
+            roots: Some(roots),
+        }
+    }
+
+    #[test]
+    fn either_layout_loads_and_errors_name_the_object_and_key() {
+        let d = tempfile::tempdir().unwrap();
+        crate::init::run_at(&crate::init::InitOptions::new(d.path()), SystemClock.now()).unwrap();
+        let read = |f: &str| std::fs::read(d.path().join(f)).unwrap();
+        let anchors = String::from_utf8(read("ca.crt")).unwrap();
+        let (cert, key) = (read("issuer.crt"), read("issuer.key"));
+        let names = KubeCaNames::default();
+        let now = SystemClock.now();
+        for layout in SECRET_LAYOUTS {
+            let s = seen(&[(layout.0, &cert), (layout.1, &key)], Some(&anchors));
+            assert!(load(&names, &s, now).is_ok(), "{layout:?}");
+            // the key never shows in Debug
+            assert!(!format!("{s:?}").contains("PRIVATE"), "{s:?}");
+        }
+        let e = load(&names, &seen(&[("tls.crt", &cert)], Some(&anchors)), now).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Secret linkerd/linkerd-identity-issuer"),
+            "{e}"
+        );
+        let e = load(
+            &names,
+            &seen(&[("tls.crt", &cert), ("tls.key", &cert)], Some(&anchors)),
+            now,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("key tls.key"), "{e}");
+        let e = load(
+            &names,
+            &seen(&[("tls.crt", &cert), ("tls.key", &key)], None),
+            now,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ConfigMap linkerd/linkerd-identity-trust-roots"),
+            "{e}"
+        );
+        let e = load(
+            &names,
+            &seen(&[("tls.crt", &cert), ("tls.key", &key)], Some("junk")),
+            now,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("key ca-bundle.crt"), "{e}");
+    }
 }
