@@ -53,14 +53,23 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug {
 /// Bootstrap tokens from the token store.
 #[derive(Debug)]
 pub struct TokenAuthenticator {
-    store: TokenStore,
+    store: Arc<TokenStore>,
     clock: SharedClock,
 }
 
 impl TokenAuthenticator {
-    /// Tokens from `store`, with expiry judged by `clock`.
-    pub fn new(store: TokenStore, clock: SharedClock) -> Self {
-        Self { store, clock }
+    /// Tokens from `store` (a file or Kubernetes store, shared with whatever refreshes it),
+    /// with expiry judged by `clock`.
+    pub fn new(store: impl Into<Arc<TokenStore>>, clock: SharedClock) -> Self {
+        Self {
+            store: store.into(),
+            clock,
+        }
+    }
+
+    /// The store consulted.
+    pub fn store(&self) -> &Arc<TokenStore> {
+        &self.store
     }
 }
 

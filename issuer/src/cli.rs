@@ -176,12 +176,33 @@ pub enum TokenCommand {
     Revoke(TokenRevokeArgs),
 }
 
+/// Where the token records are: the store the configuration names, or Kubernetes.
+#[derive(Debug, Args)]
+#[group(id = "token_store", required = true, multiple = true)]
+pub struct TokenStoreArgs {
+    /// Short for `--config DIR/issuer.toml`.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub dir: Option<PathBuf>,
+    /// The configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Keep the records in Kubernetes Secrets (the kubeconfig as kubectl finds it, or the
+    /// in-cluster config), as every issuer replica with `[auth] store = "kubernetes"` reads
+    /// them. Implied by that setting in the configuration.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace of the token Secrets [default: `[auth] namespace` in the configuration,
+    /// else its `[ca] namespace`, else linkerd].
+    #[arg(long, requires = "kubernetes")]
+    pub namespace: Option<String>,
+}
+
 /// `issuer token create`.
 #[derive(Debug, Args)]
 pub struct TokenCreateArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub config: ConfigArgs,
+    pub config: TokenStoreArgs,
     /// The identity the token may request.
     #[arg(long)]
     pub identity: String,
@@ -206,7 +227,7 @@ pub struct TokenCreateArgs {
 pub struct TokenListArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub config: ConfigArgs,
+    pub config: TokenStoreArgs,
     /// JSON output.
     #[arg(long)]
     pub json: bool,
@@ -217,7 +238,7 @@ pub struct TokenListArgs {
 pub struct TokenRevokeArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
-    pub config: ConfigArgs,
+    pub config: TokenStoreArgs,
     /// Ids of the tokens to revoke (see `token list`).
     #[arg(required = true)]
     pub ids: Vec<String>,
@@ -377,9 +398,93 @@ fn ca_show(a: CaShowArgs, clock: SharedClock) -> Result<()> {
     }
 }
 
+/// The token store a `token` subcommand works on.
+enum TokenBackend {
+    File(PathBuf),
+    Kubernetes(Box<KubeBackend>),
+}
+
+/// The token Secrets and a runtime to call the API server from the synchronous CLI.
+struct KubeBackend {
+    rt: tokio::runtime::Runtime,
+    tokens: crate::kubernetes::tokens::KubeTokens,
+}
+
+impl TokenBackend {
+    /// The store `a` names, its trust domain and its control-plane namespace.
+    fn open(a: &TokenStoreArgs) -> Result<(Self, TrustDomain, String)> {
+        let path = match (&a.config, &a.dir) {
+            (Some(c), _) => Some(c.clone()),
+            (None, Some(d)) => Some(Config::path_in_dir(d)),
+            (None, None) => None,
+        };
+        let cfg = path
+            .map(|p| Config::load(&p, &Overrides::default()))
+            .transpose()?;
+        let trust_domain = cfg
+            .as_ref()
+            .map(|c| c.policy.trust_domain.clone())
+            .unwrap_or_default();
+        let control_plane = cfg
+            .as_ref()
+            .map(|c| c.ca_control_plane_namespace.clone())
+            .unwrap_or_else(|| crate::ca::ops::DEFAULT_CONTROL_PLANE_NAMESPACE.to_string());
+        let configured = cfg.as_ref().and_then(|c| c.tokens_kubernetes.clone());
+        if !a.kubernetes && configured.is_none() {
+            let tokens = cfg.map(|c| c.tokens).ok_or_else(|| Error::Config {
+                path: "<flags>".into(),
+                problems: vec!["give --dir, --config or --kubernetes".into()],
+            })?;
+            return Ok((Self::File(tokens), trust_domain, control_plane));
+        }
+        let namespace = a
+            .namespace
+            .clone()
+            .or(configured)
+            .unwrap_or_else(|| crate::kubernetes::DEFAULT_NAMESPACE.to_string());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Server(format!("runtime: {e}")))?;
+        let client = rt.block_on(crate::kubernetes::client())?;
+        let tokens = crate::kubernetes::tokens::KubeTokens::new(client, &namespace);
+        Ok((
+            Self::Kubernetes(Box::new(KubeBackend { rt, tokens })),
+            trust_domain,
+            control_plane,
+        ))
+    }
+
+    fn create(
+        &self,
+        opts: &crate::tokens::CreateOptions,
+        now: std::time::SystemTime,
+    ) -> Result<crate::tokens::NewToken> {
+        match self {
+            Self::File(p) => crate::tokens::create(p, opts, now),
+            Self::Kubernetes(k) => k.rt.block_on(k.tokens.create(opts, now)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<crate::tokens::TokenRecord>> {
+        match self {
+            Self::File(p) => crate::tokens::list(p),
+            Self::Kubernetes(k) => k.rt.block_on(k.tokens.list()),
+        }
+    }
+
+    fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
+        match self {
+            Self::File(p) => crate::tokens::revoke(p, id, now),
+            Self::Kubernetes(k) => k.rt.block_on(k.tokens.revoke(id, now)),
+        }
+    }
+}
+
 fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
-    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
-    let identity = cfg.policy.identity(&a.identity)?;
+    let (store, trust_domain, control_plane) = TokenBackend::open(&a.config)?;
+    let identity =
+        proxy_lib::identity::Identity::parse_in_mesh(&a.identity, &trust_domain, &control_plane)?;
     let opts = crate::tokens::CreateOptions {
         identity,
         ttl: a.ttl,
@@ -391,7 +496,7 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
     {
         return Err(Error::TokenOutExists(out.clone()));
     }
-    let t = crate::tokens::create(&cfg.tokens, &opts, clock.now())?;
+    let t = store.create(&opts, clock.now())?;
     let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
     line.push(b'\n');
     match &a.out {
@@ -403,7 +508,7 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
             };
             if let Err(e) = written {
                 // Do not leave a usable token nobody holds.
-                let _ = crate::tokens::revoke(&cfg.tokens, &t.record.id, clock.now());
+                let _ = store.revoke(&t.record.id, clock.now());
                 return Err(e.into());
             }
             say(format_args!("token written to {}", out.display()));
@@ -447,8 +552,8 @@ fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
 }
 
 fn token_list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
-    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
-    let records = crate::tokens::list(&cfg.tokens)?;
+    let (store, _, _) = TokenBackend::open(&a.config)?;
+    let records = store.list()?;
     let now = clock.now();
     let ts = |s: u64| proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
     let mut out = std::io::stdout().lock();
@@ -504,9 +609,9 @@ fn token_list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
 }
 
 fn token_revoke(a: TokenRevokeArgs, clock: SharedClock) -> Result<()> {
-    let cfg = Config::load(&a.config.path(), &Overrides::default())?;
+    let (store, _, _) = TokenBackend::open(&a.config)?;
     for id in &a.ids {
-        let r = crate::tokens::revoke(&cfg.tokens, id, clock.now())?;
+        let r = store.revoke(id, clock.now())?;
         say(format_args!("revoked token {} for {}", r.id, r.identity));
     }
     Ok(())

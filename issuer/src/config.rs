@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditTarget;
 use crate::ca::CaFiles;
 use crate::error::{Error, Result};
+use crate::kubernetes::ca::KubeCaNames;
 use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, Policy};
 
 /// The config file name inside `--dir`.
@@ -50,7 +51,12 @@ pub const KEYS: &[&str] = &[
     "ca.dir",
     "ca.warn_before",
     "ca.control_plane_namespace",
+    "ca.namespace",
+    "ca.secret",
+    "ca.trust_roots",
     "auth.tokens",
+    "auth.store",
+    "auth.namespace",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -114,10 +120,16 @@ pub enum CaSource {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCa {
-    /// `files` (or `kubernetes`, a later issue).
+    /// `files` or `kubernetes`.
     pub source: Option<CaSource>,
     /// Directory holding ca.crt, issuer.crt, issuer.key.
     pub dir: Option<PathBuf>,
+    /// `kubernetes`: namespace of the Secret and the ConfigMap.
+    pub namespace: Option<String>,
+    /// `kubernetes`: the issuer Secret.
+    pub secret: Option<String>,
+    /// `kubernetes`: the trust-roots ConfigMap (key `ca-bundle.crt`).
+    pub trust_roots: Option<String>,
     /// Warn when the issuer certificate has less than this left.
     #[serde(default, with = "humantime_serde")]
     pub warn_before: Option<Duration>,
@@ -132,6 +144,10 @@ pub struct RawCa {
 pub struct RawAuth {
     /// Token store file.
     pub tokens: Option<PathBuf>,
+    /// `file` or `kubernetes`.
+    pub store: Option<String>,
+    /// `kubernetes`: namespace of the token Secrets (default: the CA namespace).
+    pub namespace: Option<String>,
 }
 
 /// `[audit]`.
@@ -205,6 +221,11 @@ pub struct Config {
     pub server_name: String,
     /// CA files.
     pub ca_files: CaFiles,
+    /// `[ca] source = "kubernetes"`: the Secret and ConfigMap to watch instead of the files.
+    pub ca_kubernetes: Option<KubeCaNames>,
+    /// `[auth] store = "kubernetes"`: the namespace of the token Secrets (used instead of
+    /// the token file).
+    pub tokens_kubernetes: Option<String>,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -276,13 +297,52 @@ impl Config {
                 "plaintext serving is only allowed on a loopback address, not {listen}"
             ));
         }
-        match raw.ca.source.unwrap_or_default() {
-            CaSource::Files => {}
-            CaSource::Kubernetes => problems.push(
-                "ca.source = \"kubernetes\" is not supported by this version (use \"files\")"
-                    .into(),
+        // Namespaces are DNS labels; Secret and ConfigMap names DNS subdomains.
+        let mut kube_name = |key: &str, v: &Option<String>, default: &str| {
+            let v = v.clone().unwrap_or_else(|| default.to_string());
+            let ok = if key.ends_with("namespace") {
+                proxy_lib::identity::is_dns_label(&v)
+            } else {
+                proxy_lib::identity::is_dns_name(&v)
+            };
+            if !ok {
+                problems.push(format!("{key} = {v:?} is not a Kubernetes object name"));
+            }
+            v
+        };
+        let ca_namespace = kube_name(
+            "ca.namespace",
+            &raw.ca.namespace,
+            crate::kubernetes::DEFAULT_NAMESPACE,
+        );
+        let names = KubeCaNames {
+            namespace: ca_namespace.clone(),
+            secret: kube_name(
+                "ca.secret",
+                &raw.ca.secret,
+                crate::kubernetes::DEFAULT_SECRET,
             ),
-        }
+            trust_roots: kube_name(
+                "ca.trust_roots",
+                &raw.ca.trust_roots,
+                crate::kubernetes::DEFAULT_TRUST_ROOTS,
+            ),
+        };
+        let tokens_namespace = kube_name("auth.namespace", &raw.auth.namespace, &ca_namespace);
+        let ca_kubernetes = match raw.ca.source.unwrap_or_default() {
+            CaSource::Files => None,
+            CaSource::Kubernetes => Some(names),
+        };
+        let tokens_kubernetes = match raw.auth.store.as_deref() {
+            None | Some("file") => None,
+            Some("kubernetes") => Some(tokens_namespace),
+            Some(other) => {
+                problems.push(format!(
+                    "auth.store = {other:?}: expected \"file\" or \"kubernetes\""
+                ));
+                None
+            }
+        };
         let ca_control_plane_namespace = raw
             .ca
             .control_plane_namespace
@@ -357,6 +417,8 @@ impl Config {
             plaintext,
             server_name,
             ca_files: CaFiles::in_dir(&ca_dir),
+            ca_kubernetes,
+            tokens_kubernetes,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,
@@ -448,7 +510,7 @@ plaintext = true
 lifetime = "soon"
 server_name = "10.0.0.1"
 [ca]
-source = "kubernetes"
+source = "kubernets"
 [limits]
 per_credential_per_minute = 0
 "#;
@@ -535,5 +597,50 @@ per_credential_per_minute = 0
         let e = Config::load(&d.path().join("missing.toml"), &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
         assert_eq!(e.exit_code(), 66, "{e}");
+    }
+
+    #[test]
+    fn kubernetes_sources_take_their_keys_and_defaults() {
+        let c = parse(
+            "[ca]\nsource = \"kubernetes\"\n[auth]\nstore = \"kubernetes\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.ca_kubernetes, Some(KubeCaNames::default()));
+        assert_eq!(c.tokens_kubernetes.as_deref(), Some("linkerd"));
+        let c = parse(
+            "[ca]\nsource = \"kubernetes\"\nnamespace = \"mesh\"\nsecret = \"iss\"\n\
+             trust_roots = \"roots\"\n[auth]\nstore = \"kubernetes\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let names = c.ca_kubernetes.unwrap();
+        assert_eq!(
+            (
+                names.namespace.as_str(),
+                names.secret.as_str(),
+                names.trust_roots.as_str()
+            ),
+            ("mesh", "iss", "roots")
+        );
+        assert_eq!(c.tokens_kubernetes.as_deref(), Some("mesh"));
+        let c = parse(
+            "[auth]\nstore = \"kubernetes\"\nnamespace = \"tok\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(c.ca_kubernetes.is_none());
+        assert_eq!(c.tokens_kubernetes.as_deref(), Some("tok"));
+        let Err(Error::Config { problems, .. }) = parse(
+            "[ca]\nnamespace = \"Bad_NS\"\n[auth]\nstore = \"etcd\"\n",
+            &Overrides::default(),
+        ) else {
+            panic!("accepted");
+        };
+        let all = problems.join("\n");
+        assert!(
+            all.contains("ca.namespace") && all.contains("auth.store"),
+            "{all}"
+        );
     }
 }

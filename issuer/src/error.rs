@@ -302,6 +302,9 @@ pub enum Error {
     /// A token id given to `revoke` does not exist.
     #[error("no token with id {0:?}")]
     NoSuchToken(String),
+    /// A Kubernetes API call failed or the cluster configuration is unusable.
+    #[error("Kubernetes: {0}")]
+    Kubernetes(String),
     /// The listener or server failed.
     #[error("server: {0}")]
     Server(String),
@@ -340,6 +343,7 @@ impl Error {
             | Self::TokenStore { .. }
             | Self::NoSuchToken(_)
             | Self::Server(_)
+            | Self::Kubernetes(_)
             | Self::Sign(_) => exit::FAILURE,
         }
     }

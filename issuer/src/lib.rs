@@ -18,6 +18,7 @@ pub mod csr;
 pub mod error;
 pub mod front;
 pub mod init;
+pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
 pub mod reload;

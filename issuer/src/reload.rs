@@ -1,6 +1,7 @@
 //! CA reload: a cheap fingerprint of the three CA files polled about once a second with a
-//! debounce (a change is acted on once it has been stable for one poll), and SIGHUP. Only a
-//! pair that validates is swapped in; a refused pair is logged and counted, the old one kept.
+//! debounce (a change is acted on once it has been stable for one poll), and SIGHUP; with
+//! the `kubernetes` source, every change the watch sees. Only a pair that validates is
+//! swapped in; a refused pair is logged and counted, the old one kept, whatever the source.
 
 use proxy_lib::fs::FileStamp;
 
@@ -59,7 +60,13 @@ impl Watch {
 /// Loads the CA files and swaps them in if they validate at the shared clock's now; otherwise
 /// logs, counts and keeps the CA in use. Returns the load error, if any. Blocks.
 pub fn reload(shared: &Shared, files: &CaFiles) -> Result<()> {
-    match Ca::load(files, shared.clock.now()) {
+    apply(shared, Ca::load(files, shared.clock.now()))
+}
+
+/// Swaps in a CA that validated (any source) or, for a load error, logs and counts the
+/// refusal and keeps the CA in use. Returns the load error, if any.
+pub fn apply(shared: &Shared, loaded: Result<Ca>) -> Result<()> {
+    match loaded {
         Ok(ca) => {
             let old = shared.ca.load();
             let changed = old.cert() != ca.cert();

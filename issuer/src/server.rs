@@ -24,6 +24,7 @@ use crate::auth::{AuthChain, TokenAuthenticator};
 use crate::ca::Ca;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::kubernetes::ca::KubeCaSource;
 use crate::metrics::Metrics;
 use crate::reload::{Watch, fingerprint};
 use crate::service::{PeerInfo, Shared};
@@ -141,10 +142,30 @@ pub struct ServingInfo {
     ca: Arc<Ca>,
 }
 
+/// How long `Server::open` waits for the first list of the Kubernetes objects it needs.
+pub const KUBE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What runs for the `kubernetes` sources: the CA watch and the token watch's task.
+#[derive(Debug, Default)]
+struct KubeParts {
+    ca: Option<Arc<KubeCaSource>>,
+    tokens_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for KubeParts {
+    fn drop(&mut self) {
+        if let Some(t) = &self.tokens_task {
+            t.abort();
+        }
+    }
+}
+
 /// The issuer server: shared state, TLS config, reload state.
 pub struct Server {
     config: Config,
     shared: Arc<Shared>,
+    tokens: Arc<TokenStore>,
+    kube: KubeParts,
     registry: Arc<Registry>,
     tls: ArcSwap<proxy_lib::tls::Acceptor>,
     serving: ArcSwap<ServingInfo>,
@@ -163,7 +184,8 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Loads the CA (errors name the missing or bad file), the token store and the audit log,
-    /// and mints the first serving certificate. Blocks.
+    /// and mints the first serving certificate. Blocks. For the `kubernetes` sources use
+    /// [`Server::open`].
     pub fn new(config: Config, clock: SharedClock) -> Result<Arc<Self>> {
         Self::with_authenticators(config, clock, Vec::new())
     }
@@ -175,16 +197,82 @@ impl Server {
         clock: SharedClock,
         extra: Vec<Arc<dyn crate::auth::Authenticator>>,
     ) -> Result<Arc<Self>> {
-        let now = clock.now();
+        if config.ca_kubernetes.is_some() || config.tokens_kubernetes.is_some() {
+            return Err(Error::Kubernetes(
+                "the kubernetes CA source and token store start with Server::open".into(),
+            ));
+        }
+        let ca = Ca::load(&config.ca_files, clock.now())?;
+        let tokens = Arc::new(TokenStore::open(&config.tokens)?);
+        Self::build(config, clock, extra, ca, tokens, KubeParts::default())
+    }
+
+    /// Starts the server from any source: files are read as by [`Server::new`]; with
+    /// `[ca] source = "kubernetes"` or `[auth] store = "kubernetes"` the objects are watched
+    /// through `client` (or, when `None`, a client from the environment: in-cluster config
+    /// or the kubeconfig), and the first list must arrive within [`KUBE_SYNC_TIMEOUT`].
+    pub async fn open(
+        config: Config,
+        clock: SharedClock,
+        extra: Vec<Arc<dyn crate::auth::Authenticator>>,
+        client: Option<kube::Client>,
+    ) -> Result<Arc<Self>> {
+        if config.ca_kubernetes.is_none() && config.tokens_kubernetes.is_none() {
+            return Self::with_authenticators(config, clock, extra);
+        }
+        let client = match client {
+            Some(c) => c,
+            None => crate::kubernetes::client().await?,
+        };
+        let mut kube = KubeParts::default();
+        let tokens = match &config.tokens_kubernetes {
+            Some(ns) => {
+                let mut w = crate::kubernetes::tokens::watched_store(client.clone(), ns);
+                kube.tokens_task = Some(w.task);
+                if tokio::time::timeout(KUBE_SYNC_TIMEOUT, w.synced.wait_for(|s| *s))
+                    .await
+                    .is_err()
+                {
+                    return Err(Error::Kubernetes(format!(
+                        "could not list the token Secrets in namespace {ns} within {}s \
+                         (is the API server reachable, and does RBAC allow list and watch?)",
+                        KUBE_SYNC_TIMEOUT.as_secs()
+                    )));
+                }
+                tracing::info!(namespace = %ns, tokens = w.store.len(), "token Secrets listed");
+                w.store
+            }
+            None => Arc::new(TokenStore::open(&config.tokens)?),
+        };
+        let ca = match &config.ca_kubernetes {
+            Some(names) => {
+                let src = KubeCaSource::start(client, names.clone());
+                src.synced(KUBE_SYNC_TIMEOUT).await?;
+                let ca = src.load(clock.now())?;
+                kube.ca = Some(Arc::new(src));
+                ca
+            }
+            None => Ca::load(&config.ca_files, clock.now())?,
+        };
+        Self::build(config, clock, extra, ca, tokens, kube)
+    }
+
+    fn build(
+        config: Config,
+        clock: SharedClock,
+        extra: Vec<Arc<dyn crate::auth::Authenticator>>,
+        ca: Ca,
+        tokens: Arc<TokenStore>,
+        kube: KubeParts,
+    ) -> Result<Arc<Self>> {
         let files = config.ca_files.clone();
         let watch = Watch::new(fingerprint(&files));
-        let ca = Ca::load(&files, now)?;
-        let store = TokenStore::open(&config.tokens)?;
         let audit = AuditLog::open(&config.audit)?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
-        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> =
-            vec![Arc::new(TokenAuthenticator::new(store, clock.clone()))];
+        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> = vec![Arc::new(
+            TokenAuthenticator::new(tokens.clone(), clock.clone()),
+        )];
         chain.extend(extra);
         let auth = AuthChain::new(chain);
         let shared = Arc::new(Shared::new(
@@ -200,6 +288,8 @@ impl Server {
         let server = Arc::new(Self {
             config,
             shared,
+            tokens,
+            kube,
             registry: Arc::new(registry),
             tls: ArcSwap::new(tls),
             serving: ArcSwap::from_pointee(serving),
@@ -208,6 +298,12 @@ impl Server {
         });
         server.warn_if_expiring();
         Ok(server)
+    }
+
+    /// Re-reads the token file if it changed (the maintenance loop does this every tick; a
+    /// Kubernetes store follows its watch instead). Blocks (one `stat`).
+    pub fn refresh_tokens(&self) {
+        self.tokens.refresh();
     }
 
     /// The shared state (CA, policy, metrics...).
@@ -230,28 +326,36 @@ impl Server {
         self.serving.load_full()
     }
 
-    /// Reloads the CA files now (what SIGHUP does). Blocks.
+    /// Reloads the CA now (what SIGHUP does): the files, or the Kubernetes objects as last
+    /// seen. Blocks.
     pub fn reload_ca(&self) -> Result<()> {
-        let files = &self.config.ca_files;
-        self.watch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .tried(fingerprint(files));
-        let res = crate::reload::reload(&self.shared, files);
+        let res = if let Some(src) = &self.kube.ca {
+            crate::reload::apply(&self.shared, src.load(self.shared.clock.now()))
+        } else {
+            let files = &self.config.ca_files;
+            self.watch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .tried(fingerprint(files));
+            crate::reload::reload(&self.shared, files)
+        };
         self.refresh_serving(true);
         self.warn_if_expiring();
         res
     }
 
-    /// One maintenance step: reload changed CA files (debounced), re-mint the serving
-    /// certificate when due, warn about an expiring issuer. Blocks briefly.
+    /// One maintenance step: re-read a changed token file, reload changed CA files
+    /// (debounced), re-mint the serving certificate when due (and after any CA reload),
+    /// warn about an expiring issuer. Blocks briefly.
     pub fn tick(&self) {
+        self.tokens.refresh();
         let files = &self.config.ca_files;
-        let due = self
-            .watch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .poll(fingerprint(files));
+        let due = self.kube.ca.is_none()
+            && self
+                .watch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .poll(fingerprint(files));
         if due {
             let _ = crate::reload::reload(&self.shared, files);
             self.warn_if_expiring();
@@ -377,6 +481,9 @@ impl Server {
                 }
             }));
         }
+        if let Some(src) = self.kube.ca.clone() {
+            tasks.push(tokio::spawn(follow_kube_ca(self.clone(), src)));
+        }
         let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
         tasks.push(tokio::spawn(accept_loop(
             self.clone(),
@@ -413,6 +520,31 @@ impl Server {
         }
         tracing::info!("issuer stopped");
         res
+    }
+}
+
+/// Applies every change the Kubernetes CA watch sees (validated like a file reload), and
+/// re-mints the serving certificate at once when the CA changed.
+async fn follow_kube_ca(server: Arc<Server>, src: Arc<KubeCaSource>) {
+    let mut seen = src.subscribe();
+    let mut applied = seen.borrow_and_update().versions();
+    while seen.changed().await.is_ok() {
+        let now_seen = seen.borrow_and_update().clone();
+        let versions = now_seen.versions();
+        if versions == applied {
+            continue;
+        }
+        applied = versions;
+        let me = server.clone();
+        let names = src.names().clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let loaded = crate::kubernetes::ca::load(&names, &now_seen, me.shared.clock.now());
+            if crate::reload::apply(&me.shared, loaded).is_ok() {
+                me.refresh_serving(false);
+                me.warn_if_expiring();
+            }
+        })
+        .await;
     }
 }
 
@@ -560,7 +692,7 @@ pub async fn serve(
     clock: SharedClock,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let server = Server::new(config, clock)?;
+    let server = Server::open(config, clock, Vec::new(), None).await?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| Error::Server(format!("installing the SIGHUP handler: {e}")))?;
     let me = server.clone();

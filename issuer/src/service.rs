@@ -131,7 +131,7 @@ impl CertifyService {
         if source.is_some_and(|ip| !s.throttle.allows(ip)) {
             return Err(RequestError::Throttled);
         }
-        let refused_before_auth = |e: Error| {
+        let refused_before_auth = |e: RequestError| {
             if let Some(ip) = source {
                 s.throttle.failed(ip);
             }

@@ -22,67 +22,48 @@ use crate::error::{AuthError, Error, Result};
 /// Version of the store file format.
 const STORE_VERSION: u32 = 1;
 
-/// An address or network a token may be used from: `10.1.2.3` or `10.1.0.0/16`.
+/// An address or network a token may be used from: `10.1.2.3` or `10.1.0.0/16` (a bare
+/// address is a host network; IPv4-mapped IPv6 addresses count as IPv4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct IpNet(ipnet::IpNet);
 
 impl IpNet {
     /// Whether `ip` lies inside this network (IPv4-mapped IPv6 addresses count as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip.to_canonical())
     }
 }
 
 impl std::str::FromStr for IpNet {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR network"))?;
-        let addr = addr.to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
-        };
-        Ok(Self { addr, prefix })
+        let t = s.trim();
+        if let Ok(addr) = t.parse::<IpAddr>() {
+            return Ok(Self(ipnet::IpNet::from(addr.to_canonical())));
+        }
+        let net: ipnet::IpNet = t.parse().map_err(|_| match t.split_once('/') {
+            Some((a, _)) if a.trim().parse::<IpAddr>().is_ok() => {
+                format!("{s:?} has an invalid prefix length")
+            }
+            _ => format!("{s:?} is not an IP address or CIDR network"),
+        })?;
+        Ok(Self(match net {
+            ipnet::IpNet::V6(v6) => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => ipnet::IpNet::new(IpAddr::V4(v4), v6.prefix_len().saturating_sub(96))
+                    .map_err(|_| format!("{s:?} has an invalid prefix length"))?,
+                None => net,
+            },
+            v4 => v4,
+        }))
     }
 }
 
 impl std::fmt::Display for IpNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let max = if self.addr.is_ipv4() { 32 } else { 128 };
-        if self.prefix == max {
-            write!(f, "{}", self.addr)
+        if self.0.prefix_len() == self.0.max_prefix_len() {
+            write!(f, "{}", self.0.addr())
         } else {
-            write!(f, "{}/{}", self.addr, self.prefix)
+            write!(f, "{}", self.0)
         }
     }
 }
@@ -123,6 +104,13 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
+    /// Marks the record revoked at `now` (a second revoke keeps the first time).
+    pub fn revoke(&mut self, now: SystemTime) {
+        if self.revoked.is_none() {
+            self.revoked = Some(proxy_lib::clock::unix_secs(now));
+        }
+    }
+
     /// `active`, `expired` or `revoked` at `now`.
     pub fn status(&self, now: SystemTime) -> &'static str {
         if self.revoked.is_some() {
@@ -234,8 +222,8 @@ fn modify<T>(path: &Path, f: impl FnOnce(&mut StoreFile) -> Result<T>) -> Result
     Ok(out)
 }
 
-/// Creates a token and appends its record to the store at `path`. Blocks.
-pub fn create(path: &Path, opts: &CreateOptions, now: SystemTime) -> Result<NewToken> {
+/// A fresh token and its record (nothing stored yet): 256 random bits, an id, the hash.
+pub fn mint(opts: &CreateOptions, now: SystemTime) -> NewToken {
     let bytes: Zeroizing<[u8; 32]> = Zeroizing::new(rand::random());
     let secret = Zeroizing::new(hex::encode(*bytes));
     let created = proxy_lib::clock::unix_secs(now);
@@ -248,12 +236,18 @@ pub fn create(path: &Path, opts: &CreateOptions, now: SystemTime) -> Result<NewT
         allowed_ips: opts.allowed_ips.clone(),
         revoked: None,
     };
-    let stored = record.clone();
+    NewToken { secret, record }
+}
+
+/// Creates a token and appends its record to the store at `path`. Blocks.
+pub fn create(path: &Path, opts: &CreateOptions, now: SystemTime) -> Result<NewToken> {
+    let t = mint(opts, now);
+    let stored = t.record.clone();
     modify(path, move |f| {
         f.tokens.push(stored);
         Ok(())
     })?;
-    Ok(NewToken { secret, record })
+    Ok(t)
 }
 
 /// Marks the token `id` revoked (the record is kept). Blocks.
@@ -264,9 +258,7 @@ pub fn revoke(path: &Path, id: &str, now: SystemTime) -> Result<TokenRecord> {
             .iter_mut()
             .find(|r| r.id == id)
             .ok_or_else(|| Error::NoSuchToken(id.to_string()))?;
-        if rec.revoked.is_none() {
-            rec.revoked = Some(proxy_lib::clock::unix_secs(now));
-        }
+        rec.revoke(now);
         Ok(rec.clone())
     })
 }
@@ -280,43 +272,74 @@ struct Loaded {
     records: Vec<(TokenRecord, [u8; 32])>,
 }
 
-/// The server's view of the store: re-read when the file changes (its inode, size or mtime
-/// differ), checked on every lookup (one `stat`). A store that fails to parse is logged and
-/// the last good contents are kept.
+/// Where a [`TokenStore`]'s records come from.
+enum Source {
+    /// The store file, re-read by [`TokenStore::refresh`] when its inode, size or mtime
+    /// change.
+    File {
+        path: PathBuf,
+        stamp: Mutex<Option<FileStamp>>,
+    },
+    /// Fed from outside through [`TokenStore::replace`] (the Kubernetes watch).
+    Fed { origin: String },
+}
+
+/// The server's view of the token records: an in-memory snapshot that requests only read,
+/// replaced whole when the source changes. A file store is refreshed by the server's
+/// maintenance loop (one `stat` a second, not one per request); a store that fails to parse
+/// is logged and the last good contents are kept. A Kubernetes store is fed by its watch.
 pub struct TokenStore {
-    path: PathBuf,
+    source: Source,
     loaded: ArcSwap<Loaded>,
-    stamp: Mutex<Option<FileStamp>>,
 }
 
 impl std::fmt::Debug for TokenStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let origin = match &self.source {
+            Source::File { path, .. } => path.display().to_string(),
+            Source::Fed { origin } => origin.clone(),
+        };
         f.debug_struct("TokenStore")
-            .field("path", &self.path)
+            .field("source", &origin)
             .finish()
     }
 }
 
 impl TokenStore {
-    /// Opens the store at `path` (a missing file is an empty store). Blocks.
+    /// Opens the store file at `path` (a missing file is an empty store). Blocks.
     pub fn open(path: &Path) -> Result<Self> {
+        let st = FileStamp::of(path);
+        let file = read_file(path)?;
         let s = Self {
-            path: path.to_path_buf(),
+            source: Source::File {
+                path: path.to_path_buf(),
+                stamp: Mutex::new(st),
+            },
             loaded: ArcSwap::from_pointee(Loaded {
                 records: Vec::new(),
             }),
-            stamp: Mutex::new(None),
         };
-        let st = FileStamp::of(path);
-        let file = read_file(path)?;
-        s.install(file);
-        *s.stamp.lock().unwrap_or_else(|e| e.into_inner()) = st;
+        s.replace(file.tokens);
         Ok(s)
     }
 
-    fn install(&self, file: StoreFile) {
-        let records = file
-            .tokens
+    /// An empty store whose records are supplied by [`TokenStore::replace`]; `origin` names
+    /// where they come from in logs.
+    pub fn fed(origin: impl Into<String>) -> Self {
+        Self {
+            source: Source::Fed {
+                origin: origin.into(),
+            },
+            loaded: ArcSwap::from_pointee(Loaded {
+                records: Vec::new(),
+            }),
+        }
+    }
+
+    /// Replaces every record at once (records whose hash is not 64 hex characters are
+    /// skipped: they can match no token).
+    pub fn replace(&self, records: Vec<TokenRecord>) {
+        let records = records
             .into_iter()
             .filter_map(|r| {
                 let mut h = [0u8; 32];
@@ -327,19 +350,33 @@ impl TokenStore {
         self.loaded.store(Arc::new(Loaded { records }));
     }
 
-    /// Re-reads the file if it changed since the last look. Blocks (one `stat`).
+    /// How many records the snapshot holds.
+    pub fn len(&self) -> usize {
+        self.loaded.load().records.len()
+    }
+
+    /// Whether the snapshot holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A file store: re-reads the file if it changed since the last look. Blocks (one
+    /// `stat`). A fed store: nothing to do.
     pub fn refresh(&self) {
-        let now = FileStamp::of(&self.path);
-        let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        let Source::File { path, stamp } = &self.source else {
+            return;
+        };
+        let now = FileStamp::of(path);
+        let mut last = stamp.lock().unwrap_or_else(|e| e.into_inner());
         if *last == now {
             return;
         }
-        match read_file(&self.path) {
+        match read_file(path) {
             Ok(file) => {
                 let n = file.tokens.len();
-                self.install(file);
+                self.replace(file.tokens);
                 *last = now;
-                tracing::info!(path = %self.path.display(), tokens = n, "token store reloaded");
+                tracing::info!(path = %path.display(), tokens = n, "token store reloaded");
             }
             Err(error) => {
                 *last = now;
@@ -357,7 +394,6 @@ impl TokenStore {
         peer: Option<IpAddr>,
         now: SystemTime,
     ) -> std::result::Result<Option<TokenRecord>, AuthError> {
-        self.refresh();
         let token = trim_token(token);
         if token.is_empty() {
             return Ok(None);
@@ -571,6 +607,12 @@ mod tests {
         let clock = FakeClock::at_unix(2_000_000_000);
         let store = TokenStore::open(&p).unwrap();
         let t = create(&p, &opts("a"), clock.now()).unwrap();
+        // requests read the snapshot only; the server's maintenance loop refreshes it
+        assert_eq!(
+            store.check(t.secret.as_bytes(), &id("a"), None, clock.now()),
+            Ok(None)
+        );
+        store.refresh();
         assert!(
             store
                 .check(t.secret.as_bytes(), &id("a"), None, clock.now())
@@ -578,12 +620,14 @@ mod tests {
                 .is_some()
         );
         revoke(&p, &t.record.id, clock.now()).unwrap();
+        store.refresh();
         assert!(matches!(
             store.check(t.secret.as_bytes(), &id("a"), None, clock.now()),
             Err(AuthError::Revoked { .. })
         ));
         // a corrupt rewrite keeps the last good contents
         proxy_lib::fs::write_atomic(&p, b"{not json", 0o600, None).unwrap();
+        store.refresh();
         assert!(matches!(
             store.check(t.secret.as_bytes(), &id("a"), None, clock.now()),
             Err(AuthError::Revoked { .. })
@@ -621,6 +665,19 @@ mod tests {
             "10.1.0.0/16".parse::<IpNet>().unwrap().to_string(),
             "10.1.0.0/16"
         );
+        assert!(
+            "10.1.2.3/x"
+                .parse::<IpNet>()
+                .unwrap_err()
+                .contains("prefix")
+        );
+        assert_eq!("10.1.2.3".parse::<IpNet>().unwrap().to_string(), "10.1.2.3");
+        assert_eq!(
+            "::ffff:10.1.0.0/112".parse::<IpNet>().unwrap().to_string(),
+            "10.1.0.0/16"
+        );
+        let mapped: IpNet = "::ffff:10.1.2.3".parse().unwrap();
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
         assert!(revoke(Path::new("/nonexistent/x/tokens"), "x", UNIX_EPOCH).is_err());
     }
 }

@@ -96,6 +96,8 @@ impl Harness {
         };
         f(&mut o);
         let t = tokens::create(&self.cfg.tokens, &o, self.clock.now()).unwrap();
+        // What the server's maintenance loop does within a second.
+        self.server.refresh_tokens();
         (t.secret.to_string(), t.record.id)
     }
 
@@ -334,6 +336,7 @@ async fn bad_inputs_are_refused_with_the_right_code_and_audited() {
     let other_id = "other.external-services.serviceaccount.identity.linkerd.cluster.local";
     let (for_other, _) = h.token(other_id, |_| {});
     let (ip_bound, _) = h.token(ID, |o| o.allowed_ips = vec!["10.0.0.0/8".parse().unwrap()]);
+    h.server.refresh_tokens();
     let key = rcgen::KeyPair::generate().unwrap();
     let ok_csr = csr_with(&key, ID, |_| {});
     let mut cases: Vec<(
@@ -722,6 +725,7 @@ async fn token_store_changes_apply_without_restart() {
         .await
         .unwrap();
     tokens::revoke(&h.cfg.tokens, &id, h.clock.now()).unwrap();
+    h.server.refresh_tokens();
     let st = certify(&mut client, request(ID, t.as_bytes(), csr))
         .await
         .unwrap_err();

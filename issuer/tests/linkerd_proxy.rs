@@ -268,6 +268,7 @@ struct Issuer {
     dir: PathBuf,
     cfg: Config,
     clock: FakeClock,
+    server: Arc<Server>,
     addr: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<issuer::Result<()>>>,
@@ -288,7 +289,7 @@ impl Issuer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let join = tokio::spawn(server.run(listener, None, async move {
+        let join = tokio::spawn(server.clone().run(listener, None, async move {
             let _ = rx.await;
         }));
         Self {
@@ -296,6 +297,7 @@ impl Issuer {
             dir,
             cfg,
             clock,
+            server,
             addr,
             stop: Some(tx),
             join: Some(join),
@@ -319,6 +321,8 @@ impl Issuer {
             self.clock.now(),
         )
         .unwrap();
+        // What the server's maintenance loop does within a second.
+        self.server.refresh_tokens();
         let path = self.dir.join("token");
         std::fs::write(&path, format!("{}\n", &*t.secret)).unwrap();
         path

@@ -281,7 +281,9 @@ impl FromStr for Identity {
     }
 }
 
-fn is_dns_label(l: &str) -> bool {
+/// A DNS-1123 label: 1-63 lowercase letters, digits and `-`, not starting or ending with
+/// `-` (also what Kubernetes requires of a namespace name).
+pub fn is_dns_label(l: &str) -> bool {
     !l.is_empty()
         && l.len() <= 63
         && l.bytes()
@@ -290,7 +292,9 @@ fn is_dns_label(l: &str) -> bool {
         && !l.ends_with('-')
 }
 
-fn is_dns_name(s: &str) -> bool {
+/// A DNS-1123 subdomain: dot-separated labels, 253 characters at most (also what Kubernetes
+/// requires of most object names).
+pub fn is_dns_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 

@@ -2,6 +2,9 @@
 //! dirs written by the real [`crate::certdir::Writer`], fast temp dirs, and log capture. Never
 //! used by shipped code paths.
 
+#[cfg(feature = "fake-kube")]
+pub mod fake_kube;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};

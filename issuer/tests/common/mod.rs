@@ -334,3 +334,12 @@ pub fn issuer_pair(
     let cert = p.signed_by(&key, &anchor).unwrap();
     (cert.pem(), key.serialize_pem())
 }
+
+/// A port free on 127.0.0.1 right now (for a child process that must be told its port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

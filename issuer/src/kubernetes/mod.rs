@@ -1,0 +1,138 @@
+//! The issuer on Kubernetes: the CA read from a Secret and a ConfigMap ([`ca`]) and the
+//! bootstrap-token records kept in Secrets ([`tokens`]), both followed with watches
+//! (`kube::runtime::watcher`, which relists after 410 Gone and retries with backoff when the
+//! API server goes away).
+//!
+//! [`ISSUER_RULES`] and [`OPERATOR_RULES`] list every API call the code makes, as RBAC rules;
+//! the manifests in `examples/kubernetes/` grant exactly these (a test holds them to it).
+
+pub mod ca;
+pub mod tokens;
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use futures_util::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// Default namespace of the CA objects and the token Secrets.
+pub const DEFAULT_NAMESPACE: &str = "linkerd";
+/// Default name of the issuer Secret.
+pub const DEFAULT_SECRET: &str = "linkerd-identity-issuer";
+/// Default name of the trust-roots ConfigMap.
+pub const DEFAULT_TRUST_ROOTS: &str = "linkerd-identity-trust-roots";
+
+/// Which objects an RBAC rule covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Names {
+    /// Only the configured issuer Secret (`resourceNames`).
+    IssuerSecret,
+    /// Only the configured trust-roots ConfigMap (`resourceNames`).
+    TrustRoots,
+    /// Every object of the resource in the namespace.
+    All,
+}
+
+/// One RBAC rule (core API group) the code needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// The resource (`secrets`, `configmaps`).
+    pub resource: &'static str,
+    /// The verbs, sorted.
+    pub verbs: &'static [&'static str],
+    /// Which objects.
+    pub names: Names,
+}
+
+/// What `issuer serve` calls: list+watch of the CA Secret and the roots ConfigMap (a watch
+/// on one object is a list and a watch with `fieldSelector=metadata.name=...`, which RBAC
+/// restricts by `resourceNames`), and list+watch of the token Secrets.
+pub const ISSUER_RULES: &[Rule] = &[
+    Rule {
+        resource: "secrets",
+        verbs: &["list", "watch"],
+        names: Names::IssuerSecret,
+    },
+    Rule {
+        resource: "configmaps",
+        verbs: &["list", "watch"],
+        names: Names::TrustRoots,
+    },
+    Rule {
+        resource: "secrets",
+        verbs: &["list", "watch"],
+        names: Names::All,
+    },
+];
+
+/// What `issuer token create|list|revoke --kubernetes` calls: create, list, and get+update
+/// (revoke keeps the record, marked revoked).
+pub const OPERATOR_RULES: &[Rule] = &[Rule {
+    resource: "secrets",
+    verbs: &["create", "get", "list", "update"],
+    names: Names::All,
+}];
+
+/// A client from the environment: in a pod, the in-cluster config; elsewhere the kubeconfig
+/// as kubectl finds it (`KUBECONFIG`, then `~/.kube/config`).
+pub async fn client() -> Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .map_err(|e| Error::Kubernetes(format!("no usable Kubernetes configuration: {e}")))
+}
+
+/// Follows the objects `api` lists under `config` and calls `on_change` with all of them
+/// (by name) after the initial list and after every change. Watch errors are logged and
+/// retried with backoff; a 410 Gone relists. Runs until dropped.
+pub(crate) async fn follow<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: String,
+    mut on_change: impl FnMut(&BTreeMap<String, K>) + Send,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let mut current: BTreeMap<String, K> = BTreeMap::new();
+    let mut init: Option<BTreeMap<String, K>> = None;
+    let mut failing = false;
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, %what, "Kubernetes watch failed; retrying");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        if failing {
+            tracing::info!(%what, "Kubernetes watch resumed");
+            failing = false;
+        }
+        match ev {
+            Event::Init => init = Some(BTreeMap::new()),
+            Event::InitApply(o) => {
+                init.get_or_insert_default().insert(o.name_any(), o);
+            }
+            Event::InitDone => {
+                current = init.take().unwrap_or_default();
+                on_change(&current);
+            }
+            Event::Apply(o) => {
+                current.insert(o.name_any(), o);
+                on_change(&current);
+            }
+            Event::Delete(o) => {
+                current.remove(&o.name_any());
+                on_change(&current);
+            }
+        }
+    }
+}
