@@ -98,9 +98,9 @@ pub fn is_leftover(name: &str) -> bool {
         return true;
     }
     name.starts_with("..")
-        && name.rsplit_once(".tmp.").is_some_and(|(_, hex)| {
-            hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())
-        })
+        && name
+            .rsplit_once(".tmp.")
+            .is_some_and(|(_, hex)| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The crash leftovers ([`is_leftover`]) present in `dir`, sorted (for tests and `status`).

@@ -213,7 +213,11 @@ impl Ledger {
         lock: Option<&LockGuard>,
         changes: &[Change],
     ) -> &State {
-        let base = self.unsaved.is_some().then_some(self.state.as_ref()).flatten();
+        let base = self
+            .unsaved
+            .is_some()
+            .then_some(self.state.as_ref())
+            .flatten();
         let written = (|| -> Result<State, String> {
             let taken;
             let lock = match lock {
@@ -283,7 +287,12 @@ mod tests {
             installed: Some("ab".into()),
         };
         let fs = &proxy_lib::certdir::RealFs;
-        let s = update(d.path(), fs, &[failed(5), failed(6), Change::NextRenewal(9)]).unwrap();
+        let s = update(
+            d.path(),
+            fs,
+            &[failed(5), failed(6), Change::NextRenewal(9)],
+        )
+        .unwrap();
         assert_eq!((s.failures, s.last_error_at), (2, Some(6)));
         assert_eq!(
             (s.unfinished.as_deref(), s.next_renewal),

@@ -150,7 +150,9 @@ pub fn query(config: &Config, now: SystemTime) -> Report {
             .and_then(|rt| rt.block_on(from_daemon(addr, DAEMON_TIMEOUT)));
         match asked {
             Ok(r) => return r,
-            Err(e) => tracing::debug!(%addr, error = %e, "no answer from the daemon; reading the state file"),
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "no answer from the daemon; reading the state file")
+            }
         }
     }
     report(config, now)
@@ -220,7 +222,11 @@ impl Source {
     /// The report now: the state as the daemon recorded it last (the state file before the
     /// first transition), and why the state file is behind, if it is. Blocks (reads the dir).
     pub fn report(&self) -> Report {
-        let (state, unsaved) = self.ledger.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        let (state, unsaved) = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
         let state = state.unwrap_or_else(|| State::load(&self.config.dir));
         report_from(&self.config, self.clock.now(), &state, unsaved)
     }

@@ -475,9 +475,15 @@ fn the_writability_probe_leaves_nothing_and_names_the_os_error() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no probe left");
     for (errno, want) in [
         (rustix::io::Errno::NOSPC.raw_os_error(), "No space left"),
-        (rustix::io::Errno::ROFS.raw_os_error(), "Read-only file system"),
+        (
+            rustix::io::Errno::ROFS.raw_os_error(),
+            "Read-only file system",
+        ),
     ] {
-        let e = w.check_writable(&RefusingFs(errno)).unwrap_err().to_string();
+        let e = w
+            .check_writable(&RefusingFs(errno))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(want) && e.contains("probe"), "{e}");
     }
 }
@@ -501,7 +507,10 @@ fn write_file_replaces_atomically_and_a_crashed_write_is_a_leftover_that_gets_re
         write_file(&RealFs, &path, b"one", PUBLIC_MODE).unwrap();
         left = leftovers(d.path()).len();
     }
-    assert!(left > 0, "no crash left a temp file: the test proves nothing");
+    assert!(
+        left > 0,
+        "no crash left a temp file: the test proves nothing"
+    );
     // Refused outright: nothing changes.
     let nospc = rustix::io::Errno::NOSPC.raw_os_error();
     assert!(write_file(&RefusingFs(nospc), &path, b"x", PUBLIC_MODE).is_err());

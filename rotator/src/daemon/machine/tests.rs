@@ -112,7 +112,10 @@ fn show(a: &Action) -> String {
             t(*retry_at)
         ),
         Action::Log(Log::InstalledButFailed { error, retry_at }) => {
-            format!("log installed but failed: {error} retry_at={}", t(*retry_at))
+            format!(
+                "log installed but failed: {error} retry_at={}",
+                t(*retry_at)
+            )
         }
         Action::Log(Log::ReloadFailed { error, retry_at }) => {
             format!("log reload failed: {error} retry_at={}", t(*retry_at))
@@ -764,7 +767,10 @@ fn failed_hooks_without_verify_run_again_with_backoff_until_they_pass() {
             disk: good("B"),
         },
     );
-    assert_eq!(acts[0], "log installed but failed: reload failed retry_at=@1");
+    assert_eq!(
+        acts[0],
+        "log installed but failed: reload failed retry_at=@1"
+    );
     assert!(!acts.contains(&"ready=false".to_string()), "{acts:?}");
     let mut now = 1;
     for want in [2, 4, 8] {
