@@ -1,5 +1,7 @@
 //! The small state file `DIR/..rotator-state.json`: when the current cert was received, the
-//! last success, the last error and the planned next renewal, for `status` and restarts.
+//! last success, the last error and the planned next renewal, for `status` and restarts. The
+//! rotator keeps the same state in memory too ([`Ledger`]), with the changes the file could not
+//! take, so a running daemon reports them (`/status`) when its filesystem is full or read-only.
 
 use std::path::Path;
 
