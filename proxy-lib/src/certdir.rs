@@ -16,7 +16,7 @@
 //! final mode and fsynced, the dir fsynced, a temporary symlink renamed over `..data`, `DIR`
 //! fsynced, the top-level symlinks put in place (plain files left by an old script are first
 //! hard-linked into `..pre-rotator.<time>/`), then every version dir but the new and the
-//! previous one, and any `*_tmp.*` leftover of a crash, removed. A crash (or SIGKILL) after any
+//! previous one, and any temp file left by a crash ([`is_leftover`]), removed. A crash (or SIGKILL) after any
 //! step leaves readers the old or the new complete set; the next write cleans up. Every change
 //! goes through [`FsOps`], so tests can crash the write after any step.
 
@@ -87,11 +87,20 @@ pub fn version_dirs(dir: &Path) -> Vec<String> {
     names_in(dir, is_version_name)
 }
 
-/// Whether `name` is a temporary name a write uses for a moment (`..data_tmp.*`,
-/// `..tls.crt_tmp.*`, ...): one found between writes was left by a crash, and the next write
-/// removes it.
+/// Whether `name` is a temporary name a write uses for a moment: the writer's own
+/// (`..data_tmp.*`, `..tls.crt_tmp.*`, the writability probe `..probe_tmp.*`) and the temp file
+/// of an atomic replace of a dotted file in the dir (`.<name>.tmp.<16 hex digits>`, as
+/// [`write_file`] and [`crate::fs::write_atomic`] name it, e.g. `...rotator-state.json.tmp.*`).
+/// One found between writes was left by a crash, and the next write (or
+/// [`remove_leftovers`]) removes it.
 pub fn is_leftover(name: &str) -> bool {
-    name.starts_with("..") && name.contains("_tmp.")
+    if name.starts_with("..") && name.contains("_tmp.") {
+        return true;
+    }
+    name.starts_with("..")
+        && name
+            .rsplit_once(".tmp.")
+            .is_some_and(|(_, hex)| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The crash leftovers ([`is_leftover`]) present in `dir`, sorted (for tests and `status`).
@@ -235,10 +244,29 @@ impl Writer {
         &self.dir
     }
 
+    /// Checks through `fs` that a write can succeed before anything is asked for: creates the dir
+    /// if missing, writes a probe file of a few KiB (`..probe_tmp.*`, fsynced) and removes it.
+    /// A read-only or full filesystem, or a dir the process may not write, fails here with the
+    /// OS error. Blocks.
+    pub fn check_writable(&self, fs: &dyn FsOps) -> Result<(), FsError> {
+        let dir = &self.dir;
+        crate::fs::ensure_dir(dir, DIR_MODE)?;
+        let probe = dir.join(format!("..probe_tmp.{:016x}", rand::random::<u64>()));
+        fs.write_new(&probe, &[0; PROBE_SIZE], SECRET_MODE, None)
+            .map_err(io_err("write a probe file in", dir))?;
+        match fs.remove_file(&probe) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(FsError::new("remove the probe file", &probe, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Installs `set` as the current version through `fs` (the steps are in the module doc;
-    /// `now` names the version dir). Creates the dir if missing. Only version dirs, `*_tmp.*`
-    /// leftovers and the top-level `tls.*` names are ever changed: other files in the dir (a
-    /// caller's lock or state file) are left alone. Returns the new version dir. Blocks.
+    /// `now` names the version dir). Creates the dir if missing. Only version dirs, crash
+    /// leftovers ([`is_leftover`]) and the top-level `tls.*` names are ever changed: other files
+    /// in the dir (a caller's lock or state file) are left alone. Returns the new version dir.
+    /// Blocks.
     pub fn write(
         &self,
         fs: &dyn FsOps,
@@ -368,6 +396,50 @@ impl Writer {
         Ok(())
     }
 }
+
+/// Removes every crash leftover ([`is_leftover`], never a dir) from `dir` through `fs`, fsyncing
+/// `dir` when something went. The caller serialises this with every write into `dir` (the
+/// rotator holds its store lock), so no leftover is a write in progress. Blocks.
+pub fn remove_leftovers(fs: &dyn FsOps, dir: &Path) -> Result<usize, FsError> {
+    let mut removed = 0;
+    for name in leftovers(dir) {
+        let path = dir.join(&name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        match fs.remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FsError::new("remove", &path, e)),
+        }
+    }
+    if removed > 0 {
+        fs.fsync_dir(dir).map_err(io_err("fsync", dir))?;
+    }
+    Ok(removed)
+}
+
+/// Replaces `path` atomically through `fs`: the data goes to `.<name>.tmp.<random>` beside it
+/// (created with its final `mode`, written, fsynced), which is renamed over `path`, and the
+/// directory is fsynced. On a failure the temp file is removed when `fs` still can; one a
+/// crash leaves behind is a leftover ([`is_leftover`]). Blocks.
+pub fn write_file(fs: &dyn FsOps, path: &Path, data: &[u8], mode: u32) -> Result<(), FsError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{:016x}", rand::random::<u64>()));
+    let written = fs
+        .write_new(&tmp, data, mode, None)
+        .map_err(io_err("write", &tmp))
+        .and_then(|()| fs.rename(&tmp, path).map_err(io_err("rename into", path)));
+    if let Err(e) = written {
+        let _ = fs.remove_file(&tmp);
+        return Err(e);
+    }
+    fs.fsync_dir(dir).map_err(io_err("fsync", dir))
+}
+
+/// The size of the writability probe: a block or so, enough that a full filesystem refuses it.
+const PROBE_SIZE: usize = 8192;
 
 /// A fresh version dir name, `..<yyyy_mm_dd_hh_mm_ss>.<random>` (Kubernetes' form).
 fn version_name(now: SystemTime) -> String {

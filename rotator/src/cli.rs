@@ -85,7 +85,8 @@ Config keys (rotator.toml; environment ROTATOR_<KEY>, dots as underscores):
   verify.server_name  default the identity
   verify.attempts     default 3 reload+verify attempts
   verify.delay        default 500ms between a reload and its check
-  metrics.listen      default none; ip:port for /metrics, /live, /ready
+  metrics.listen      default none; ip:port for /metrics, /live, /ready, /status (which
+                      `status` asks first)
 Logging: level from RUST_LOG (or ROTATOR_LOG, which wins), default info; --log-format json
 (or ROTATOR_LOG_FORMAT=json) makes every line on stderr JSON.";
 
@@ -156,7 +157,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>, env: &dyn Env) -> u8 {
         Command::Rotate { config, force } => with_config(config, env, |c| rotate(c, clock, force)),
         Command::Status { config, json } => {
             let report = match config::load(config.config.as_deref(), env) {
-                Ok(c) => status::report(&c, clock.now()),
+                Ok(c) => status::query(&c, clock.now()),
                 Err(e) => Report::unknown(e.to_string()),
             };
             if json {
@@ -287,8 +288,12 @@ async fn run_with(
     watchdog: Option<std::time::Duration>,
 ) -> u8 {
     let metrics = Metrics::new();
+    let hooks = Hooks::new(config.reload.clone(), config.dir.clone());
+    let metrics_listen = config.metrics_listen;
+    tracing::info!(identity = %config.identity, dir = %config.dir.display(), "rotator started");
+    let rotator = Rotator::new(config, clock, issuer, hooks, metrics.clone());
     let mut server = None;
-    if let Some(addr) = config.metrics_listen {
+    if let Some(addr) = metrics_listen {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -298,7 +303,7 @@ async fn run_with(
         };
         tracing::info!(%addr, "serving metrics");
         let mut stop = controls.shutdown.clone();
-        let router = metrics.router();
+        let router = metrics.router().merge(rotator.status_source().router());
         server = Some(tokio::spawn(async move {
             let _ = proxy_lib::admin::serve(listener, router, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -306,9 +311,6 @@ async fn run_with(
             .await;
         }));
     }
-    let hooks = Hooks::new(config.reload.clone(), config.dir.clone());
-    tracing::info!(identity = %config.identity, dir = %config.dir.display(), "rotator started");
-    let rotator = Rotator::new(config, clock, issuer, hooks, metrics);
     daemon::run(
         rotator,
         Arc::new(Systemd),

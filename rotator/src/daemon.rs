@@ -94,10 +94,13 @@ pub async fn run<I: Issue, R: Reload>(
     // A restarted daemon reports the last success it recorded, not 0 (an "age of the last
     // success" alert would fire at every restart).
     let dir = rotator.config().dir.clone();
-    if let Some(t) = crate::renew::blocking(move || State::load(&dir).last_success).await {
+    let state = crate::renew::blocking(move || State::load(&dir)).await;
+    if let Some(t) = state.last_success {
         metrics.last_success.set(t as i64);
     }
-    let mut machine = Machine::new(rotator.config().policy, rotator.config().verify.is_some());
+    // A reload that failed before the restart runs again first.
+    let mut machine = Machine::new(rotator.config().policy, rotator.config().verify.is_some())
+        .resuming(state.unfinished.is_some());
     let mut watchdog = opts.watchdog.map(|w| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + w, w);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -220,17 +223,18 @@ fn log(line: Log) {
         } => {
             tracing::warn!(%error, failures, retry_at = %rfc3339(retry_at), "renewal failed");
         }
-        Log::InstalledButFailed {
-            error,
-            verify_retry_at: Some(at),
-        } => {
-            tracing::warn!(%error, verify_retry_at = %rfc3339(at), "renewal failed");
+        Log::InstalledButFailed { error, retry_at } => {
+            tracing::warn!(%error, retry_at = %rfc3339(retry_at), "renewal failed");
         }
-        Log::InstalledButFailed { error, .. } => tracing::warn!(%error, "renewal failed"),
         Log::VerifyFailed { error, retry_at } => tracing::warn!(
             %error,
             retry_at = %rfc3339(retry_at),
             "the listener does not serve the cert on disk"
+        ),
+        Log::ReloadFailed { error, retry_at } => tracing::warn!(
+            %error,
+            retry_at = %rfc3339(retry_at),
+            "running the reload hooks of the cert on disk again failed"
         ),
         Log::Status { text, quiet: false } => tracing::info!("{text}"),
         Log::Status { text, quiet: true } => tracing::debug!("{text}"),

@@ -13,7 +13,7 @@ use crate::keygen::{self, KeygenError};
 use crate::metrics::Metrics;
 use crate::reload::{Reload, ReloadError};
 use crate::schedule::{self, CertTimes, Decision};
-use crate::state::{self, Change, State};
+use crate::state::{Change, Ledger, State};
 use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
 use crate::validate::{self, ValidateError};
 use crate::verify::VerifyError;
@@ -34,6 +34,10 @@ pub enum CycleError {
     /// The issuer's answer was refused; nothing was written.
     #[error("refused the issuer's answer: {0}")]
     Invalid(#[from] ValidateError),
+    /// The cert dir cannot be written (read-only or full filesystem, permissions): found
+    /// before anything was asked of the issuer.
+    #[error("the cert dir is not writable, so no cert was asked for: {0}")]
+    NotWritable(StoreError),
     /// The swap failed.
     #[error("installing the new cert failed: {0}")]
     Store(#[from] StoreError),
@@ -138,6 +142,7 @@ pub struct Rotator<I, R> {
     fs: Arc<dyn FsOps + Send + Sync>,
     metrics: Metrics,
     view: Arc<Mutex<disk::View>>,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl<I: Issue, R: Reload> Rotator<I, R> {
@@ -155,6 +160,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             fs: Arc::new(RealFs),
             metrics,
             view: Arc::new(Mutex::new(view)),
+            ledger: Arc::default(),
         }
     }
 
@@ -177,6 +183,12 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
     /// The clock.
     pub fn clock(&self) -> &SharedClock {
         &self.clock
+    }
+
+    /// What `status` reports from this rotator's own record of its state (the daemon's
+    /// `/status`): it stays right when the state file cannot be written.
+    pub fn status_source(&self) -> crate::status::Source {
+        crate::status::Source::new(self.config.clone(), self.clock.clone(), self.ledger.clone())
     }
 
     fn view(&self) -> MutexGuard<'_, disk::View> {
@@ -284,18 +296,27 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         }
     }
 
-    /// Applies `changes` to the state file under the store lock, and the last success to the
-    /// metrics. Blocks (one-shot `rotate`; the daemon goes through [`Rotator::record_off_thread`]).
+    /// Applies `changes` to the state file under the store lock (and to the rotator's own
+    /// record, whether or not the file could be written), and the last success to the metrics.
+    /// Blocks (one-shot `rotate`; the daemon goes through [`Rotator::record_off_thread`]).
     fn record(&self, changes: &[Change]) {
-        record_in(&self.config.dir, &self.metrics, changes);
+        let recorder = self.recorder();
+        recorder.record(None, changes);
     }
 
-    /// Applies one transition's `changes` to the state file under the store lock, off the
-    /// runtime thread, and the last success to the metrics.
+    /// [`Rotator::record`] for one transition's `changes`, off the runtime thread.
     pub async fn record_off_thread(&self, changes: Vec<Change>) {
-        let dir = self.config.dir.clone();
-        let metrics = self.metrics.clone();
-        blocking(move || record_in(&dir, &metrics, &changes)).await;
+        let recorder = self.recorder();
+        blocking(move || recorder.record(None, &changes)).await;
+    }
+
+    fn recorder(&self) -> Recorder {
+        Recorder {
+            dir: self.config.dir.clone(),
+            fs: self.fs.clone(),
+            metrics: self.metrics.clone(),
+            ledger: self.ledger.clone(),
+        }
     }
 
     async fn renew(&self) -> Result<Outcome, CycleError> {
@@ -304,6 +325,11 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             .trust_anchors
             .load()
             .map_err(|e| CycleError::Anchors(e.to_string()))?;
+        // A read-only or full filesystem is found before a cert is asked for (and thrown away).
+        let (store, fs) = (self.store.clone(), self.fs.clone());
+        blocking(move || store.check_writable(fs.as_ref()))
+            .await
+            .map_err(CycleError::NotWritable)?;
         let token = read_token(&cfg.token_file)?;
         let fresh = keygen::generate(&cfg.identity, false)?;
         let resp = self
@@ -329,6 +355,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         let key = {
             // The swap (flock, writes, fsyncs) and the state file run off the runtime thread.
             let (store, fs, view) = (self.store.clone(), self.fs.clone(), self.view.clone());
+            let recorder = self.recorder();
             let (chain, key, anchor_certs) =
                 (valid.chain.clone(), fresh.key, anchors.certs().to_vec());
             let installed = Change::Installed {
@@ -346,9 +373,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
                 let version = store.swap(fs.as_ref(), &set, received)?;
                 // The new cert and when it was received go into the state file together,
                 // under the same lock.
-                if let Err(e) = state::update_locked(store.dir(), &lock, &[installed]) {
-                    tracing::warn!(error = %e, "cannot write the state file");
-                }
+                recorder.record(Some(&lock), &[installed]);
                 drop(lock);
                 // What was just validated and written is what is on disk: no need to re-read it.
                 view.lock()
@@ -438,13 +463,12 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         installed_bundle(&self.config.dir)
     }
 
-    /// Checks that the listener serves the cert on disk (start-up of the daemon with
-    /// `[verify]`, and after a rotation whose verify failed), reloading when it does not. The
-    /// cert set is read off the runtime thread; the state file is left to the caller.
+    /// Finishes the rotation of the cert on disk: with `[verify]`, checks that the listener
+    /// serves it (start-up of the daemon, and after a rotation whose reload or verify failed),
+    /// reloading when it does not; without, runs the reload hooks again (after a rotation
+    /// whose hooks failed). The cert set is read off the runtime thread; the state file is left
+    /// to the caller.
     pub async fn verify_current(&self) -> Result<(), CycleError> {
-        if self.config.verify.is_none() {
-            return Ok(());
-        }
         let dir = self.config.dir.clone();
         let bundle = blocking(move || installed_bundle(&dir)).await?;
         if let Some(v) = &self.config.verify {
@@ -486,22 +510,23 @@ fn log_rotated(result: &Result<Outcome, CycleError>) {
     }
 }
 
-/// Applies `changes` to the state file in `dir` under the store lock and sets the last-success
-/// metric from the result. A state file that cannot be written is logged, not fatal. Blocks.
-fn record_in(dir: &std::path::Path, metrics: &Metrics, changes: &[Change]) {
-    match state::update(dir, changes) {
-        Ok(state) => {
-            if let Some(t) = state.last_success {
-                metrics.last_success.set(t as i64);
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot write the state file");
-            for c in changes {
-                if let Change::Succeeded { at } = c {
-                    metrics.last_success.set(*at as i64);
-                }
-            }
+/// Everything a state change needs, to be moved onto the blocking pool.
+struct Recorder {
+    dir: std::path::PathBuf,
+    fs: Arc<dyn FsOps + Send + Sync>,
+    metrics: Metrics,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl Recorder {
+    /// Applies `changes` through the ledger (the state file under the store lock, the caller's
+    /// `lock` or taken here) and sets the last-success metric from the result. A state file
+    /// that cannot be written is logged and reported by `status`, not fatal. Blocks.
+    fn record(&self, lock: Option<&proxy_lib::fs::LockGuard>, changes: &[Change]) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let state = ledger.record(&self.dir, self.fs.as_ref(), lock, changes);
+        if let Some(t) = state.last_success {
+            self.metrics.last_success.set(t as i64);
         }
     }
 }

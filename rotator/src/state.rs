@@ -1,8 +1,11 @@
 //! The small state file `DIR/..rotator-state.json`: when the current cert was received, the
-//! last success, the last error and the planned next renewal, for `status` and restarts.
+//! last success, the last error and the planned next renewal, for `status` and restarts. The
+//! rotator keeps the same state in memory too ([`Ledger`]), with the changes the file could not
+//! take, so a running daemon reports them (`/status`) when its filesystem is full or read-only.
 
 use std::path::Path;
 
+use proxy_lib::certdir::FsOps;
 use proxy_lib::fs::{FsError, LockGuard};
 use serde::{Deserialize, Serialize};
 
@@ -141,23 +144,116 @@ pub enum Change {
 }
 
 /// Applies `changes` to the state file in `dir` in one read-modify-write under the store lock
-/// (`lock` proves the caller holds it), writing only when something changed. Returns the state
+/// (`lock` proves the caller holds it), writing through `fs` (atomically: a temp file renamed
+/// over) only when something changed. Temp files a crash left in the dir (the state file's and
+/// the swap's) are removed first: under the lock no write is in progress. Returns the state
 /// after the changes. Blocks.
-pub fn update_locked(dir: &Path, _lock: &LockGuard, changes: &[Change]) -> Result<State, FsError> {
-    let before = State::load(dir);
-    let mut state = before.clone();
+pub fn update_locked(
+    dir: &Path,
+    fs: &dyn FsOps,
+    lock: &LockGuard,
+    changes: &[Change],
+) -> Result<State, FsError> {
+    apply_locked(dir, fs, lock, None, changes)
+}
+
+/// [`update_locked`], with the changes applied to `base` rather than to the file when given
+/// (the daemon's own state, after a write that failed). Blocks.
+fn apply_locked(
+    dir: &Path,
+    fs: &dyn FsOps,
+    _lock: &LockGuard,
+    base: Option<&State>,
+    changes: &[Change],
+) -> Result<State, FsError> {
+    if let Err(e) = proxy_lib::certdir::remove_leftovers(fs, dir) {
+        tracing::debug!(error = %e, "cannot remove the temp files a crash left");
+    }
+    let on_disk = State::load(dir);
+    let mut state = base.unwrap_or(&on_disk).clone();
     state.apply(changes);
-    if state != before {
-        state.save(dir)?;
+    if state != on_disk {
+        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+        let path = dir.join(STATE_FILE);
+        proxy_lib::certdir::write_file(fs, &path, &json, proxy_lib::fs::PUBLIC_MODE)?;
     }
     Ok(state)
 }
 
 /// [`update_locked`], taking and releasing the store lock around it. Blocks (waits for the
 /// lock while another process swaps).
-pub fn update(dir: &Path, changes: &[Change]) -> Result<State, crate::store::StoreError> {
+pub fn update(
+    dir: &Path,
+    fs: &dyn FsOps,
+    changes: &[Change],
+) -> Result<State, crate::store::StoreError> {
     let lock = crate::store::Store::new(dir, None).lock()?;
-    Ok(update_locked(dir, &lock, changes)?)
+    Ok(update_locked(dir, fs, &lock, changes)?)
+}
+
+/// The rotator's own record of its state: the state after the last transition, changes the
+/// file could not take included, and why the file could not take them. `status` is answered
+/// from it by a running daemon (`/status`), so a failure on a full or read-only filesystem,
+/// where the state file itself cannot be written, is still reported.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    state: Option<State>,
+    /// Why the state file is behind (the last write failed), if it is.
+    unsaved: Option<String>,
+}
+
+impl Ledger {
+    /// Applies one transition's `changes`: to the state file in `dir` under the store lock
+    /// (the caller's `lock`, or taken here), and in memory whether or not the file could be
+    /// written. After a failed write the next one writes the state held here, which has every
+    /// change since (a one-shot `rotate` could not have written the same filesystem meanwhile).
+    /// Returns the state after the changes. Blocks.
+    pub fn record(
+        &mut self,
+        dir: &Path,
+        fs: &dyn FsOps,
+        lock: Option<&LockGuard>,
+        changes: &[Change],
+    ) -> &State {
+        let base = self
+            .unsaved
+            .is_some()
+            .then_some(self.state.as_ref())
+            .flatten();
+        let written = (|| -> Result<State, String> {
+            let taken;
+            let lock = match lock {
+                Some(lock) => lock,
+                None => {
+                    taken = crate::store::Store::new(dir, None)
+                        .lock()
+                        .map_err(|e| e.to_string())?;
+                    &taken
+                }
+            };
+            apply_locked(dir, fs, lock, base, changes).map_err(|e| e.to_string())
+        })();
+        match written {
+            Ok(state) => {
+                self.state = Some(state);
+                self.unsaved = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the state file");
+                let mut state = self.state.take().unwrap_or_else(|| State::load(dir));
+                state.apply(changes);
+                self.state = Some(state);
+                self.unsaved = Some(format!("cannot write the state file: {e}"));
+            }
+        }
+        self.state.get_or_insert_default()
+    }
+
+    /// The state after the last transition (`None` before the first), and why the state file
+    /// is behind it, if it is.
+    pub fn snapshot(&self) -> (Option<State>, Option<String>) {
+        (self.state.clone(), self.unsaved.clone())
+    }
 }
 
 #[cfg(test)]
@@ -192,7 +288,13 @@ mod tests {
             error: "reload failed".into(),
             installed: Some("ab".into()),
         };
-        let s = update(d.path(), &[failed(5), failed(6), Change::NextRenewal(9)]).unwrap();
+        let fs = &proxy_lib::certdir::RealFs;
+        let s = update(
+            d.path(),
+            fs,
+            &[failed(5), failed(6), Change::NextRenewal(9)],
+        )
+        .unwrap();
         assert_eq!((s.failures, s.last_error_at), (2, Some(6)));
         assert_eq!(
             (s.unfinished.as_deref(), s.next_renewal),
@@ -200,20 +302,40 @@ mod tests {
         );
         assert_eq!(State::load(d.path()), s);
         // Completed only counts as a success while a rotation is unfinished.
-        let s = update(d.path(), &[Change::Completed { at: 7 }]).unwrap();
+        let s = update(d.path(), fs, &[Change::Completed { at: 7 }]).unwrap();
         assert_eq!(
             (s.failures, s.last_success, s.unfinished),
             (0, Some(7), None)
         );
-        let s = update(d.path(), &[Change::Completed { at: 8 }]).unwrap();
+        let s = update(d.path(), fs, &[Change::Completed { at: 8 }]).unwrap();
         assert_eq!(s.last_success, Some(7));
         // Nothing changes: the file is left as it is.
         let file = d.path().join(STATE_FILE);
         std::fs::write(&file, serde_json::to_vec(&s).unwrap()).unwrap();
         let before = std::fs::read(&file).unwrap();
-        update(d.path(), &[Change::NextRenewal(9)]).unwrap();
+        update(d.path(), fs, &[Change::NextRenewal(9)]).unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), before);
         assert!(d.path().join(crate::store::LOCK_FILE).is_file());
+    }
+
+    #[test]
+    fn every_update_removes_the_temp_files_a_crash_left() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = &proxy_lib::certdir::RealFs;
+        update(d.path(), fs, &[Change::NextRenewal(1)]).unwrap();
+        let stale = [
+            format!(".{STATE_FILE}.tmp.00000000deadbeef"),
+            "..data_tmp.0000000000000001".to_string(),
+        ];
+        for name in &stale {
+            std::fs::write(d.path().join(name), b"{").unwrap();
+        }
+        // Even an update that changes nothing (and so writes nothing) tidies up.
+        update(d.path(), fs, &[Change::NextRenewal(1)]).unwrap();
+        for name in &stale {
+            assert!(!d.path().join(name).exists(), "{name} survived");
+        }
+        assert_eq!(State::load(d.path()).next_renewal, Some(1));
     }
 
     #[test]

@@ -1,17 +1,28 @@
 //! `rotator status`: a read-only report on the cert dir, with Nagios-style exit codes.
+//!
+//! The report comes from the running daemon when one is reachable: with `metrics.listen` set,
+//! `status` asks `GET /status` there first, and the daemon answers from its own record of its
+//! state ([`Source`]), which stays right when the state file cannot be written (a full or
+//! read-only filesystem). Without a daemon answering, the report is built from the state file.
 
-use std::time::SystemTime;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
-use proxy_lib::clock::{rfc3339, unix_secs};
-use serde::Serialize;
+use http_body_util::{BodyExt, Empty};
+use proxy_lib::clock::{SharedClock, rfc3339, unix_secs};
+use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::renew::{Current, inspect, jitter_sample};
 use crate::schedule::{self, Decision};
-use crate::state::State;
+use crate::state::{Ledger, State};
+
+/// How long `status` waits for the daemon's `/status` before reading the state file instead.
+pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The overall verdict, with its exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Level {
     /// 0: a valid cert, renewal on track.
@@ -47,7 +58,7 @@ impl Level {
 }
 
 /// The report `status` prints.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// The verdict.
     pub status: Level,
@@ -73,6 +84,9 @@ pub struct Report {
     pub last_success: Option<String>,
     /// The last error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// Why the state file is behind what the daemon knows (it cannot be written), if it is.
+    #[serde(default)]
+    pub state_file: Option<String>,
 }
 
 impl Report {
@@ -91,6 +105,7 @@ impl Report {
             next_renewal: None,
             last_success: None,
             last_error: None,
+            state_file: None,
         }
     }
 
@@ -119,13 +134,128 @@ impl Report {
         line("next renewal:", &self.next_renewal);
         line("last success:", &self.last_success);
         line("last error:", &self.last_error);
+        line("state file:", &self.state_file);
         s
     }
 }
 
-/// Builds the report for `config` at `now`. Blocks (reads the dir).
+/// The report `rotator status` prints: the running daemon's answer on `metrics.listen` when it
+/// gives one within [`DAEMON_TIMEOUT`], else [`report`] from the state file. Blocks.
+pub fn query(config: &Config, now: SystemTime) -> Report {
+    if let Some(addr) = config.metrics_listen {
+        let asked = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(from_daemon(addr, DAEMON_TIMEOUT)));
+        match asked {
+            Ok(r) => return r,
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "no answer from the daemon; reading the state file")
+            }
+        }
+    }
+    report(config, now)
+}
+
+/// Asks the daemon listening on `addr` (`0.0.0.0`/`::` mean this host) for its report.
+pub async fn from_daemon(addr: SocketAddr, timeout: Duration) -> Result<Report, String> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<hyper::body::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}/status")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let ask = async {
+        let resp = client
+            .get(uri)
+            .await
+            .map_err(|e| crate::client::error_chain(&e))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("/status answered {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("/status answered no report: {e}"))
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err("no answer in time".into()))
+}
+
+/// The daemon's side of `status`: the report built from its own record of its state.
+#[derive(Clone)]
+pub struct Source {
+    config: Arc<Config>,
+    clock: SharedClock,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("dir", &self.config.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Source {
+    pub(crate) fn new(config: Arc<Config>, clock: SharedClock, ledger: Arc<Mutex<Ledger>>) -> Self {
+        Self {
+            config,
+            clock,
+            ledger,
+        }
+    }
+
+    /// The report now: the state as the daemon recorded it last (the state file before the
+    /// first transition), and why the state file is behind, if it is. Blocks (reads the dir).
+    pub fn report(&self) -> Report {
+        let (state, unsaved) = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot();
+        let state = state.unwrap_or_else(|| State::load(&self.config.dir));
+        report_from(&self.config, self.clock.now(), &state, unsaved)
+    }
+
+    /// The `GET /status` route: [`Source::report`] as JSON (built off the runtime thread).
+    pub fn router(self) -> axum::Router {
+        axum::Router::new().route(
+            "/status",
+            axum::routing::get(move || {
+                let source = self.clone();
+                async move { axum::Json(crate::renew::blocking(move || source.report()).await) }
+            }),
+        )
+    }
+}
+
+/// Builds the report for `config` at `now` from the state file. Blocks (reads the dir).
 pub fn report(config: &Config, now: SystemTime) -> Report {
-    let state = State::load(&config.dir);
+    report_from(config, now, &State::load(&config.dir), None)
+}
+
+/// Builds the report for `config` at `now` from `state`; `unsaved` says why the state file is
+/// behind it (a WARNING at least). Blocks (reads the dir).
+pub fn report_from(
+    config: &Config,
+    now: SystemTime,
+    state: &State,
+    unsaved: Option<String>,
+) -> Report {
     let mut r = Report::unknown(String::new());
     r.identity = Some(config.identity.to_string());
     r.dir = Some(config.dir.display().to_string());
@@ -193,6 +323,13 @@ pub fn report(config: &Config, now: SystemTime) -> Report {
                 r.summary = format!("valid until {}", rfc3339(times.not_after));
             }
         }
+    }
+    if let Some(why) = unsaved {
+        if r.status == Level::Ok {
+            r.status = Level::Warning;
+            r.summary.clone_from(&why);
+        }
+        r.state_file = Some(why);
     }
     r
 }

@@ -66,6 +66,12 @@ impl Store {
         Ok(proxy_lib::fs::lock_exclusive(&self.dir().join(LOCK_FILE))?)
     }
 
+    /// Checks that the dir can be written before a cert is asked for
+    /// ([`Writer::check_writable`]: a probe file written through `fs` and removed). Blocks.
+    pub fn check_writable(&self, fs: &dyn FsOps) -> Result<(), StoreError> {
+        Ok(self.writer.check_writable(fs)?)
+    }
+
     /// Installs `set` as the current version through `fs` with the floor's crash-safe writer
     /// ([`Writer::write`]: version dir, `..data` renamed over, top-level symlinks, pruning to
     /// one previous version; the lock and state files are left alone). Blocks. The caller

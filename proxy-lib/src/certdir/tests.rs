@@ -427,3 +427,99 @@ fn the_reader_resolves_again_when_its_version_vanishes_and_gives_up_after_a_few_
     });
     assert_eq!((r.unwrap_err(), calls), (ReadErr::Gone, 1));
 }
+
+/// Fails every operation with one OS error, as a full (ENOSPC) or read-only (EROFS)
+/// filesystem does.
+struct RefusingFs(i32);
+
+impl RefusingFs {
+    fn refuse(&self) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(self.0))
+    }
+}
+
+impl FsOps for RefusingFs {
+    fn create_dir(&self, _: &Path, _: u32) -> io::Result<()> {
+        self.refuse()
+    }
+    fn write_new(&self, _: &Path, _: &[u8], _: u32, _: Option<u32>) -> io::Result<()> {
+        self.refuse()
+    }
+    fn fsync_dir(&self, _: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn symlink(&self, _: &Path, _: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn hard_link(&self, _: &Path, _: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn rename(&self, _: &Path, _: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn remove_file(&self, _: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn remove_dir_all(&self, _: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+}
+
+#[test]
+fn the_writability_probe_leaves_nothing_and_names_the_os_error() {
+    let d = crate::test_util::fast_tempdir();
+    let dir = d.path().join("certs");
+    let w = Writer::new(&dir, None);
+    w.check_writable(&RealFs).unwrap();
+    assert!(dir.is_dir(), "the probe creates a missing dir");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no probe left");
+    for (errno, want) in [
+        (rustix::io::Errno::NOSPC.raw_os_error(), "No space left"),
+        (
+            rustix::io::Errno::ROFS.raw_os_error(),
+            "Read-only file system",
+        ),
+    ] {
+        let e = w
+            .check_writable(&RefusingFs(errno))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want) && e.contains("probe"), "{e}");
+    }
+}
+
+#[test]
+fn write_file_replaces_atomically_and_a_crashed_write_is_a_leftover_that_gets_removed() {
+    let d = crate::test_util::fast_tempdir();
+    let path = d.path().join("..state.json");
+    write_file(&RealFs, &path, b"zero", PUBLIC_MODE).unwrap();
+    write_file(&RealFs, &path, b"one", PUBLIC_MODE).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"one");
+    assert_eq!(mode_and_gid(&path).unwrap().0, PUBLIC_MODE);
+    assert!(leftovers(d.path()).is_empty());
+    // A crash at each step leaves the old or the new content, whole; a temp file may stay.
+    let mut left = 0;
+    for k in 0..3 {
+        let e = write_file(&CrashingFs::new(k), &path, b"two", PUBLIC_MODE);
+        assert!(e.is_err(), "crash at {k}");
+        let now = std::fs::read(&path).unwrap();
+        assert!(now == b"one" || now == b"two", "crash at {k}: {now:?}");
+        write_file(&RealFs, &path, b"one", PUBLIC_MODE).unwrap();
+        left = leftovers(d.path()).len();
+    }
+    assert!(
+        left > 0,
+        "no crash left a temp file: the test proves nothing"
+    );
+    // Refused outright: nothing changes.
+    let nospc = rustix::io::Errno::NOSPC.raw_os_error();
+    assert!(write_file(&RefusingFs(nospc), &path, b"x", PUBLIC_MODE).is_err());
+    // The next tidy-up removes every leftover and nothing else.
+    std::fs::write(d.path().join("..rotator.lock"), b"").unwrap();
+    assert_eq!(remove_leftovers(&RealFs, d.path()).unwrap(), left);
+    assert!(leftovers(d.path()).is_empty());
+    assert!(d.path().join("..rotator.lock").is_file());
+    assert_eq!(std::fs::read(&path).unwrap(), b"one");
+    assert!(is_leftover("...rotator-state.json.tmp.00000000000000ff"));
+    assert!(!is_leftover(".tokens.tmp.00000000000000ff") && !is_leftover("..state.json"));
+}

@@ -9,9 +9,11 @@
 //! - A failed renewal is retried with exponential backoff and full jitter, never later than
 //!   notAfter − margin of the cert still in place. When another process (a one-shot `rotate`)
 //!   installs a good cert meanwhile, the retry is dropped and the normal schedule resumes.
-//! - A cert installed whose reload or verify failed is not fetched again: with `[verify]` the
-//!   check (reloading when the listener serves another cert) is retried with backoff, not
-//!   bounded by the cert (it stays installed).
+//! - A cert installed whose reload or verify failed is not fetched again: its reload hooks
+//!   (and with `[verify]` the check, reloading when the listener serves another cert) are
+//!   retried with backoff until they pass, not bounded by the cert (it stays installed), with
+//!   or without `[verify]`. A daemon started over a state file that says the last reload
+//!   failed runs them again first.
 //! - `/ready` follows the cert (valid, and verified with `[verify]`); READY=1 goes to systemd
 //!   once, after the first such cert. STATUS= changes with the plan, and the state file's
 //!   next renewal with it.
@@ -97,7 +99,8 @@ pub enum Action {
         /// Asked for (SIGHUP) rather than scheduled.
         forced: bool,
     },
-    /// Check (and reload until) the listener serves the cert on disk; answer with
+    /// Finish the rotation of the cert on disk: with `[verify]`, check (and reload until) the
+    /// listener serves it; without, run the reload hooks again. Answer with
     /// [`Event::Verified`].
     Verify,
     /// Set `/ready`.
@@ -135,14 +138,21 @@ pub enum Log {
     InstalledButFailed {
         /// What failed.
         error: String,
-        /// When the verify is tried again (with `[verify]`).
-        verify_retry_at: Option<SystemTime>,
+        /// When the reload (and verify) is tried again.
+        retry_at: SystemTime,
     },
     /// The listener does not serve the cert on disk (warn).
     VerifyFailed {
         /// What failed.
         error: String,
         /// The next check.
+        retry_at: SystemTime,
+    },
+    /// Running the reload hooks of the cert on disk again failed, without `[verify]` (warn).
+    ReloadFailed {
+        /// What failed.
+        error: String,
+        /// The next run.
         retry_at: SystemTime,
     },
     /// The new status text: info when all is well, debug when a failure was logged already.
@@ -173,7 +183,7 @@ pub enum Phase {
         /// The serial on disk when it began.
         serial_before: Option<String>,
     },
-    /// A verify is in progress.
+    /// A verify (or, without `[verify]`, a run of the reload hooks again) is in progress.
     Verifying,
     /// Stopped.
     Stopped,
@@ -189,7 +199,8 @@ struct Retry {
     serial: Option<String>,
 }
 
-/// The listener is not known to serve the cert on disk.
+/// The rotation of the cert on disk is unfinished: its reload hooks failed, or with `[verify]`
+/// the listener is not known to serve it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Unverified {
     /// When to check again (`None`: at once).
@@ -233,6 +244,19 @@ impl Machine {
             last_status: String::new(),
             pending: Vec::new(),
         }
+    }
+
+    /// A machine started over a state file that says the last reload of the cert on disk
+    /// failed (`unfinished`): its hooks (and verify) run again first, with or without
+    /// `[verify]`.
+    pub fn resuming(mut self, unfinished: bool) -> Self {
+        if unfinished {
+            self.unverified = Some(Unverified {
+                at: None,
+                attempt: 0,
+            });
+        }
+        self
     }
 
     /// Where the daemon is.
@@ -309,7 +333,7 @@ impl Machine {
         }
     }
 
-    /// When to check the listener again after a failed verify; counts the attempt.
+    /// When to reload (and check the listener) again after a failure; counts the attempt.
     fn verify_retry(&mut self, now: SystemTime, jitter: f64) -> SystemTime {
         let attempt = self.unverified.as_ref().map_or(0, |u| u.attempt);
         let at = schedule::retry_at(now, attempt, None, &self.policy, jitter);
@@ -338,12 +362,13 @@ impl Machine {
             }
             Err(f) if f.installed.is_some() => {
                 // The new cert is on disk; the next cycle comes on its normal schedule, and
-                // the reload/verify is retried with backoff until it succeeds.
+                // the reload/verify is retried with backoff until it succeeds: a consumer that
+                // reloads only on the hook must not keep serving the old cert until it expires.
                 self.retry = None;
-                let verify_retry_at = self.verify.then(|| self.verify_retry(now, jitter));
+                let retry_at = self.verify_retry(now, jitter);
                 acts.push(Action::Log(Log::InstalledButFailed {
                     error: f.error.clone(),
-                    verify_retry_at,
+                    retry_at,
                 }));
                 self.pending.push(failed(at, f));
             }
@@ -382,9 +407,11 @@ impl Machine {
             }
             Err(f) => {
                 let retry_at = self.verify_retry(now, jitter);
-                acts.push(Action::Log(Log::VerifyFailed {
-                    error: f.error.clone(),
-                    retry_at,
+                let error = f.error.clone();
+                acts.push(Action::Log(if self.verify {
+                    Log::VerifyFailed { error, retry_at }
+                } else {
+                    Log::ReloadFailed { error, retry_at }
                 }));
                 self.pending.push(failed(at, f));
             }
@@ -443,8 +470,9 @@ impl Machine {
             return;
         }
         // /ready follows the cert (an expired one while the issuer is down is not ready);
-        // READY=1 goes to systemd once, after the first valid (and verified) cert.
-        let good = valid && self.unverified.is_none();
+        // READY=1 goes to systemd once, after the first valid (and verified) cert. Without
+        // [verify], hooks that failed do not make the cert on disk any less ready.
+        let good = valid && !(self.verify && self.unverified.is_some());
         if self.ready != Some(good) {
             self.ready = Some(good);
             acts.push(Action::SetReady(good));
@@ -461,9 +489,14 @@ impl Machine {
         if let Some(Unverified { at: Some(v), .. }) = &self.unverified {
             deadline = deadline.min(*v);
         }
-        let status = if self.unverified.is_some() {
+        let status = if self.unverified.is_some() && self.verify {
             format!(
                 "the listener does not serve the new cert yet; checking again at {}",
+                rfc3339(deadline)
+            )
+        } else if self.unverified.is_some() {
+            format!(
+                "the reload hooks failed; running them again at {}",
                 rfc3339(deadline)
             )
         } else if let Some(r) = &self.retry {

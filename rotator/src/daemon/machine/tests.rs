@@ -111,13 +111,15 @@ fn show(a: &Action) -> String {
             "log renewal failed: {error} failures={failures} retry_at={}",
             t(*retry_at)
         ),
-        Action::Log(Log::InstalledButFailed {
-            error,
-            verify_retry_at,
-        }) => format!(
-            "log installed but failed: {error} verify_retry_at={}",
-            verify_retry_at.map_or("none".into(), t)
-        ),
+        Action::Log(Log::InstalledButFailed { error, retry_at }) => {
+            format!(
+                "log installed but failed: {error} retry_at={}",
+                t(*retry_at)
+            )
+        }
+        Action::Log(Log::ReloadFailed { error, retry_at }) => {
+            format!("log reload failed: {error} retry_at={}", t(*retry_at))
+        }
         Action::Log(Log::VerifyFailed { error, retry_at }) => {
             format!("log verify failed: {error} retry_at={}", t(*retry_at))
         }
@@ -160,9 +162,24 @@ fn states() -> Vec<(&'static str, Machine)> {
             disk: good("A"),
         },
     ];
+    let reload_backoff = vec![
+        Start,
+        Observed(due("A")),
+        Renewed {
+            result: Err(fail("reload failed", Some("B"))),
+            disk: good("B"),
+        },
+    ];
     let with = |mut v: Vec<Event>, e: Event| {
         v.push(e);
         v
+    };
+    let resuming = |events: Vec<Event>| {
+        let mut m = Machine::new(policy(), false).resuming(true);
+        for e in events {
+            m.on(at(0), 1.0, e);
+        }
+        m
     };
     vec![
         ("starting", drive(false, vec![])),
@@ -175,8 +192,17 @@ fn states() -> Vec<(&'static str, Machine)> {
             "verify backoff, observing",
             drive(true, with(verify_backoff, Deadline)),
         ),
+        ("reload backoff", drive(false, reload_backoff.clone())),
+        (
+            "reload backoff, observing",
+            drive(false, with(reload_backoff, Deadline)),
+        ),
         ("renewing", drive(false, renewing.clone())),
         ("verifying", drive(true, vec![Start, Observed(good("A"))])),
+        (
+            "reloading again (resumed, no [verify])",
+            resuming(vec![Start, Observed(good("A"))]),
+        ),
         ("renewing, stopping", drive(false, with(renewing, Shutdown))),
         (
             "stopped",
@@ -309,7 +335,7 @@ const fn observing(observed: [Row; 4]) -> [Row; 14] {
 
 /// The expected actions and next deadline for each state (rows, in the order of
 /// [`states`]) and event (columns, in the order of [`events`]), all at T0 + 1 s.
-const TABLE: [[Row; 14]; 11] = {
+const TABLE: [[Row; 14]; 14] = {
     let n = (NOTHING, None);
     [
         // starting
@@ -349,13 +375,23 @@ const TABLE: [[Row; 14]; 11] = {
             (&["renew"], None),
             (&["log no usable cert: no cert", "renew"], None),
         ]),
+        // reload backoff: the hooks of the new cert B failed at T0 (no [verify]), run again at
+        // T0 + 1 s
+        sleeping(1),
+        // reload backoff, observing at the retry time: the hooks run again, the renewal wins
+        observing([
+            (&["verify"], None),
+            (&["verify"], None),
+            (&["renew"], None),
+            (&["log no usable cert: no cert", "renew"], None),
+        ]),
         // renewing (cert A due)
         busy(
             NOTHING,
             [
                 (FIRST_GOOD_AFTER_RENEWAL, Some(NEXT)),
                 (RENEWAL_FAILED, Some(2)),
-                (INSTALLED_BUT_FAILED, Some(NEXT)),
+                (INSTALLED_BUT_FAILED, Some(2)),
                 n,
                 n,
             ],
@@ -389,6 +425,36 @@ const TABLE: [[Row; 14]; 11] = {
                 ),
             ],
         ),
+        // reloading again: a daemon started over a state file that says the last reload failed
+        busy(
+            NOTHING,
+            [
+                n,
+                n,
+                n,
+                (
+                    &[
+                        "ready=true",
+                        "READY",
+                        "STATUS next renewal at @36000",
+                        "persist done@1, next@36000",
+                        "log info next renewal at @36000",
+                    ],
+                    Some(NEXT),
+                ),
+                (
+                    &[
+                        "log reload failed: served another cert retry_at=@2",
+                        "ready=true",
+                        "READY",
+                        "STATUS the reload hooks failed; running them again at @2",
+                        "persist fail@1 served another cert, next@2",
+                        "log debug the reload hooks failed; running them again at @2",
+                    ],
+                    Some(2),
+                ),
+            ],
+        ),
         // renewing, stopping: the renewal ends, is recorded, then the daemon stops
         busy(
             NOTHING,
@@ -409,7 +475,7 @@ const TABLE: [[Row; 14]; 11] = {
                 ),
                 (
                     &[
-                        "log installed but failed: reload failed verify_retry_at=none",
+                        "log installed but failed: reload failed retry_at=@2",
                         "persist fail@1 reload failed (B)",
                         "STOPPING",
                         "log shutting down",
@@ -441,13 +507,14 @@ const RENEWAL_FAILED: &[&str] = &[
     "persist fail@1 issuer down, next@2",
     "log debug renewal failing (attempt 1); next try at @2",
 ];
+/// Without [verify]: the new cert is ready, its hooks run again after the backoff.
 const INSTALLED_BUT_FAILED: &[&str] = &[
-    "log installed but failed: reload failed verify_retry_at=none",
+    "log installed but failed: reload failed retry_at=@2",
     "ready=true",
     "READY",
-    "STATUS next renewal at @36000",
-    "persist fail@1 reload failed (B), next@36000",
-    "log info next renewal at @36000",
+    "STATUS the reload hooks failed; running them again at @2",
+    "persist fail@1 reload failed (B), next@2",
+    "log debug the reload hooks failed; running them again at @2",
 ];
 
 #[test]
@@ -571,7 +638,7 @@ fn a_failed_verify_is_retried_with_growing_backoff_not_bounded_by_the_cert() {
     );
     assert_eq!(
         acts[0],
-        "log installed but failed: verify failed verify_retry_at=@1"
+        "log installed but failed: verify failed retry_at=@1"
     );
     assert!(acts.contains(&"ready=false".to_string()), "{acts:?}");
     let mut now = 1;
@@ -686,4 +753,62 @@ fn the_watchdog_is_pinged_in_every_state_but_stopped() {
         let want: &[&str] = if name == "stopped" { NOTHING } else { WATCHDOG };
         assert_eq!(acts, want, "{name}");
     }
+}
+
+#[test]
+fn failed_hooks_without_verify_run_again_with_backoff_until_they_pass() {
+    use Event::*;
+    let mut m = drive(false, vec![Start, Observed(due("A"))]);
+    let acts = on(
+        &mut m,
+        0,
+        Renewed {
+            result: Err(fail("reload failed", Some("B"))),
+            disk: good("B"),
+        },
+    );
+    assert_eq!(
+        acts[0],
+        "log installed but failed: reload failed retry_at=@1"
+    );
+    assert!(!acts.contains(&"ready=false".to_string()), "{acts:?}");
+    let mut now = 1;
+    for want in [2, 4, 8] {
+        on(&mut m, now, Deadline);
+        assert_eq!(on(&mut m, now, Observed(good("B"))), ["verify"]);
+        let acts = on(
+            &mut m,
+            now,
+            Verified {
+                result: Err(fail("reload failed", None)),
+                disk: good("B"),
+            },
+        );
+        assert_eq!(
+            acts[0],
+            format!("log reload failed: reload failed retry_at=@{}", now + want)
+        );
+        assert_eq!(deadline(&m), Some(now + want));
+        now += want;
+    }
+    on(&mut m, now, Deadline);
+    on(&mut m, now, Observed(good("B")));
+    let acts = on(
+        &mut m,
+        now,
+        Verified {
+            result: Ok(()),
+            disk: good("B"),
+        },
+    );
+    assert_eq!(
+        acts,
+        [
+            "STATUS next renewal at @36000",
+            &format!("persist done@{now}, next@36000"),
+            "log info next renewal at @36000"
+        ]
+    );
+    // Done: back on the cert's schedule, nothing runs again.
+    assert_eq!(deadline(&m), Some(NEXT));
 }
