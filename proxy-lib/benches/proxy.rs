@@ -128,6 +128,7 @@ fn config(dir: &std::path::Path) -> Config {
         allow_client: Vec::new(),
         limits: Limits::default(),
         watch_interval: None,
+        linkerd: Default::default(),
     }
 }
 

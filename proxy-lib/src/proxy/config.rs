@@ -15,6 +15,9 @@
 //! max_connections = 10000
 //! drain_timeout = "10s"
 //! watch_interval = "5s"                  # "0s" = reload only on SIGHUP / POST /reload
+//! # Linkerd inbound mode (see `proxy::linkerd`): listeners, and the app of each port
+//! linkerd_inbound = ["0.0.0.0:4143", "10.0.0.5:8080"]
+//! linkerd_app = ["8080=127.0.0.1:8080", "5432=127.0.0.1:5432"]
 //! ```
 
 use std::net::SocketAddr;
@@ -121,6 +124,12 @@ pub struct RawConfig {
     /// `..data` check interval (0 = off).
     #[serde(default, with = "humantime_serde")]
     pub watch_interval: Option<Duration>,
+    /// Linkerd inbound listen addresses.
+    #[serde(default)]
+    pub linkerd_inbound: Vec<String>,
+    /// Linkerd inbound `PORT=APP_HOST:PORT` entries.
+    #[serde(default)]
+    pub linkerd_app: Vec<String>,
 }
 
 impl RawConfig {
@@ -157,6 +166,8 @@ impl RawConfig {
             (&mut self.inbound, over.inbound),
             (&mut self.outbound, over.outbound),
             (&mut self.allow_client, over.allow_client),
+            (&mut self.linkerd_inbound, over.linkerd_inbound),
+            (&mut self.linkerd_app, over.linkerd_app),
         ] {
             if !theirs.is_empty() {
                 *mine = theirs;
@@ -235,6 +246,8 @@ pub struct Config {
     pub limits: Limits,
     /// `..data` change check interval; `None` = off.
     pub watch_interval: Option<Duration>,
+    /// Linkerd inbound listeners and apps (off when it has no listener).
+    pub linkerd: crate::proxy::linkerd::LinkerdInbound,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -264,8 +277,15 @@ impl TryFrom<RawConfig> for Config {
                     .ok()
             })
             .collect();
-        if raw.inbound.is_empty() && raw.outbound.is_empty() {
-            bad.push("no listener: give at least one --inbound or --outbound".into());
+        let linkerd = crate::proxy::linkerd::LinkerdInbound::parse(
+            &raw.linkerd_inbound,
+            &raw.linkerd_app,
+            &mut bad,
+        );
+        if raw.inbound.is_empty() && raw.outbound.is_empty() && raw.linkerd_inbound.is_empty() {
+            bad.push(
+                "no listener: give at least one --inbound, --outbound or --linkerd-inbound".into(),
+            );
         }
         if !raw.outbound_allow_remote.unwrap_or(false) {
             for o in &outbound {
@@ -350,6 +370,7 @@ impl TryFrom<RawConfig> for Config {
                 drain_timeout,
             },
             watch_interval,
+            linkerd,
         })
     }
 }
@@ -382,13 +403,13 @@ fn parse_outbound(s: &str) -> Result<Outbound, String> {
     })
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.trim()
         .parse()
         .map_err(|e| format!("listen address {s:?}: {e} (want IP:PORT)"))
 }
 
-fn parse_host_port(s: &str) -> Result<String, String> {
+pub(crate) fn parse_host_port(s: &str) -> Result<String, String> {
     let s = s.trim();
     let (host, port) = s
         .rsplit_once(':')
@@ -466,6 +487,16 @@ pub struct Args {
     /// Check `DIR/..data` for a new version this often, besides SIGHUP; 0s = off [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub watch_interval: Option<Duration>,
+    /// Linkerd inbound listener (repeatable): terminates mTLS as a Linkerd host does (SNI must
+    /// be one of this host's identities; HTTP/2 with l5d-orig-proto is served and downgraded;
+    /// ALPN transport.l5d.io/v1 with a transport header routes by its port), e.g.
+    /// 0.0.0.0:4143 for opaque ports and HOST_IP:8080 for an HTTP port.
+    #[arg(long, value_name = "LISTEN")]
+    pub linkerd_inbound: Vec<String>,
+    /// The app of a port in Linkerd inbound mode (repeatable): the port a client dials or its
+    /// transport header names, e.g. 8080=127.0.0.1:8080.
+    #[arg(long, value_name = "PORT=APP")]
+    pub linkerd_app: Vec<String>,
     /// Log format on stderr; with json every line is a JSON object, errors included (the
     /// level comes from RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Plain, env = LOG_FORMAT_ENV)]
@@ -495,6 +526,8 @@ impl Args {
             max_connections: self.max_connections,
             drain_timeout: self.drain_timeout,
             watch_interval: self.watch_interval,
+            linkerd_inbound: self.linkerd_inbound,
+            linkerd_app: self.linkerd_app,
         };
         Ok(base.overlay(flags))
     }

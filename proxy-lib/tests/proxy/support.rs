@@ -59,6 +59,7 @@ pub fn config(certs: &Path) -> Config {
             ..Limits::default()
         },
         watch_interval: None,
+        linkerd: Default::default(),
     }
 }
 
