@@ -16,7 +16,7 @@
 //! drain_timeout = "10s"
 //! watch_interval = "5s"                  # "0s" = reload only on SIGHUP / POST /reload
 //! # Linkerd inbound mode (see `proxy::linkerd`): listeners, and the app of each port
-//! linkerd_inbound = ["0.0.0.0:4143", "10.0.0.5:8080"]
+//! linkerd_inbound = ["0.0.0.0:4143", "10.0.0.5:8080"]   # LISTEN[=APP]
 //! linkerd_app = ["8080=127.0.0.1:8080", "5432=127.0.0.1:5432"]
 //! ```
 
@@ -124,7 +124,7 @@ pub struct RawConfig {
     /// `..data` check interval (0 = off).
     #[serde(default, with = "humantime_serde")]
     pub watch_interval: Option<Duration>,
-    /// Linkerd inbound listen addresses.
+    /// Linkerd inbound `LISTEN[=APP_HOST:PORT]` entries.
     #[serde(default)]
     pub linkerd_inbound: Vec<String>,
     /// Linkerd inbound `PORT=APP_HOST:PORT` entries.
@@ -490,8 +490,9 @@ pub struct Args {
     /// Linkerd inbound listener (repeatable): terminates mTLS as a Linkerd host does (SNI must
     /// be one of this host's identities; HTTP/2 with l5d-orig-proto is served and downgraded;
     /// ALPN transport.l5d.io/v1 with a transport header routes by its port), e.g.
-    /// 0.0.0.0:4143 for opaque ports and HOST_IP:8080 for an HTTP port.
-    #[arg(long, value_name = "LISTEN")]
+    /// 0.0.0.0:4143 for opaque ports and HOST_IP:8080 for an HTTP port. Connections without a
+    /// transport header go to =APP, or else to the --linkerd-app of the listener's port.
+    #[arg(long, value_name = "LISTEN[=APP]")]
     pub linkerd_inbound: Vec<String>,
     /// The app of a port in Linkerd inbound mode (repeatable): the port a client dials or its
     /// transport header names, e.g. 8080=127.0.0.1:8080.

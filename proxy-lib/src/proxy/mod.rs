@@ -92,7 +92,7 @@ struct OutboundListener {
 /// A proxy with its listeners bound and its first certificate load attempted.
 pub struct Proxy {
     inbound: Vec<InboundListener>,
-    linkerd: Vec<TcpListener>,
+    linkerd: Vec<(TcpListener, Option<linkerd::http::App>)>,
     linkerd_routes: linkerd::Routes,
     outbound: Vec<OutboundListener>,
     admin: TcpListener,
@@ -137,9 +137,13 @@ impl Proxy {
                 identity: o.identity.clone(),
             });
         }
+        let linkerd_routes = linkerd::Routes::new(&config.linkerd, config.limits.connect_timeout);
         let mut linkerd = Vec::new();
-        for addr in &config.linkerd.listen {
-            linkerd.push(bind("linkerd inbound", *addr).await?);
+        for l in &config.linkerd.listen {
+            let listener = bind("linkerd inbound", l.addr).await?;
+            let port = listener.local_addr().map_or(l.addr.port(), |a| a.port());
+            let default = linkerd_routes.default_app(l, port, config.limits.connect_timeout);
+            linkerd.push((listener, default));
         }
         let admin = bind("admin", config.admin).await?;
         // The stamp is taken before the load: a change in between makes the watcher reload
@@ -154,7 +158,7 @@ impl Proxy {
         Ok(Self {
             inbound,
             linkerd,
-            linkerd_routes: linkerd::Routes::new(&config.linkerd, config.limits.connect_timeout),
+            linkerd_routes,
             outbound,
             admin,
             reloader,
@@ -183,7 +187,7 @@ impl Proxy {
 
     /// Bound Linkerd inbound addresses, in config order.
     pub fn linkerd_addrs(&self) -> Vec<SocketAddr> {
-        addrs(self.linkerd.iter())
+        addrs(self.linkerd.iter().map(|(l, _)| l))
     }
 
     /// Bound outbound addresses, in config order.
@@ -222,10 +226,11 @@ impl Proxy {
                 stop_rx.clone(),
             ));
         }
-        for l in self.linkerd {
+        for (l, default) in self.linkerd {
             tasks.spawn(linkerd::serve(
                 l,
                 self.linkerd_routes.clone(),
+                default,
                 shared.clone(),
                 stop_rx.clone(),
             ));

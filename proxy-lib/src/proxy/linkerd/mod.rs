@@ -10,7 +10,7 @@
 //! - for an opaque port: the host's inbound port (4143), ALPN `transport.l5d.io/v1`, and a
 //!   transport header naming the target port before the app's bytes.
 //!
-//! A Linkerd-mode listener ([`LinkerdInbound::listen`]) serves both:
+//! A Linkerd-mode listener ([`LinkerdInbound::listen`], `LISTEN[=APP]`) serves both:
 //! 1. The ClientHello's SNI must be one of the served leaf's identities (DNS SANs), else the
 //!    connection is closed before any handshake (`proxy_tls_handshakes_total{result=
 //!    "foreign_sni"}`); a ClientHello without SNI is refused the same way. The client
@@ -20,7 +20,8 @@
 //!    transport header ([`header`]); its port picks the app from [`LinkerdInbound::apps`] (an
 //!    unknown port closes the connection), its session protocol HTTP/2 makes the rest an HTTP/2
 //!    connection served as in 3, anything else is forwarded byte for byte.
-//! 3. Without the ALPN, the app is the one of the listener's own port. Bytes starting with the
+//! 3. Without the ALPN, the app is the listener's own (`LISTEN=APP`), or else the one
+//!    [`LinkerdInbound::apps`] gives its port (a listener with neither refuses). Bytes starting with the
 //!    HTTP/2 connection preface are served as HTTP/2 ([`http`]): each request goes to the app
 //!    as HTTP/1.1 (or 1.0) when it carries `l5d-orig-proto`, as HTTP/2 otherwise. Anything else
 //!    (HTTP/1.1, other protocols) is forwarded byte for byte, as on a plain inbound listener.
@@ -50,12 +51,22 @@ pub const TRANSPORT_ALPN: &[u8] = b"transport.l5d.io/v1";
 /// The HTTP/2 connection preface a client sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// One Linkerd inbound listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkerdListener {
+    /// Address to listen on: the host's inbound port (Linkerd's default is 4143) for opaque
+    /// ports, or an HTTP port the `ExternalWorkload` declares.
+    pub addr: SocketAddr,
+    /// The app of connections without a transport header (`None`: the app
+    /// [`LinkerdInbound::apps`] gives this listener's port, if any).
+    pub app: Option<String>,
+}
+
 /// The Linkerd inbound listeners and the apps behind them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkerdInbound {
-    /// Addresses to listen on: the host's inbound port (Linkerd's default is 4143) for opaque
-    /// ports, and each HTTP port the `ExternalWorkload` declares.
-    pub listen: Vec<SocketAddr>,
+    /// The listeners.
+    pub listen: Vec<LinkerdListener>,
     /// The app of each port a client may target (the port it dialled, or the one its
     /// transport header names): port → `host:port`.
     pub apps: BTreeMap<u16, String>,
@@ -67,13 +78,22 @@ impl LinkerdInbound {
         !self.listen.is_empty()
     }
 
-    /// Validates the `linkerd_inbound` (`LISTEN_IP:PORT`) and `linkerd_app`
+    /// Validates the `linkerd_inbound` (`LISTEN_IP:PORT[=APP_HOST:PORT]`) and `linkerd_app`
     /// (`PORT=APP_HOST:PORT`) entries; each problem goes to `bad`.
     pub fn parse(listen: &[String], apps: &[String], bad: &mut Vec<String>) -> Self {
+        use crate::proxy::config::{parse_host_port, parse_listen};
         let mut out = Self::default();
         for l in listen {
-            match crate::proxy::config::parse_listen(l) {
-                Ok(a) => out.listen.push(a),
+            let (addr, app) = match l.split_once('=') {
+                Some((addr, app)) => (addr, Some(app)),
+                None => (l.as_str(), None),
+            };
+            let parsed = parse_listen(addr).and_then(|addr| {
+                let app = app.map(parse_host_port).transpose()?;
+                Ok(LinkerdListener { addr, app })
+            });
+            match parsed {
+                Ok(l) => out.listen.push(l),
                 Err(e) => bad.push(format!("linkerd_inbound {l:?}: {e}")),
             }
         }
@@ -88,7 +108,7 @@ impl LinkerdInbound {
                         .ok()
                         .filter(|p| *p != 0)
                         .ok_or_else(|| format!("port {port:?} must be 1..65535"))?;
-                    Ok((port, crate::proxy::config::parse_host_port(app)?))
+                    Ok((port, parse_host_port(app)?))
                 });
             match parsed {
                 Ok((port, app)) => {
@@ -99,11 +119,15 @@ impl LinkerdInbound {
                 Err(e) => bad.push(format!("linkerd_app {a:?}: {e}")),
             }
         }
-        if out.listen.is_empty() && !apps.is_empty() {
+        if listen.is_empty() && !apps.is_empty() {
             bad.push("linkerd_app given without any linkerd_inbound listener".into());
         }
-        if !listen.is_empty() && apps.is_empty() {
-            bad.push("linkerd_inbound needs at least one linkerd_app (PORT=APP_HOST:PORT)".into());
+        if !listen.is_empty() && apps.is_empty() && out.listen.iter().all(|l| l.app.is_none()) {
+            bad.push(
+                "linkerd_inbound has no app: give linkerd_app (PORT=APP_HOST:PORT) or \
+                 LISTEN=APP_HOST:PORT"
+                    .into(),
+            );
         }
         out
     }
@@ -128,22 +152,37 @@ impl Routes {
     fn get(&self, port: u16) -> Option<&http::App> {
         self.0.get(&port)
     }
+
+    /// The app of connections without a header on `listener`, now bound to `own_port`.
+    pub fn default_app(
+        &self,
+        listener: &LinkerdListener,
+        own_port: u16,
+        connect_timeout: Duration,
+    ) -> Option<http::App> {
+        match &listener.app {
+            Some(app) => Some(http::App::new(app, connect_timeout)),
+            None => self.get(own_port).cloned(),
+        }
+    }
 }
 
-/// Accepts connections on `listener` in Linkerd mode until `stop` turns true.
+/// Accepts connections on `listener` in Linkerd mode until `stop` turns true: with a
+/// transport header they go to the app `routes` gives its port, without one to `default`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     routes: Routes,
+    default: Option<http::App>,
     shared: Shared,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let dm = shared.metrics.direction(Direction::Inbound);
-    let own_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     listener::accept_loop(listener, shared.clone(), stop, move |tcp, peer| {
         let routes = routes.clone();
+        let default = default.clone();
         let shared = shared.clone();
         let dm = dm.clone();
-        async move { conn(tcp, peer, own_port, &routes, &shared, &dm).await }
+        async move { conn(tcp, peer, &routes, default.as_ref(), &shared, &dm).await }
     })
     .await
 }
@@ -151,8 +190,8 @@ pub async fn serve(
 async fn conn(
     tcp: TcpStream,
     peer: SocketAddr,
-    own_port: u16,
     routes: &Routes,
+    default: Option<&http::App>,
     shared: &Shared,
     dm: &DirectionMetrics,
 ) {
@@ -238,8 +277,8 @@ async fn conn(
         }
         return;
     }
-    let Some(app) = routes.get(own_port) else {
-        let why = format!("no transport header, and port {own_port} has no app");
+    let Some(app) = default else {
+        let why = "no transport header, and this listener has no app of its own";
         return refuse(LinkerdRefusal::UnknownPort, &why);
     };
     let (first, tls) = sniff(tls, shared.limits.handshake_timeout).await;
@@ -354,6 +393,7 @@ mod tests {
         );
         assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.listen[1].app, None);
         assert_eq!(c.apps[&8080], "127.0.0.1:18080");
         assert_eq!(c.apps[&5432], "localhost:5432");
 
@@ -382,7 +422,11 @@ mod tests {
         }
         let mut bad = Vec::new();
         LinkerdInbound::parse(&["127.0.0.1:4143".into()], &[], &mut bad);
-        assert!(bad[0].contains("at least one linkerd_app"), "{bad:?}");
+        assert!(bad[0].contains("has no app"), "{bad:?}");
+        let mut bad = Vec::new();
+        let c = LinkerdInbound::parse(&["127.0.0.1:8080=127.0.0.1:18080".into()], &[], &mut bad);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(c.listen[0].app.as_deref(), Some("127.0.0.1:18080"));
     }
 
     #[tokio::test]
