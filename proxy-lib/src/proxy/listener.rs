@@ -44,6 +44,9 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// Becomes true when open connections must be cut (after the drain timeout).
     pub cut: watch::Receiver<bool>,
+    /// Becomes true when the proxy stops accepting (HTTP/2 connections are then asked to
+    /// finish their streams and close).
+    pub stop: watch::Receiver<bool>,
     /// How often refused inbound handshakes are logged at info.
     pub refusals: Arc<LogLimit>,
 }

@@ -215,6 +215,7 @@ impl Proxy {
             limits: self.limits,
             permits: permits.clone(),
             cut: cut_rx,
+            stop: stop_rx.clone(),
             refusals: Arc::new(crate::net::LogLimit::default()),
         };
         let mut tasks = tokio::task::JoinSet::new();

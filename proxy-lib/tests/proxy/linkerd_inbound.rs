@@ -371,6 +371,7 @@ async fn an_http1_app_answers_downgraded_requests_streams_included() {
         .unwrap();
     let mut back = Vec::new();
     tls.read_to_end(&mut back).await.unwrap();
+    drop(tls);
     let back = String::from_utf8_lossy(&back);
     assert!(back.starts_with("HTTP/1.1 200"), "{back}");
     assert!(back.contains("x-seen-target: /plain"), "{back}");

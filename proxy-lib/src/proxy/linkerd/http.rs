@@ -11,7 +11,9 @@
 //!
 //! Connections to the app are pooled per port (and, for HTTP/2 and absolute-form requests, per
 //! `:authority`): idle ones are closed after [`POOL_IDLE`], at most [`POOL_MAX_IDLE`] are kept
-//! per key. The client connection closes after the idle timeout with no bytes either way.
+//! per key. The client connection closes after the idle timeout with no bytes either way; when
+//! the proxy stops, it gets a GOAWAY and its streams in flight may finish within the drain
+//! timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -126,12 +128,28 @@ pub async fn serve<S>(
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .serve_connection(TokioIo::new(io), service);
-    tokio::select! {
-        r = conn => if let Err(error) = r {
-            tracing::debug!(%peer, %error, "linkerd HTTP/2 connection ended with an error");
-        },
-        () = listener::idle_watch(&activity, shared.limits.idle_timeout) => {
-            tracing::debug!(%peer, "linkerd HTTP/2 connection idle: closed");
+    let mut conn = std::pin::pin!(conn);
+    let mut stop = shared.stop.clone();
+    let idle = listener::idle_watch(&activity, shared.limits.idle_timeout);
+    let mut idle = std::pin::pin!(idle);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(error) = r {
+                    tracing::debug!(%peer, %error, "linkerd HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            () = idle.as_mut() => {
+                tracing::debug!(%peer, "linkerd HTTP/2 connection idle: closed");
+                return;
+            }
+            // At shutdown: GOAWAY, streams in flight finish (until the drain timeout cuts).
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
 }
