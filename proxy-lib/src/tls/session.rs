@@ -550,6 +550,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn client_hello_shows_sni_and_alpn_and_the_chosen_acceptor_answers_it() {
+        let Fixture {
+            pki,
+            server,
+            client,
+            real,
+            ..
+        } = fixture(HOUR, HOUR);
+        let plain = Acceptor::mesh(&server, &pki.anchors(), &AllowList::default(), &real).unwrap();
+        let transport = plain.with_alpn(&[b"transport.l5d.io/v1"]);
+        for (offer, want) in [
+            (
+                vec![b"transport.l5d.io/v1".to_vec()],
+                Some(&b"transport.l5d.io/v1"[..]),
+            ),
+            // Offering only something else: served without ALPN, not refused.
+            (vec![b"h2".to_vec()], None),
+            (Vec::new(), None),
+        ] {
+            let mut connector = Connector::mesh(&client, &pki.anchors(), &real).unwrap();
+            let mut config = (*connector.config).clone();
+            config.alpn_protocols = offer.clone();
+            connector.config = Arc::new(config);
+            let (c, s) = tokio::io::duplex(64 * 1024);
+            let server_side = async {
+                let hello = ClientHello::read(s).await.unwrap();
+                assert_eq!(hello.server_name().as_deref(), Some(SERVER));
+                let offers = hello.offers_alpn(b"transport.l5d.io/v1");
+                assert_eq!(offers, want.is_some());
+                let acceptor = if offers { &transport } else { &plain };
+                let mut accepted = hello.accept(acceptor).await.unwrap();
+                assert!(accepted.client_chain.is_some());
+                accepted.stream.write_all(b"x").await.unwrap();
+                accepted.stream.flush().await.unwrap();
+                accepted
+                    .stream
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(<[u8]>::to_vec)
+            };
+            let client_side = async {
+                let name = ServerName::try_from(SERVER.to_uppercase()).unwrap();
+                let mut tls = connector.connect(name, c).await.unwrap();
+                let mut b = [0u8; 1];
+                tls.read_exact(&mut b).await.unwrap();
+            };
+            let (alpn, ()) = tokio::join!(server_side, client_side);
+            assert_eq!(alpn.as_deref(), want, "offer {offer:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn bare_configs_never_resume() {
         let Fixture {
             pki,

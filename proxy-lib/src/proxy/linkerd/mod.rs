@@ -322,7 +322,7 @@ async fn sniff<S: AsyncRead + Unpin>(mut s: S, wait: Duration) -> (Vec<u8>, S) {
 }
 
 /// A stream that yields `prefix` (bytes already read from `inner`) before `inner`'s own.
-pub struct Prefixed<S> {
+struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
