@@ -416,10 +416,12 @@ mod tests {
             "want PORT=APP_HOST:PORT",
             "port must be 1..65535",
             "port 82 is given twice",
-            "without any linkerd_inbound",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+        let mut bad = Vec::new();
+        LinkerdInbound::parse(&[], &["80=127.0.0.1:80".into()], &mut bad);
+        assert!(bad[0].contains("without any linkerd_inbound"), "{bad:?}");
         let mut bad = Vec::new();
         LinkerdInbound::parse(&["127.0.0.1:4143".into()], &[], &mut bad);
         assert!(bad[0].contains("has no app"), "{bad:?}");
