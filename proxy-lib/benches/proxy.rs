@@ -149,43 +149,47 @@ fn config(dir: &std::path::Path) -> Config {
     }
 }
 
-async fn echo_app() -> SocketAddr {
+/// A loopback app: each accepted connection (no Nagle) is handed to `handle` in a task of its
+/// own.
+async fn app<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut r = tokio::io::BufReader::with_capacity(CHUNK, r);
-                let _ = tokio::io::copy_buf(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+            tokio::spawn(handle(s));
         }
     });
     addr
 }
 
+async fn echo_app() -> SocketAddr {
+    app(|s| async move {
+        let (r, mut w) = s.into_split();
+        let mut r = tokio::io::BufReader::with_capacity(CHUNK, r);
+        let _ = tokio::io::copy_buf(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
 /// An HTTP/1.1-only app answering every request with a 2-byte body, keeping connections alive.
 async fn http_app() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                        Bytes::from_static(b"ok"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    app(|s| async move {
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                b"ok",
+            ))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
+    .await
 }
 
 /// One client connection of the request-rate figures.
@@ -271,13 +275,7 @@ async fn request_rate(dur: Duration, conns: Vec<HttpConn>) -> Tally {
             }
         }));
     }
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    Tally {
-        units: done.load(Ordering::Relaxed) as f64,
-        secs: start.elapsed().as_secs_f64(),
-    }
+    tally(start, &done, tasks).await
 }
 
 async fn run(dur: Duration) {
@@ -477,6 +475,18 @@ async fn ping<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()
     Ok(())
 }
 
+/// Waits for the client tasks, then tallies the operations they counted in `done` since
+/// `start`.
+async fn tally(start: Instant, done: &AtomicU64, tasks: Vec<tokio::task::JoinHandle<()>>) -> Tally {
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    Tally {
+        units: done.load(Ordering::Relaxed) as f64,
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
 /// Measurement rounds (each figure gets `BENCH_SECS / ROUNDS` per round).
 const ROUNDS: u32 = 3;
 
@@ -525,13 +535,7 @@ where
             }
         }));
     }
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    Tally {
-        units: done.load(Ordering::Relaxed) as f64,
-        secs: start.elapsed().as_secs_f64(),
-    }
+    tally(start, &done, tasks).await
 }
 
 /// Payload bytes echoed over `dur` by `BULK_STREAMS` streams (written, and read back intact
