@@ -357,4 +357,17 @@ mod tests {
         drop(guard);
         assert_eq!(d.open.get(), 0);
     }
+
+    #[test]
+    fn client_id_labels_are_bounded() {
+        let ids = ClientIds::default();
+        let name = |i: usize| format!("sa{i}.ns.serviceaccount.identity.linkerd.cluster.local");
+        for i in 0..ClientIds::MAX {
+            assert_eq!(ids.label(Some(&name(i))), name(i));
+        }
+        assert_eq!(ids.label(Some(&name(ClientIds::MAX))), ClientIds::OTHER);
+        // Identities seen before the bound keep their own series.
+        assert_eq!(ids.label(Some(&name(7))), name(7));
+        assert_eq!(ids.label(None), ClientIds::UNKNOWN);
+    }
 }

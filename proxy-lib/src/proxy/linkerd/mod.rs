@@ -242,9 +242,16 @@ async fn conn(
     let client_id = shared.metrics.client_ids.label(client_id.as_deref());
     let tls = accepted.stream;
     let opaque = tls.get_ref().1.alpn_protocol() == Some(TRANSPORT_ALPN);
+    // Logged at info within the refusal log limit, like refused handshakes.
     let refuse = |reason: LinkerdRefusal, why: &dyn std::fmt::Display| {
         shared.metrics.linkerd_refusal(reason);
-        tracing::info!(%peer, reason = reason.as_str(), %why, "linkerd inbound connection refused");
+        let reason = reason.as_str();
+        match shared.refusals.admit() {
+            Some(suppressed) => tracing::info!(
+                %peer, reason, %why, suppressed, "linkerd inbound connection refused"
+            ),
+            None => tracing::debug!(%peer, reason, %why, "linkerd inbound connection refused"),
+        }
     };
     let count = |protocol: LinkerdProtocol| {
         shared
