@@ -4,7 +4,10 @@
 //! TCP to the app, through the inbound listener (full mTLS handshake per connection, no
 //! resumption), and through outbound → inbound; and the ratios to plain TCP the project aims for
 //! aims for (bulk ≥ 30 %, handshakes ≥ 20 %); and the reload latency (new `..data` version →
-//! `POST /reload` answered → first handshake serving the new cert; the aim is p50 < 20 ms).
+//! `POST /reload` answered → first handshake serving the new cert; the aim is p50 < 20 ms);
+//! and the Linkerd inbound downgrade: HTTP/1.1 requests/s straight to an HTTP/1.1 app (kept-alive
+//! connections) vs the same requests sent as linkerd2-proxy sends them (HTTP/2 over mTLS with
+//! `l5d-orig-proto: HTTP/1.1`) through a Linkerd inbound listener that downgrades them.
 //! `BENCH_SECS` sets the seconds per figure (default 3).
 
 use std::future::Future;
@@ -13,10 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy_lib::bundle::CertBundle;
 use proxy_lib::clock::{Clock, SystemClock};
 use proxy_lib::identity::{Identity, TrustDomain};
 use proxy_lib::proxy::config::{Inbound, Limits, Outbound};
+use proxy_lib::proxy::linkerd::LinkerdListener;
 use proxy_lib::proxy::{Config, Proxy};
 use proxy_lib::test_util::{TestPki, write_data_dir};
 use rustls_pki_types::ServerName;
@@ -49,6 +56,8 @@ fn main() {
 
 struct Setup {
     app: SocketAddr,
+    http_app: SocketAddr,
+    linkerd: SocketAddr,
     inbound: SocketAddr,
     outbound: SocketAddr,
     admin: SocketAddr,
@@ -68,6 +77,7 @@ async fn setup() -> Setup {
     let day = Duration::from_secs(86_400);
     let leaf = |id: &Identity| -> CertBundle { pki.leaf(id, now - day, now + day) };
     let app = echo_app().await;
+    let http_app = http_app().await;
 
     let server_dir = tempfile::tempdir().expect("tempdir");
     write_data_dir(server_dir.path(), &leaf(&server));
@@ -76,10 +86,15 @@ async fn setup() -> Setup {
         listen: "127.0.0.1:0".parse().expect("addr"),
         app: app.to_string(),
     });
+    cfg.linkerd.listen.push(LinkerdListener {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        app: Some(http_app.to_string()),
+    });
     let a = Proxy::bind(&cfg, Arc::new(SystemClock))
         .await
         .expect("bind");
     let inbound = a.inbound_addrs()[0];
+    let linkerd = a.linkerd_addrs()[0];
     let admin = a.admin_addr();
     assert!(a.reloader().is_ready(), "server proxy has no certificate");
     tokio::spawn(a.run(std::future::pending()));
@@ -106,6 +121,8 @@ async fn setup() -> Setup {
     tls.resumption = rustls::client::Resumption::disabled();
     Setup {
         app,
+        http_app,
+        linkerd,
         inbound,
         outbound,
         admin,
@@ -128,24 +145,137 @@ fn config(dir: &std::path::Path) -> Config {
         allow_client: Vec::new(),
         limits: Limits::default(),
         watch_interval: None,
+        linkerd: Default::default(),
     }
 }
 
-async fn echo_app() -> SocketAddr {
+/// A loopback app: each accepted connection (no Nagle) is handed to `handle` in a task of its
+/// own.
+async fn app<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut r = tokio::io::BufReader::with_capacity(CHUNK, r);
-                let _ = tokio::io::copy_buf(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+            tokio::spawn(handle(s));
         }
     });
     addr
+}
+
+async fn echo_app() -> SocketAddr {
+    app(|s| async move {
+        let (r, mut w) = s.into_split();
+        let mut r = tokio::io::BufReader::with_capacity(CHUNK, r);
+        let _ = tokio::io::copy_buf(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// An HTTP/1.1-only app answering every request with a 2-byte body, keeping connections alive.
+async fn http_app() -> SocketAddr {
+    app(|s| async move {
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                b"ok",
+            ))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(s), svc)
+            .await;
+    })
+    .await
+}
+
+/// One client connection of the request-rate figures.
+enum HttpConn {
+    /// HTTP/1.1 straight to the app.
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    /// HTTP/2 over mTLS with `l5d-orig-proto: HTTP/1.1`, as linkerd2-proxy upgrades HTTP/1.1.
+    Upgraded(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl HttpConn {
+    async fn http1(app: SocketAddr) -> Self {
+        let tcp = TcpStream::connect(app).await.expect("connect app");
+        tcp.set_nodelay(true).expect("nodelay");
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("HTTP/1 handshake");
+        tokio::spawn(conn);
+        Self::Http1(send)
+    }
+
+    async fn upgraded(s: &Setup) -> Self {
+        let tcp = TcpStream::connect(s.linkerd).await.expect("connect proxy");
+        tcp.set_nodelay(true).expect("nodelay");
+        let name = ServerName::try_from(s.server.to_string()).expect("name");
+        let tls = tokio_rustls::TlsConnector::from(s.client_tls.clone())
+            .connect(name, tcp)
+            .await
+            .expect("mTLS handshake");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("HTTP/2 handshake");
+        tokio::spawn(conn);
+        Self::Upgraded(send)
+    }
+
+    /// One GET, its 2-byte body read.
+    async fn get(&mut self) {
+        let req = hyper::Request::builder().uri("http://bench.example/x");
+        let rsp = match self {
+            Self::Http1(send) => {
+                send.ready().await.expect("ready");
+                let req = req
+                    .header("host", "bench.example")
+                    .body(Empty::new())
+                    .expect("request");
+                send.send_request(req).await
+            }
+            Self::Upgraded(send) => {
+                send.ready().await.expect("ready");
+                let req = req
+                    .version(hyper::Version::HTTP_2)
+                    .header("l5d-orig-proto", "HTTP/1.1")
+                    .body(Empty::new())
+                    .expect("request");
+                send.send_request(req).await
+            }
+        }
+        .expect("response");
+        assert_eq!(rsp.status(), 200, "request failed during the benchmark");
+        let body = rsp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+}
+
+/// Requests completed over `dur` by `CONNECT_CLIENTS` clients, each sending one request after
+/// another on its own connection (opened before the clock starts).
+async fn request_rate(dur: Duration, conns: Vec<HttpConn>) -> Tally {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::new();
+    for mut c in conns {
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..20 {
+                c.get().await; // warm-up (the proxy's pooled app connection included)
+            }
+            while Instant::now() < deadline {
+                c.get().await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tally(start, &done, tasks).await
 }
 
 async fn run(dur: Duration) {
@@ -198,7 +328,7 @@ async fn run(dur: Duration) {
     // Figures are measured in interleaved rounds so that load from anything else on the
     // machine drifts into every figure alike and the ratios stay meaningful.
     let slice = dur / ROUNDS;
-    let mut t = [Tally::default(); 6];
+    let mut t = [Tally::default(); 8];
     for _ in 0..ROUNDS {
         // Connection rates: connect (+ handshake), echo 16 bytes, close.
         t[0] += rate(slice, move || async move { ping(plain().await?).await }).await;
@@ -217,6 +347,15 @@ async fn run(dur: Duration) {
         t[3] += bulk(slice, plain).await;
         t[4] += bulk(slice, mtls.clone()).await;
         t[5] += bulk(slice, via_outbound).await;
+        // HTTP request rates: straight to the app, and downgraded through the proxy.
+        let mut direct = Vec::new();
+        let mut upgraded = Vec::new();
+        for _ in 0..CONNECT_CLIENTS {
+            direct.push(HttpConn::http1(s.http_app).await);
+            upgraded.push(HttpConn::upgraded(&s).await);
+        }
+        t[6] += request_rate(slice, direct).await;
+        t[7] += request_rate(slice, upgraded).await;
     }
     let plain_conn = t[0].per_sec();
     let in_conn = t[1].per_sec();
@@ -224,6 +363,8 @@ async fn run(dur: Duration) {
     let plain_bulk = t[3].per_sec() / 1e6;
     let in_bulk = t[4].per_sec() / 1e6;
     let out_bulk = t[5].per_sec() / 1e6;
+    let h1_direct = t[6].per_sec();
+    let h2_downgraded = t[7].per_sec();
 
     let (answered, serving) = reload_latency(&s).await;
 
@@ -249,6 +390,12 @@ async fn run(dur: Duration) {
     println!(
         "  outbound -> inbound (TLS both hops)  {out_bulk:>10.1}   {:>5.1} % of plain",
         pct(out_bulk, plain_bulk)
+    );
+    println!("HTTP requests (requests/s, {CONNECT_CLIENTS} kept-alive connections)");
+    println!("  HTTP/1.1 straight to the app         {h1_direct:>10.0}");
+    println!(
+        "  HTTP/2 -> HTTP/1 downgrade (Linkerd) {h2_downgraded:>10.0}   {:>5.1} % of direct",
+        pct(h2_downgraded, h1_direct)
     );
     println!("reload latency over {RELOADS} reloads (ms, p50 / p99)");
     println!(
@@ -328,6 +475,18 @@ async fn ping<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()
     Ok(())
 }
 
+/// Waits for the client tasks, then tallies the operations they counted in `done` since
+/// `start`.
+async fn tally(start: Instant, done: &AtomicU64, tasks: Vec<tokio::task::JoinHandle<()>>) -> Tally {
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    Tally {
+        units: done.load(Ordering::Relaxed) as f64,
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
 /// Measurement rounds (each figure gets `BENCH_SECS / ROUNDS` per round).
 const ROUNDS: u32 = 3;
 
@@ -376,13 +535,7 @@ where
             }
         }));
     }
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    Tally {
-        units: done.load(Ordering::Relaxed) as f64,
-        secs: start.elapsed().as_secs_f64(),
-    }
+    tally(start, &done, tasks).await
 }
 
 /// Payload bytes echoed over `dur` by `BULK_STREAMS` streams (written, and read back intact

@@ -16,6 +16,9 @@
 //! max_connections = 10000
 //! drain_timeout = "10s"
 //! watch_interval = "5s"                  # "0s" = reload only on SIGHUP / POST /reload
+//! # Linkerd inbound mode (see `proxy::linkerd`): listeners, and the app of each port
+//! linkerd_inbound = ["0.0.0.0:4143", "10.0.0.5:8080"]   # LISTEN[=APP]
+//! linkerd_app = ["8080=127.0.0.1:8080", "5432=127.0.0.1:5432"]
 //! ```
 
 use std::net::SocketAddr;
@@ -174,6 +177,19 @@ pub struct RawConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub watch_interval: Option<Duration>,
+    /// Linkerd inbound listener (repeatable): terminates mTLS as a Linkerd host does (SNI must
+    /// be one of this host's identities; HTTP/2 with l5d-orig-proto is served and downgraded;
+    /// ALPN transport.l5d.io/v1 with a transport header routes by its port), e.g.
+    /// 0.0.0.0:4143 for opaque ports and HOST_IP:8080 for an HTTP port. Connections without a
+    /// transport header go to =APP, or else to the --linkerd-app of the listener's port.
+    #[arg(long, value_name = "LISTEN[=APP]")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub linkerd_inbound: Vec<String>,
+    /// The app of a port in Linkerd inbound mode (repeatable): the port a client dials or its
+    /// transport header names, e.g. 8080=127.0.0.1:8080.
+    #[arg(long, value_name = "PORT=APP")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub linkerd_app: Vec<String>,
 }
 
 impl RawConfig {
@@ -257,6 +273,8 @@ pub struct Config {
     pub limits: Limits,
     /// `..data` change check interval; `None` = off.
     pub watch_interval: Option<Duration>,
+    /// Linkerd inbound listeners and apps (off when it has no listener).
+    pub linkerd: crate::proxy::linkerd::LinkerdInbound,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -286,8 +304,15 @@ impl TryFrom<RawConfig> for Config {
                     .ok()
             })
             .collect();
-        if raw.inbound.is_empty() && raw.outbound.is_empty() {
-            bad.push("no listener: give at least one --inbound or --outbound".into());
+        let linkerd = crate::proxy::linkerd::LinkerdInbound::parse(
+            &raw.linkerd_inbound,
+            &raw.linkerd_app,
+            &mut bad,
+        );
+        if raw.inbound.is_empty() && raw.outbound.is_empty() && raw.linkerd_inbound.is_empty() {
+            bad.push(
+                "no listener: give at least one --inbound, --outbound or --linkerd-inbound".into(),
+            );
         }
         if !raw.outbound_allow_remote {
             for o in &outbound {
@@ -372,6 +397,7 @@ impl TryFrom<RawConfig> for Config {
                 drain_timeout,
             },
             watch_interval,
+            linkerd,
         })
     }
 }
@@ -404,13 +430,13 @@ fn parse_outbound(s: &str) -> Result<Outbound, String> {
     })
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.trim()
         .parse()
         .map_err(|e| format!("listen address {s:?}: {e} (want IP:PORT)"))
 }
 
-fn parse_host_port(s: &str) -> Result<String, String> {
+pub(crate) fn parse_host_port(s: &str) -> Result<String, String> {
     let s = s.trim();
     let (host, port) = s
         .rsplit_once(':')

@@ -25,7 +25,7 @@ use crate::net::LogLimit;
 use crate::proxy::config::Limits;
 use crate::proxy::metrics::{Direction, DirectionMetrics, HandshakeResult, Metrics};
 use crate::proxy::reload::{Credentials, Reloader};
-use crate::tls::{HandshakeError, NotAllowed};
+use crate::tls::{Accepted, HandshakeError, NotAllowed};
 
 /// Copy buffer per direction. TLS records are at most 16 KiB; a larger buffer lets one read
 /// drain several of them and keeps syscalls per byte low on bulk transfers.
@@ -44,6 +44,9 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// Becomes true when open connections must be cut (after the drain timeout).
     pub cut: watch::Receiver<bool>,
+    /// Becomes true when the proxy stops accepting (HTTP/2 connections are then asked to
+    /// finish their streams and close).
+    pub stop: watch::Receiver<bool>,
     /// How often refused inbound handshakes are logged at info.
     pub refusals: Arc<LogLimit>,
 }
@@ -85,7 +88,7 @@ pub async fn serve_outbound(
     .await
 }
 
-async fn accept_loop<F, Fut>(
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
@@ -137,7 +140,7 @@ async fn accept_loop<F, Fut>(
 
 /// The credentials new handshakes use; without any (none loaded yet) the connection is
 /// refused and counted as `no_credentials`.
-fn current_credentials(
+pub(crate) fn current_credentials(
     shared: &Shared,
     direction: Direction,
     peer: SocketAddr,
@@ -164,15 +167,73 @@ async fn inbound_conn(
         return;
     };
     let accept = creds.acceptor.accept(tcp);
-    let tls = match tokio::time::timeout(shared.limits.handshake_timeout, accept).await {
-        Err(_) => {
-            shared
-                .metrics
-                .handshake(Direction::Inbound, HandshakeResult::Timeout);
-            tracing::debug!(%peer, "inbound handshake timed out");
+    let accepted = tokio::time::timeout(shared.limits.handshake_timeout, accept).await;
+    let Some(accepted) = inbound_accepted(shared, peer, accepted) else {
+        return;
+    };
+    drop(creds);
+    forward_to_app(accepted.stream, app, shared, dm, peer).await;
+}
+
+/// Connects to `app` and forwards bytes both ways between it and `client` (see [`forward`]).
+pub(crate) async fn forward_to_app<S>(
+    client: S,
+    app: &str,
+    shared: &Shared,
+    dm: &DirectionMetrics,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let app_tcp = match connect(app, shared.limits.connect_timeout).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%peer, app, %error, "cannot reach the app");
             return;
         }
-        Ok(Err(HandshakeError::Handshake(error))) => {
+    };
+    if let Err(error) = forward(client, app_tcp, shared.limits.idle_timeout, &dm.bytes).await {
+        tracing::debug!(%peer, %error, "inbound connection ended with an error");
+    }
+}
+
+/// The connection of a finished inbound handshake (counted `ok`), or `None` with the failure
+/// counted and logged.
+pub(crate) fn inbound_accepted<IO>(
+    shared: &Shared,
+    peer: SocketAddr,
+    result: Result<Result<Accepted<IO>, HandshakeError>, tokio::time::error::Elapsed>,
+) -> Option<Accepted<IO>> {
+    match result {
+        Err(_) => {
+            inbound_handshake_timed_out(shared, peer);
+            None
+        }
+        Ok(Err(e)) => {
+            inbound_handshake_failed(shared, peer, e);
+            None
+        }
+        Ok(Ok(accepted)) => {
+            shared
+                .metrics
+                .handshake(Direction::Inbound, HandshakeResult::Ok);
+            Some(accepted)
+        }
+    }
+}
+
+/// Counts and logs an inbound handshake that did not finish in time.
+pub(crate) fn inbound_handshake_timed_out(shared: &Shared, peer: SocketAddr) {
+    shared
+        .metrics
+        .handshake(Direction::Inbound, HandshakeResult::Timeout);
+    tracing::debug!(%peer, "inbound handshake timed out");
+}
+
+/// Counts and logs a failed inbound handshake.
+pub(crate) fn inbound_handshake_failed(shared: &Shared, peer: SocketAddr, error: HandshakeError) {
+    match error {
+        HandshakeError::Handshake(error) => {
             let result = classify(&error);
             shared.metrics.handshake(Direction::Inbound, result);
             if error.kind() == io::ErrorKind::UnexpectedEof {
@@ -181,36 +242,19 @@ async fn inbound_conn(
             } else {
                 log_refusal(shared, peer, result, &error);
             }
-            return;
         }
-        Ok(Err(HandshakeError::Resumed(error))) => {
+        HandshakeError::Resumed(error) => {
             let result = classify_tls(&error);
             shared.metrics.handshake(Direction::Inbound, result);
             log_refusal(shared, peer, result, &error);
-            return;
         }
-        Ok(Ok(accepted)) => accepted.stream,
-    };
-    drop(creds);
-    shared
-        .metrics
-        .handshake(Direction::Inbound, HandshakeResult::Ok);
-    let app_tcp = match connect(app, shared.limits.connect_timeout).await {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::warn!(%peer, app, %error, "cannot reach the app");
-            return;
-        }
-    };
-    if let Err(error) = forward(tls, app_tcp, shared.limits.idle_timeout, &dm.bytes).await {
-        tracing::debug!(%peer, %error, "inbound connection ended with an error");
     }
 }
 
 /// Logs a refused inbound handshake at info, with the peer and rustls' reason (never the
 /// certificate itself), at most [`LogLimit`]'s burst per window; the next line logged after a
 /// flood counts the lines left out (`suppressed`).
-fn log_refusal(
+pub(crate) fn log_refusal(
     shared: &Shared,
     peer: SocketAddr,
     result: HandshakeResult,
@@ -281,7 +325,7 @@ async fn outbound_conn(
     }
 }
 
-async fn connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
+pub(crate) async fn connect(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -328,16 +372,8 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let activity = Arc::new(AtomicBool::new(false));
-    let mut a = Counted {
-        inner: a,
-        bytes: bytes.clone(),
-        activity: activity.clone(),
-    };
-    let mut b = Counted {
-        inner: b,
-        bytes: bytes.clone(),
-        activity: activity.clone(),
-    };
+    let mut a = Counted::new(a, bytes.clone(), activity.clone());
+    let mut b = Counted::new(b, bytes.clone(), activity.clone());
     tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER) => {
             r.map(|_| ())
@@ -348,7 +384,7 @@ where
     }
 }
 
-async fn idle_watch(activity: &AtomicBool, idle: Duration) {
+pub(crate) async fn idle_watch(activity: &AtomicBool, idle: Duration) {
     let tick = idle / 4;
     let mut quiet = 0;
     loop {
@@ -365,10 +401,21 @@ async fn idle_watch(activity: &AtomicBool, idle: Duration) {
 }
 
 /// A stream that counts the bytes read from it and flags activity.
-struct Counted<S> {
+pub(crate) struct Counted<S> {
     inner: S,
     bytes: Counter,
     activity: Arc<AtomicBool>,
+}
+
+impl<S> Counted<S> {
+    /// `inner`, counting the bytes read from it in `bytes` and flagging reads in `activity`.
+    pub(crate) fn new(inner: S, bytes: Counter, activity: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            bytes,
+            activity,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

@@ -46,6 +46,9 @@ pub enum HandshakeResult {
     Timeout,
     /// No valid certificate is loaded yet, so no handshake was attempted.
     NoCredentials,
+    /// Linkerd inbound mode: the ClientHello's SNI (or its absence) names none of the served
+    /// leaf's identities, so the connection was not terminated.
+    ForeignSni,
     /// Anything else (protocol error, peer closed, TCP error).
     Error,
 }
@@ -61,6 +64,7 @@ impl HandshakeResult {
             HandshakeResult::WrongIdentity => "wrong_identity",
             HandshakeResult::Timeout => "timeout",
             HandshakeResult::NoCredentials => "no_credentials",
+            HandshakeResult::ForeignSni => "foreign_sni",
             HandshakeResult::Error => "error",
         }
     }
@@ -79,7 +83,106 @@ macro_rules! label_value {
     )*};
 }
 
-label_value!(Direction, HandshakeResult, ReloadResult);
+label_value!(
+    Direction,
+    HandshakeResult,
+    ReloadResult,
+    LinkerdProtocol,
+    LinkerdRefusal
+);
+
+/// How a Linkerd-mode connection or request was served (the `protocol` label).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LinkerdProtocol {
+    /// A request that came as HTTP/2 with `l5d-orig-proto` and went to the app as HTTP/1.
+    Http1Downgraded,
+    /// HTTP/2 served and forwarded as HTTP/2 (a connection or a request).
+    Http2,
+    /// A connection that came with a transport header (ALPN `transport.l5d.io/v1`).
+    Opaque,
+    /// A connection without a header that is not HTTP/2: its bytes are forwarded as they are.
+    Tcp,
+}
+
+impl LinkerdProtocol {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkerdProtocol::Http1Downgraded => "http1_downgraded",
+            LinkerdProtocol::Http2 => "http2",
+            LinkerdProtocol::Opaque => "opaque",
+            LinkerdProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// Why a Linkerd-mode connection was closed after its handshake (the `reason` label).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum LinkerdRefusal {
+    /// The transport header names a port no app is configured for; or no header came on a
+    /// listener whose own port has no app.
+    UnknownPort,
+    /// The transport header is malformed, truncated, oversized or late.
+    BadHeader,
+}
+
+impl LinkerdRefusal {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkerdRefusal::UnknownPort => "unknown_port",
+            LinkerdRefusal::BadHeader => "bad_header",
+        }
+    }
+}
+
+/// Labels of the Linkerd-mode connection and request counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkerdLabels {
+    /// How it was served.
+    pub protocol: LinkerdProtocol,
+    /// The client's identity (its leaf's first DNS SAN), as Linkerd's `client_id`; see
+    /// [`ClientIds`] for the bound on distinct values.
+    pub client_id: String,
+}
+
+/// Labels of `proxy_linkerd_inbound_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Why.
+    pub reason: LinkerdRefusal,
+}
+
+/// The `client_id` label values in use, bounded: the first [`ClientIds::MAX`] distinct
+/// identities keep their own series, later ones are counted as [`ClientIds::OTHER`], so a
+/// mesh with many clients cannot grow the metrics without bound.
+#[derive(Clone, Debug, Default)]
+pub struct ClientIds(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl ClientIds {
+    /// Distinct identities that get a series of their own.
+    pub const MAX: usize = 100;
+    /// The label of identities beyond [`ClientIds::MAX`].
+    pub const OTHER: &'static str = "other";
+    /// The label of a client whose leaf carries no DNS SAN.
+    pub const UNKNOWN: &'static str = "unknown";
+
+    /// The label value for `identity`.
+    pub fn label(&self, identity: Option<&str>) -> String {
+        let Some(id) = identity else {
+            return Self::UNKNOWN.to_string();
+        };
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(id) {
+            return id.to_string();
+        }
+        if seen.len() < Self::MAX {
+            seen.insert(id.to_string());
+            return id.to_string();
+        }
+        Self::OTHER.to_string()
+    }
+}
 
 /// Labels of `proxy_tls_handshakes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -136,6 +239,17 @@ pub struct Metrics {
     pub cert_expiration: Gauge,
     /// `proxy_reloads_total{result}`.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// `proxy_linkerd_inbound_connections_total{protocol,client_id}`: Linkerd-mode connections
+    /// by how they were served (`http2`, `opaque`, `tcp`).
+    pub linkerd_connections: Family<LinkerdLabels, Counter>,
+    /// `proxy_linkerd_inbound_requests_total{protocol,client_id}`: HTTP requests served in
+    /// Linkerd mode (`http1_downgraded`, `http2`).
+    pub linkerd_requests: Family<LinkerdLabels, Counter>,
+    /// `proxy_linkerd_inbound_refused_total{reason}`: Linkerd-mode connections closed after
+    /// the handshake.
+    pub linkerd_refused: Family<RefusalLabels, Counter>,
+    /// The bounded `client_id` values.
+    pub client_ids: ClientIds,
 }
 
 impl Metrics {
@@ -149,6 +263,9 @@ impl Metrics {
             m.bytes => "proxy_bytes", "Payload bytes forwarded (both ways), by listener direction";
             m.cert_expiration => "proxy_cert_expiration_timestamp_seconds", "notAfter of the certificate being served, in Unix seconds";
             m.reloads => "proxy_reloads", "Certificate reloads by result";
+            m.linkerd_connections => "proxy_linkerd_inbound_connections", "Linkerd inbound connections by protocol (http2, opaque, tcp) and client identity";
+            m.linkerd_requests => "proxy_linkerd_inbound_requests", "Linkerd inbound HTTP requests by protocol (http1_downgraded, http2) and client identity";
+            m.linkerd_refused => "proxy_linkerd_inbound_refused", "Linkerd inbound connections closed after the handshake, by reason";
         );
         m
     }
@@ -157,6 +274,13 @@ impl Metrics {
     pub fn handshake(&self, direction: Direction, result: HandshakeResult) {
         self.handshakes
             .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    /// Counts one Linkerd-mode refusal.
+    pub fn linkerd_refusal(&self, reason: LinkerdRefusal) {
+        self.linkerd_refused
+            .get_or_create(&RefusalLabels { reason })
             .inc();
     }
 
@@ -232,5 +356,18 @@ mod tests {
         }
         drop(guard);
         assert_eq!(d.open.get(), 0);
+    }
+
+    #[test]
+    fn client_id_labels_are_bounded() {
+        let ids = ClientIds::default();
+        let name = |i: usize| format!("sa{i}.ns.serviceaccount.identity.linkerd.cluster.local");
+        for i in 0..ClientIds::MAX {
+            assert_eq!(ids.label(Some(&name(i))), name(i));
+        }
+        assert_eq!(ids.label(Some(&name(ClientIds::MAX))), ClientIds::OTHER);
+        // Identities seen before the bound keep their own series.
+        assert_eq!(ids.label(Some(&name(7))), name(7));
+        assert_eq!(ids.label(None), ClientIds::UNKNOWN);
     }
 }

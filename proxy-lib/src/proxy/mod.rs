@@ -7,6 +7,8 @@
 //! - [`reload`]: [`Reloader`], the atomically swapped credentials (also the embedding API).
 //! - [`tls`]: the floor's TLS policy ([`crate::tls`]), re-exported under its old path.
 //! - [`listener`]: accept loops and byte forwarding.
+//! - [`linkerd`]: the Linkerd inbound mode (SNI check, HTTP/2 with `l5d-orig-proto`
+//!   downgrade, the opaque transport header).
 //! - [`admin`]: `/metrics`, `/live`, `/ready`, `POST /reload`.
 //! - [`metrics`]: the proxy's public metrics.
 //! - [`signal`]: SIGHUP / SIGTERM / SIGINT.
@@ -23,6 +25,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod linkerd;
 pub mod listener;
 pub mod metrics;
 pub mod pidfile;
@@ -89,6 +92,8 @@ struct OutboundListener {
 /// A proxy with its listeners bound and its first certificate load attempted.
 pub struct Proxy {
     inbound: Vec<InboundListener>,
+    linkerd: Vec<(TcpListener, Option<linkerd::http::App>)>,
+    linkerd_routes: linkerd::Routes,
     outbound: Vec<OutboundListener>,
     admin: TcpListener,
     reloader: Arc<Reloader>,
@@ -132,6 +137,14 @@ impl Proxy {
                 identity: o.identity.clone(),
             });
         }
+        let linkerd_routes = linkerd::Routes::new(&config.linkerd, config.limits.connect_timeout);
+        let mut linkerd = Vec::new();
+        for l in &config.linkerd.listen {
+            let listener = bind("linkerd inbound", l.addr).await?;
+            let port = listener.local_addr().map_or(l.addr.port(), |a| a.port());
+            let default = linkerd_routes.default_app(l, port, config.limits.connect_timeout);
+            linkerd.push((listener, default));
+        }
         let admin = bind("admin", config.admin).await?;
         // The stamp is taken before the load: a change in between makes the watcher reload
         // (perhaps redundantly) rather than miss it.
@@ -144,6 +157,8 @@ impl Proxy {
         let _ = tokio::task::spawn_blocking(move || r.reload()).await;
         Ok(Self {
             inbound,
+            linkerd,
+            linkerd_routes,
             outbound,
             admin,
             reloader,
@@ -168,6 +183,11 @@ impl Proxy {
     /// Bound inbound addresses, in config order.
     pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
         addrs(self.inbound.iter().map(|l| &l.listener))
+    }
+
+    /// Bound Linkerd inbound addresses, in config order.
+    pub fn linkerd_addrs(&self) -> Vec<SocketAddr> {
+        addrs(self.linkerd.iter().map(|(l, _)| l))
     }
 
     /// Bound outbound addresses, in config order.
@@ -195,6 +215,7 @@ impl Proxy {
             limits: self.limits,
             permits: permits.clone(),
             cut: cut_rx,
+            stop: stop_rx.clone(),
             refusals: Arc::new(crate::net::LogLimit::default()),
         };
         let mut tasks = tokio::task::JoinSet::new();
@@ -202,6 +223,15 @@ impl Proxy {
             tasks.spawn(listener::serve_inbound(
                 l.listener,
                 l.app,
+                shared.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        for (l, default) in self.linkerd {
+            tasks.spawn(linkerd::serve(
+                l,
+                self.linkerd_routes.clone(),
+                default,
                 shared.clone(),
                 stop_rx.clone(),
             ));
@@ -325,6 +355,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
     tracing::info!(
         inbound = ?proxy.inbound_addrs(),
+        linkerd_inbound = ?proxy.linkerd_addrs(),
         outbound = ?proxy.outbound_addrs(),
         admin = %proxy.admin_addr(),
         pidfile = %pidfile

@@ -116,6 +116,9 @@ pub struct Credentials {
     /// Inbound: serves our chain, requires client certs chaining to the anchors (and on the
     /// allow-list); a resumed session is verified again at the clock's now.
     pub acceptor: Acceptor,
+    /// [`Credentials::acceptor`] also answering ALPN `transport.l5d.io/v1`, for Linkerd
+    /// clients that offer it (opaque transport, see [`crate::proxy::linkerd`]).
+    pub transport_acceptor: Acceptor,
     /// Outbound: presents our chain, verifies servers against the anchors and the exact
     /// identity; a resumed session is verified again at the clock's now.
     pub connector: Connector,
@@ -252,11 +255,13 @@ impl Reloader {
         };
         let (anchors, clock) = (&bundle.anchors, &self.clock);
         let acceptor = Acceptor::mesh(&bundle, anchors, &self.allow, clock).map_err(tls_err)?;
+        let transport_acceptor = acceptor.with_alpn(&[crate::proxy::linkerd::TRANSPORT_ALPN]);
         let connector = Connector::mesh(&bundle, anchors, clock).map_err(tls_err)?;
         let server = tls::server_config(&bundle, anchors, &self.allow, clock).map_err(tls_err)?;
         let client = tls::client_config(&bundle, anchors, clock).map_err(tls_err)?;
         Ok(Credentials {
             acceptor,
+            transport_acceptor,
             connector,
             server: Arc::new(server),
             client: Arc::new(client),

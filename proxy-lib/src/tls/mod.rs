@@ -67,7 +67,7 @@ macro_rules! delegate_signature_checks {
 
 mod session;
 
-pub use session::{Accepted, Acceptor, Connector, HandshakeError};
+pub use session::{Accepted, Acceptor, ClientHello, Connector, HandshakeError};
 
 /// Why a rustls config could not be built from a snapshot.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! Verified connections: [`Acceptor`] and [`Connector`] run the handshake and, for a resumed
 //! session, verify the peer chain of the original handshake again at the clock's now.
 
+use std::fmt;
 use std::io;
 use std::sync::Arc;
 
@@ -73,6 +74,62 @@ pub struct Accepted<IO> {
     pub ignored_chain: Option<VerifyError>,
 }
 
+/// A server handshake whose ClientHello has been read and not yet answered: the caller looks
+/// at the SNI and the ALPN offer, then completes it with the [`Acceptor`] of its choice, or
+/// drops it (the client sees the connection close).
+pub struct ClientHello<IO> {
+    start: tokio_rustls::StartHandshake<IO>,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> fmt::Debug for ClientHello<IO> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientHello")
+            .field("server_name", &self.start.client_hello().server_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<IO> ClientHello<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Reads a ClientHello from `io` (a record that is not one fails as a handshake error).
+    pub async fn read(io: IO) -> Result<Self, HandshakeError> {
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+            .await
+            .map_err(HandshakeError::Handshake)?;
+        Ok(Self { start })
+    }
+
+    /// The SNI the client sent, normalised ([`crate::identity::normalize_name`]): lower case,
+    /// no trailing dot. `None`: no SNI (e.g. the client dialled an IP address).
+    pub fn server_name(&self) -> Option<String> {
+        self.start
+            .client_hello()
+            .server_name()
+            .map(crate::identity::normalize_name)
+    }
+
+    /// Whether the client offers ALPN `protocol`.
+    pub fn offers_alpn(&self, protocol: &[u8]) -> bool {
+        self.start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == protocol))
+    }
+
+    /// Answers the ClientHello with `acceptor`'s config and verifies the client as
+    /// [`Acceptor::accept`] does (a resumed session's chain again at the clock's now).
+    pub async fn accept(self, acceptor: &Acceptor) -> Result<Accepted<IO>, HandshakeError> {
+        let stream = self
+            .start
+            .into_stream(acceptor.config.clone())
+            .await
+            .map_err(HandshakeError::Handshake)?;
+        acceptor.verified(stream)
+    }
+}
+
 impl Acceptor {
     /// The mesh server: our `bundle`, TLS 1.3, client certificates required and verified
     /// against `anchors` at the clock's time, then checked against `allow`. Sessions resume;
@@ -122,6 +179,20 @@ impl Acceptor {
         })
     }
 
+    /// This acceptor also answering ALPN `protocols` (in preference order) to a client that
+    /// offers one of them. Only for a [`ClientHello::accept`] that picks it when the client
+    /// offers one: rustls refuses a client that offers ALPN but none of the server's protocols.
+    /// Resumption state is shared with `self`.
+    pub fn with_alpn(&self, protocols: &[&[u8]]) -> Self {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+        Self {
+            config: Arc::new(config),
+            check: self.check.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
     /// Runs the server handshake on `io` and verifies the client chain as the profile says.
     pub async fn accept<IO>(&self, io: IO) -> Result<Accepted<IO>, HandshakeError>
     where
@@ -131,6 +202,14 @@ impl Acceptor {
             .accept(io)
             .await
             .map_err(HandshakeError::Handshake)?;
+        self.verified(stream)
+    }
+
+    /// The client chain of a finished handshake, checked as the profile says.
+    fn verified<IO>(
+        &self,
+        stream: tokio_rustls::server::TlsStream<IO>,
+    ) -> Result<Accepted<IO>, HandshakeError> {
         let conn = stream.get_ref().1;
         let owned = |c: &[CertificateDer<'_>]| {
             Arc::new(c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>())
@@ -468,6 +547,59 @@ mod tests {
         let s = s.unwrap();
         assert!(s.client_chain.is_none());
         assert!(s.ignored_chain.is_some());
+    }
+
+    #[tokio::test]
+    async fn client_hello_shows_sni_and_alpn_and_the_chosen_acceptor_answers_it() {
+        let Fixture {
+            pki,
+            server,
+            client,
+            real,
+            ..
+        } = fixture(HOUR, HOUR);
+        let plain = Acceptor::mesh(&server, &pki.anchors(), &AllowList::default(), &real).unwrap();
+        let transport = plain.with_alpn(&[b"transport.l5d.io/v1"]);
+        for (offer, want) in [
+            (
+                vec![b"transport.l5d.io/v1".to_vec()],
+                Some(&b"transport.l5d.io/v1"[..]),
+            ),
+            // Offering only something else: served without ALPN, not refused.
+            (vec![b"h2".to_vec()], None),
+            (Vec::new(), None),
+        ] {
+            let mut connector = Connector::mesh(&client, &pki.anchors(), &real).unwrap();
+            let mut config = (*connector.config).clone();
+            config.alpn_protocols = offer.clone();
+            connector.config = Arc::new(config);
+            let (c, s) = tokio::io::duplex(64 * 1024);
+            let server_side = async {
+                let hello = ClientHello::read(s).await.unwrap();
+                assert_eq!(hello.server_name().as_deref(), Some(SERVER));
+                let offers = hello.offers_alpn(b"transport.l5d.io/v1");
+                assert_eq!(offers, want.is_some());
+                let acceptor = if offers { &transport } else { &plain };
+                let mut accepted = hello.accept(acceptor).await.unwrap();
+                assert!(accepted.client_chain.is_some());
+                accepted.stream.write_all(b"x").await.unwrap();
+                accepted.stream.flush().await.unwrap();
+                accepted
+                    .stream
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(<[u8]>::to_vec)
+            };
+            let client_side = async {
+                let name = ServerName::try_from(SERVER.to_uppercase()).unwrap();
+                let mut tls = connector.connect(name, c).await.unwrap();
+                let mut b = [0u8; 1];
+                tls.read_exact(&mut b).await.unwrap();
+            };
+            let (alpn, ()) = tokio::join!(server_side, client_side);
+            assert_eq!(alpn.as_deref(), want, "offer {offer:?}");
+        }
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ mod child;
 mod inbound;
 mod interop;
 mod limits;
+mod linkerd_inbound;
 mod outbound;
 mod reload;
 mod support;

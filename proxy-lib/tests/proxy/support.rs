@@ -59,6 +59,7 @@ pub fn config(certs: &Path) -> Config {
             ..Limits::default()
         },
         watch_interval: None,
+        linkerd: Default::default(),
     }
 }
 
@@ -81,6 +82,7 @@ pub fn outbound_to(target: SocketAddr, identity: &Identity) -> Outbound {
 pub struct Running {
     pub inbound: Vec<SocketAddr>,
     pub outbound: Vec<SocketAddr>,
+    pub linkerd: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub reloader: Arc<Reloader>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -126,6 +128,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Running {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let inbound = proxy.inbound_addrs();
     let outbound = proxy.outbound_addrs();
+    let linkerd = proxy.linkerd_addrs();
     let admin = proxy.admin_addr();
     let reloader = proxy.reloader().clone();
     let task = tokio::spawn(async move {
@@ -139,6 +142,7 @@ pub async fn start(config: &Config, clock: SharedClock) -> Running {
     Running {
         inbound,
         outbound,
+        linkerd,
         admin,
         reloader,
         stop: Some(tx),
