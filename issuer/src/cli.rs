@@ -18,6 +18,8 @@ use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
 use crate::tokens::IpNet;
 
+mod token;
+
 /// The variable that sets `--log-format` when the flag is not given.
 pub const LOG_FORMAT_ENV: &str = "ISSUER_LOG_FORMAT";
 
@@ -290,9 +292,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Init(a) => init(a, clock),
         Command::Ca(CaCommand::NewIssuer(a)) => ca_new_issuer(a, clock),
         Command::Ca(CaCommand::Show(a)) => ca_show(a, clock),
-        Command::Token(TokenCommand::Create(a)) => token_create(a, clock),
-        Command::Token(TokenCommand::List(a)) => token_list(a, clock),
-        Command::Token(TokenCommand::Revoke(a)) => token_revoke(a, clock),
+        Command::Token(TokenCommand::Create(a)) => token::create(a, clock),
+        Command::Token(TokenCommand::List(a)) => token::list(a, clock),
+        Command::Token(TokenCommand::Revoke(a)) => token::revoke(a, clock),
         Command::Serve(a) => serve(a, clock),
     }
 }
@@ -396,225 +398,6 @@ fn ca_show(a: CaShowArgs, clock: SharedClock) -> Result<()> {
     } else {
         Err(Error::CaCheck(report.problems.join("; ")))
     }
-}
-
-/// The token store a `token` subcommand works on.
-enum TokenBackend {
-    File(PathBuf),
-    Kubernetes(Box<KubeBackend>),
-}
-
-/// The token Secrets and a runtime to call the API server from the synchronous CLI.
-struct KubeBackend {
-    rt: tokio::runtime::Runtime,
-    tokens: crate::kubernetes::tokens::KubeTokens,
-}
-
-impl TokenBackend {
-    /// The store `a` names, its trust domain and its control-plane namespace.
-    fn open(a: &TokenStoreArgs) -> Result<(Self, TrustDomain, String)> {
-        let path = match (&a.config, &a.dir) {
-            (Some(c), _) => Some(c.clone()),
-            (None, Some(d)) => Some(Config::path_in_dir(d)),
-            (None, None) => None,
-        };
-        let cfg = path
-            .map(|p| Config::load(&p, &Overrides::default()))
-            .transpose()?;
-        let trust_domain = cfg
-            .as_ref()
-            .map(|c| c.policy.trust_domain.clone())
-            .unwrap_or_default();
-        let control_plane = cfg
-            .as_ref()
-            .map(|c| c.ca_control_plane_namespace.clone())
-            .unwrap_or_else(|| crate::ca::ops::DEFAULT_CONTROL_PLANE_NAMESPACE.to_string());
-        let configured = cfg.as_ref().and_then(|c| c.tokens_kubernetes.clone());
-        if !a.kubernetes && configured.is_none() {
-            let tokens = cfg.map(|c| c.tokens).ok_or_else(|| Error::Config {
-                path: "<flags>".into(),
-                problems: vec!["give --dir, --config or --kubernetes".into()],
-            })?;
-            return Ok((Self::File(tokens), trust_domain, control_plane));
-        }
-        let namespace = a
-            .namespace
-            .clone()
-            .or(configured)
-            .unwrap_or_else(|| crate::kubernetes::DEFAULT_NAMESPACE.to_string());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Server(format!("runtime: {e}")))?;
-        let client = rt.block_on(crate::kubernetes::client())?;
-        let tokens = crate::kubernetes::tokens::KubeTokens::new(client, &namespace);
-        Ok((
-            Self::Kubernetes(Box::new(KubeBackend { rt, tokens })),
-            trust_domain,
-            control_plane,
-        ))
-    }
-
-    fn create(
-        &self,
-        opts: &crate::tokens::CreateOptions,
-        now: std::time::SystemTime,
-    ) -> Result<crate::tokens::NewToken> {
-        match self {
-            Self::File(p) => crate::tokens::create(p, opts, now),
-            Self::Kubernetes(k) => k.rt.block_on(k.tokens.create(opts, now)),
-        }
-    }
-
-    fn list(&self) -> Result<Vec<crate::tokens::TokenRecord>> {
-        match self {
-            Self::File(p) => crate::tokens::list(p),
-            Self::Kubernetes(k) => k.rt.block_on(k.tokens.list()),
-        }
-    }
-
-    fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
-        match self {
-            Self::File(p) => crate::tokens::revoke(p, id, now),
-            Self::Kubernetes(k) => k.rt.block_on(k.tokens.revoke(id, now)),
-        }
-    }
-}
-
-fn token_create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
-    let (store, trust_domain, control_plane) = TokenBackend::open(&a.config)?;
-    let identity =
-        proxy_lib::identity::Identity::parse_in_mesh(&a.identity, &trust_domain, &control_plane)?;
-    let opts = crate::tokens::CreateOptions {
-        identity,
-        ttl: a.ttl,
-        allowed_ips: a.allow_ip,
-    };
-    if let Some(out) = &a.out
-        && !a.force
-        && std::fs::symlink_metadata(out).is_ok()
-    {
-        return Err(Error::TokenOutExists(out.clone()));
-    }
-    let t = store.create(&opts, clock.now())?;
-    let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
-    line.push(b'\n');
-    match &a.out {
-        Some(out) => {
-            let written = if a.force {
-                proxy_lib::fs::write_atomic(out, &line, proxy_lib::fs::SECRET_MODE, None)
-            } else {
-                proxy_lib::fs::create_new(out, &line, proxy_lib::fs::SECRET_MODE, None)
-            };
-            if let Err(e) = written {
-                // Do not leave a usable token nobody holds.
-                let _ = store.revoke(&t.record.id, clock.now());
-                return Err(e.into());
-            }
-            say(format_args!("token written to {}", out.display()));
-        }
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(&line)
-                .and_then(|()| stdout.flush())
-                .map_err(|source| Error::Io {
-                    path: "<stdout>".into(),
-                    source,
-                })?;
-        }
-    }
-    let validity = match t.record.expires {
-        None => "valid until revoked (use --ttl to limit it)".to_string(),
-        Some(e) => format!(
-            "valid until {}",
-            proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(e))
-        ),
-    };
-    let ips = if t.record.allowed_ips.is_empty() {
-        "from any address".to_string()
-    } else {
-        format!(
-            "from {}",
-            t.record
-                .allowed_ips
-                .iter()
-                .map(|n| n.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    say(format_args!(
-        "created token {} for {}, {validity}, {ips}",
-        t.record.id, t.record.identity
-    ));
-    Ok(())
-}
-
-fn token_list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
-    let (store, _, _) = TokenBackend::open(&a.config)?;
-    let records = store.list()?;
-    let now = clock.now();
-    let ts = |s: u64| proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(s));
-    let mut out = std::io::stdout().lock();
-    let res = if a.json {
-        let rows: Vec<_> = records
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "id": r.id,
-                    "identity": r.identity,
-                    "status": r.status(now),
-                    "created": ts(r.created),
-                    "expires": r.expires.map(ts),
-                    "revoked": r.revoked.map(ts),
-                    "allowed_ips": r.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        writeln!(out, "{}", serde_json::Value::Array(rows))
-    } else {
-        (|| {
-            writeln!(
-                out,
-                "ID            STATUS   EXPIRES               ALLOWED-IPS  IDENTITY"
-            )?;
-            for r in &records {
-                let ips = if r.allowed_ips.is_empty() {
-                    "any".to_string()
-                } else {
-                    r.allowed_ips
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                writeln!(
-                    out,
-                    "{:<13} {:<8} {:<21} {:<12} {}",
-                    r.id,
-                    r.status(now),
-                    r.expires.map(ts).unwrap_or_else(|| "never".into()),
-                    ips,
-                    r.identity
-                )?;
-            }
-            Ok(())
-        })()
-    };
-    res.map_err(|source| Error::Io {
-        path: "<stdout>".into(),
-        source,
-    })
-}
-
-fn token_revoke(a: TokenRevokeArgs, clock: SharedClock) -> Result<()> {
-    let (store, _, _) = TokenBackend::open(&a.config)?;
-    for id in &a.ids {
-        let r = store.revoke(id, clock.now())?;
-        say(format_args!("revoked token {} for {}", r.id, r.identity));
-    }
-    Ok(())
 }
 
 fn serve(a: ServeArgs, clock: SharedClock) -> Result<()> {
