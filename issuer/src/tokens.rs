@@ -470,6 +470,18 @@ mod tests {
     }
 
     #[test]
+    fn tokens_made_before_the_prefix_stay_valid() {
+        let clock = FakeClock::at_unix(2_000_000_000);
+        let legacy = "0123456789abcdef".repeat(4);
+        let mut t = mint(&opts("a"), clock.now());
+        t.record.sha256 = hex::encode(sha256_of(legacy.as_bytes()));
+        let store = TokenStore::fed("test");
+        store.replace(vec![t.record.clone()]);
+        let checked = store.check(legacy.as_bytes(), &id("a"), None, clock.now());
+        assert_eq!(checked.unwrap().map(|r| r.id), Some(t.record.id));
+    }
+
+    #[test]
     fn create_stores_only_the_hash_with_mode_0600() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tokens");

@@ -291,7 +291,10 @@ async fn trust_domain_from_init_drives_token_create_and_serve() {
     let (code, out, err) = run(&["token", "create", "--dir", dirs, "--identity", EXAMPLE_ID]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.len(), 70, "stdout must hold only the token: {out:?}");
-    let hex = out.trim().strip_prefix("l5dh_").expect("new tokens carry the l5dh_ prefix");
+    let hex = out
+        .trim()
+        .strip_prefix("l5dh_")
+        .expect("new tokens carry the l5dh_ prefix");
     assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
     assert!(err.contains("valid until revoked"), "{err}");
     let tok = out.trim().to_string();

@@ -39,13 +39,18 @@ fn review_hook(req: &Value) -> Result<Value, (u16, String, String)> {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let parts: Vec<&str> = token.split('.').collect();
-    let claims: Vec<&str> = parts.get(1).map(|p| p.split('_').collect()).unwrap_or_default();
+    let claims: Vec<&str> = parts
+        .get(1)
+        .map(|p| p.split('_').collect())
+        .unwrap_or_default();
     let status = match (parts.first(), claims.as_slice()) {
-        (Some(&"fake"), [ns, sa, aud]) if asked.contains(&aud.replace('-', ".").as_str()) => json!({
-            "authenticated": true,
-            "user": {"username": format!("system:serviceaccount:{ns}:{sa}")},
-            "audiences": [aud.replace('-', ".")],
-        }),
+        (Some(&"fake"), [ns, sa, aud]) if asked.contains(&aud.replace('-', ".").as_str()) => {
+            json!({
+                "authenticated": true,
+                "user": {"username": format!("system:serviceaccount:{ns}:{sa}")},
+                "audiences": [aud.replace('-', ".")],
+            })
+        }
         _ => json!({"authenticated": false, "error": "[invalid bearer token]"}),
     };
     Ok(json!({"metadata": {}, "spec": req["spec"].clone(), "status": status}))
@@ -258,7 +263,13 @@ async fn reviews_are_rate_limited_per_source() {
     proxy_lib::install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let fake = fake_api().await;
-    let issuer = Issuer::start(tmp.path(), "review_cache = \"0s\"\n", &fake, Arc::new(SystemClock)).await;
+    let issuer = Issuer::start(
+        tmp.path(),
+        "review_cache = \"0s\"\n",
+        &fake,
+        Arc::new(SystemClock),
+    )
+    .await;
     let burst = REVIEW_BURST_PER_SOURCE as usize;
     let mut refused = Vec::new();
     for n in 0..burst as u32 + 5 {
@@ -308,7 +319,10 @@ fn example_rbac_grants_token_reviews() {
     .unwrap();
     let docs: Vec<Value> = text
         .split("\n---")
-        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
         .map(|d| serde_saphyr::from_str(d).unwrap())
         .collect();
     let role = docs

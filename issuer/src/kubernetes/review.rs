@@ -196,10 +196,7 @@ impl TokenReviewAuthenticator {
         )
         .await
         .map_err(|_| {
-            AuthError::ReviewUnavailable(format!(
-                "no answer within {}s",
-                REVIEW_TIMEOUT.as_secs()
-            ))
+            AuthError::ReviewUnavailable(format!("no answer within {}s", REVIEW_TIMEOUT.as_secs()))
         })?
         .map_err(|e| AuthError::ReviewUnavailable(e.to_string()))?;
         let status = answer.status.unwrap_or_default();
@@ -284,7 +281,9 @@ mod tests {
 
     #[test]
     fn only_jwt_shaped_tokens_are_reviewed() {
-        assert!(is_jwt_shaped(b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln-_"));
+        assert!(is_jwt_shaped(
+            b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln-_"
+        ));
         for t in [
             &b""[..],
             b"l5dh_0123abcd",
