@@ -373,10 +373,14 @@ impl Config {
                 humantime::format_duration(MAX_REVIEW_CACHE)
             ));
         }
-        let auth_kubernetes = raw.auth.kubernetes.unwrap_or(false).then(|| ReviewConfig {
-            audiences,
-            cache: review_cache,
-        });
+        let auth_kubernetes = raw
+            .auth
+            .kubernetes
+            .unwrap_or(false)
+            .then_some(ReviewConfig {
+                audiences,
+                cache: review_cache,
+            });
         let ca_control_plane_namespace = raw
             .ca
             .control_plane_namespace
