@@ -14,6 +14,7 @@ use crate::audit::AuditTarget;
 use crate::ca::CaFiles;
 use crate::error::{Error, Result};
 use crate::kubernetes::ca::KubeCaNames;
+use crate::kubernetes::review::{MAX_REVIEW_CACHE, ReviewConfig};
 use crate::policy::{DEFAULT_CLOCK_SKEW, DEFAULT_LIFETIME, DEFAULT_MIN_LIFETIME, Policy};
 
 /// The config file name inside `--dir`.
@@ -57,6 +58,9 @@ pub const KEYS: &[&str] = &[
     "auth.tokens",
     "auth.store",
     "auth.namespace",
+    "auth.kubernetes",
+    "auth.audiences",
+    "auth.review_cache",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -148,6 +152,13 @@ pub struct RawAuth {
     pub store: Option<String>,
     /// `kubernetes`: namespace of the token Secrets (default: the CA namespace).
     pub namespace: Option<String>,
+    /// Also accept Kubernetes service-account tokens, checked with TokenReviews.
+    pub kubernetes: Option<bool>,
+    /// The audiences a reviewed token must be valid for (default `["identity.l5d.io"]`).
+    pub audiences: Option<Vec<String>>,
+    /// How long a review's outcome is reused (default 10s, at most 5m; `0s`: never).
+    #[serde(default, with = "humantime_serde")]
+    pub review_cache: Option<Duration>,
 }
 
 /// `[audit]`.
@@ -226,6 +237,9 @@ pub struct Config {
     /// `[auth] store = "kubernetes"`: the namespace of the token Secrets (used instead of
     /// the token file).
     pub tokens_kubernetes: Option<String>,
+    /// `[auth] kubernetes = true`: service-account tokens are also accepted, checked with
+    /// TokenReviews for these audiences, outcomes cached this long.
+    pub auth_kubernetes: Option<ReviewConfig>,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -343,6 +357,30 @@ impl Config {
                 None
             }
         };
+        let review_defaults = ReviewConfig::default();
+        let audiences = raw
+            .auth
+            .audiences
+            .clone()
+            .unwrap_or(review_defaults.audiences);
+        if audiences.is_empty() || audiences.iter().any(|a| a.trim().is_empty()) {
+            problems.push("auth.audiences must list at least one non-empty audience".into());
+        }
+        let review_cache = raw.auth.review_cache.unwrap_or(review_defaults.cache);
+        if review_cache > MAX_REVIEW_CACHE {
+            problems.push(format!(
+                "auth.review_cache must be at most {}",
+                humantime::format_duration(MAX_REVIEW_CACHE)
+            ));
+        }
+        let auth_kubernetes = raw
+            .auth
+            .kubernetes
+            .unwrap_or(false)
+            .then_some(ReviewConfig {
+                audiences,
+                cache: review_cache,
+            });
         let ca_control_plane_namespace = raw
             .ca
             .control_plane_namespace
@@ -419,6 +457,7 @@ impl Config {
             ca_files: CaFiles::in_dir(&ca_dir),
             ca_kubernetes,
             tokens_kubernetes,
+            auth_kubernetes,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,
@@ -640,6 +679,40 @@ per_credential_per_minute = 0
         let all = problems.join("\n");
         assert!(
             all.contains("ca.namespace") && all.contains("auth.store"),
+            "{all}"
+        );
+    }
+    #[test]
+    fn the_kubernetes_authenticator_takes_its_keys_and_defaults() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!(c.auth_kubernetes, None);
+        let c = parse("[auth]\nkubernetes = true\n", &Overrides::default()).unwrap();
+        assert_eq!(c.auth_kubernetes, Some(ReviewConfig::default()));
+        assert_eq!(
+            ReviewConfig::default().audiences,
+            vec!["identity.l5d.io".to_string()]
+        );
+        let c = parse(
+            "[auth]\nkubernetes = true\naudiences = [\"a\", \"b\"]\nreview_cache = \"30s\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth_kubernetes,
+            Some(ReviewConfig {
+                audiences: vec!["a".into(), "b".into()],
+                cache: Duration::from_secs(30),
+            })
+        );
+        let Err(Error::Config { problems, .. }) = parse(
+            "[auth]\nkubernetes = true\naudiences = []\nreview_cache = \"1h\"\n",
+            &Overrides::default(),
+        ) else {
+            panic!("accepted");
+        };
+        let all = problems.join("\n");
+        assert!(
+            all.contains("auth.audiences") && all.contains("auth.review_cache"),
             "{all}"
         );
     }

@@ -97,20 +97,46 @@ pub enum AuthError {
         /// Public id of the token record.
         id: String,
     },
+    /// A Kubernetes TokenReview did not authenticate the token (the reason as the API server
+    /// gave it, or what was missing: our audience, a service account).
+    #[error("Kubernetes token review refused the token: {0}")]
+    ReviewRefused(String),
+    /// The token authenticates a service account whose identity is not the one asked for.
+    #[error("{service_account} may not have identity {requested:?}")]
+    ServiceAccountMismatch {
+        /// `system:serviceaccount:<ns>:<sa>`.
+        service_account: String,
+        /// The identity asked for.
+        requested: String,
+    },
+    /// This source asked for too many token reviews: refused before one is made.
+    #[error("too many Kubernetes token reviews from this address; retry later")]
+    ReviewsThrottled,
+    /// The Kubernetes API server could not be asked (unreachable, timed out, or it refused
+    /// the review itself): nothing is decided, nothing issued.
+    #[error("Kubernetes API server unavailable for token review: {0}")]
+    ReviewUnavailable(String),
 }
 
 impl AuthError {
     /// The gRPC code: UNAUTHENTICATED when the credential itself is refused,
-    /// PERMISSION_DENIED when it is valid but not for this identity or peer.
+    /// PERMISSION_DENIED when it is valid but not for this identity or peer,
+    /// RESOURCE_EXHAUSTED when reviews for this source are rate limited, UNAVAILABLE when the
+    /// Kubernetes API server cannot decide.
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Self::NoToken | Self::UnknownToken | Self::Revoked { .. } | Self::Expired { .. } => {
-                Code::Unauthenticated
-            }
+            Self::NoToken
+            | Self::UnknownToken
+            | Self::Revoked { .. }
+            | Self::Expired { .. }
+            | Self::ReviewRefused(_) => Code::Unauthenticated,
             Self::WrongIdentity { .. }
             | Self::SourceNotAllowed { .. }
-            | Self::PeerUnknown { .. } => Code::PermissionDenied,
+            | Self::PeerUnknown { .. }
+            | Self::ServiceAccountMismatch { .. } => Code::PermissionDenied,
+            Self::ReviewsThrottled => Code::ResourceExhausted,
+            Self::ReviewUnavailable(_) => Code::Unavailable,
         }
     }
 }
@@ -208,8 +234,12 @@ impl RequestError {
     /// The `result` label of `issuer_certify_total` for this refusal.
     pub fn result_label(&self) -> &'static str {
         match self {
-            Self::Auth(a) if a.code() == tonic::Code::PermissionDenied => "permission_denied",
-            Self::Auth(_) => "unauthenticated",
+            Self::Auth(a) => match a.code() {
+                tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::ResourceExhausted => "resource_exhausted",
+                tonic::Code::Unavailable => "unavailable",
+                _ => "unauthenticated",
+            },
             Self::Csr(_)
             | Self::Identity(_)
             | Self::RequestTooLarge { .. }
@@ -374,6 +404,23 @@ mod tests {
             (
                 AuthError::PeerUnknown { id: "x".into() }.into(),
                 Code::PermissionDenied,
+            ),
+            (
+                AuthError::ReviewRefused("x".into()).into(),
+                Code::Unauthenticated,
+            ),
+            (
+                AuthError::ServiceAccountMismatch {
+                    service_account: "system:serviceaccount:a:b".into(),
+                    requested: "y".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
+            (AuthError::ReviewsThrottled.into(), Code::ResourceExhausted),
+            (
+                AuthError::ReviewUnavailable("down".into()).into(),
+                Code::Unavailable,
             ),
             (CsrError::BadSignature.into(), Code::InvalidArgument),
             (

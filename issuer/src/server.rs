@@ -197,9 +197,13 @@ impl Server {
         clock: SharedClock,
         extra: Vec<Arc<dyn crate::auth::Authenticator>>,
     ) -> Result<Arc<Self>> {
-        if config.ca_kubernetes.is_some() || config.tokens_kubernetes.is_some() {
+        if config.ca_kubernetes.is_some()
+            || config.tokens_kubernetes.is_some()
+            || config.auth_kubernetes.is_some()
+        {
             return Err(Error::Kubernetes(
-                "the kubernetes CA source and token store start with Server::open".into(),
+                "the kubernetes CA source, token store and authenticator start with Server::open"
+                    .into(),
             ));
         }
         let ca = Ca::load(&config.ca_files, clock.now())?;
@@ -211,19 +215,34 @@ impl Server {
     /// `[ca] source = "kubernetes"` or `[auth] store = "kubernetes"` the objects are watched
     /// through `client` (or, when `None`, a client from the environment: in-cluster config
     /// or the kubeconfig), and the first list must arrive within [`KUBE_SYNC_TIMEOUT`].
+    /// With `[auth] kubernetes = true` service-account tokens are reviewed through that
+    /// client too (after the bootstrap tokens, before `extra`).
     pub async fn open(
         config: Config,
         clock: SharedClock,
-        extra: Vec<Arc<dyn crate::auth::Authenticator>>,
+        mut extra: Vec<Arc<dyn crate::auth::Authenticator>>,
         client: Option<kube::Client>,
     ) -> Result<Arc<Self>> {
-        if config.ca_kubernetes.is_none() && config.tokens_kubernetes.is_none() {
+        if config.ca_kubernetes.is_none()
+            && config.tokens_kubernetes.is_none()
+            && config.auth_kubernetes.is_none()
+        {
             return Self::with_authenticators(config, clock, extra);
         }
         let client = match client {
             Some(c) => c,
             None => crate::kubernetes::client().await?,
         };
+        if let Some(review) = &config.auth_kubernetes {
+            let a = crate::kubernetes::review::TokenReviewAuthenticator::new(
+                client.clone(),
+                review.clone(),
+                config.policy.trust_domain.clone(),
+                config.ca_control_plane_namespace.clone(),
+                clock.clone(),
+            );
+            extra.insert(0, Arc::new(a));
+        }
         let mut kube = KubeParts::default();
         let tokens = match &config.tokens_kubernetes {
             Some(ns) => {

@@ -157,7 +157,14 @@ impl CertifyService {
                 client_certs: peer.client_certs.as_deref().map(|v| v.as_slice()),
             })
             .await
-            .map_err(|e| refused_before_auth(e.into()))?;
+            .map_err(|e| {
+                // The API server being away is not the caller's failure.
+                if e.code() == tonic::Code::Unavailable {
+                    e.into()
+                } else {
+                    refused_before_auth(e.into())
+                }
+            })?;
         let key = (
             p.credential.clone(),
             peer.addr.map(|a| a.ip().to_canonical()),

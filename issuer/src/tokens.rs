@@ -222,10 +222,16 @@ fn modify<T>(path: &Path, f: impl FnOnce(&mut StoreFile) -> Result<T>) -> Result
     Ok(out)
 }
 
-/// A fresh token and its record (nothing stored yet): 256 random bits, an id, the hash.
+/// What every bootstrap token made since it was introduced starts with, so it is
+/// recognisable (in a leaked file, by a secret scanner) and never mistaken for a Kubernetes
+/// token. Older tokens (64 hex digits, no prefix) stay valid.
+pub const TOKEN_PREFIX: &str = "l5dh_";
+
+/// A fresh token and its record (nothing stored yet): [`TOKEN_PREFIX`] and 256 random bits
+/// in hex, an id, the hash (of the whole token, prefix included).
 pub fn mint(opts: &CreateOptions, now: SystemTime) -> NewToken {
     let bytes: Zeroizing<[u8; 32]> = Zeroizing::new(rand::random());
-    let secret = Zeroizing::new(hex::encode(*bytes));
+    let secret = Zeroizing::new(format!("{TOKEN_PREFIX}{}", hex::encode(*bytes)));
     let created = proxy_lib::clock::unix_secs(now);
     let record = TokenRecord {
         id: hex::encode(rand::random::<[u8; 6]>()),
@@ -464,12 +470,25 @@ mod tests {
     }
 
     #[test]
+    fn tokens_made_before_the_prefix_stay_valid() {
+        let clock = FakeClock::at_unix(2_000_000_000);
+        let legacy = "0123456789abcdef".repeat(4);
+        let mut t = mint(&opts("a"), clock.now());
+        t.record.sha256 = hex::encode(sha256_of(legacy.as_bytes()));
+        let store = TokenStore::fed("test");
+        store.replace(vec![t.record.clone()]);
+        let checked = store.check(legacy.as_bytes(), &id("a"), None, clock.now());
+        assert_eq!(checked.unwrap().map(|r| r.id), Some(t.record.id));
+    }
+
+    #[test]
     fn create_stores_only_the_hash_with_mode_0600() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tokens");
         let clock = FakeClock::at_unix(2_000_000_000);
         let t = create(&p, &opts("a"), clock.now()).unwrap();
-        assert_eq!(t.secret.len(), 64);
+        assert_eq!(t.secret.len(), TOKEN_PREFIX.len() + 64);
+        assert!(t.secret.starts_with(TOKEN_PREFIX));
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(!text.contains(t.secret.as_str()));
         assert!(text.contains(&t.record.sha256));

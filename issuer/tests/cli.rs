@@ -290,8 +290,12 @@ async fn trust_domain_from_init_drives_token_create_and_serve() {
 
     let (code, out, err) = run(&["token", "create", "--dir", dirs, "--identity", EXAMPLE_ID]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.len(), 65, "stdout must hold only the token: {out:?}");
-    assert!(out.trim().chars().all(|c| c.is_ascii_hexdigit()));
+    assert_eq!(out.len(), 70, "stdout must hold only the token: {out:?}");
+    let hex = out
+        .trim()
+        .strip_prefix("l5dh_")
+        .expect("new tokens carry the l5dh_ prefix");
+    assert!(hex.chars().all(|c| c.is_ascii_hexdigit()));
     assert!(err.contains("valid until revoked"), "{err}");
     let tok = out.trim().to_string();
 
@@ -312,7 +316,7 @@ async fn trust_domain_from_init_drives_token_create_and_serve() {
     assert!(out.is_empty());
     assert_eq!(std::fs::metadata(&out_file).unwrap().mode() & 0o777, 0o600);
     let tok2 = std::fs::read_to_string(&out_file).unwrap();
-    assert_eq!(tok2.trim().len(), 64);
+    assert_eq!(tok2.trim().len(), 69);
     // --out onto an existing file: refused (naming --force), the file and the store unchanged;
     // with --force it is replaced atomically, still 0600.
     let out_args = |force: bool| {
@@ -344,7 +348,7 @@ async fn trust_domain_from_init_drives_token_create_and_serve() {
     let (code, _, err) = out_args(true);
     assert_eq!(code, 0, "{err}");
     let tok3 = std::fs::read_to_string(&out_file).unwrap();
-    assert!(tok3.trim().len() == 64 && tok3 != tok2, "{tok3:?}");
+    assert!(tok3.trim().len() == 69 && tok3 != tok2, "{tok3:?}");
     assert_eq!(std::fs::metadata(&out_file).unwrap().mode() & 0o777, 0o600);
     assert_eq!(
         run(&[

@@ -3,10 +3,14 @@
 //! (`kube::runtime::watcher`, which relists after 410 Gone and retries with backoff when the
 //! API server goes away).
 //!
-//! [`ISSUER_RULES`] and [`OPERATOR_RULES`] list every API call the code makes, as RBAC rules;
+//! The `kubernetes` authenticator ([`review`]) checks service-account tokens with
+//! TokenReviews.
+//!
+//! [`ISSUER_RULES`], [`REVIEW_RULES`] and [`OPERATOR_RULES`] list every API call the code makes, as RBAC rules;
 //! the manifests in `examples/kubernetes/` grant exactly these (a test holds them to it).
 
 pub mod ca;
+pub mod review;
 pub mod tokens;
 
 use std::collections::BTreeMap;
@@ -38,9 +42,11 @@ pub enum Names {
     All,
 }
 
-/// One RBAC rule (core API group) the code needs.
+/// One RBAC rule the code needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rule {
+    /// The API group (`""` for the core group).
+    pub group: &'static str,
     /// The resource (`secrets`, `configmaps`).
     pub resource: &'static str,
     /// The verbs, sorted.
@@ -54,25 +60,38 @@ pub struct Rule {
 /// restricts by `resourceNames`), and list+watch of the token Secrets.
 pub const ISSUER_RULES: &[Rule] = &[
     Rule {
+        group: "",
         resource: "secrets",
         verbs: &["list", "watch"],
         names: Names::IssuerSecret,
     },
     Rule {
+        group: "",
         resource: "configmaps",
         verbs: &["list", "watch"],
         names: Names::TrustRoots,
     },
     Rule {
+        group: "",
         resource: "secrets",
         verbs: &["list", "watch"],
         names: Names::All,
     },
 ];
 
+/// What `issuer serve` calls with `[auth] kubernetes = true`: create of TokenReviews, which
+/// are cluster-scoped (a ClusterRole and ClusterRoleBinding grant it).
+pub const REVIEW_RULES: &[Rule] = &[Rule {
+    group: "authentication.k8s.io",
+    resource: "tokenreviews",
+    verbs: &["create"],
+    names: Names::All,
+}];
+
 /// What `issuer token create|list|revoke --kubernetes` calls: create, list, and get+update
 /// (revoke keeps the record, marked revoked).
 pub const OPERATOR_RULES: &[Rule] = &[Rule {
+    group: "",
     resource: "secrets",
     verbs: &["create", "get", "list", "update"],
     names: Names::All,
