@@ -27,6 +27,7 @@ struct Issuer {
     _tmp: tempfile::TempDir,
     dir: std::path::PathBuf,
     cfg: Config,
+    server: Arc<Server>,
     addr: SocketAddr,
     admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -51,13 +52,14 @@ impl Issuer {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let join = tokio::spawn(server.run(listener, Some(admin), async move {
+        let join = tokio::spawn(server.clone().run(listener, Some(admin), async move {
             let _ = rx.await;
         }));
         Self {
             _tmp: tmp,
             dir,
             cfg,
+            server,
             addr,
             admin: admin_addr,
             stop: Some(tx),
@@ -75,10 +77,13 @@ impl Issuer {
             ttl: None,
             allowed_ips: Vec::new(),
         };
-        tokens::create(&self.cfg.tokens, &o, SystemClock.now())
+        let secret = tokens::create(&self.cfg.tokens, &o, SystemClock.now())
             .unwrap()
             .secret
-            .to_string()
+            .to_string();
+        // Requests read a snapshot of the store, refreshed every second: take it in now.
+        self.server.refresh_tokens();
+        secret
     }
 
     async fn metric(&self, name: &str) -> f64 {

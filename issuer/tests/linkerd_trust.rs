@@ -246,6 +246,8 @@ async fn certify_once(
         clock.now(),
     )
     .unwrap();
+    // Requests read a snapshot of the token store, refreshed every second: take it in now.
+    server.refresh_tokens();
     let mut client = tls_client(addr, &anchors, &cfg.server_name).await;
     let (_key, csr) = p256_csr(id);
     let resp = certify(
