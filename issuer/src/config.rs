@@ -260,10 +260,8 @@ impl Default for Limits {
             max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
             max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             exempt_sources: Vec::new(),
-            failures_per_source_per_minute: NonZeroU32::new(
-                DEFAULT_FAILURES_PER_SOURCE_PER_MINUTE,
-            )
-            .unwrap_or(NonZeroU32::MIN),
+            failures_per_source_per_minute: NonZeroU32::new(DEFAULT_FAILURES_PER_SOURCE_PER_MINUTE)
+                .unwrap_or(NonZeroU32::MIN),
         }
     }
 }
@@ -479,8 +477,11 @@ impl Config {
             }
             v
         };
-        let max_connections =
-            at_least_one("max_connections", l.max_connections, DEFAULT_MAX_CONNECTIONS);
+        let max_connections = at_least_one(
+            "max_connections",
+            l.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        );
         let max_pending_per_source = at_least_one(
             "max_pending_per_source",
             l.max_pending_per_source,
@@ -679,7 +680,10 @@ per_credential_per_minute = 0
     fn a_lifetime_above_max_lifetime_is_refused_naming_both() {
         // The default ceiling is 7 days.
         assert_eq!(
-            parse("", &Overrides::default()).unwrap().limits.max_lifetime,
+            parse("", &Overrides::default())
+                .unwrap()
+                .limits
+                .max_lifetime,
             Duration::from_secs(7 * 86_400)
         );
         parse("lifetime = \"7d\"\n", &Overrides::default()).unwrap();
@@ -690,7 +694,8 @@ per_credential_per_minute = 0
         };
         let all = problems.join("\n");
         assert!(
-            all.contains("lifetime = \"1000years") && all.contains("limits.max_lifetime = \"7days\""),
+            all.contains("lifetime = \"1000years")
+                && all.contains("limits.max_lifetime = \"7days\""),
             "{all}"
         );
         // A flag is checked the same way; a raised ceiling lets a longer lifetime through.

@@ -82,12 +82,18 @@ pub async fn serve_inbound(
 ) {
     let dm = shared.metrics.direction(Direction::Inbound);
     let caps = Some(shared.pending.clone());
-    accept_loop(listener, shared.clone(), stop, caps, move |tcp, peer, pending| {
-        let app = app.clone();
-        let shared = shared.clone();
-        let dm = dm.clone();
-        async move { inbound_conn(tcp, peer, pending, &app, &shared, &dm).await }
-    })
+    accept_loop(
+        listener,
+        shared.clone(),
+        stop,
+        caps,
+        move |tcp, peer, pending| {
+            let app = app.clone();
+            let shared = shared.clone();
+            let dm = dm.clone();
+            async move { inbound_conn(tcp, peer, pending, &app, &shared, &dm).await }
+        },
+    )
     .await
 }
 

@@ -178,13 +178,19 @@ pub async fn serve(
 ) {
     let dm = shared.metrics.direction(Direction::Inbound);
     let caps = Some(shared.pending.clone());
-    listener::accept_loop(listener, shared.clone(), stop, caps, move |tcp, peer, pending| {
-        let routes = routes.clone();
-        let default = default.clone();
-        let shared = shared.clone();
-        let dm = dm.clone();
-        async move { conn(tcp, peer, pending, &routes, default.as_ref(), &shared, &dm).await }
-    })
+    listener::accept_loop(
+        listener,
+        shared.clone(),
+        stop,
+        caps,
+        move |tcp, peer, pending| {
+            let routes = routes.clone();
+            let default = default.clone();
+            let shared = shared.clone();
+            let dm = dm.clone();
+            async move { conn(tcp, peer, pending, &routes, default.as_ref(), &shared, &dm).await }
+        },
+    )
     .await
 }
 
