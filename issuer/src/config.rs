@@ -31,6 +31,18 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 65_536;
 pub const DEFAULT_MAX_CONCURRENT_SIGNING: usize = 64;
 /// Default per-credential-and-peer rate (and burst) per minute.
 pub const DEFAULT_PER_CREDENTIAL_PER_MINUTE: u32 = 600;
+/// Default longest leaf lifetime `lifetime` may ask for.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+/// Default connections tracked at once (handshaking and open); beyond it the quietest is shed.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default TLS handshakes in progress per source (IPv4 address, IPv6 /64).
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 8;
+/// Default connections per source (a renewing host needs one, briefly).
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Default failed requests per minute a source regains (also its burst).
+pub const DEFAULT_FAILURES_PER_SOURCE_PER_MINUTE: u32 = crate::throttle::DEFAULT_PER_MINUTE;
+/// Connections tracked at once, at most (each holds a file descriptor).
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 /// Default: warn when the issuer certificate has less than this left.
 pub const DEFAULT_CA_WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 
@@ -65,6 +77,12 @@ pub const KEYS: &[&str] = &[
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
     "limits.per_credential_per_minute",
+    "limits.max_lifetime",
+    "limits.max_connections",
+    "limits.max_pending_per_source",
+    "limits.max_connections_per_source",
+    "limits.exempt_sources",
+    "limits.failures_per_source_per_minute",
 ];
 
 /// `issuer.toml` as written: every key optional, values typed as far as serde can check them
@@ -179,6 +197,19 @@ pub struct RawLimits {
     pub max_concurrent_signing: Option<usize>,
     /// Requests per minute per credential and peer (also the burst).
     pub per_credential_per_minute: Option<u32>,
+    /// The longest `lifetime` allowed.
+    #[serde(default, with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    /// Connections tracked at once.
+    pub max_connections: Option<usize>,
+    /// TLS handshakes in progress per source.
+    pub max_pending_per_source: Option<usize>,
+    /// Connections per source.
+    pub max_connections_per_source: Option<usize>,
+    /// Sources (networks) not capped per source.
+    pub exempt_sources: Option<Vec<ipnet::IpNet>>,
+    /// Failed requests per minute per source (also the burst).
+    pub failures_per_source_per_minute: Option<u32>,
 }
 
 /// Command-line values: the flags layer over the file (unset flags leave the file's keys).
@@ -213,6 +244,37 @@ pub struct Limits {
     pub max_concurrent_signing: usize,
     /// Requests per minute per credential and peer, with a burst of the same size.
     pub per_credential_per_minute: NonZeroU32,
+    /// The longest leaf lifetime `lifetime` may ask for (checked at load).
+    pub max_lifetime: Duration,
+    /// Connections tracked at once (handshaking and open); beyond it the quietest is shed.
+    pub max_connections: usize,
+    /// TLS handshakes in progress per source (IPv4 address, IPv6 /64).
+    pub max_pending_per_source: usize,
+    /// Connections (handshaking and open) per source.
+    pub max_connections_per_source: usize,
+    /// Sources not capped per source (a fleet behind one NAT); still counted in all.
+    pub exempt_sources: Vec<ipnet::IpNet>,
+    /// Failed requests per minute per source before authentication, with a burst of the same
+    /// size (see [`crate::throttle`]).
+    pub failures_per_source_per_minute: NonZeroU32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_concurrent_signing: DEFAULT_MAX_CONCURRENT_SIGNING,
+            per_credential_per_minute: NonZeroU32::new(DEFAULT_PER_CREDENTIAL_PER_MINUTE)
+                .unwrap_or(NonZeroU32::MIN),
+            max_lifetime: DEFAULT_MAX_LIFETIME,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            exempt_sources: Vec::new(),
+            failures_per_source_per_minute: NonZeroU32::new(DEFAULT_FAILURES_PER_SOURCE_PER_MINUTE)
+                .unwrap_or(NonZeroU32::MIN),
+        }
+    }
 }
 
 /// The validated configuration.
@@ -435,6 +497,46 @@ impl Config {
         if per_minute.is_none() {
             problems.push("limits.per_credential_per_minute must be at least 1".into());
         }
+        let max_lifetime = l.max_lifetime.unwrap_or(DEFAULT_MAX_LIFETIME);
+        if lifetime > max_lifetime {
+            problems.push(format!(
+                "lifetime = {:?} is longer than limits.max_lifetime = {:?} (shorten the \
+                 lifetime, or raise limits.max_lifetime)",
+                humantime::format_duration(lifetime).to_string(),
+                humantime::format_duration(max_lifetime).to_string(),
+            ));
+        }
+        let mut at_least_one = |key: &str, v: Option<usize>, default: usize| {
+            let v = v.unwrap_or(default);
+            if v == 0 || v > MAX_MAX_CONNECTIONS {
+                problems.push(format!(
+                    "limits.{key} = {v}: must be between 1 and {MAX_MAX_CONNECTIONS}"
+                ));
+            }
+            v
+        };
+        let max_connections = at_least_one(
+            "max_connections",
+            l.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+        );
+        let max_pending_per_source = at_least_one(
+            "max_pending_per_source",
+            l.max_pending_per_source,
+            DEFAULT_MAX_PENDING_PER_SOURCE,
+        );
+        let max_connections_per_source = at_least_one(
+            "max_connections_per_source",
+            l.max_connections_per_source,
+            DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        );
+        let failures = NonZeroU32::new(
+            l.failures_per_source_per_minute
+                .unwrap_or(DEFAULT_FAILURES_PER_SOURCE_PER_MINUTE),
+        );
+        if failures.is_none() {
+            problems.push("limits.failures_per_source_per_minute must be at least 1".into());
+        }
         if !problems.is_empty() {
             return Err(Error::Config {
                 path: path.to_path_buf(),
@@ -466,6 +568,12 @@ impl Config {
                 max_request_bytes,
                 max_concurrent_signing,
                 per_credential_per_minute: per_minute.unwrap_or(NonZeroU32::MIN),
+                max_lifetime,
+                max_connections,
+                max_pending_per_source,
+                max_connections_per_source,
+                exempt_sources: l.exempt_sources.clone().unwrap_or_default(),
+                failures_per_source_per_minute: failures.unwrap_or(NonZeroU32::MIN),
             },
         })
     }
@@ -605,6 +713,111 @@ per_credential_per_minute = 0
         let e = Config::load_with_env(&path, &Overrides::default(), &env).unwrap_err();
         assert!(e.to_string().contains("(from ISSUER_LISTEN)"), "{e}");
         assert_eq!(e.exit_code(), 78);
+    }
+
+    #[test]
+    fn a_lifetime_above_max_lifetime_is_refused_naming_both() {
+        // The default ceiling is 7 days.
+        assert_eq!(
+            parse("", &Overrides::default())
+                .unwrap()
+                .limits
+                .max_lifetime,
+            Duration::from_secs(7 * 86_400)
+        );
+        parse("lifetime = \"7d\"\n", &Overrides::default()).unwrap();
+        let Err(Error::Config { problems, .. }) =
+            parse("lifetime = \"1000years\"\n", &Overrides::default())
+        else {
+            panic!("a 1000-year lifetime was accepted");
+        };
+        let all = problems.join("\n");
+        assert!(
+            all.contains("lifetime = \"1000years")
+                && all.contains("limits.max_lifetime = \"7days\""),
+            "{all}"
+        );
+        // A flag is checked the same way; a raised ceiling lets a longer lifetime through.
+        let long = Overrides {
+            lifetime: Some(Duration::from_secs(30 * 86_400)),
+            ..Overrides::default()
+        };
+        assert!(parse("", &long).is_err());
+        let c = parse("[limits]\nmax_lifetime = \"90d\"\n", &long).unwrap();
+        assert_eq!(c.policy.lifetime, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn connection_caps_and_the_failure_throttle_are_configurable() {
+        let c = parse("", &Overrides::default()).unwrap();
+        assert_eq!(
+            crate::server::conn_caps(&c.limits),
+            proxy_lib::net::caps::Caps {
+                max_connections: 4096,
+                max_pending_per_source: 8,
+                max_connections_per_source: 64,
+                exempt: Vec::new(),
+            }
+        );
+        assert_eq!(c.limits.failures_per_source_per_minute.get(), 20);
+        let c = parse(
+            "[limits]\nmax_connections = 100\nmax_pending_per_source = 2\n\
+             max_connections_per_source = 5\nexempt_sources = [\"10.0.0.0/8\", \"fd00::/64\"]\n\
+             failures_per_source_per_minute = 3\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let caps = crate::server::conn_caps(&c.limits);
+        assert_eq!(
+            (
+                caps.max_connections,
+                caps.max_pending_per_source,
+                caps.max_connections_per_source
+            ),
+            (100, 2, 5)
+        );
+        assert_eq!(
+            caps.exempt,
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/64".parse().unwrap()]
+        );
+        assert_eq!(c.limits.failures_per_source_per_minute.get(), 3);
+        // From the environment too, a list as TOML text.
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("issuer.toml");
+        std::fs::write(&path, "").unwrap();
+        let env = proxy_lib::config_file::MapEnv::from_pairs([
+            ("ISSUER_LIMITS_EXEMPT_SOURCES", "[\"192.168.0.0/16\"]"),
+            ("ISSUER_LIMITS_MAX_PENDING_PER_SOURCE", "4"),
+        ]);
+        let c = Config::load_with_env(&path, &Overrides::default(), &env).unwrap();
+        assert_eq!(
+            c.limits.exempt_sources,
+            vec!["192.168.0.0/16".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!(c.limits.max_pending_per_source, 4);
+        // Zeroes and a bad network are each named.
+        let Err(Error::Config { problems, .. }) = parse(
+            "[limits]\nmax_connections = 0\nmax_pending_per_source = 0\n\
+             max_connections_per_source = 0\nfailures_per_source_per_minute = 0\n",
+            &Overrides::default(),
+        ) else {
+            panic!("zero caps accepted");
+        };
+        let all = problems.join("\n");
+        for key in [
+            "limits.max_connections ",
+            "limits.max_pending_per_source",
+            "limits.max_connections_per_source",
+            "limits.failures_per_source_per_minute",
+        ] {
+            assert!(all.contains(key), "{key} missing from {all}");
+        }
+        let e = parse(
+            "[limits]\nexempt_sources = [\"10.0.0.0/33\"]\n",
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("limits.exempt_sources"), "{e}");
     }
 
     #[test]

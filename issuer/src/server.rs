@@ -22,7 +22,7 @@ use tonic::transport::server::Connected;
 use crate::audit::AuditLog;
 use crate::auth::{AuthChain, TokenAuthenticator};
 use crate::ca::Ca;
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::error::{Error, Result};
 use crate::kubernetes::ca::KubeCaSource;
 use crate::metrics::Metrics;
@@ -36,12 +36,14 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A TLS handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections tracked at once (handshaking and open); beyond it the quietest is shed.
-pub const MAX_CONNECTIONS: usize = 4096;
-/// TLS handshakes in progress per source (IPv4 address, IPv6 /64).
-pub const MAX_PENDING_PER_SOURCE: usize = 8;
-/// Connections per source (a renewing host needs one, briefly).
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+/// Default connections tracked at once (handshaking and open); beyond it the quietest is
+/// shed (`limits.max_connections`).
+pub const MAX_CONNECTIONS: usize = crate::config::DEFAULT_MAX_CONNECTIONS;
+/// Default TLS handshakes in progress per source (IPv4 address, IPv6 /64)
+/// (`limits.max_pending_per_source`).
+pub const MAX_PENDING_PER_SOURCE: usize = crate::config::DEFAULT_MAX_PENDING_PER_SOURCE;
+/// Default connections per source (`limits.max_connections_per_source`).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = crate::config::DEFAULT_MAX_CONNECTIONS_PER_SOURCE;
 /// How quiet a connection may stay: until its first request (the HTTP/2 preface), and
 /// between requests.
 pub const CONNECTION_DEADLINES: proxy_lib::net::caps::Deadlines = proxy_lib::net::caps::Deadlines {
@@ -455,7 +457,7 @@ impl Server {
             )));
         }
         // One descriptor per connection, plus the admin server's.
-        proxy_lib::net::raise_open_file_limit(MAX_CONNECTIONS as u64 + 256);
+        proxy_lib::net::raise_open_file_limit(self.config.limits.max_connections as u64 + 256);
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopper = tokio::spawn(async move {
             shutdown.await;
@@ -575,13 +577,13 @@ async fn wait_stop(mut rx: watch::Receiver<bool>) {
     }
 }
 
-/// The issuer's connection caps (see [`proxy_lib::net::caps`]).
-pub fn conn_caps() -> Caps {
+/// The issuer's connection caps (see [`proxy_lib::net::caps`]) from its `[limits]`.
+pub fn conn_caps(limits: &Limits) -> Caps {
     Caps {
-        max_connections: MAX_CONNECTIONS,
-        max_pending_per_source: MAX_PENDING_PER_SOURCE,
-        max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
-        exempt: Vec::new(),
+        max_connections: limits.max_connections,
+        max_pending_per_source: limits.max_pending_per_source,
+        max_connections_per_source: limits.max_connections_per_source,
+        exempt: limits.exempt_sources.clone(),
     }
 }
 
@@ -591,7 +593,7 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<Conn>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let caps = ConnCaps::new(conn_caps());
+    let caps = ConnCaps::new(conn_caps(&server.config.limits));
     let refusals = proxy_lib::net::LogLimit::new(1, Duration::from_secs(1));
     let metrics = server.shared.metrics.clone();
     loop {

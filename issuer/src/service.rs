@@ -90,7 +90,10 @@ impl Shared {
             auth,
             limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(per_minute)),
             signing: Semaphore::new(limits.max_concurrent_signing),
-            throttle: FailureThrottle::default(),
+            throttle: FailureThrottle::new(
+                limits.failures_per_source_per_minute.get(),
+                limits.failures_per_source_per_minute.get(),
+            ),
             throttled_log: proxy_lib::net::LogLimit::new(1, std::time::Duration::from_secs(1)),
             limits,
             audit,

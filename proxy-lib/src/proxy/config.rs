@@ -14,6 +14,7 @@
 //! handshake_timeout = "10s"
 //! idle_timeout = "10m"
 //! max_connections = 10000
+//! max_pending_per_source = 16            # inbound handshakes in progress per source address
 //! drain_timeout = "10s"
 //! watch_interval = "5s"                  # "0s" = reload only on SIGHUP / POST /reload
 //! # Linkerd inbound mode (see `proxy::linkerd`): listeners, and the app of each port
@@ -53,6 +54,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Default limit of connections open at once (all listeners together).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default limit of inbound handshakes in progress per source (an IPv4 address or an IPv6
+/// /64): enough for a burst of honest clients behind one address, far too few for one source
+/// to hold the connection limit with sockets that never speak.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 16;
 /// Default time open connections get to finish after SIGTERM before they are cut.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval of the `..data` change check (a cheap readlink), besides SIGHUP.
@@ -161,6 +166,11 @@ pub struct RawConfig {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Inbound TLS handshakes in progress per source address (an IPv4 address or an IPv6
+    /// /64); a connection beyond it is closed at once, unanswered [default: 16].
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_per_source: Option<usize>,
     /// Grace period for open connections after SIGTERM/SIGINT [default: 10s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(
@@ -236,6 +246,9 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Connections open at once, all listeners together.
     pub max_connections: usize,
+    /// Inbound handshakes in progress per source (an IPv4 address or an IPv6 /64); a
+    /// connection beyond it is refused before any handshake.
+    pub max_pending_per_source: usize,
     /// Grace period for open connections at shutdown.
     pub drain_timeout: Duration,
 }
@@ -247,6 +260,7 @@ impl Default for Limits {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending_per_source: DEFAULT_MAX_PENDING_PER_SOURCE,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
@@ -373,6 +387,12 @@ impl TryFrom<RawConfig> for Config {
                 "max_connections {max_connections}: must be between 1 and 1000000"
             ));
         }
+        let max_pending_per_source = raw
+            .max_pending_per_source
+            .unwrap_or(DEFAULT_MAX_PENDING_PER_SOURCE);
+        if max_pending_per_source == 0 {
+            bad.push("max_pending_per_source 0: must be at least 1".into());
+        }
         let drain_timeout = raw.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
         let watch_interval = match raw.watch_interval.unwrap_or(DEFAULT_WATCH_INTERVAL) {
             d if d.is_zero() => None,
@@ -394,6 +414,7 @@ impl TryFrom<RawConfig> for Config {
                 handshake_timeout,
                 idle_timeout,
                 max_connections,
+                max_pending_per_source,
                 drain_timeout,
             },
             watch_interval,

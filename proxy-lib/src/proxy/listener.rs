@@ -6,6 +6,13 @@
 //! only connections accepted after it. A shared semaphore bounds open connections: at the limit
 //! each accept loop holds at most one accepted socket waiting for a slot (no handshake before
 //! it has one) and further connections wait in the kernel's backlog.
+//!
+//! Inbound listeners also cap the handshakes in progress per source (an IPv4 address or an
+//! IPv6 /64, [`Limits::max_pending_per_source`]): a connection from a source already at its
+//! cap is closed at once, before it takes a connection slot, counted as
+//! `proxy_tls_handshakes_total{direction="inbound",result="source_pending"}` and logged within
+//! the refusal log limit. So sockets from one source that never send a byte hold at most that
+//! many slots (each until the handshake timeout), and clients from other sources are served.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::net::LogLimit;
+use crate::net::caps::{Caps, ConnCaps, Slot};
 use crate::proxy::config::Limits;
 use crate::proxy::metrics::{Direction, DirectionMetrics, HandshakeResult, Metrics};
 use crate::proxy::reload::{Credentials, Reloader};
@@ -49,6 +57,20 @@ pub struct Shared {
     pub stop: watch::Receiver<bool>,
     /// How often refused inbound handshakes are logged at info.
     pub refusals: Arc<LogLimit>,
+    /// Inbound handshakes in progress per source (see [`pending_caps`]).
+    pub pending: Arc<ConnCaps>,
+}
+
+/// The per-source cap on inbound handshakes in progress that `limits` asks for. It tracks
+/// handshakes only (a connection's place is given back when its handshake ends), caps nothing
+/// else per source and never sheds: `max_connections` stays the semaphore's.
+pub fn pending_caps(limits: &Limits) -> Arc<ConnCaps> {
+    ConnCaps::new(Caps {
+        max_connections: usize::MAX,
+        max_pending_per_source: limits.max_pending_per_source,
+        max_connections_per_source: usize::MAX,
+        exempt: Vec::new(),
+    })
 }
 
 /// Accepts mTLS connections on `listener` and forwards each to `app` until `stop` turns true.
@@ -59,12 +81,19 @@ pub async fn serve_inbound(
     stop: watch::Receiver<bool>,
 ) {
     let dm = shared.metrics.direction(Direction::Inbound);
-    accept_loop(listener, shared.clone(), stop, move |tcp, peer| {
-        let app = app.clone();
-        let shared = shared.clone();
-        let dm = dm.clone();
-        async move { inbound_conn(tcp, peer, &app, &shared, &dm).await }
-    })
+    let caps = Some(shared.pending.clone());
+    accept_loop(
+        listener,
+        shared.clone(),
+        stop,
+        caps,
+        move |tcp, peer, pending| {
+            let app = app.clone();
+            let shared = shared.clone();
+            let dm = dm.clone();
+            async move { inbound_conn(tcp, peer, pending, &app, &shared, &dm).await }
+        },
+    )
     .await
 }
 
@@ -78,7 +107,7 @@ pub async fn serve_outbound(
     stop: watch::Receiver<bool>,
 ) {
     let dm = shared.metrics.direction(Direction::Outbound);
-    accept_loop(listener, shared.clone(), stop, move |tcp, peer| {
+    accept_loop(listener, shared.clone(), stop, None, move |tcp, peer, _| {
         let target = target.clone();
         let identity = identity.clone();
         let shared = shared.clone();
@@ -88,13 +117,18 @@ pub async fn serve_outbound(
     .await
 }
 
+/// Accepts connections on `listener` and spawns `handle` for each until `stop` turns true.
+/// With `per_source`, a connection is first admitted as a pending handshake of its source
+/// (refused, counted and logged when the source is at its cap); `handle` gets its [`Slot`]
+/// and drops it when the handshake ends.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
+    per_source: Option<Arc<ConnCaps>>,
     handle: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Option<Slot>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
@@ -108,6 +142,16 @@ pub(crate) async fn accept_loop<F, Fut>(
         // (no handshake) until a slot frees; further clients wait in the kernel's backlog.
         let Some((tcp, peer)) = crate::net::accept(&listener, &mut stop).await else {
             break;
+        };
+        let pending = match per_source.as_ref().map(|c| c.admit(peer.ip())).transpose() {
+            Ok(p) => p,
+            Err(refused) => {
+                shared
+                    .metrics
+                    .handshake(Direction::Inbound, HandshakeResult::SourcePending);
+                log_refusal(&shared, peer, HandshakeResult::SourcePending, &refused);
+                continue; // dropping `tcp` closes it, unanswered
+            }
         };
         let permit = match shared.permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -124,7 +168,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         let _ = tcp.set_nodelay(true);
         let mut cut = shared.cut.clone();
-        let conn = handle(tcp, peer);
+        let conn = handle(tcp, peer, pending);
         tokio::spawn(async move {
             tokio::select! {
                 () = conn => {}
@@ -158,6 +202,7 @@ pub(crate) fn current_credentials(
 async fn inbound_conn(
     tcp: TcpStream,
     peer: SocketAddr,
+    pending: Option<Slot>,
     app: &str,
     shared: &Shared,
     dm: &DirectionMetrics,
@@ -168,6 +213,7 @@ async fn inbound_conn(
     };
     let accept = creds.acceptor.accept(tcp);
     let accepted = tokio::time::timeout(shared.limits.handshake_timeout, accept).await;
+    drop(pending); // the handshake is over, whatever its outcome
     let Some(accepted) = inbound_accepted(shared, peer, accepted) else {
         return;
     };

@@ -49,6 +49,9 @@ pub enum HandshakeResult {
     /// Linkerd inbound mode: the ClientHello's SNI (or its absence) names none of the served
     /// leaf's identities, so the connection was not terminated.
     ForeignSni,
+    /// The client's source address already had `max_pending_per_source` handshakes in
+    /// progress, so the connection was closed before any handshake (inbound).
+    SourcePending,
     /// Anything else (protocol error, peer closed, TCP error).
     Error,
 }
@@ -65,6 +68,7 @@ impl HandshakeResult {
             HandshakeResult::Timeout => "timeout",
             HandshakeResult::NoCredentials => "no_credentials",
             HandshakeResult::ForeignSni => "foreign_sni",
+            HandshakeResult::SourcePending => "source_pending",
             HandshakeResult::Error => "error",
         }
     }

@@ -217,6 +217,7 @@ impl Proxy {
             cut: cut_rx,
             stop: stop_rx.clone(),
             refusals: Arc::new(crate::net::LogLimit::default()),
+            pending: listener::pending_caps(&self.limits),
         };
         let mut tasks = tokio::task::JoinSet::new();
         for l in self.inbound {

@@ -460,3 +460,66 @@ async fn watcher_reloads_a_plain_dir_when_the_key_lands_after_the_cert() {
     .unwrap();
     proxy.stop().await;
 }
+
+/// A TCP connection to `to` from a second loopback address, the attacker's.
+async fn from_attacker(to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4()?;
+    s.bind("127.0.0.2:0".parse().unwrap())?;
+    s.connect(to).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_from_one_source_do_not_stop_clients_from_another() {
+    const ATTACK_SOCKETS: usize = 2000;
+    const SERVING_FOR: Duration = Duration::from_secs(30);
+    // Both ends of every attacker socket live in this process.
+    proxy_lib::net::raise_open_file_limit(3 * ATTACK_SOCKETS as u64);
+    init();
+    let pki = TestPki::new(now());
+    let me = id("db", "data");
+    let dir = tempfile::tempdir().unwrap();
+    write_data_dir(dir.path(), &leaf(&pki, &me));
+    let app = echo_app().await;
+    let mut cfg = config(dir.path());
+    cfg.inbound.push(inbound_to(app));
+    // Fewer slots than attacker sockets: without the per-source cap, the attacker alone
+    // would hold every slot.
+    cfg.limits.max_connections = ATTACK_SOCKETS / 2;
+    let (_, clock) = fake_clock();
+    let proxy = start(&cfg, clock).await;
+    let cc = client_config(&pki.anchors(), Some(&leaf(&pki, &id("web", "apps"))));
+
+    // Sockets that never send a byte: the proxy holds a few per source, closes the rest.
+    let mut idle = Vec::new();
+    for _ in 0..ATTACK_SOCKETS {
+        if let Ok(s) = from_attacker(proxy.inbound[0]).await {
+            idle.push(s);
+        }
+    }
+    // A client on 127.0.0.1 connects once a second over a fresh connection; successes are
+    // counted, not timed (each attempt gets a generous bound so the test cannot hang).
+    let (mut ok, mut failed) = (0, Vec::new());
+    let end = tokio::time::Instant::now() + SERVING_FOR;
+    while tokio::time::Instant::now() < end {
+        let attempt = echo_through_tls(proxy.inbound[0], cc.clone(), &me, b"ping");
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(_)) => ok += 1,
+            Ok(Err(e)) => failed.push(e),
+            Err(_) => failed.push("no echo within 10 s".into()),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(failed.is_empty(), "{ok} served, failed: {failed:?}");
+    assert!(ok >= 10, "only {ok} connections served in {SERVING_FOR:?}");
+    let text = metrics_text(proxy.admin).await;
+    let refused = metric(
+        &text,
+        r#"proxy_tls_handshakes_total{direction="inbound",result="source_pending"}"#,
+    );
+    assert!(
+        refused >= (ATTACK_SOCKETS - cfg.limits.max_pending_per_source) as f64,
+        "only {refused} of the attacker's sockets were refused"
+    );
+    drop(idle);
+    proxy.stop().await;
+}

@@ -177,19 +177,27 @@ pub async fn serve(
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let dm = shared.metrics.direction(Direction::Inbound);
-    listener::accept_loop(listener, shared.clone(), stop, move |tcp, peer| {
-        let routes = routes.clone();
-        let default = default.clone();
-        let shared = shared.clone();
-        let dm = dm.clone();
-        async move { conn(tcp, peer, &routes, default.as_ref(), &shared, &dm).await }
-    })
+    let caps = Some(shared.pending.clone());
+    listener::accept_loop(
+        listener,
+        shared.clone(),
+        stop,
+        caps,
+        move |tcp, peer, pending| {
+            let routes = routes.clone();
+            let default = default.clone();
+            let shared = shared.clone();
+            let dm = dm.clone();
+            async move { conn(tcp, peer, pending, &routes, default.as_ref(), &shared, &dm).await }
+        },
+    )
     .await
 }
 
 async fn conn(
     tcp: TcpStream,
     peer: SocketAddr,
+    pending: Option<crate::net::caps::Slot>,
     routes: &Routes,
     default: Option<&http::App>,
     shared: &Shared,
@@ -234,6 +242,7 @@ async fn conn(
         &creds.acceptor
     };
     let accepted = tokio::time::timeout_at(deadline, hello.accept(acceptor)).await;
+    drop(pending); // the handshake is over, whatever its outcome
     let Some(accepted) = listener::inbound_accepted(shared, peer, accepted) else {
         return;
     };
