@@ -117,7 +117,7 @@ async fn a_fleet_renewing_at_once_converges_with_only_resource_exhausted_refusal
             Duration::from_secs(30),
         )
         .with_source(Some(source(i)));
-        let (anchors, policy) = (anchors.clone(), policy.clone());
+        let (anchors, policy) = (anchors.clone(), policy);
         tasks.spawn(async move {
             let mut r = HostResult::default();
             let k = rotator::keygen::generate(&id, true).unwrap();
