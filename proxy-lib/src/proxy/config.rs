@@ -627,7 +627,7 @@ mod tests {
         assert_eq!(raw.idle_timeout, Some(Duration::from_secs(1)));
         assert!(raw.admin_allow_remote);
         assert_eq!(raw.inbound, ["127.0.0.1:1=127.0.0.1:2"]);
-        assert_eq!(RawConfig::keys().len(), 15);
+        assert_eq!(RawConfig::keys().len(), 18);
     }
 
     #[test]
