@@ -4,6 +4,9 @@
 
 #[cfg(feature = "fake-kube")]
 pub mod fake_kube;
+mod kit;
+
+pub use kit::{ChildGuard, free_port, http_get, metric, wait_for};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -6,7 +6,7 @@ pub mod demo;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -35,52 +35,7 @@ pub fn target_dir() -> PathBuf {
     proxy_lib::test_util::profile_dir()
 }
 
-/// A child process that is killed and reaped when dropped.
-#[derive(Debug)]
-pub struct ChildGuard(pub Child);
-
-impl ChildGuard {
-    /// The child's pid.
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Sends a signal to the child.
-    pub fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, sig).expect("kill");
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout` naming `what`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests that bind it at once).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
+pub use proxy_lib::test_util::{ChildGuard, free_port, wait_for};
 
 /// A plain HTTP/1.0 GET to 127.0.0.1:`port`: status code and body. An error when nothing
 /// answers (yet), so it can be polled as a readiness signal.

@@ -14,7 +14,6 @@ use linkerd2_proxy_api::identity::{CertifyRequest, CertifyResponse};
 use proxy_lib::verify::TrustAnchors;
 use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -270,35 +269,9 @@ pub fn openssl_rsa_csr(dir: &Path, identity: &str) -> Vec<u8> {
     std::fs::read(dir.join("rsa.csr")).unwrap()
 }
 
-/// GET `path` from the admin server: (status code, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
-/// The value of a metric line (exact name with labels) in Prometheus text.
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-}
+// Each test file uses some of these.
+#[allow(unused_imports)]
+pub use proxy_lib::test_util::{free_port, http_get, metric};
 
 /// Writes a new issuer pair signed by the anchor in `dir` (ca.crt + anchor.key from init):
 /// returns (cert PEM, key PEM).
@@ -333,13 +306,4 @@ pub fn issuer_pair(
     p.not_after = not_after.into();
     let cert = p.signed_by(&key, &anchor).unwrap();
     (cert.pem(), key.serialize_pem())
-}
-
-/// A port free on 127.0.0.1 right now (for a child process that must be told its port).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

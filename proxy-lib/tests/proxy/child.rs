@@ -10,37 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use proxy_lib::test_util::{TestPki, write_data_dir};
-use rustix::process::{Pid, Signal, kill_process};
+use proxy_lib::test_util::{ChildGuard, TestPki, free_port, write_data_dir};
+use rustix::process::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mtls-proxy");
-
-/// Kills and reaps the child when dropped.
-struct ChildGuard(Child);
-
-impl ChildGuard {
-    fn signal(&self, sig: Signal) {
-        let pid = Pid::from_raw(self.0.id() as i32).expect("pid");
-        kill_process(pid, sig).expect("kill");
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
-}
 
 fn run_to_end(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
