@@ -130,10 +130,8 @@ impl CertifyService {
         principal: &mut Option<Principal>,
     ) -> Result<(Leaf, Arc<Ca>), RequestError> {
         let s = &*self.shared;
+        // A throttled source never gets here: the front refuses it before decoding.
         let source = peer.addr.map(|a| a.ip());
-        if source.is_some_and(|ip| !s.throttle.allows(ip)) {
-            return Err(RequestError::Throttled);
-        }
         let refused_before_auth = |e: RequestError| {
             if let Some(ip) = source {
                 s.throttle.failed(ip);
@@ -249,17 +247,6 @@ impl IdentityApi for CertifyService {
                     intermediate_certificates: ca.chain().iter().map(|c| c.to_vec()).collect(),
                     valid_until: Some(leaf.not_after.into()),
                 }))
-            }
-            Err(RequestError::Throttled) => {
-                // No audit record per throttled request (that is what a flood would want);
-                // counted, and logged once a second at most.
-                let error = RequestError::Throttled;
-                s.metrics
-                    .certify(error.result_label(), started.elapsed().as_secs_f64());
-                if let Some(suppressed) = s.throttled_log.admit() {
-                    tracing::warn!(peer = ?peer.addr, suppressed, "requests throttled after repeated failures");
-                }
-                Err(error.to_status())
             }
             Err(error) => {
                 let status = error.to_status();
