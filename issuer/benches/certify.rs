@@ -54,6 +54,7 @@ fn main() {
             identity: id.clone(),
             ttl: None,
             allowed_ips: Vec::new(),
+            uses: None,
         },
         SystemClock.now(),
     )

@@ -39,6 +39,17 @@ pub struct Principal {
     pub credential: String,
 }
 
+impl Principal {
+    /// The bootstrap token's id, when the token store authenticated the request.
+    pub fn token_id(&self) -> Option<&str> {
+        if self.authenticator == "tokens" {
+            self.credential.strip_prefix("token:")
+        } else {
+            None
+        }
+    }
+}
+
 /// Decides whether a request is authentic and authorised.
 #[tonic::async_trait]
 pub trait Authenticator: Send + Sync + std::fmt::Debug {
@@ -156,6 +167,7 @@ mod tests {
                 identity: id.clone(),
                 ttl: None,
                 allowed_ips: Vec::new(),
+                uses: None,
             },
             clock.now(),
         )

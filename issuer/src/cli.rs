@@ -66,6 +66,10 @@ pub enum Command {
     /// Manage bootstrap tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Revoke an identity: renewal by certificate is refused for every certificate of it
+    /// issued before now, and its tokens created before now stop working (a token created
+    /// afterwards bootstraps it again).
+    Revoke(RevokeArgs),
     /// Serve the Certify API.
     Serve(ServeArgs),
 }
@@ -222,6 +226,25 @@ pub struct TokenCreateArgs {
     /// every renewal, so the new token is used from the next attempt on).
     #[arg(long, requires = "out")]
     pub force: bool,
+    /// How many distinct keys the token may certify (default: no limit). The token is bound
+    /// to each key it certifies: a request with a bound key stays valid (a restart reusing
+    /// its key, a retry), any other key is refused once the uses are spent.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub uses: Option<u32>,
+}
+
+/// `issuer revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub config: TokenStoreArgs,
+    /// The identity to revoke.
+    #[arg(long)]
+    pub identity: String,
+    /// Why (kept with the revocation).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// `issuer token list`.
@@ -295,6 +318,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Token(TokenCommand::Create(a)) => token::create(a, clock),
         Command::Token(TokenCommand::List(a)) => token::list(a, clock),
         Command::Token(TokenCommand::Revoke(a)) => token::revoke(a, clock),
+        Command::Revoke(a) => token::revoke_identity(a, clock),
         Command::Serve(a) => serve(a, clock),
     }
 }

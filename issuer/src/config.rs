@@ -73,6 +73,8 @@ pub const KEYS: &[&str] = &[
     "auth.kubernetes",
     "auth.audiences",
     "auth.review_cache",
+    "auth.renew_by_certificate",
+    "auth.max_renewal_age",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -177,6 +179,13 @@ pub struct RawAuth {
     /// How long a review's outcome is reused (default 10s, at most 5m; `0s`: never).
     #[serde(default, with = "humantime_serde")]
     pub review_cache: Option<Duration>,
+    /// Accept a client certificate this issuer signed as the credential for renewing its
+    /// identity (default true).
+    pub renew_by_certificate: Option<bool>,
+    /// The longest a chain of renewals by certificate may run from its bootstrap by token
+    /// (default: no limit).
+    #[serde(default, with = "humantime_serde")]
+    pub max_renewal_age: Option<Duration>,
 }
 
 /// `[audit]`.
@@ -302,6 +311,11 @@ pub struct Config {
     /// `[auth] kubernetes = true`: service-account tokens are also accepted, checked with
     /// TokenReviews for these audiences, outcomes cached this long.
     pub auth_kubernetes: Option<ReviewConfig>,
+    /// `[auth] renew_by_certificate`: a client certificate this issuer signed renews its
+    /// identity without a token.
+    pub renew_by_certificate: bool,
+    /// `[auth] max_renewal_age`: the longest a chain of renewals by certificate may run.
+    pub max_renewal_age: Option<Duration>,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -537,6 +551,9 @@ impl Config {
         if failures.is_none() {
             problems.push("limits.failures_per_source_per_minute must be at least 1".into());
         }
+        if raw.auth.max_renewal_age == Some(Duration::ZERO) {
+            problems.push("auth.max_renewal_age must be more than 0s (leave it out for no limit)".into());
+        }
         if !problems.is_empty() {
             return Err(Error::Config {
                 path: path.to_path_buf(),
@@ -560,6 +577,8 @@ impl Config {
             ca_kubernetes,
             tokens_kubernetes,
             auth_kubernetes,
+            renew_by_certificate: raw.auth.renew_by_certificate.unwrap_or(true),
+            max_renewal_age: raw.auth.max_renewal_age,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,

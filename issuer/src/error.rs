@@ -116,6 +116,38 @@ pub enum AuthError {
     /// the review itself): nothing is decided, nothing issued.
     #[error("Kubernetes API server unavailable for token review: {0}")]
     ReviewUnavailable(String),
+    /// The token limits how many keys it certifies, and this key is not one of them: its
+    /// uses are spent (a copied token on another host).
+    #[error("token {id} is bound to the key(s) it was first used with; a new key needs a new token")]
+    KeyNotBound {
+        /// Public id of the token record.
+        id: String,
+    },
+    /// The identity was revoked after this credential was made: a certificate issued, or a
+    /// token created, before the revocation no longer authenticates it.
+    #[error("identity {identity} was revoked at {at}; bootstrap again with a token created since")]
+    IdentityRevoked {
+        /// The identity.
+        identity: String,
+        /// When it was revoked (RFC 3339).
+        at: String,
+    },
+    /// The client certificate's renewal chain began longer ago than `max_renewal_age`.
+    #[error(
+        "the renewal chain of this certificate began at {started}, longer ago than max_renewal_age ({max}); bootstrap again with a token"
+    )]
+    RenewalTooOld {
+        /// When the chain's first certificate was issued with a token (RFC 3339).
+        started: String,
+        /// The configured maximum.
+        max: String,
+    },
+    /// No certificate is issued for the issuer's own serving name, whoever asks.
+    #[error("identity {0:?} is the issuer's own serving name and is never issued")]
+    ServingName(String),
+    /// The token store could not record a use of a token: nothing is issued.
+    #[error("token store unavailable: {0}")]
+    StoreUnavailable(String),
 }
 
 impl AuthError {
@@ -130,13 +162,17 @@ impl AuthError {
             | Self::UnknownToken
             | Self::Revoked { .. }
             | Self::Expired { .. }
-            | Self::ReviewRefused(_) => Code::Unauthenticated,
+            | Self::ReviewRefused(_)
+            | Self::KeyNotBound { .. }
+            | Self::RenewalTooOld { .. } => Code::Unauthenticated,
             Self::WrongIdentity { .. }
             | Self::SourceNotAllowed { .. }
             | Self::PeerUnknown { .. }
-            | Self::ServiceAccountMismatch { .. } => Code::PermissionDenied,
+            | Self::ServiceAccountMismatch { .. }
+            | Self::IdentityRevoked { .. }
+            | Self::ServingName(_) => Code::PermissionDenied,
             Self::ReviewsThrottled => Code::ResourceExhausted,
-            Self::ReviewUnavailable(_) => Code::Unavailable,
+            Self::ReviewUnavailable(_) | Self::StoreUnavailable(_) => Code::Unavailable,
         }
     }
 }
@@ -418,6 +454,23 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (AuthError::ReviewsThrottled.into(), Code::ResourceExhausted),
+            (
+                AuthError::KeyNotBound { id: "x".into() }.into(),
+                Code::Unauthenticated,
+            ),
+            (
+                AuthError::IdentityRevoked {
+                    identity: "y".into(),
+                    at: "t".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
+            (AuthError::ServingName("y".into()).into(), Code::PermissionDenied),
+            (
+                AuthError::StoreUnavailable("down".into()).into(),
+                Code::Unavailable,
+            ),
             (
                 AuthError::ReviewUnavailable("down".into()).into(),
                 Code::Unavailable,

@@ -22,6 +22,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod renewal;
 pub mod server;
 pub mod service;
 pub mod signer;

@@ -81,6 +81,7 @@ pub fn apply(shared: &Shared, loaded: Result<Ca>) -> Result<()> {
                 .metrics
                 .ca_expiration
                 .set(proxy_lib::clock::unix_secs(not_after) as i64);
+            shared.issuers.observe(ca.cert(), shared.clock.now());
             shared.ca.store(std::sync::Arc::new(ca));
             shared
                 .metrics

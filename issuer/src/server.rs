@@ -100,8 +100,8 @@ impl Server {
         Self::with_authenticators(config, clock, Vec::new())
     }
 
-    /// Like [`Server::new`], with `extra` authenticators tried after the token store (the
-    /// Kubernetes authenticator and renewal by client certificate plug in here).
+    /// Like [`Server::new`], with `extra` authenticators tried after renewal by client
+    /// certificate and the token store (the Kubernetes authenticator plugs in here).
     pub fn with_authenticators(
         config: Config,
         clock: SharedClock,
@@ -199,20 +199,42 @@ impl Server {
         let audit = AuditLog::open(&config.audit)?;
         let mut registry = Registry::default();
         let metrics = Metrics::new(&mut registry);
-        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> = vec![Arc::new(
-            TokenAuthenticator::new(tokens.clone(), clock.clone()),
-        )];
+        let issuers = Arc::new(crate::renewal::KnownIssuers::new(
+            ca.cert(),
+            config.limits.max_lifetime.max(config.policy.lifetime) + config.policy.clock_skew,
+        ));
+        // A client certificate of ours wins over a token sent with it (a linkerd2-proxy sends
+        // both); a token decides when no certificate of ours is presented.
+        let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> = Vec::new();
+        if config.renew_by_certificate {
+            chain.push(Arc::new(crate::renewal::CertAuthenticator::new(
+                issuers.clone(),
+                tokens.clone(),
+                crate::renewal::RenewalPolicy {
+                    backdate: config.policy.clock_skew,
+                    max_renewal_age: config.max_renewal_age,
+                },
+                clock.clone(),
+            )));
+        }
+        chain.push(Arc::new(TokenAuthenticator::new(
+            tokens.clone(),
+            clock.clone(),
+        )));
         chain.extend(extra);
         let auth = AuthChain::new(chain);
-        let shared = Arc::new(Shared::new(
-            ca,
-            config.policy.clone(),
-            auth,
-            config.limits.clone(),
-            audit,
-            metrics,
-            clock,
-        ));
+        let shared = Arc::new(
+            Shared::new(
+                ca,
+                config.policy.clone(),
+                auth,
+                config.limits.clone(),
+                audit,
+                metrics,
+                clock,
+            )
+            .with_renewal(issuers, tokens.clone(), &config.server_name),
+        );
         let (tls, serving) = mint_serving(&shared, &config.server_name)?;
         let server = Arc::new(Self {
             config,

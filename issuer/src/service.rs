@@ -22,8 +22,9 @@ use crate::config::Limits;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::signer::{Leaf, LeafKind};
+use crate::signer::Leaf;
 use crate::throttle::FailureThrottle;
+use crate::tokens::{Reservation, TokenStore};
 
 /// What the transport knows about the peer; set on every request by the server.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +59,13 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Wall clock.
     pub clock: SharedClock,
+    /// The issuer certificates whose leaves renew by client certificate; a CA reload
+    /// records the new one here.
+    pub issuers: Arc<crate::renewal::KnownIssuers>,
+    /// The token store, where uses of tokens with a use count are reserved.
+    pub tokens: Option<Arc<TokenStore>>,
+    /// The issuer's own serving name: never issued to a requester.
+    pub serving_name: Option<String>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -81,6 +89,10 @@ impl Shared {
         clock: SharedClock,
     ) -> Self {
         let per_minute = limits.per_credential_per_minute;
+        let issuers = Arc::new(crate::renewal::KnownIssuers::new(
+            ca.cert(),
+            limits.max_lifetime.max(policy.lifetime) + policy.clock_skew,
+        ));
         metrics
             .ca_expiration
             .set(proxy_lib::clock::unix_secs(ca.window().not_after) as i64);
@@ -99,7 +111,24 @@ impl Shared {
             audit,
             metrics,
             clock,
+            issuers,
+            tokens: None,
+            serving_name: None,
         }
+    }
+
+    /// Renewal state: the known issuers (shared with the certificate authenticator), the token
+    /// store (for token uses) and the serving name (never issued).
+    pub fn with_renewal(
+        mut self,
+        issuers: Arc<crate::renewal::KnownIssuers>,
+        tokens: Arc<TokenStore>,
+        serving_name: &str,
+    ) -> Self {
+        self.issuers = issuers;
+        self.tokens = Some(tokens);
+        self.serving_name = Some(serving_name.to_string());
+        self
     }
 
     /// Whether the CA in use can issue now (valid, with at least the minimum lifetime left).
@@ -128,7 +157,7 @@ impl CertifyService {
         req: &CertifyRequest,
         peer: &PeerInfo,
         principal: &mut Option<Principal>,
-    ) -> Result<(Leaf, Arc<Ca>), RequestError> {
+    ) -> Result<(Leaf, Arc<Ca>, Option<Reservation>), RequestError> {
         let s = &*self.shared;
         // A throttled source never gets here: the front refuses it before decoding.
         let source = peer.addr.map(|a| a.ip());
@@ -149,6 +178,11 @@ impl CertifyService {
             .policy
             .identity(&req.identity)
             .map_err(|e| refused_before_auth(e.into()))?;
+        if s.serving_name.as_deref() == Some(identity.as_str()) {
+            return Err(refused_before_auth(
+                crate::error::AuthError::ServingName(identity.to_string()).into(),
+            ));
+        }
         let p = s
             .auth
             .authenticate(&AuthRequest {
@@ -170,6 +204,13 @@ impl CertifyService {
             p.credential.clone(),
             peer.addr.map(|a| a.ip().to_canonical()),
         );
+        let chain_start = crate::renewal::chain_start_for(
+            &p,
+            peer.client_certs.as_deref().map(|v| v.as_slice()),
+            s.clock.now(),
+            s.policy.clock_skew,
+        );
+        let token_id = p.token_id().map(str::to_string);
         *principal = Some(p);
         if s.limiter.check_key(&key).is_err() {
             return Err(RequestError::RateLimited);
@@ -182,9 +223,32 @@ impl CertifyService {
         let ca = s.ca.load_full();
         let w = ca.window();
         let grant = s.policy.grant(s.clock.now(), w.not_before, w.not_after)?;
-        let leaf =
-            crate::signer::sign_leaf(&ca, &identity, &csr.public_key, &grant, LeafKind::Workload)?;
-        Ok((leaf, ca))
+        // A token with a use count is bound to the keys it certifies: the use is reserved
+        // now, and given back if nothing is issued.
+        let reservation = match (&token_id, &s.tokens) {
+            (Some(id), Some(store)) => {
+                let key = crate::tokens::key_fingerprint(
+                    rcgen::PublicKeyData::subject_public_key_info(&csr.public_key).as_slice(),
+                );
+                Some(store.reserve(id, &key).await?)
+            }
+            _ => None,
+        };
+        match crate::signer::sign_workload_leaf(
+            &ca,
+            &identity,
+            &csr.public_key,
+            &grant,
+            chain_start,
+        ) {
+            Ok(leaf) => Ok((leaf, ca, reservation)),
+            Err(e) => {
+                if let (Some(r), Some(store)) = (reservation, &s.tokens) {
+                    store.release(r).await;
+                }
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -220,12 +284,15 @@ impl IdentityApi for CertifyService {
             reason: None,
         };
         match outcome {
-            Ok((leaf, ca)) => {
+            Ok((leaf, ca, reservation)) => {
                 event.serial = Some(&leaf.serial);
                 event.sha256 = Some(&leaf.sha256);
                 event.not_after = Some(proxy_lib::clock::rfc3339(leaf.not_after));
                 // No record, no certificate.
                 if let Err(failure) = s.audit.record_issued(&event).await {
+                    if let (Some(r), Some(store)) = (reservation, &s.tokens) {
+                        store.release(r).await;
+                    }
                     s.metrics.audit_failure(failure.label());
                     s.metrics
                         .certify("unavailable", started.elapsed().as_secs_f64());

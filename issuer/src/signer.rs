@@ -57,7 +57,22 @@ pub fn sign_leaf(
     kind: LeafKind,
 ) -> Result<Leaf, SignError> {
     let sans = vec![dns_san(identity.as_str())?, uri_san(&identity.spiffe_id())?];
-    sign(ca, sans, public_key, grant, kind)
+    sign(ca, sans, public_key, grant, kind, random_serial())
+}
+
+/// Like [`sign_leaf`] for a workload, with a serial that carries where its renewal chain
+/// began ([`crate::renewal::chain_serial`]): the bootstrap's time, carried over renewals by
+/// client certificate.
+pub fn sign_workload_leaf(
+    ca: &Ca,
+    identity: &Identity,
+    public_key: &impl PublicKeyData,
+    grant: &Grant,
+    chain_start: SystemTime,
+) -> Result<Leaf, SignError> {
+    let sans = vec![dns_san(identity.as_str())?, uri_san(&identity.spiffe_id())?];
+    let serial = crate::renewal::chain_serial(chain_start);
+    sign(ca, sans, public_key, grant, LeafKind::Workload, serial)
 }
 
 /// Signs the issuer's own serving certificate for `server_name` (a DNS name; when it has the
@@ -72,7 +87,7 @@ pub fn sign_server_leaf(
     if let Ok(id) = Identity::parse(server_name) {
         sans.push(uri_san(&id.spiffe_id())?);
     }
-    sign(ca, sans, public_key, grant, LeafKind::Server)
+    sign(ca, sans, public_key, grant, LeafKind::Server, random_serial())
 }
 
 fn dns_san(name: &str) -> Result<SanType, SignError> {
@@ -95,8 +110,8 @@ fn sign(
     public_key: &impl PublicKeyData,
     grant: &Grant,
     kind: LeafKind,
+    serial: [u8; SERIAL_LEN],
 ) -> Result<Leaf, SignError> {
-    let serial = random_serial();
     let mut p = CertificateParams::default();
     // Empty subject (the SAN is then critical): identity names are often longer than the
     // 64 characters a CN may hold.

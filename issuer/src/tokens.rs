@@ -3,6 +3,19 @@
 //!
 //! A token is 256 random bits, shown once as 64 hex characters. The store keeps revoked
 //! records, so "revoked" stays distinguishable from "unknown".
+//!
+//! A token created with a use count (`issuer token create --uses N`) is bound to the public
+//! keys it certifies: each successful issuance for a key not seen before spends one use and
+//! records the key's fingerprint (SHA-256 of the CSR's SubjectPublicKeyInfo DER); a request
+//! with a recorded key stays valid (a restarted linkerd2-proxy reuses its key, a lost answer is
+//! retried with the same key), any other key is refused once the uses are spent. A use is
+//! reserved before signing ([`TokenStore::reserve`]: the file under its lock, the Kubernetes
+//! Secret with a resourceVersion precondition) and released when nothing was issued.
+//!
+//! Identity revocations ([`revoke_identity`]) live in the same store (the file's
+//! `revocations` list, or one Secret per identity next to the token Secrets): every
+//! certificate of the identity issued before the revocation, and every token for it created
+//! before then, stops authenticating it.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -101,6 +114,24 @@ pub struct TokenRecord {
     /// Revocation time, Unix seconds.
     #[serde(default)]
     pub revoked: Option<u64>,
+    /// How many distinct keys the token may certify; `None` = no limit and no key binding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+    /// Fingerprints (SHA-256 of the SubjectPublicKeyInfo DER, hex) of the keys certified
+    /// with it, first first; only for a token with `uses`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound_keys: Vec<String>,
+}
+
+/// The outcome of [`TokenRecord::bind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// The token limits no keys.
+    Unlimited,
+    /// The key was already bound.
+    Known,
+    /// The key was just bound, spending a use (released if nothing is issued).
+    Fresh,
 }
 
 impl TokenRecord {
@@ -109,6 +140,34 @@ impl TokenRecord {
         if self.revoked.is_none() {
             self.revoked = Some(proxy_lib::clock::unix_secs(now));
         }
+    }
+
+    /// Uses left (`None`: unlimited).
+    pub fn uses_left(&self) -> Option<u32> {
+        self.uses
+            .map(|u| u.saturating_sub(u32::try_from(self.bound_keys.len()).unwrap_or(u32::MAX)))
+    }
+
+    /// Binds `key` (a fingerprint) when a use is left; a key already bound is fine.
+    pub fn bind(&mut self, key: &str) -> std::result::Result<Binding, AuthError> {
+        if self.uses.is_none() {
+            return Ok(Binding::Unlimited);
+        }
+        if self.bound_keys.iter().any(|k| k == key) {
+            return Ok(Binding::Known);
+        }
+        if self.uses_left() == Some(0) {
+            return Err(AuthError::KeyNotBound {
+                id: self.id.clone(),
+            });
+        }
+        self.bound_keys.push(key.to_string());
+        Ok(Binding::Fresh)
+    }
+
+    /// Gives back the use `key` took (after a [`Binding::Fresh`] that issued nothing).
+    pub fn unbind(&mut self, key: &str) {
+        self.bound_keys.retain(|k| k != key);
     }
 
     /// `active`, `expired` or `revoked` at `now`.
@@ -126,11 +185,38 @@ impl TokenRecord {
     }
 }
 
+/// An identity revocation: certificates of `identity` issued before `revoked`, and tokens
+/// for it created before then, no longer authenticate it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRevocation {
+    /// The identity.
+    pub identity: String,
+    /// When, Unix seconds (a later revocation of the same identity moves it forward).
+    pub revoked: u64,
+    /// Why, as the operator gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl IdentityRevocation {
+    /// Merges a newer revocation of the same identity in (the later time and its reason).
+    pub fn merge(&mut self, newer: &IdentityRevocation) {
+        if newer.revoked >= self.revoked {
+            self.revoked = newer.revoked;
+            if newer.reason.is_some() {
+                self.reason = newer.reason.clone();
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StoreFile {
     version: u32,
     #[serde(default)]
     tokens: Vec<TokenRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    revocations: Vec<IdentityRevocation>,
 }
 
 /// A freshly created token: the secret (shown once) and its record.
@@ -159,6 +245,13 @@ pub struct CreateOptions {
     pub ttl: Option<Duration>,
     /// Allowed source addresses; empty = any.
     pub allowed_ips: Vec<IpNet>,
+    /// How many distinct keys it may certify; `None` = no limit (and no key binding).
+    pub uses: Option<u32>,
+}
+
+/// The fingerprint a token binds: SHA-256 of a public key's SubjectPublicKeyInfo DER, hex.
+pub fn key_fingerprint(spki_der: &[u8]) -> String {
+    hex::encode(Sha256::digest(spki_der))
 }
 
 fn sha256_of(token: &[u8]) -> [u8; 32] {
@@ -195,6 +288,7 @@ fn read_file(path: &Path) -> Result<StoreFile> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreFile {
             version: STORE_VERSION,
             tokens: Vec::new(),
+            revocations: Vec::new(),
         }),
         Err(source) => Err(Error::Io {
             path: path.to_path_buf(),
@@ -241,6 +335,8 @@ pub fn mint(opts: &CreateOptions, now: SystemTime) -> NewToken {
         expires: opts.ttl.map(|t| created + t.as_secs().max(1)),
         allowed_ips: opts.allowed_ips.clone(),
         revoked: None,
+        uses: opts.uses,
+        bound_keys: Vec::new(),
     };
     NewToken { secret, record }
 }
@@ -274,8 +370,117 @@ pub fn list(path: &Path) -> Result<Vec<TokenRecord>> {
     Ok(read_file(path)?.tokens)
 }
 
+/// The identity revocations in the store file at `path`. Blocks.
+pub fn list_revocations(path: &Path) -> Result<Vec<IdentityRevocation>> {
+    Ok(read_file(path)?.revocations)
+}
+
+/// A revocation of `identity` at `now` (whole seconds, so a certificate or token made in a
+/// later second is never caught).
+pub fn revocation(identity: &Identity, reason: Option<&str>, now: SystemTime) -> IdentityRevocation {
+    IdentityRevocation {
+        identity: identity.to_string(),
+        revoked: proxy_lib::clock::unix_secs(now),
+        reason: reason.map(str::to_string),
+    }
+}
+
+/// Records an identity revocation in the store file at `path` (merged with an earlier one of
+/// the same identity). Blocks.
+pub fn revoke_identity_in_file(
+    path: &Path,
+    identity: &Identity,
+    reason: Option<&str>,
+    now: SystemTime,
+) -> Result<IdentityRevocation> {
+    let new = revocation(identity, reason, now);
+    modify(path, |f| {
+        match f.revocations.iter_mut().find(|r| r.identity == new.identity) {
+            Some(r) => {
+                r.merge(&new);
+                Ok(r.clone())
+            }
+            None => {
+                f.revocations.push(new.clone());
+                Ok(new)
+            }
+        }
+    })
+}
+
+/// A token store as the operator commands write it: the file, or the Secrets of a namespace.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The store file.
+    File(PathBuf),
+    /// The token Secrets.
+    Kubernetes(crate::kubernetes::tokens::KubeTokens),
+}
+
+/// Revokes `identity` at `now` in `store` (`issuer revoke --identity`, `issuer workload
+/// remove`): renewal by certificate is refused for every certificate of the identity issued
+/// before `now`, and tokens for it created before `now` stop working. Servers see it within
+/// their store's re-read (a second) or watch delay. The file store blocks briefly.
+pub async fn revoke_identity(
+    store: &Backend,
+    identity: &Identity,
+    reason: Option<&str>,
+    now: SystemTime,
+) -> Result<IdentityRevocation> {
+    match store {
+        Backend::File(p) => revoke_identity_in_file(p, identity, reason, now),
+        Backend::Kubernetes(k) => k.revoke_identity(identity, reason, now).await,
+    }
+}
+
+/// Records one use of token `id` by `key` in the store file (see [`TokenRecord::bind`]);
+/// the record is re-read under the lock, so two keys racing for the last use cannot both
+/// win. Blocks.
+pub fn reserve_in_file(
+    path: &Path,
+    id: &str,
+    key: &str,
+) -> Result<std::result::Result<Binding, AuthError>> {
+    modify(path, |f| {
+        let Some(rec) = f.tokens.iter_mut().find(|r| r.id == id) else {
+            return Ok(Err(AuthError::UnknownToken));
+        };
+        if rec.revoked.is_some() {
+            return Ok(Err(AuthError::Revoked { id: rec.id.clone() }));
+        }
+        Ok(rec.bind(key))
+    })
+}
+
+/// Gives back a use [`reserve_in_file`] took. Blocks.
+pub fn release_in_file(path: &Path, id: &str, key: &str) -> Result<()> {
+    modify(path, |f| {
+        if let Some(rec) = f.tokens.iter_mut().find(|r| r.id == id) {
+            rec.unbind(key);
+        }
+        Ok(())
+    })
+}
+
+/// A use of a token held for one request: [`TokenStore::release`] it when nothing was issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    id: String,
+    key: String,
+    binding: Binding,
+}
+
+impl Reservation {
+    /// Whether this request bound a new key (spent a use).
+    pub fn binding(&self) -> Binding {
+        self.binding
+    }
+}
+
+#[derive(Default)]
 struct Loaded {
     records: Vec<(TokenRecord, [u8; 32])>,
+    revocations: std::collections::HashMap<String, IdentityRevocation>,
 }
 
 /// Where a [`TokenStore`]'s records come from.
@@ -286,8 +491,12 @@ enum Source {
         path: PathBuf,
         stamp: Mutex<Option<FileStamp>>,
     },
-    /// Fed from outside through [`TokenStore::replace`] (the Kubernetes watch).
-    Fed { origin: String },
+    /// Fed from outside through [`TokenStore::replace`] (the Kubernetes watch); uses of
+    /// tokens are written through `writer` when there is one.
+    Fed {
+        origin: String,
+        writer: Option<crate::kubernetes::tokens::KubeTokens>,
+    },
 }
 
 /// The server's view of the token records: an in-memory snapshot that requests only read,
@@ -303,7 +512,7 @@ impl std::fmt::Debug for TokenStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let origin = match &self.source {
             Source::File { path, .. } => path.display().to_string(),
-            Source::Fed { origin } => origin.clone(),
+            Source::Fed { origin, .. } => origin.clone(),
         };
         f.debug_struct("TokenStore")
             .field("source", &origin)
@@ -321,30 +530,48 @@ impl TokenStore {
                 path: path.to_path_buf(),
                 stamp: Mutex::new(st),
             },
-            loaded: ArcSwap::from_pointee(Loaded {
-                records: Vec::new(),
-            }),
+            loaded: ArcSwap::from_pointee(Loaded::default()),
         };
-        s.replace(file.tokens);
+        s.replace_all(file.tokens, file.revocations);
         Ok(s)
     }
 
     /// An empty store whose records are supplied by [`TokenStore::replace`]; `origin` names
-    /// where they come from in logs.
+    /// where they come from in logs. Tokens with a use count cannot be used through it (there
+    /// is nowhere to record the use): see [`TokenStore::fed_writing`].
     pub fn fed(origin: impl Into<String>) -> Self {
         Self {
             source: Source::Fed {
                 origin: origin.into(),
+                writer: None,
             },
-            loaded: ArcSwap::from_pointee(Loaded {
-                records: Vec::new(),
-            }),
+            loaded: ArcSwap::from_pointee(Loaded::default()),
+        }
+    }
+
+    /// Like [`TokenStore::fed`], recording token uses in the token Secrets through `writer`.
+    pub fn fed_writing(
+        origin: impl Into<String>,
+        writer: crate::kubernetes::tokens::KubeTokens,
+    ) -> Self {
+        Self {
+            source: Source::Fed {
+                origin: origin.into(),
+                writer: Some(writer),
+            },
+            loaded: ArcSwap::from_pointee(Loaded::default()),
         }
     }
 
     /// Replaces every record at once (records whose hash is not 64 hex characters are
-    /// skipped: they can match no token).
+    /// skipped: they can match no token); the identity revocations stay.
     pub fn replace(&self, records: Vec<TokenRecord>) {
+        let revocations = self.loaded.load().revocations.values().cloned().collect();
+        self.replace_all(records, revocations);
+    }
+
+    /// Replaces every record and every identity revocation at once.
+    pub fn replace_all(&self, records: Vec<TokenRecord>, revocations: Vec<IdentityRevocation>) {
         let records = records
             .into_iter()
             .filter_map(|r| {
@@ -353,7 +580,102 @@ impl TokenStore {
                 Some((r, h))
             })
             .collect();
-        self.loaded.store(Arc::new(Loaded { records }));
+        let mut by_identity = std::collections::HashMap::<String, IdentityRevocation>::new();
+        for r in revocations {
+            match by_identity.get_mut(&r.identity) {
+                Some(have) => have.merge(&r),
+                None => {
+                    by_identity.insert(r.identity.clone(), r);
+                }
+            }
+        }
+        let old = self.loaded.load();
+        for (id, r) in &by_identity {
+            if old.revocations.get(id).map(|o| o.revoked) != Some(r.revoked) {
+                tracing::info!(
+                    identity = %id,
+                    revoked = %proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(r.revoked)),
+                    reason = r.reason.as_deref().unwrap_or(""),
+                    "identity revocation in effect"
+                );
+            }
+        }
+        self.loaded.store(Arc::new(Loaded {
+            records,
+            revocations: by_identity,
+        }));
+    }
+
+    /// When `identity` was last revoked (Unix seconds), if it was.
+    pub fn identity_revoked(&self, identity: &str) -> Option<u64> {
+        self.loaded
+            .load()
+            .revocations
+            .get(identity)
+            .map(|r| r.revoked)
+    }
+
+    /// Reserves a use of token `id` for the key with fingerprint `key` (see
+    /// [`TokenRecord::bind`]), re-reading the record where it is stored so concurrent
+    /// requests (on this replica or another) cannot spend the same use twice. A token without
+    /// a use count needs no write. Give the use back with [`TokenStore::release`] when
+    /// nothing is issued.
+    pub async fn reserve(&self, id: &str, key: &str) -> std::result::Result<Reservation, AuthError> {
+        let limited = self
+            .loaded
+            .load()
+            .records
+            .iter()
+            .any(|(r, _)| r.id == id && r.uses.is_some());
+        let binding = if !limited {
+            Binding::Unlimited
+        } else {
+            match &self.source {
+                Source::File { path, .. } => {
+                    let (path, id, key) = (path.clone(), id.to_string(), key.to_string());
+                    tokio::task::spawn_blocking(move || reserve_in_file(&path, &id, &key))
+                        .await
+                        .map_err(|e| AuthError::StoreUnavailable(e.to_string()))?
+                        .map_err(|e| AuthError::StoreUnavailable(e.to_string()))??
+                }
+                Source::Fed {
+                    writer: Some(w), ..
+                } => w.reserve(id, key).await?,
+                Source::Fed { origin, .. } => {
+                    return Err(AuthError::StoreUnavailable(format!(
+                        "{origin} cannot record token uses"
+                    )));
+                }
+            }
+        };
+        Ok(Reservation {
+            id: id.to_string(),
+            key: key.to_string(),
+            binding,
+        })
+    }
+
+    /// Gives back the use `r` took, if it took one (nothing was issued). Failures are logged:
+    /// the use then stays spent.
+    pub async fn release(&self, r: Reservation) {
+        if r.binding != Binding::Fresh {
+            return;
+        }
+        let res = match &self.source {
+            Source::File { path, .. } => {
+                let (path, id, key) = (path.clone(), r.id.clone(), r.key.clone());
+                tokio::task::spawn_blocking(move || release_in_file(&path, &id, &key))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Server(e.to_string())))
+            }
+            Source::Fed {
+                writer: Some(w), ..
+            } => w.release(&r.id, &r.key).await,
+            Source::Fed { .. } => Ok(()),
+        };
+        if let Err(error) = res {
+            tracing::warn!(%error, token = %r.id, "a token use could not be given back");
+        }
     }
 
     /// How many records the snapshot holds.
@@ -380,7 +702,7 @@ impl TokenStore {
         match read_file(path) {
             Ok(file) => {
                 let n = file.tokens.len();
-                self.replace(file.tokens);
+                self.replace_all(file.tokens, file.revocations);
                 *last = now;
                 tracing::info!(path = %path.display(), tokens = n, "token store reloaded");
             }
@@ -433,6 +755,14 @@ impl TokenStore {
                 requested: identity.to_string(),
             });
         }
+        if let Some(r) = loaded.revocations.get(identity.as_str())
+            && rec.created < r.revoked
+        {
+            return Err(AuthError::IdentityRevoked {
+                identity: identity.to_string(),
+                at: proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(r.revoked)),
+            });
+        }
         if !rec.allowed_ips.is_empty() {
             let Some(ip) = peer else {
                 return Err(AuthError::PeerUnknown { id: rec.id.clone() });
@@ -466,6 +796,7 @@ mod tests {
             identity: id(sa),
             ttl: None,
             allowed_ips: Vec::new(),
+            uses: None,
         }
     }
 

@@ -93,6 +93,7 @@ impl Harness {
             identity: Identity::parse(identity).unwrap(),
             ttl: None,
             allowed_ips: Vec::new(),
+            uses: None,
         };
         f(&mut o);
         let t = tokens::create(&self.cfg.tokens, &o, self.clock.now()).unwrap();
@@ -327,6 +328,7 @@ async fn bad_inputs_are_refused_with_the_right_code_and_audited() {
             identity: Identity::parse(ID).unwrap(),
             ttl: Some(Duration::from_secs(60)),
             allowed_ips: Vec::new(),
+            uses: None,
         };
         tokens::create(&h.cfg.tokens, &o, h.clock.now() - Duration::from_secs(120))
             .unwrap()
@@ -946,6 +948,8 @@ async fn authenticators_see_the_client_certificate() {
     issuer::init::run_at(&issuer::init::InitOptions::new(&dir), now).unwrap();
     let mut cfg = Config::load(&dir.join("issuer.toml"), &Overrides::default()).unwrap();
     cfg.audit = AuditTarget::File(dir.join("audit.log"));
+    // The built-in renewal by certificate would decide first: off, so the extra one is asked.
+    cfg.renew_by_certificate = false;
     let h = Harness::launch_with(
         tmp,
         dir,

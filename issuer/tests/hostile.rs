@@ -76,6 +76,7 @@ impl Issuer {
             identity: Identity::parse(ID).unwrap(),
             ttl: None,
             allowed_ips: Vec::new(),
+            uses: None,
         };
         let secret = tokens::create(&self.cfg.tokens, &o, SystemClock.now())
             .unwrap()

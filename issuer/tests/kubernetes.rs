@@ -179,6 +179,7 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
                 identity: Identity::parse(ID).unwrap(),
                 ttl: None,
                 allowed_ips: Vec::new(),
+                uses: None,
             },
             SystemClock.now(),
         )

@@ -317,6 +317,7 @@ impl Issuer {
                 identity: Identity::parse(identity).unwrap(),
                 ttl: None,
                 allowed_ips: Vec::new(),
+                uses: None,
             },
             self.clock.now(),
         )

@@ -242,6 +242,7 @@ async fn certify_once(
             identity: Identity::parse(id).unwrap(),
             ttl: None,
             allowed_ips: Vec::new(),
+            uses: None,
         },
         clock.now(),
     )

@@ -96,6 +96,7 @@ impl Issuer {
                 identity: Identity::parse(ID).unwrap(),
                 ttl: None,
                 allowed_ips: Vec::new(),
+                uses: None,
             },
             clock.now(),
         )

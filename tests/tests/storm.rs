@@ -87,6 +87,7 @@ async fn a_fleet_renewing_at_once_converges_with_only_resource_exhausted_refusal
                 identity: id.clone(),
                 ttl: None,
                 allowed_ips: Vec::new(),
+                uses: None,
             };
             let t = tokens::create(&cfg.tokens, &o, now).unwrap();
             (id, t.secret.to_string())

@@ -78,6 +78,20 @@ impl TokenBackend {
         }
     }
 
+    fn revoke_identity(
+        &self,
+        identity: &proxy_lib::identity::Identity,
+        reason: Option<&str>,
+        now: std::time::SystemTime,
+    ) -> Result<crate::tokens::IdentityRevocation> {
+        match self {
+            Self::File(p) => crate::tokens::revoke_identity_in_file(p, identity, reason, now),
+            Self::Kubernetes(k) => k
+                .rt
+                .block_on(k.tokens.revoke_identity(identity, reason, now)),
+        }
+    }
+
     fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
         match self {
             Self::File(p) => crate::tokens::revoke(p, id, now),
@@ -94,6 +108,7 @@ pub(super) fn create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
         identity,
         ttl: a.ttl,
         allowed_ips: a.allow_ip,
+        uses: a.uses,
     };
     if let Some(out) = &a.out
         && !a.force
@@ -149,8 +164,12 @@ pub(super) fn create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
                 .join(", ")
         )
     };
+    let uses = match t.record.uses {
+        None => "for any number of keys".to_string(),
+        Some(n) => format!("for {n} key(s), bound on first use"),
+    };
     say(format_args!(
-        "created token {} for {}, {validity}, {ips}",
+        "created token {} for {}, {validity}, {ips}, {uses}",
         t.record.id, t.record.identity
     ));
     Ok(())
@@ -174,6 +193,9 @@ pub(super) fn list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
                     "expires": r.expires.map(ts),
                     "revoked": r.revoked.map(ts),
                     "allowed_ips": r.allowed_ips.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                    "uses": r.uses,
+                    "uses_left": r.uses_left(),
+                    "bound_keys": r.bound_keys,
                 })
             })
             .collect();
@@ -182,7 +204,7 @@ pub(super) fn list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
         (|| {
             writeln!(
                 out,
-                "ID            STATUS   EXPIRES               ALLOWED-IPS  IDENTITY"
+                "ID            STATUS   EXPIRES               USES-LEFT  BOUND-KEY         ALLOWED-IPS  IDENTITY"
             )?;
             for r in &records {
                 let ips = if r.allowed_ips.is_empty() {
@@ -194,12 +216,28 @@ pub(super) fn list(a: TokenListArgs, clock: SharedClock) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(",")
                 };
+                let uses = match (r.uses_left(), r.uses) {
+                    (Some(left), Some(n)) => format!("{left}/{n}"),
+                    _ => "unlimited".to_string(),
+                };
+                // The first 16 hex digits of each bound key's SHA-256 (of its SPKI).
+                let keys = if r.bound_keys.is_empty() {
+                    "-".to_string()
+                } else {
+                    r.bound_keys
+                        .iter()
+                        .map(|k| k.get(..16).unwrap_or(k))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
                 writeln!(
                     out,
-                    "{:<13} {:<8} {:<21} {:<12} {}",
+                    "{:<13} {:<8} {:<21} {:<10} {:<17} {:<12} {}",
                     r.id,
                     r.status(now),
                     r.expires.map(ts).unwrap_or_else(|| "never".into()),
+                    uses,
+                    keys,
                     ips,
                     r.identity
                 )?;
@@ -219,5 +257,18 @@ pub(super) fn revoke(a: TokenRevokeArgs, clock: SharedClock) -> Result<()> {
         let r = store.revoke(id, clock.now())?;
         say(format_args!("revoked token {} for {}", r.id, r.identity));
     }
+    Ok(())
+}
+
+pub(super) fn revoke_identity(a: RevokeArgs, clock: SharedClock) -> Result<()> {
+    let (store, trust_domain, control_plane) = TokenBackend::open(&a.config)?;
+    let identity =
+        proxy_lib::identity::Identity::parse_in_mesh(&a.identity, &trust_domain, &control_plane)?;
+    let r = store.revoke_identity(&identity, a.reason.as_deref(), clock.now())?;
+    say(format_args!(
+        "revoked identity {} at {}: certificates issued and tokens created before then no longer authenticate it",
+        r.identity,
+        proxy_lib::clock::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(r.revoked))
+    ));
     Ok(())
 }
