@@ -552,7 +552,9 @@ impl Config {
             problems.push("limits.failures_per_source_per_minute must be at least 1".into());
         }
         if raw.auth.max_renewal_age == Some(Duration::ZERO) {
-            problems.push("auth.max_renewal_age must be more than 0s (leave it out for no limit)".into());
+            problems.push(
+                "auth.max_renewal_age must be more than 0s (leave it out for no limit)".into(),
+            );
         }
         if !problems.is_empty() {
             return Err(Error::Config {

@@ -118,7 +118,9 @@ pub enum AuthError {
     ReviewUnavailable(String),
     /// The token limits how many keys it certifies, and this key is not one of them: its
     /// uses are spent (a copied token on another host).
-    #[error("token {id} is bound to the key(s) it was first used with; a new key needs a new token")]
+    #[error(
+        "token {id} is bound to the key(s) it was first used with; a new key needs a new token"
+    )]
     KeyNotBound {
         /// Public id of the token record.
         id: String,
@@ -466,7 +468,10 @@ mod tests {
                 .into(),
                 Code::PermissionDenied,
             ),
-            (AuthError::ServingName("y".into()).into(), Code::PermissionDenied),
+            (
+                AuthError::ServingName("y".into()).into(),
+                Code::PermissionDenied,
+            ),
             (
                 AuthError::StoreUnavailable("down".into()).into(),
                 Code::Unavailable,

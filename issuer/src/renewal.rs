@@ -84,9 +84,7 @@ impl KnownIssuers {
                 *retired = Some(now);
             }
         }
-        v.retain(|(cert, retired)| {
-            cert == current || retired.is_some_and(|t| now < t + self.keep)
-        });
+        v.retain(|(cert, retired)| cert == current || retired.is_some_and(|t| now < t + self.keep));
         if let Some(pos) = v.iter().position(|(c, _)| c == current) {
             v[pos].1 = None;
         } else {
@@ -286,7 +284,10 @@ mod tests {
         k.observe(&a, t0);
         assert_eq!(k.at(t0), vec![a.clone()]);
         k.observe(&b, t0 + Duration::from_secs(10));
-        assert_eq!(k.at(t0 + Duration::from_secs(109)), vec![a.clone(), b.clone()]);
+        assert_eq!(
+            k.at(t0 + Duration::from_secs(109)),
+            vec![a.clone(), b.clone()]
+        );
         assert_eq!(k.at(t0 + Duration::from_secs(110)), vec![b.clone()]);
         // back to a before it was forgotten: current again, never retired
         k.observe(&a, t0 + Duration::from_secs(20));

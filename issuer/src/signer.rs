@@ -87,7 +87,14 @@ pub fn sign_server_leaf(
     if let Ok(id) = Identity::parse(server_name) {
         sans.push(uri_san(&id.spiffe_id())?);
     }
-    sign(ca, sans, public_key, grant, LeafKind::Server, random_serial())
+    sign(
+        ca,
+        sans,
+        public_key,
+        grant,
+        LeafKind::Server,
+        random_serial(),
+    )
 }
 
 fn dns_san(name: &str) -> Result<SanType, SignError> {

@@ -377,7 +377,11 @@ pub fn list_revocations(path: &Path) -> Result<Vec<IdentityRevocation>> {
 
 /// A revocation of `identity` at `now` (whole seconds, so a certificate or token made in a
 /// later second is never caught).
-pub fn revocation(identity: &Identity, reason: Option<&str>, now: SystemTime) -> IdentityRevocation {
+pub fn revocation(
+    identity: &Identity,
+    reason: Option<&str>,
+    now: SystemTime,
+) -> IdentityRevocation {
     IdentityRevocation {
         identity: identity.to_string(),
         revoked: proxy_lib::clock::unix_secs(now),
@@ -395,7 +399,11 @@ pub fn revoke_identity_in_file(
 ) -> Result<IdentityRevocation> {
     let new = revocation(identity, reason, now);
     modify(path, |f| {
-        match f.revocations.iter_mut().find(|r| r.identity == new.identity) {
+        match f
+            .revocations
+            .iter_mut()
+            .find(|r| r.identity == new.identity)
+        {
             Some(r) => {
                 r.merge(&new);
                 Ok(r.clone())
@@ -620,7 +628,11 @@ impl TokenStore {
     /// requests (on this replica or another) cannot spend the same use twice. A token without
     /// a use count needs no write. Give the use back with [`TokenStore::release`] when
     /// nothing is issued.
-    pub async fn reserve(&self, id: &str, key: &str) -> std::result::Result<Reservation, AuthError> {
+    pub async fn reserve(
+        &self,
+        id: &str,
+        key: &str,
+    ) -> std::result::Result<Reservation, AuthError> {
         let limited = self
             .loaded
             .load()
@@ -1002,6 +1014,171 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(list(&p).unwrap().len(), 40);
+    }
+
+    #[test]
+    fn keys_racing_for_the_last_use_exactly_one_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let now = UNIX_EPOCH + Duration::from_secs(10);
+        for uses in [1u32, 3] {
+            let t = create(
+                &p,
+                &CreateOptions {
+                    uses: Some(uses),
+                    ..opts("a")
+                },
+                now,
+            )
+            .unwrap();
+            let threads: Vec<_> = (0..8)
+                .map(|i| {
+                    let (p, id) = (p.clone(), t.record.id.clone());
+                    std::thread::spawn(move || {
+                        reserve_in_file(&p, &id, &format!("key{i}")).unwrap()
+                    })
+                })
+                .collect();
+            let outcomes: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let won = outcomes
+                .iter()
+                .filter(|o| **o == Ok(Binding::Fresh))
+                .count();
+            assert_eq!(won, uses as usize, "{outcomes:?}");
+            assert!(outcomes.iter().all(
+                |o| *o == Ok(Binding::Fresh) || matches!(o, Err(AuthError::KeyNotBound { .. }))
+            ));
+            let rec = list(&p)
+                .unwrap()
+                .into_iter()
+                .find(|r| r.id == t.record.id)
+                .unwrap();
+            assert_eq!(rec.bound_keys.len(), uses as usize);
+            assert_eq!(rec.uses_left(), Some(0));
+            // a bound key stays valid, and releasing gives the use back
+            let bound = rec.bound_keys[0].clone();
+            assert_eq!(
+                reserve_in_file(&p, &t.record.id, &bound).unwrap(),
+                Ok(Binding::Known)
+            );
+            release_in_file(&p, &t.record.id, &bound).unwrap();
+            assert_eq!(
+                reserve_in_file(&p, &t.record.id, "late").unwrap(),
+                Ok(Binding::Fresh)
+            );
+        }
+        // unlimited tokens bind nothing; revoked and unknown tokens are refused
+        let free = create(&p, &opts("a"), now).unwrap();
+        assert_eq!(
+            reserve_in_file(&p, &free.record.id, "k").unwrap(),
+            Ok(Binding::Unlimited)
+        );
+        assert!(
+            list(&p)
+                .unwrap()
+                .iter()
+                .all(|r| r.uses.is_some() || r.bound_keys.is_empty())
+        );
+        revoke(&p, &free.record.id, now).unwrap();
+        assert!(matches!(
+            reserve_in_file(&p, &free.record.id, "k").unwrap(),
+            Err(AuthError::Revoked { .. })
+        ));
+        assert_eq!(
+            reserve_in_file(&p, "nosuch", "k").unwrap(),
+            Err(AuthError::UnknownToken)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_server_reserves_and_releases_through_its_store() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let now = UNIX_EPOCH + Duration::from_secs(10);
+        let t = create(
+            &p,
+            &CreateOptions {
+                uses: Some(1),
+                ..opts("a")
+            },
+            now,
+        )
+        .unwrap();
+        let store = Arc::new(TokenStore::open(&p).unwrap());
+        let (a, b) = tokio::join!(
+            store.reserve(&t.record.id, "ka"),
+            store.reserve(&t.record.id, "kb")
+        );
+        let (won, lost) = if a.is_ok() { (a, b) } else { (b, a) };
+        let won = won.unwrap();
+        assert_eq!(won.binding(), Binding::Fresh);
+        assert!(matches!(lost, Err(AuthError::KeyNotBound { .. })));
+        // nothing issued: the use comes back, and another key may take it
+        store.release(won).await;
+        assert_eq!(list(&p).unwrap()[0].uses_left(), Some(1));
+        let again = store.reserve(&t.record.id, "kb").await.unwrap();
+        assert_eq!(again.binding(), Binding::Fresh);
+        // a fed store without a writer cannot count uses: it refuses rather than over-issue
+        let fed = TokenStore::fed("test");
+        fed.replace(list(&p).unwrap());
+        assert!(matches!(
+            fed.reserve(&t.record.id, "kb").await,
+            Err(AuthError::StoreUnavailable(_))
+        ));
+    }
+
+    #[test]
+    fn identity_revocations_catch_only_what_came_before() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let clock = FakeClock::at_unix(2_000_000_000);
+        let before = create(&p, &opts("a"), clock.now()).unwrap();
+        let other = create(&p, &opts("b"), clock.now()).unwrap();
+        clock.advance(Duration::from_secs(5));
+        let r = revoke_identity_in_file(&p, &id("a"), None, clock.now()).unwrap();
+        assert_eq!(r.revoked, 2_000_000_005);
+        let after = create(&p, &opts("a"), clock.now()).unwrap();
+        let store = TokenStore::open(&p).unwrap();
+        assert_eq!(
+            store.identity_revoked(id("a").as_str()),
+            Some(2_000_000_005)
+        );
+        assert_eq!(store.identity_revoked(id("b").as_str()), None);
+        assert!(matches!(
+            store.check(before.secret.as_bytes(), &id("a"), None, clock.now()),
+            Err(AuthError::IdentityRevoked { .. })
+        ));
+        assert!(
+            store
+                .check(after.secret.as_bytes(), &id("a"), None, clock.now())
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .check(other.secret.as_bytes(), &id("b"), None, clock.now())
+                .unwrap()
+                .is_some()
+        );
+        // a later revocation moves the moment forward and keeps one entry per identity
+        clock.advance(Duration::from_secs(5));
+        let r = revoke_identity_in_file(&p, &id("a"), Some("again"), clock.now()).unwrap();
+        assert_eq!(
+            (r.revoked, r.reason.as_deref()),
+            (2_000_000_010, Some("again"))
+        );
+        assert_eq!(list_revocations(&p).unwrap().len(), 1);
+        store.refresh();
+        assert!(matches!(
+            store.check(after.secret.as_bytes(), &id("a"), None, clock.now()),
+            Err(AuthError::IdentityRevoked { .. })
+        ));
+        // replacing the records (the Kubernetes watch's token part) keeps the revocations
+        store.replace(list(&p).unwrap());
+        assert_eq!(
+            store.identity_revoked(id("a").as_str()),
+            Some(2_000_000_010)
+        );
     }
 
     #[test]

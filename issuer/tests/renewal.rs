@@ -193,10 +193,19 @@ async fn a_single_use_token_bootstraps_once_and_certificates_renew() {
         .expect("proxy bootstrap");
     for _ in 0..3 {
         current = h
-            .certify(OTHER, &proxy_token, &proxy_key, Some((&current, &proxy_key)))
+            .certify(
+                OTHER,
+                &proxy_token,
+                &proxy_key,
+                Some((&current, &proxy_key)),
+            )
             .await
             .expect("proxy renewal");
-        assert_eq!(last_audit(&h)["authenticator"], "certificate", "the cert wins");
+        assert_eq!(
+            last_audit(&h)["authenticator"],
+            "certificate",
+            "the cert wins"
+        );
     }
     // "Restart": only the key and the token, no certificate.
     h.certify(OTHER, &proxy_token, &proxy_key, None)
@@ -351,7 +360,10 @@ async fn a_renewal_chain_ends_at_max_renewal_age() {
     }
     h.clock.advance(Duration::from_secs(15));
     let k = KeyPair::generate().unwrap();
-    let st = h.certify(ID, "", &k, Some((&cert, &key))).await.unwrap_err();
+    let st = h
+        .certify(ID, "", &k, Some((&cert, &key)))
+        .await
+        .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
     assert!(st.message().contains("max_renewal_age"), "{st:?}");
     h.stop().await;
@@ -402,7 +414,17 @@ async fn cli_creates_counted_tokens_lists_their_uses_and_revokes_identities() {
     assert!(err.contains("for 2 key(s)"), "{err}");
     let token = out.trim().to_string();
     assert_ne!(
-        issuer_cli(&["token", "create", "--dir", dir, "--identity", ID, "--uses", "0"]).0,
+        issuer_cli(&[
+            "token",
+            "create",
+            "--dir",
+            dir,
+            "--identity",
+            ID,
+            "--uses",
+            "0"
+        ])
+        .0,
         0
     );
     h.server.refresh_tokens();

@@ -86,9 +86,9 @@ impl TokenBackend {
     ) -> Result<crate::tokens::IdentityRevocation> {
         match self {
             Self::File(p) => crate::tokens::revoke_identity_in_file(p, identity, reason, now),
-            Self::Kubernetes(k) => k
-                .rt
-                .block_on(k.tokens.revoke_identity(identity, reason, now)),
+            Self::Kubernetes(k) => {
+                k.rt.block_on(k.tokens.revoke_identity(identity, reason, now))
+            }
         }
     }
 
