@@ -653,3 +653,120 @@ async fn the_fake_api_server_answers_reviews_and_records_calls() {
     drop(src);
     fake.stop().await;
 }
+
+// Tokens with a use count in the Kubernetes store: the server records the use in the
+// token's Secret (resourceVersion-conditional), so a second key is refused and two keys
+// racing for the last use cannot both win; an identity revocation is a Secret beside them
+// that the server's watch picks up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_uses_and_identity_revocations_live_in_secrets() {
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    init_ca(&dir);
+    let fake = FakeKube::start().await;
+    let client = client_for(&fake).await;
+    let cfg = config(&dir, "plaintext = true\n[auth]\nstore = \"kubernetes\"\n");
+    let server = Server::open(cfg, Arc::new(SystemClock), Vec::new(), Some(client.clone()))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(server.clone().run(listener, None, async move {
+        let _ = stopped.await;
+    }));
+
+    let tokens = issuer::kubernetes::tokens::KubeTokens::new(client.clone(), NS);
+    let opts = issuer::tokens::CreateOptions {
+        identity: Identity::parse(ID).unwrap(),
+        ttl: None,
+        allowed_ips: Vec::new(),
+        uses: Some(1),
+    };
+    let t = tokens.create(&opts, SystemClock.now()).await.unwrap();
+    let token = t.secret.to_string();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr_of = |k: &rcgen::KeyPair| {
+        let mut p = rcgen::CertificateParams::new(vec![ID.to_string()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.serialize_request(k).unwrap().der().to_vec()
+    };
+    let mut grpc = plain_client(addr).await;
+    eventually("the token to be accepted", || {
+        let mut c = grpc.clone();
+        let req = request(ID, token.as_bytes(), csr_of(&key));
+        async move { certify(&mut c, req).await.ok() }
+    })
+    .await;
+    // the same key again: fine; another key: refused
+    certify(&mut grpc, request(ID, token.as_bytes(), csr_of(&key)))
+        .await
+        .expect("the bound key stays valid");
+    let st = certify(
+        &mut grpc,
+        request(
+            ID,
+            token.as_bytes(),
+            csr_of(&rcgen::KeyPair::generate().unwrap()),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    let listed = tokens.list().await.unwrap();
+    assert_eq!(listed[0].uses_left(), Some(0));
+    assert_eq!(listed[0].bound_keys.len(), 1);
+
+    // two keys racing through two writers for one use
+    let t2 = tokens.create(&opts, SystemClock.now()).await.unwrap();
+    let other = issuer::kubernetes::tokens::KubeTokens::new(client.clone(), NS);
+    let (a, b) = tokio::join!(
+        tokens.reserve(&t2.record.id, "key-a"),
+        other.reserve(&t2.record.id, "key-b")
+    );
+    assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
+    tokens.release(&t2.record.id, "key-a").await.unwrap();
+    other.release(&t2.record.id, "key-b").await.unwrap();
+    assert_eq!(
+        tokens.reserve(&t2.record.id, "key-c").await,
+        Ok(issuer::tokens::Binding::Fresh)
+    );
+
+    // an identity revocation (dated after the token's creation) stops the token
+    let later = SystemClock.now() + Duration::from_secs(5);
+    let backend = issuer::tokens::Backend::Kubernetes(tokens.clone());
+    let r = issuer::tokens::revoke_identity(
+        &backend,
+        &Identity::parse(ID).unwrap(),
+        Some("gone"),
+        later,
+    )
+    .await
+    .unwrap();
+    let stored = fake
+        .get(
+            "v1/secrets",
+            NS,
+            &issuer::kubernetes::tokens::revocation_secret_name(ID),
+        )
+        .expect("the revocation Secret");
+    assert_eq!(
+        stored["metadata"]["labels"]["app.kubernetes.io/component"],
+        "bootstrap-token"
+    );
+    assert_eq!(r.reason.as_deref(), Some("gone"));
+    let st = eventually("the revocation to be honoured", || {
+        let mut c = grpc.clone();
+        let req = request(ID, token.as_bytes(), csr_of(&key));
+        async move { certify(&mut c, req).await.err() }
+    })
+    .await;
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("revoked"), "{st:?}");
+    // `token list` skips the revocation Secret
+    assert_eq!(tokens.list().await.unwrap().len(), 2);
+
+    let _ = stop.send(());
+    join.await.unwrap().unwrap();
+}

@@ -57,7 +57,8 @@ pub struct Rule {
 
 /// What `issuer serve` calls: list+watch of the CA Secret and the roots ConfigMap (a watch
 /// on one object is a list and a watch with `fieldSelector=metadata.name=...`, which RBAC
-/// restricts by `resourceNames`), and list+watch of the token Secrets.
+/// restricts by `resourceNames`), and list+watch of the token Secrets, with get+update to
+/// record a use of a token that has a use count.
 pub const ISSUER_RULES: &[Rule] = &[
     Rule {
         group: "",
@@ -74,7 +75,7 @@ pub const ISSUER_RULES: &[Rule] = &[
     Rule {
         group: "",
         resource: "secrets",
-        verbs: &["list", "watch"],
+        verbs: &["get", "list", "update", "watch"],
         names: Names::All,
     },
 ];
