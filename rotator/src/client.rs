@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use linkerd2_proxy_api::identity as api;
+use proxy_lib::bundle::CertBundle;
 use proxy_lib::verify::TrustAnchors;
 use zeroize::Zeroizing;
 
@@ -154,6 +155,18 @@ pub trait Issue: Send + Sync {
         &self,
         req: CertifyRequest,
     ) -> impl Future<Output = Result<CertifyResponse, IssueError>> + Send;
+
+    /// Sends one Certify request presenting `client_cert` (the installed cert set, valid now)
+    /// as the TLS client certificate, so the issuer can renew by certificate; with `None`,
+    /// or without TLS, the same as [`Issue::certify`].
+    fn certify_presenting(
+        &self,
+        req: CertifyRequest,
+        client_cert: Option<CertBundle>,
+    ) -> impl Future<Output = Result<CertifyResponse, IssueError>> + Send {
+        let _ = client_cert;
+        self.certify(req)
+    }
 }
 
 /// Reads the token file fresh, trimming leading and trailing whitespace. Blocks.
@@ -244,7 +257,11 @@ impl GrpcIssuer {
         self
     }
 
-    async fn call(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
+    async fn call(
+        &self,
+        req: CertifyRequest,
+        client_cert: Option<&CertBundle>,
+    ) -> Result<CertifyResponse, IssueError> {
         let connect_err = |reason: String| IssueError::Connect {
             addr: self.addr.to_string(),
             reason,
@@ -274,8 +291,11 @@ impl GrpcIssuer {
                     }
                 };
                 let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
-                let tls = proxy_lib::tls::Connector::without_client_cert(&anchors, &clock)
-                    .map_err(|e| connect_err(e.to_string()))?;
+                let tls = match client_cert {
+                    Some(bundle) => proxy_lib::tls::Connector::mesh(bundle, &anchors, &clock),
+                    None => proxy_lib::tls::Connector::without_client_cert(&anchors, &clock),
+                }
+                .map_err(|e| connect_err(e.to_string()))?;
                 let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
                     .map_err(|e| connect_err(format!("server name {:?}: {e}", self.server_name)))?;
                 let connector = tower::service_fn(move |_: http::Uri| {
@@ -392,7 +412,15 @@ fn tls_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustl
 
 impl Issue for GrpcIssuer {
     async fn certify(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
-        match tokio::time::timeout(self.timeout, self.call(req)).await {
+        self.certify_presenting(req, None).await
+    }
+
+    async fn certify_presenting(
+        &self,
+        req: CertifyRequest,
+        client_cert: Option<CertBundle>,
+    ) -> Result<CertifyResponse, IssueError> {
+        match tokio::time::timeout(self.timeout, self.call(req, client_cert.as_ref())).await {
             Ok(r) => r,
             Err(_) => Err(IssueError::Timeout(self.timeout)),
         }

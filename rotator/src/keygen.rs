@@ -9,6 +9,7 @@ use proxy_lib::pem::PrivateKey;
 pub struct KeygenError(String);
 
 /// A new key and the CSR for it.
+#[derive(Clone)]
 pub struct KeyAndCsr {
     /// The private key (PKCS#8, zeroized on drop).
     pub key: PrivateKey,

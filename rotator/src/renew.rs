@@ -143,6 +143,8 @@ pub struct Rotator<I, R> {
     metrics: Metrics,
     view: Arc<Mutex<disk::View>>,
     ledger: Arc<Mutex<Ledger>>,
+    /// The key of a bootstrap not yet certified, re-sent by the next attempt.
+    bootstrap_key: Mutex<Option<keygen::KeyAndCsr>>,
 }
 
 impl<I: Issue, R: Reload> Rotator<I, R> {
@@ -161,6 +163,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             metrics,
             view: Arc::new(Mutex::new(view)),
             ledger: Arc::default(),
+            bootstrap_key: Mutex::new(None),
         }
     }
 
@@ -330,15 +333,54 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         blocking(move || store.check_writable(fs.as_ref()))
             .await
             .map_err(CycleError::NotWritable)?;
-        let token = read_token(&cfg.token_file)?;
-        let fresh = keygen::generate(&cfg.identity, false)?;
+        // The installed set, when it is valid now for our identity, is presented as the TLS
+        // client certificate: the issuer renews by it (the token is then not needed).
+        let now = self.clock.now();
+        let identity = cfg.identity.clone();
+        let dir = cfg.dir.clone();
+        let presented = blocking(move || installed_bundle(&dir).ok())
+            .await
+            .filter(|b| {
+                b.leaf.is_valid_at(now)
+                    && b.leaf
+                        .dns_sans
+                        .iter()
+                        .any(|d| d.eq_ignore_ascii_case(identity.as_str()))
+            });
+        let token = match read_token(&cfg.token_file) {
+            Ok(t) => t,
+            Err(e) if presented.is_none() => return Err(e.into()),
+            Err(e) => {
+                tracing::debug!(error = %e, "no token; renewing by the current certificate alone");
+                zeroize::Zeroizing::new(Vec::new())
+            }
+        };
+        // A bootstrap (no cert to present) keeps its key until it succeeds: a retry re-sends
+        // the same key and CSR, which a single-use token bound to that key still accepts.
+        let fresh = if presented.is_some() {
+            keygen::generate(&cfg.identity, false)?
+        } else {
+            let mut pending = self.bootstrap_key.lock().unwrap_or_else(|p| p.into_inner());
+            match &*pending {
+                Some(k) => k.clone(),
+                None => {
+                    let k = keygen::generate(&cfg.identity, false)?;
+                    *pending = Some(k.clone());
+                    k
+                }
+            }
+        };
+        let bootstrap = presented.is_none();
         let resp = self
             .issuer
-            .certify(CertifyRequest {
-                identity: cfg.identity.to_string(),
-                token,
-                csr_der: fresh.csr_der.clone(),
-            })
+            .certify_presenting(
+                CertifyRequest {
+                    identity: cfg.identity.to_string(),
+                    token,
+                    csr_der: fresh.csr_der.clone(),
+                },
+                presented,
+            )
             .await?;
         let received = self.clock.now();
         let valid = validate::validate(
@@ -351,6 +393,10 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             cfg.policy.clock_skew,
         )?;
         let serial = valid.leaf.serial.clone();
+        if bootstrap {
+            // Certified: the next bootstrap, if ever, starts with a new key.
+            *self.bootstrap_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
         let key = {
             // The swap (flock, writes, fsyncs) and the state file run off the runtime thread.

@@ -71,6 +71,10 @@ pub struct FakeIssuer {
     pub down: AtomicBool,
     pub calls: AtomicUsize,
     pub tokens: Mutex<Vec<Vec<u8>>>,
+    /// Every CSR sent, in order.
+    pub csrs: Mutex<Vec<Vec<u8>>>,
+    /// The serial of the client certificate each call presented (`None`: none).
+    pub presented: Mutex<Vec<Option<String>>>,
     scripts: Mutex<VecDeque<Script>>,
 }
 
@@ -84,6 +88,8 @@ impl FakeIssuer {
             down: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             tokens: Mutex::new(Vec::new()),
+            csrs: Mutex::new(Vec::new()),
+            presented: Mutex::new(Vec::new()),
             scripts: Mutex::new(VecDeque::new()),
         })
     }
@@ -139,9 +145,22 @@ impl FakeIssuer {
 }
 
 impl Issue for Arc<FakeIssuer> {
+    async fn certify_presenting(
+        &self,
+        req: CertifyRequest,
+        client_cert: Option<proxy_lib::bundle::CertBundle>,
+    ) -> Result<CertifyResponse, IssueError> {
+        self.presented
+            .lock()
+            .unwrap()
+            .push(client_cert.map(|b| b.leaf.serial));
+        self.certify(req).await
+    }
+
     async fn certify(&self, req: CertifyRequest) -> Result<CertifyResponse, IssueError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.tokens.lock().unwrap().push(req.token.to_vec());
+        self.csrs.lock().unwrap().push(req.csr_der.clone());
         let script = self.scripts.lock().unwrap().pop_front();
         if let Some(s) = script {
             return s(self, &req);

@@ -155,6 +155,45 @@ async fn first_cycle_installs_and_second_is_not_due() {
     );
 }
 
+// A bootstrap that fails is retried with the same key and CSR (a single-use token is bound to
+// the key of its first issuance, and the first answer may have been lost); once certified, the
+// next renewal presents the installed cert, needs no token, and uses a new key.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn bootstrap_retries_keep_the_key_and_renewals_present_the_cert() {
+    let rig = rig(DAY, "");
+    let mut r = rig.rotator();
+    rig.issuer
+        .script(|_, _| Err(IssueError::Timeout(Duration::from_secs(5))));
+    assert!(r.cycle(false).await.is_err());
+    let out = r.cycle(false).await.unwrap();
+    let Outcome::Rotated { serial, .. } = out else {
+        panic!("{out:?}")
+    };
+    {
+        let csrs = rig.issuer.csrs.lock().unwrap();
+        assert_eq!(csrs.len(), 2);
+        assert_eq!(csrs[0], csrs[1], "the retry re-sends the same CSR");
+        assert_eq!(*rig.issuer.presented.lock().unwrap(), vec![None, None]);
+    }
+    // The token file is gone: the valid cert is the credential.
+    std::fs::remove_file(&rig.config.token_file).unwrap();
+    let out = r.cycle(true).await.unwrap();
+    assert!(matches!(out, Outcome::Rotated { .. }), "{out:?}");
+    assert_eq!(
+        rig.issuer.presented.lock().unwrap()[2].as_deref(),
+        Some(serial.as_str())
+    );
+    assert!(rig.issuer.tokens.lock().unwrap()[2].is_empty());
+    let csrs = rig.issuer.csrs.lock().unwrap();
+    assert_ne!(csrs[2], csrs[1], "a renewal uses a new key");
+    drop(csrs);
+    // Without a valid cert (expired) and without a token, nothing is asked for.
+    rig.clock.fake.advance(2 * DAY);
+    let e = r.cycle(false).await.unwrap_err();
+    assert!(e.to_string().contains("token"), "{e}");
+    assert_eq!(rig.calls(), 3);
+}
+
 type Tweak = fn(&mut rcgen::CertificateParams, SystemTime);
 
 fn bad_tweaks() -> Vec<(&'static str, Tweak)> {
