@@ -422,7 +422,7 @@ pub enum Backend {
     /// The store file.
     File(PathBuf),
     /// The token Secrets.
-    Kubernetes(crate::kubernetes::tokens::KubeTokens),
+    Kubernetes(Box<crate::kubernetes::tokens::KubeTokens>),
 }
 
 /// Revokes `identity` at `now` in `store` (`issuer revoke --identity`, `issuer workload
@@ -503,7 +503,7 @@ enum Source {
     /// tokens are written through `writer` when there is one.
     Fed {
         origin: String,
-        writer: Option<crate::kubernetes::tokens::KubeTokens>,
+        writer: Option<Box<crate::kubernetes::tokens::KubeTokens>>,
     },
 }
 
@@ -565,7 +565,7 @@ impl TokenStore {
         Self {
             source: Source::Fed {
                 origin: origin.into(),
-                writer: Some(writer),
+                writer: Some(Box::new(writer)),
             },
             loaded: ArcSwap::from_pointee(Loaded::default()),
         }

@@ -735,7 +735,7 @@ async fn token_uses_and_identity_revocations_live_in_secrets() {
 
     // an identity revocation (dated after the token's creation) stops the token
     let later = SystemClock.now() + Duration::from_secs(5);
-    let backend = issuer::tokens::Backend::Kubernetes(tokens.clone());
+    let backend = issuer::tokens::Backend::Kubernetes(Box::new(tokens.clone()));
     let r = issuer::tokens::revoke_identity(
         &backend,
         &Identity::parse(ID).unwrap(),

@@ -184,9 +184,10 @@ async fn bootstrap_retries_keep_the_key_and_renewals_present_the_cert() {
         Some(serial.as_str())
     );
     assert!(rig.issuer.tokens.lock().unwrap()[2].is_empty());
-    let csrs = rig.issuer.csrs.lock().unwrap();
-    assert_ne!(csrs[2], csrs[1], "a renewal uses a new key");
-    drop(csrs);
+    {
+        let csrs = rig.issuer.csrs.lock().unwrap();
+        assert_ne!(csrs[2], csrs[1], "a renewal uses a new key");
+    }
     // Without a valid cert (expired) and without a token, nothing is asked for.
     rig.clock.fake.advance(2 * DAY);
     let e = r.cycle(false).await.unwrap_err();
