@@ -22,7 +22,7 @@ use crate::config::Limits;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::signer::Leaf;
+use crate::signer::{Leaf, LeafKind};
 use crate::throttle::FailureThrottle;
 use crate::tokens::{Reservation, TokenStore};
 
@@ -234,12 +234,12 @@ impl CertifyService {
             }
             _ => None,
         };
-        match crate::signer::sign_workload_leaf(
+        match crate::signer::sign_leaf(
             &ca,
             &identity,
             &csr.public_key,
             &grant,
-            chain_start,
+            LeafKind::Renewable(chain_start),
         ) {
             Ok(leaf) => Ok((leaf, ca, reservation)),
             Err(e) => {

@@ -23,6 +23,10 @@ const SERIAL_LEN: usize = 16;
 pub enum LeafKind {
     /// A workload identity: serverAuth + clientAuth.
     Workload,
+    /// A workload identity whose serial carries where its renewal chain began
+    /// ([`crate::renewal::chain_serial`]): the bootstrap's time, carried over renewals by
+    /// client certificate.
+    Renewable(SystemTime),
     /// The issuer's own serving certificate: serverAuth only.
     Server,
 }
@@ -57,22 +61,11 @@ pub fn sign_leaf(
     kind: LeafKind,
 ) -> Result<Leaf, SignError> {
     let sans = vec![dns_san(identity.as_str())?, uri_san(&identity.spiffe_id())?];
-    sign(ca, sans, public_key, grant, kind, random_serial())
-}
-
-/// Like [`sign_leaf`] for a workload, with a serial that carries where its renewal chain
-/// began ([`crate::renewal::chain_serial`]): the bootstrap's time, carried over renewals by
-/// client certificate.
-pub fn sign_workload_leaf(
-    ca: &Ca,
-    identity: &Identity,
-    public_key: &impl PublicKeyData,
-    grant: &Grant,
-    chain_start: SystemTime,
-) -> Result<Leaf, SignError> {
-    let sans = vec![dns_san(identity.as_str())?, uri_san(&identity.spiffe_id())?];
-    let serial = crate::renewal::chain_serial(chain_start);
-    sign(ca, sans, public_key, grant, LeafKind::Workload, serial)
+    let serial = match kind {
+        LeafKind::Renewable(chain_start) => crate::renewal::chain_serial(chain_start),
+        LeafKind::Workload | LeafKind::Server => random_serial(),
+    };
+    sign(ca, sans, public_key, grant, kind, serial)
 }
 
 /// Signs the issuer's own serving certificate for `server_name` (a DNS name; when it has the
@@ -127,7 +120,7 @@ fn sign(
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = match kind {
-        LeafKind::Workload => vec![
+        LeafKind::Workload | LeafKind::Renewable(_) => vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
