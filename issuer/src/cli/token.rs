@@ -3,21 +3,21 @@
 
 use super::*;
 
-/// The token store a `token` subcommand works on.
-enum TokenBackend {
+/// The token store a `token` subcommand (or `revoke`, `workload`) works on.
+pub(super) enum TokenBackend {
     File(PathBuf),
     Kubernetes(Box<KubeBackend>),
 }
 
 /// The token Secrets and a runtime to call the API server from the synchronous CLI.
-struct KubeBackend {
+pub(super) struct KubeBackend {
     rt: tokio::runtime::Runtime,
     tokens: crate::kubernetes::tokens::KubeTokens,
 }
 
 impl TokenBackend {
     /// The store `a` names, its trust domain and its control-plane namespace.
-    fn open(a: &TokenStoreArgs) -> Result<(Self, TrustDomain, String)> {
+    pub(super) fn open(a: &TokenStoreArgs) -> Result<(Self, TrustDomain, String)> {
         let path = match (&a.config, &a.dir) {
             (Some(c), _) => Some(c.clone()),
             (None, Some(d)) => Some(Config::path_in_dir(d)),
@@ -78,7 +78,8 @@ impl TokenBackend {
         }
     }
 
-    fn revoke_identity(
+    /// Revokes `identity` in this store (see [`crate::tokens::revoke_identity`]).
+    pub(super) fn revoke_identity(
         &self,
         identity: &proxy_lib::identity::Identity,
         reason: Option<&str>,
