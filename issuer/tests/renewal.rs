@@ -477,3 +477,44 @@ async fn cli_creates_counted_tokens_lists_their_uses_and_revokes_identities() {
     assert!(err.contains("nope.example"), "{err}");
     h.stop().await;
 }
+
+// After a CA reload replaces the issuer, leaves of the replaced issuer still renew (they
+// stay valid for up to one leaf lifetime); the renewed leaf comes from the new issuer.
+#[tokio::test]
+async fn leaves_of_a_replaced_issuer_still_renew() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token(ID, Some(1));
+    let key = KeyPair::generate().unwrap();
+    let old = h.certify(ID, &token, &key, None).await.unwrap();
+
+    let anchor_pem = std::fs::read_to_string(h.dir.join("ca.crt")).unwrap();
+    let anchor_key = std::fs::read_to_string(h.dir.join("anchor.key")).unwrap();
+    let now = h.clock.now();
+    let (cert, new_key) = issuer_pair(
+        &anchor_pem,
+        &anchor_key,
+        "next issuer",
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(86_400),
+        true,
+    );
+    proxy_lib::fs::write_atomic(&h.dir.join("issuer.key"), new_key.as_bytes(), 0o600, None)
+        .unwrap();
+    proxy_lib::fs::write_atomic(&h.dir.join("issuer.crt"), cert.as_bytes(), 0o644, None).unwrap();
+    h.server.reload_ca().unwrap();
+
+    let k2 = KeyPair::generate().unwrap();
+    let renewed = h
+        .certify(ID, "", &k2, Some((&old, &key)))
+        .await
+        .expect("a leaf of the replaced issuer renews");
+    assert_ne!(
+        renewed.intermediate_certificates[0], old.intermediate_certificates[0],
+        "signed by the new issuer"
+    );
+    let k3 = KeyPair::generate().unwrap();
+    h.certify(ID, "", &k3, Some((&renewed, &k2)))
+        .await
+        .expect("and so does the new one's");
+    h.stop().await;
+}
