@@ -29,6 +29,9 @@
 
 use std::fmt;
 
+#[cfg(feature = "trust-api")]
+pub mod api;
+
 use rcgen::PublicKeyData as _;
 use ring::signature::{self, EcdsaKeyPair, UnparsedPublicKey};
 use rustls_pki_types::CertificateDer;
