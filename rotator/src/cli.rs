@@ -215,9 +215,10 @@ pub fn issuer_for(config: &Config) -> GrpcIssuer {
     if config.plaintext {
         return GrpcIssuer::plaintext(config.issuer_addr.clone(), config.timeout);
     }
-    GrpcIssuer::tls_reloading(
+    GrpcIssuer::tls_trusting(
         config.issuer_addr.clone(),
         config.issuer_name.clone(),
+        config.dir.clone(),
         config.trust_anchors.clone(),
         config.timeout,
     )
