@@ -71,6 +71,8 @@ pub struct FakeIssuer {
     pub down: AtomicBool,
     pub calls: AtomicUsize,
     pub tokens: Mutex<Vec<Vec<u8>>>,
+    /// The trust bundle it serves (`None`: it serves none).
+    pub bundle: Mutex<Option<proxy_lib::trust_bundle::api::Bundle>>,
     scripts: Mutex<VecDeque<Script>>,
 }
 
@@ -84,6 +86,7 @@ impl FakeIssuer {
             down: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
             tokens: Mutex::new(Vec::new()),
+            bundle: Mutex::new(None),
             scripts: Mutex::new(VecDeque::new()),
         })
     }
@@ -153,6 +156,18 @@ impl Issue for Arc<FakeIssuer> {
             });
         }
         Ok(self.sign(&req.csr_der, |_| {}))
+    }
+
+    async fn trust_bundle(
+        &self,
+    ) -> Result<Option<proxy_lib::trust_bundle::api::Bundle>, IssueError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(IssueError::Connect {
+                addr: "fake".into(),
+                reason: "connection refused".into(),
+            });
+        }
+        Ok(self.bundle.lock().unwrap().clone())
     }
 }
 
