@@ -49,7 +49,10 @@ pub fn current(shared: &Shared, sig: Option<&Path>) -> api::Bundle {
 }
 
 /// A published signature, if it is one over `anchors` by one of them.
-fn published(text: &[u8], anchors: &[CertificateDer<'static>]) -> std::result::Result<Signature, String> {
+fn published(
+    text: &[u8],
+    anchors: &[CertificateDer<'static>],
+) -> std::result::Result<Signature, String> {
     let sig = Signature::parse(text).map_err(|e| e.to_string())?;
     trust_bundle::verify(&sig, anchors, anchors)
         .map_err(|e| format!("ca.crt.sig does not match the anchors in use: {e}"))?;
@@ -120,7 +123,8 @@ pub fn sign_bundle(
             ),
         ));
     }
-    let sig = trust_bundle::sign(&key, sequence, &certs).map_err(|e| material(bundle, e.to_string()))?;
+    let sig =
+        trust_bundle::sign(&key, sequence, &certs).map_err(|e| material(bundle, e.to_string()))?;
     let signer = trust_bundle::verify(&sig, &certs, &certs).map_err(|_| {
         material(
             anchor_key,
@@ -161,7 +165,7 @@ mod tests {
 
     #[test]
     fn sign_bundle_writes_a_signature_hosts_accept_and_refuses_a_foreign_key_or_old_sequence() {
-        let now = SystemTime::now();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
         let d = tempfile::tempdir().unwrap();
         let (old, new) = (TestPki::new(now), TestPki::new(now));
         let both = d.path().join("both.pem");
@@ -190,8 +194,7 @@ mod tests {
         let stranger = TestPki::new(now);
         let other = d.path().join("other");
         std::fs::create_dir(&other).unwrap();
-        let e = sign_bundle(&write_key(&other, &stranger), &both, &out, Some(11), now)
-            .unwrap_err();
+        let e = sign_bundle(&write_key(&other, &stranger), &both, &out, Some(11), now).unwrap_err();
         assert!(e.to_string().contains("belongs to none"), "{e}");
         assert_eq!(
             Signature::parse(&std::fs::read(out.join("ca.crt.sig")).unwrap())

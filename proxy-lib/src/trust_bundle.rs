@@ -138,7 +138,10 @@ impl Signature {
             let v = v.trim();
             match k.trim() {
                 "sequence" => {
-                    sequence = Some(v.parse::<u64>().map_err(|e| bad(&format!("sequence: {e}")))?)
+                    sequence = Some(
+                        v.parse::<u64>()
+                            .map_err(|e| bad(&format!("sequence: {e}")))?,
+                    )
                 }
                 "key" => {
                     if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -146,7 +149,9 @@ impl Signature {
                     }
                     key_id = Some(v.to_ascii_lowercase());
                 }
-                "signature" => sig = Some(hex::decode(v).map_err(|e| bad(&format!("signature: {e}")))?),
+                "signature" => {
+                    sig = Some(hex::decode(v).map_err(|e| bad(&format!("signature: {e}")))?)
+                }
                 other => return Err(bad(&format!("unknown field {other:?}"))),
             }
         }
@@ -215,12 +220,11 @@ pub fn check_certs(certs: &[CertificateDer<'_>]) -> Result<(), TrustBundleError>
         return Err(TrustBundleError::Empty);
     }
     for (index, c) in certs.iter().enumerate() {
-        let (_, x) = x509_parser::parse_x509_certificate(c).map_err(|e| {
-            TrustBundleError::BadCert {
+        let (_, x) =
+            x509_parser::parse_x509_certificate(c).map_err(|e| TrustBundleError::BadCert {
                 index,
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         if !x.is_ca() {
             return Err(TrustBundleError::NotCa {
                 index,
@@ -244,12 +248,11 @@ pub fn verify<'a>(
     trusted: &'a [CertificateDer<'static>],
 ) -> Result<&'a CertificateDer<'static>, TrustBundleError> {
     for (index, anchor) in trusted.iter().enumerate() {
-        let (_, x) = x509_parser::parse_x509_certificate(anchor).map_err(|e| {
-            TrustBundleError::BadCert {
+        let (_, x) =
+            x509_parser::parse_x509_certificate(anchor).map_err(|e| TrustBundleError::BadCert {
                 index,
                 reason: format!("trusted anchor: {e}"),
-            }
-        })?;
+            })?;
         if sha256_hex(x.public_key().raw) != sig.key_id {
             continue;
         }
@@ -293,7 +296,11 @@ pub fn evaluate(
     sig: Option<&Signature>,
 ) -> Result<Verdict, TrustBundleError> {
     let same = trusted.certs.len() == certs.len()
-        && trusted.certs.iter().zip(certs).all(|(a, b)| a.as_ref() == b.as_ref());
+        && trusted
+            .certs
+            .iter()
+            .zip(certs)
+            .all(|(a, b)| a.as_ref() == b.as_ref());
     let Some(sig) = sig else {
         return if same {
             Ok(Verdict::Same)
@@ -346,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_signature_round_trips_and_verifies_with_the_anchor_key() {
-        let now = SystemTime::now();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
         let (old, new) = (TestPki::new(now), TestPki::new(now));
         let both = vec![old.anchor.clone(), new.anchor.clone()];
         let sig = sign(&key_of(&old), 7, &both).unwrap();
@@ -376,7 +383,7 @@ mod tests {
 
     #[test]
     fn tampered_foreign_unsigned_and_rolled_back_bundles_are_refused() {
-        let now = SystemTime::now();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000);
         let (old, new, thief) = (TestPki::new(now), TestPki::new(now), TestPki::new(now));
         let trusted = [old.anchor.clone()];
         let t = Trusted {
@@ -410,10 +417,7 @@ mod tests {
             Err(TrustBundleError::UnknownSigner { .. })
         ));
         // Unsigned change.
-        assert_eq!(
-            evaluate(&t, &both, None),
-            Err(TrustBundleError::Unsigned)
-        );
+        assert_eq!(evaluate(&t, &both, None), Err(TrustBundleError::Unsigned));
         // Rollback: an older (or equal) sequence.
         let old_sig = sign(&key_of(&old), 5, &both).unwrap();
         assert_eq!(
@@ -447,7 +451,10 @@ mod tests {
         for (text, want) in [
             ("", "first line"),
             ("mesh-trust-bundle-signature v1\nsequence: x\n", "sequence"),
-            ("mesh-trust-bundle-signature v1\nsequence: 1\nkey: abc\n", "key"),
+            (
+                "mesh-trust-bundle-signature v1\nsequence: 1\nkey: abc\n",
+                "key",
+            ),
             (
                 "mesh-trust-bundle-signature v1\nsequence: 1\nkey: {k}\n",
                 "no signature",

@@ -8,7 +8,6 @@ use proxy_lib::bundle::CertBundle;
 use proxy_lib::clock::{SharedClock, rfc3339, unix_secs};
 
 use crate::client::{CertifyRequest, Issue, IssueError, read_token};
-use crate::trust::{Offer, Trust};
 use crate::config::Config;
 use crate::keygen::{self, KeygenError};
 use crate::metrics::Metrics;
@@ -16,6 +15,7 @@ use crate::reload::{Reload, ReloadError};
 use crate::schedule::{self, CertTimes, Decision};
 use crate::state::{Change, Ledger, State};
 use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
+use crate::trust::{Offer, Trust};
 use crate::validate::{self, ValidateError};
 use crate::verify::VerifyError;
 

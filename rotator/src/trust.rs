@@ -65,11 +65,9 @@ pub fn installed(dir: &Path) -> Result<Option<Trust>, String> {
             }
         };
         let anchors = TrustAnchors::read(&version.join(trust_bundle::BUNDLE_FILE))?;
-        let signature = Signature::parse(&sig).map_err(|e| {
-            BundleError::Untrusted {
-                serial: String::new(),
-                reason: format!("{}: {e}", trust_bundle::SIG_FILE),
-            }
+        let signature = Signature::parse(&sig).map_err(|e| BundleError::Untrusted {
+            serial: String::new(),
+            reason: format!("{}: {e}", trust_bundle::SIG_FILE),
         })?;
         Ok(Some(Trust {
             anchors,
@@ -138,7 +136,8 @@ pub fn decide(
     match trust_bundle::evaluate(&trusted, &offer.certs, offer.signature.as_ref()) {
         Ok(Verdict::Same) => Ok(None),
         Ok(Verdict::Accept) => {
-            let anchors = TrustAnchors::from_certs(offer.certs.clone()).map_err(|e| e.to_string())?;
+            let anchors =
+                TrustAnchors::from_certs(offer.certs.clone()).map_err(|e| e.to_string())?;
             if let Some((leaf, rest)) = chain.split_first() {
                 for usage in [Usage::Server, Usage::Client] {
                     anchors.verify_leaf(leaf, rest, at, usage).map_err(|e| {

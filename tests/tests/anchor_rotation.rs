@@ -52,7 +52,9 @@ fn ready(port: u16, path: &str) -> bool {
 }
 
 fn metrics(port: u16) -> String {
-    http_get(port, "/metrics").map(|(_, b)| b).unwrap_or_default()
+    http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
 }
 
 /// An echo server on loopback (a thread per connection).
@@ -114,7 +116,10 @@ fn start_host(
     }
     let mut proxy = spawn(&mut proxy, &dir.join("mtls-proxy"));
     wait_for("mtls-proxy /live", STEP_TIMEOUT, || {
-        assert!(proxy.0.try_wait().unwrap().is_none(), "{name}: mtls-proxy exited");
+        assert!(
+            proxy.0.try_wait().unwrap().is_none(),
+            "{name}: mtls-proxy exited"
+        );
         ready(proxy_admin, "/live").then_some(())
     });
     let config = dir.join("rotator.toml");
@@ -141,7 +146,10 @@ fn start_host(
         &dir.join("rotator"),
     );
     wait_for("the first cert served", STEP_TIMEOUT, || {
-        assert!(rotator.0.try_wait().unwrap().is_none(), "{name}: rotator exited");
+        assert!(
+            rotator.0.try_wait().unwrap().is_none(),
+            "{name}: rotator exited"
+        );
         (ready(rotator_admin, "/ready") && ready(proxy_admin, "/ready")).then_some(())
     });
     Host {
@@ -196,7 +204,7 @@ impl Host {
             return false;
         };
         let anchors = TrustAnchors::from_certs(vec![root.clone()]).unwrap();
-        let now = SystemTime::now();
+        let now = proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock);
         let chains = anchors.verify_leaf(leaf, rest, now, Usage::Server).is_ok();
         let not_after = proxy_lib::clock::unix_secs(CertInfo::from_der(leaf).unwrap().not_after);
         chains && self.served_not_after() == Some(not_after)
@@ -248,7 +256,7 @@ fn wait_hosts_trust(hosts: &[&Host], certs: &[CertificateDer<'static>], what: &s
             h.trusts(certs).then_some(())
         });
     }
-    let seen = SystemTime::now();
+    let seen = proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock);
     for h in hosts {
         wait_for(
             &format!("{}: mtls-proxy reloaded after {what}", h.name),
@@ -266,7 +274,11 @@ fn the_readme_anchor_rotation_keeps_every_request_flowing_and_ends_on_the_new_ro
     let iss = root.join("issuer");
     let offline = root.join("offline");
     std::fs::create_dir_all(&offline).unwrap();
-    run_ok(Command::new(bin("issuer")).args(["init", "--dir"]).arg(&iss));
+    run_ok(
+        Command::new(bin("issuer"))
+            .args(["init", "--dir"])
+            .arg(&iss),
+    );
     let old_root = read_certs(&iss.join("ca.crt")).unwrap().remove(0);
     let old_key = offline.join("anchor.key");
     std::fs::rename(iss.join("anchor.key"), &old_key).unwrap();
@@ -278,7 +290,10 @@ fn the_readme_anchor_rotation_keeps_every_request_flowing_and_ends_on_the_new_ro
             .arg(&iss)
             .args(["--listen", &format!("127.0.0.1:{issuer_port}")])
             .args(["--admin", &format!("127.0.0.1:{issuer_admin}")])
-            .args(["--lifetime", &humantime::format_duration(LIFETIME).to_string()]),
+            .args([
+                "--lifetime",
+                &humantime::format_duration(LIFETIME).to_string(),
+            ]),
         &root.join("issuer"),
     );
     wait_for("the issuer /ready", STEP_TIMEOUT, || {
@@ -303,17 +318,17 @@ fn the_readme_anchor_rotation_keeps_every_request_flowing_and_ends_on_the_new_ro
 
     // 0. Offline: a new root.
     let new_dir = offline.join("new-root");
-    run_ok(Command::new(bin("issuer")).args(["init", "--dir"]).arg(&new_dir));
+    run_ok(
+        Command::new(bin("issuer"))
+            .args(["init", "--dir"])
+            .arg(&new_dir),
+    );
     let new_root = read_certs(&new_dir.join("ca.crt")).unwrap().remove(0);
     let new_key = new_dir.join("anchor.key");
 
     // 1. Sign and publish a bundle with both roots, signed by the old root's key.
     let both = root.join("both.pem");
-    std::fs::write(
-        &both,
-        proxy_lib::pem::certs_to_pem([&old_root, &new_root]),
-    )
-    .unwrap();
+    std::fs::write(&both, proxy_lib::pem::certs_to_pem([&old_root, &new_root])).unwrap();
     sign_bundle(&old_key, &both, &iss);
     // 2. Wait until every host holds both.
     let both_certs = vec![old_root.clone(), new_root.clone()];
@@ -340,7 +355,8 @@ fn the_readme_anchor_rotation_keeps_every_request_flowing_and_ends_on_the_new_ro
         "issuer_certify_by_anchor_total{{anchor=\"{}\"}}",
         short(&proxy_lib::cert::sha256_hex(&new_root))
     );
-    let issued_under_new = proxy_lib::test_util::metric(&metrics(issuer_admin), &new_label).unwrap_or(0.0);
+    let issued_under_new =
+        proxy_lib::test_util::metric(&metrics(issuer_admin), &new_label).unwrap_or(0.0);
     assert!(issued_under_new >= 2.0, "{new_label} = {issued_under_new}");
 
     // 5. Sign and publish the bundle without the old root, signed by the new root's key.
@@ -355,8 +371,17 @@ fn the_readme_anchor_rotation_keeps_every_request_flowing_and_ends_on_the_new_ro
     assert!(ok > 50, "only {ok} requests went through");
 
     for h in hosts {
-        assert_eq!(h.anchors(), new_only, "{}: ca.crt holds the new root alone", h.name);
-        assert!(h.serves_leaf_under(&new_root), "{}: leaf under the new root", h.name);
+        assert_eq!(
+            h.anchors(),
+            new_only,
+            "{}: ca.crt holds the new root alone",
+            h.name
+        );
+        assert!(
+            h.serves_leaf_under(&new_root),
+            "{}: leaf under the new root",
+            h.name
+        );
         let status = run_ok(
             Command::new(bin("rotator"))
                 .args(["status", "--config"])

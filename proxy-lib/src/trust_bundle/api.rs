@@ -80,7 +80,8 @@ struct GetSvc(GetFn);
 
 impl tonic::server::UnaryService<GetBundleRequest> for GetSvc {
     type Response = Bundle;
-    type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Bundle>, tonic::Status>> + Send>>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<tonic::Response<Bundle>, tonic::Status>> + Send>>;
 
     fn call(&mut self, _request: tonic::Request<GetBundleRequest>) -> Self::Future {
         let answer = (self.0)().map(tonic::Response::new);

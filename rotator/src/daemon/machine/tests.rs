@@ -933,7 +933,10 @@ fn the_bundle_is_polled_between_renewals_without_moving_the_plan() {
     let mut m = Machine::new(policy(), false).polling_bundle(Some(Duration::from_secs(600)));
     on(&mut m, 0, Start);
     let first = on(&mut m, 0, Observed(good("A")));
-    assert!(first.contains(&"persist next@36000".to_string()), "{first:?}");
+    assert!(
+        first.contains(&"persist next@36000".to_string()),
+        "{first:?}"
+    );
     assert_eq!(deadline(&m), Some(600), "woken for the poll");
     assert_eq!(on(&mut m, 600, Deadline), ["observe"]);
     assert_eq!(on(&mut m, 600, Observed(good("A"))), ["poll bundle"]);

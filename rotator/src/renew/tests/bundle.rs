@@ -16,7 +16,9 @@ fn offer(certs: &[&CertificateDer<'static>], signed: Option<(&TestPki, u64)>) ->
     let certs: Vec<CertificateDer<'static>> = certs.iter().map(|c| (*c).clone()).collect();
     let signature = signed.map_or_else(String::new, |(pki, sequence)| {
         let key = PrivateKey::from_pkcs8_der(pki.anchor_key.serialize_der());
-        trust_bundle::sign(&key, sequence, &certs).unwrap().to_text()
+        trust_bundle::sign(&key, sequence, &certs)
+            .unwrap()
+            .to_text()
     });
     api::Bundle {
         anchors: certs.iter().map(|c| c.to_vec()).collect(),
@@ -58,7 +60,10 @@ async fn a_bundle_signed_by_a_trusted_anchor_is_installed_with_the_next_cert() {
 
     serve(&rig, offer(&[&old.anchor, &new.anchor], Some((old, 5))));
     r.cycle(true).await.unwrap();
-    assert_eq!(anchors_on_disk(&rig), vec![old.anchor.clone(), new.anchor.clone()]);
+    assert_eq!(
+        anchors_on_disk(&rig),
+        vec![old.anchor.clone(), new.anchor.clone()]
+    );
     assert_eq!(sig_on_disk(&rig), Some(5));
     let report = status(&rig);
     assert_eq!(report.status, Level::Ok, "{report:?}");
@@ -140,7 +145,11 @@ async fn unsigned_foreign_rolled_back_or_chain_breaking_bundles_are_refused_and_
         r.cycle(true)
             .await
             .unwrap_or_else(|e| panic!("{what}: the renewal itself succeeds: {e}"));
-        assert_eq!(anchors_on_disk(&rig), installed, "{what}: the old set is kept");
+        assert_eq!(
+            anchors_on_disk(&rig),
+            installed,
+            "{what}: the old set is kept"
+        );
         assert_eq!(sig_on_disk(&rig), Some(5), "{what}");
         let report = status(&rig);
         assert_eq!(report.status, Level::Warning, "{what}: {report:?}");
@@ -180,9 +189,16 @@ async fn a_poll_installs_a_bundle_change_alone_with_the_same_cert_and_key_and_ru
     let (after, _) = CertBundle::load_dir(&rig.config.dir).unwrap();
     assert_eq!(after.chain, before.chain, "same cert");
     assert_eq!(after.key.pkcs8_der(), before.key.pkcs8_der(), "same key");
-    assert_eq!(after.anchors.certs(), &[old.anchor.clone(), new.anchor.clone()]);
+    assert_eq!(
+        after.anchors.certs(),
+        &[old.anchor.clone(), new.anchor.clone()]
+    );
     assert_eq!(sig_on_disk(&rig), Some(7));
-    assert_eq!(rig.reloads.0.load(Ordering::SeqCst), reloads + 1, "hooks ran once");
+    assert_eq!(
+        rig.reloads.0.load(Ordering::SeqCst),
+        reloads + 1,
+        "hooks ran once"
+    );
     assert_eq!(rig.calls(), calls, "no new cert asked for");
 
     // A refused change: nothing swapped, the reason in status.
