@@ -405,17 +405,14 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         let recorder = self.recorder();
         let (chain, key) = (current.chain.clone(), current.key.clone());
         let (anchors, sig) = (new.anchors.certs().to_vec(), new.signature_text());
-        blocking(move || -> Result<(), StoreError> {
-            let lock = store.lock()?;
+        blocking(move || {
             let set = NewSet {
                 chain: &chain,
                 key: &key,
                 anchors: &anchors,
                 anchors_sig: sig.as_deref(),
             };
-            store.swap(fs.as_ref(), &set, now)?;
-            recorder.record(Some(&lock), &[change]);
-            Ok(())
+            swap_and_record(&store, fs.as_ref(), &recorder, &set, now, &[change])
         })
         .await?;
         self.metrics.set_trust(&new);
@@ -486,18 +483,17 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             };
             let leaf = valid.leaf.clone();
             blocking(move || -> Result<_, StoreError> {
-                let lock = store.lock()?;
                 let set = NewSet {
                     chain: &chain,
                     key: &key,
                     anchors: &anchor_certs,
                     anchors_sig: sig.as_deref(),
                 };
-                let version = store.swap(fs.as_ref(), &set, received)?;
                 // The new cert, when it was received and the bundle's verdict go into the
                 // state file together, under the same lock.
-                recorder.record(Some(&lock), &[installed, bundle_change]);
-                drop(lock);
+                let changes = [installed, bundle_change];
+                let version =
+                    swap_and_record(&store, fs.as_ref(), &recorder, &set, received, &changes)?;
                 // What was just validated and written is what is on disk: no need to re-read it.
                 view.lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -632,6 +628,22 @@ fn log_rotated(result: &Result<Outcome, CycleError>) {
     if let Ok(Outcome::Rotated { serial, next, .. }) = result {
         tracing::info!(%serial, next_renewal = %rfc3339(*next), "rotated");
     }
+}
+
+/// Installs `set` (the version dir named for `now`) under the store lock and records
+/// `changes` in the state file under the same lock. Returns the new version dir. Blocks.
+fn swap_and_record(
+    store: &Store,
+    fs: &dyn FsOps,
+    recorder: &Recorder,
+    set: &NewSet<'_>,
+    now: SystemTime,
+    changes: &[Change],
+) -> Result<std::path::PathBuf, StoreError> {
+    let lock = store.lock()?;
+    let version = store.swap(fs, set, now)?;
+    recorder.record(Some(&lock), changes);
+    Ok(version)
 }
 
 /// Everything a state change needs, to be moved onto the blocking pool.

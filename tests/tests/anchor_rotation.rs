@@ -6,9 +6,9 @@
 //! holding only the new anchor and a leaf that chains to it.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -36,15 +36,7 @@ struct Host {
 }
 
 fn spawn(cmd: &mut Command, log: &Path) -> ChildGuard {
-    let out = std::fs::File::create(log.with_extension("out")).unwrap();
-    let err = std::fs::File::create(log.with_extension("log")).unwrap();
-    ChildGuard(
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
-    )
+    testkit::demo::spawn(cmd, log).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn ready(port: u16, path: &str) -> bool {
@@ -59,19 +51,7 @@ fn metrics(port: u16) -> String {
 
 /// An echo server on loopback (a thread per connection).
 fn echo_app() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            std::thread::spawn(move || {
-                if let Ok(mut r) = conn.try_clone() {
-                    let _ = std::io::copy(&mut r, &mut conn);
-                }
-            });
-        }
-    });
-    port
+    testkit::demo::echo_app().unwrap().port()
 }
 
 fn start_host(
