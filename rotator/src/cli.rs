@@ -209,7 +209,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Builds the gRPC client for `config`: TLS verified against the configured anchors (re-read
+/// Builds the gRPC client for `config`: TLS verified against the anchors the host trusts
+/// (the signed bundle installed in the cert dir, else the configured anchors; re-read
 /// on every call), or plaintext when configured.
 pub fn issuer_for(config: &Config) -> GrpcIssuer {
     if config.plaintext {

@@ -17,7 +17,7 @@
 use std::path::Path;
 
 use proxy_lib::bundle::BundleError;
-use proxy_lib::pem::{self, PemError};
+use proxy_lib::pem::PemError;
 use proxy_lib::trust_bundle::{self, Signature, Trusted, Verdict};
 use proxy_lib::verify::{TrustAnchors, Usage};
 use rustls_pki_types::CertificateDer;
@@ -152,9 +152,4 @@ pub fn decide(
         }
         Err(e) => Err(e.to_string()),
     }
-}
-
-/// The PEM text of a set of anchors (what `ca.crt` holds).
-pub fn pem_of(anchors: &TrustAnchors) -> String {
-    pem::certs_to_pem(anchors.certs())
 }
