@@ -1,4 +1,4 @@
-//! The `issuer` command line: `init`, `ca new-issuer|show`, `token create|list|revoke`,
+//! The `issuer` command line: `init`, `ca new-issuer|show|sign-bundle`, `token create|list|revoke`,
 //! `serve`. Each subcommand
 //! turns its flags into library calls; `main.rs` only parses and maps the exit code.
 
@@ -147,6 +147,28 @@ pub enum CaCommand {
     /// Print the issuer chain and the anchors (subjects, SHA-256 fingerprints, expiries);
     /// exits 1 when the pair does not load or a link has less than `[ca] warn_before` left.
     Show(CaShowArgs),
+    /// Sign a trust bundle offline with an anchor's key, for hosts to accept it: writes
+    /// OUT/ca.crt.sig and OUT/ca.crt. Published in the issuer's CA dir, the running issuer
+    /// serves it to hosts (see README, "Rotating the trust anchor").
+    SignBundle(CaSignBundleArgs),
+}
+
+/// `issuer ca sign-bundle`.
+#[derive(Debug, Args)]
+pub struct CaSignBundleArgs {
+    /// The key of an anchor in the bundle that the hosts trust now (ECDSA P-256); read only.
+    #[arg(long, value_name = "FILE")]
+    pub anchor_key: PathBuf,
+    /// The new anchor set, PEM (every root hosts should trust, in order).
+    #[arg(long, value_name = "FILE")]
+    pub bundle: PathBuf,
+    /// Where to write ca.crt and ca.crt.sig (the issuer's CA dir publishes them).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
+    /// The bundle's sequence: above every earlier bundle's, hosts refuse a lower one
+    /// [default: the current Unix time in seconds].
+    #[arg(long, value_name = "N")]
+    pub sequence: Option<u64>,
 }
 
 /// `issuer ca new-issuer`.
@@ -315,6 +337,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Init(a) => init(a, clock),
         Command::Ca(CaCommand::NewIssuer(a)) => ca_new_issuer(a, clock),
         Command::Ca(CaCommand::Show(a)) => ca_show(a, clock),
+        Command::Ca(CaCommand::SignBundle(a)) => ca_sign_bundle(a, clock),
         Command::Token(TokenCommand::Create(a)) => token::create(a, clock),
         Command::Token(TokenCommand::List(a)) => token::list(a, clock),
         Command::Token(TokenCommand::Revoke(a)) => token::revoke(a, clock),
@@ -403,6 +426,21 @@ fn ca_new_issuer(a: CaNewIssuerArgs, clock: SharedClock) -> Result<()> {
             "note: the validity was capped at the signing certificate's notAfter"
         ));
     }
+    Ok(())
+}
+
+fn ca_sign_bundle(a: CaSignBundleArgs, clock: SharedClock) -> Result<()> {
+    let s = crate::bundle::sign_bundle(&a.anchor_key, &a.bundle, &a.out, a.sequence, clock.now())?;
+    for f in &s.files {
+        say(format_args!("wrote {}", f.display()));
+    }
+    say(format_args!(
+        "signed {} at sequence {} with the key of anchor {} (bundle fingerprint {})",
+        proxy_lib::human::count(s.count as u64, "anchor"),
+        s.sequence,
+        proxy_lib::trust_bundle::short(&s.signer),
+        proxy_lib::trust_bundle::short(&s.fingerprint),
+    ));
     Ok(())
 }
 

@@ -6,11 +6,13 @@
 //! - [`policy`]: identities and validity windows (pure).
 //! - [`ca`]: loading and validating the issuer CA.
 //! - [`signer`]: building leaves from policy.
+//! - [`bundle`]: the trust bundle served to hosts, and the offline `ca sign-bundle`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod audit;
 pub mod auth;
+pub mod bundle;
 pub mod ca;
 pub mod cli;
 pub mod config;

@@ -33,6 +33,16 @@ pub struct Metrics {
     pub connections_shed: Counter,
     /// `issuer_audit_failures_total{reason}`: records not written (an issuance then fails).
     pub audit_failures: Family<ReasonLabel, Counter>,
+    /// `issuer_certify_by_anchor_total{anchor}`: certificates issued, by the trust anchor the
+    /// issuer in use chains to (its SHA-256, first 16 hex digits).
+    pub issued_by_anchor: Family<AnchorLabel, Counter>,
+}
+
+/// The `anchor` label: a trust anchor's SHA-256, first 16 hex digits.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnchorLabel {
+    /// The short fingerprint.
+    pub anchor: String,
 }
 
 /// The `reason` label.
@@ -54,6 +64,7 @@ impl Metrics {
             connections_refused: Family::default(),
             connections_shed: Counter::default(),
             audit_failures: Family::default(),
+            issued_by_anchor: Family::default(),
         };
         proxy_lib::register_metrics!(registry,
             m.certify => "issuer_certify", "Certify decisions by result";
@@ -63,6 +74,7 @@ impl Metrics {
             m.connections_refused => "issuer_connections_refused", "Connections closed before a request, by reason";
             m.connections_shed => "issuer_connections_shed", "Quiet connections closed to make room for new ones";
             m.audit_failures => "issuer_audit_failures", "Audit records not written, by reason (an issuance then fails)";
+            m.issued_by_anchor => "issuer_certify_by_anchor", "Certificates issued, by the trust anchor (SHA-256 short form) the issuer in use chains to";
         );
         m
     }
@@ -78,6 +90,15 @@ impl Metrics {
     pub fn audit_failure(&self, reason: &'static str) {
         self.audit_failures
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts one certificate issued under the anchor with short fingerprint `anchor`.
+    pub fn issued_under(&self, anchor: &str) {
+        self.issued_by_anchor
+            .get_or_create(&AnchorLabel {
+                anchor: anchor.to_string(),
+            })
             .inc();
     }
 
@@ -99,6 +120,7 @@ mod tests {
         m.certify("issued", 0.001);
         m.certify("unauthenticated", 0.001);
         m.ca_expiration.set(42);
+        m.issued_under("0123456789abcdef");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         assert!(
@@ -107,6 +129,10 @@ mod tests {
         );
         assert!(
             text.contains("issuer_certify_duration_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("issuer_certify_by_anchor_total{anchor=\"0123456789abcdef\"} 1"),
             "{text}"
         );
         assert!(

@@ -456,8 +456,15 @@ impl Server {
                 .saturating_mul(4)
                 .max(1 << 20),
         );
+        // The anchors' signature file; a CA from Kubernetes has none (served unsigned).
+        let sig = self
+            .kube
+            .ca
+            .is_none()
+            .then(|| crate::bundle::sig_path(&self.config.ca_files.anchors));
         let res = tonic::transport::Server::builder()
             .add_service(svc)
+            .add_service(crate::bundle::service(self.shared.clone(), sig))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
                 wait_stop(stop_rx.clone()),

@@ -302,6 +302,7 @@ impl IdentityApi for CertifyService {
                     )));
                 }
                 s.metrics.certify("issued", started.elapsed().as_secs_f64());
+                crate::bundle::count_issued(&s.metrics, &ca);
                 tracing::debug!(
                     identity = %identity,
                     serial = %leaf.serial,

@@ -3,6 +3,7 @@
 //! Layout of a cert dir `DIR` (the model is Kubernetes' AtomicWriter):
 //! ```text
 //! DIR/..<yyyy_mm_dd_hh_mm_ss>.<random>/{tls.crt,tls.key,ca.crt}   one complete version
+//!                                   (+ ca.crt.sig when ca.crt is a signed trust bundle)
 //! DIR/..data -> ..<yyyy_mm_dd_hh_mm_ss>.<random>                  swapped by rename()
 //! DIR/tls.crt -> ..data/tls.crt                                    (and tls.key, ca.crt)
 //! ```
@@ -215,6 +216,9 @@ pub struct NewSet<'a> {
     pub key: &'a PrivateKey,
     /// The anchors (DER).
     pub anchors: &'a [CertificateDer<'static>],
+    /// The detached signature of the anchors, when they are a signed trust bundle
+    /// ([`crate::trust_bundle`]): written as `ca.crt.sig` in the same version dir.
+    pub anchors_sig: Option<&'a str>,
 }
 
 /// The crash-safe writer of one cert dir. It takes no lock: callers that may write the same
@@ -301,6 +305,11 @@ impl Writer {
                 .map_err(io_err("write", &path))?;
         }
         drop(key_pem);
+        if let Some(sig) = set.anchors_sig {
+            let path = version.join(crate::trust_bundle::SIG_FILE);
+            fs.write_new(&path, sig.as_bytes(), PUBLIC_MODE, None)
+                .map_err(io_err("write", &path))?;
+        }
         fs.fsync_dir(&version).map_err(io_err("fsync", &version))?;
 
         let tmp = dir.join(format!("{DATA_TMP_PREFIX}{:016x}", rand::random::<u64>()));

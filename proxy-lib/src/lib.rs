@@ -51,6 +51,7 @@ pub mod test_keys;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod tls;
+pub mod trust_bundle;
 pub mod validity;
 pub mod verify;
 

@@ -268,6 +268,7 @@ pub fn write_data_dir(dir: &Path, bundle: &CertBundle) -> PathBuf {
         chain: &bundle.chain,
         key: &bundle.key,
         anchors: bundle.anchors.certs(),
+        anchors_sig: None,
     };
     Writer::new(dir, None)
         .write(&RealFs, &set, SystemClock.now())

@@ -45,6 +45,7 @@ fn main() {
                     chain: &b.chain,
                     key: &b.key,
                     anchors: b.anchors.certs(),
+                    anchors_sig: None,
                 },
                 SystemClock.now(),
             )

@@ -209,15 +209,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Builds the gRPC client for `config`: TLS verified against the configured anchors (re-read
+/// Builds the gRPC client for `config`: TLS verified against the anchors the host trusts
+/// (the signed bundle installed in the cert dir, else the configured anchors; re-read
 /// on every call), or plaintext when configured.
 pub fn issuer_for(config: &Config) -> GrpcIssuer {
     if config.plaintext {
         return GrpcIssuer::plaintext(config.issuer_addr.clone(), config.timeout);
     }
-    GrpcIssuer::tls_reloading(
+    GrpcIssuer::tls_trusting(
         config.issuer_addr.clone(),
         config.issuer_name.clone(),
+        config.dir.clone(),
         config.trust_anchors.clone(),
         config.timeout,
     )

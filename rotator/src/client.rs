@@ -167,6 +167,15 @@ pub trait Issue: Send + Sync {
         let _ = client_cert;
         self.certify(req)
     }
+
+    /// Fetches the issuer's trust bundle (`meshcerts.trust.v1.TrustBundle/Get`); `None` when
+    /// the issuer serves none (an issuer without the service answers UNIMPLEMENTED).
+    fn trust_bundle(
+        &self,
+    ) -> impl Future<Output = Result<Option<proxy_lib::trust_bundle::api::Bundle>, IssueError>> + Send
+    {
+        async { Ok(None) }
+    }
 }
 
 /// Reads the token file fresh, trimming leading and trailing whitespace. Blocks.
@@ -204,6 +213,14 @@ enum Anchors {
     Fixed(TrustAnchors),
     /// Re-read on every call, so an anchor rotation in `ca.crt` needs no restart.
     Source(AnchorSource),
+    /// What the host trusts, on every call: the signed bundle installed in the cert dir, else
+    /// the bootstrap anchors ([`crate::trust::current`]).
+    Trusted {
+        /// The cert dir.
+        dir: std::path::PathBuf,
+        /// The bootstrap anchors.
+        bootstrap: AnchorSource,
+    },
 }
 
 impl GrpcIssuer {
@@ -239,6 +256,24 @@ impl GrpcIssuer {
         }
     }
 
+    /// A TLS client that trusts, on every call, what the host trusts: the signed bundle
+    /// installed in `dir` once there is one, `bootstrap` before.
+    pub fn tls_trusting(
+        addr: HostPort,
+        server_name: String,
+        dir: std::path::PathBuf,
+        bootstrap: AnchorSource,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            addr,
+            server_name,
+            anchors: Some(Anchors::Trusted { dir, bootstrap }),
+            timeout,
+            source: None,
+        }
+    }
+
     /// A plaintext client (the config allows it only for a loopback issuer).
     pub fn plaintext(addr: HostPort, timeout: Duration) -> Self {
         Self {
@@ -257,11 +292,12 @@ impl GrpcIssuer {
         self
     }
 
-    async fn call(
+    /// A channel to the issuer (TLS verified against the anchors, or loopback plaintext),
+    /// presenting `client_cert` as the TLS client certificate when given.
+    async fn channel(
         &self,
-        req: CertifyRequest,
         client_cert: Option<&CertBundle>,
-    ) -> Result<CertifyResponse, IssueError> {
+    ) -> Result<tonic::transport::Channel, IssueError> {
         let connect_err = |reason: String| IssueError::Connect {
             addr: self.addr.to_string(),
             reason,
@@ -272,7 +308,7 @@ impl GrpcIssuer {
             .timeout(self.timeout);
         let addr = self.addr.clone();
         let source = self.source;
-        let channel = match &self.anchors {
+        match &self.anchors {
             None => {
                 let connector = tower::service_fn(move |_: http::Uri| {
                     let addr = addr.clone();
@@ -288,6 +324,13 @@ impl GrpcIssuer {
                     Anchors::Fixed(a) => a.clone(),
                     Anchors::Source(src) => {
                         src.load().map_err(|e| IssueError::Anchors(e.to_string()))?
+                    }
+                    Anchors::Trusted { dir, bootstrap } => {
+                        let (dir, bootstrap) = (dir.clone(), bootstrap.clone());
+                        crate::renew::blocking(move || crate::trust::current(&dir, &bootstrap))
+                            .await
+                            .map_err(IssueError::Anchors)?
+                            .anchors
                     }
                 };
                 let clock: proxy_lib::clock::SharedClock = Arc::new(proxy_lib::clock::SystemClock);
@@ -314,8 +357,19 @@ impl GrpcIssuer {
         .map_err(|e| match tls_refusal(&e) {
             Some(rustls::Error::InvalidCertificate(c)) => self.certificate_error(c),
             _ => connect_err(error_chain(&e)),
-        })?;
+        })
+    }
 
+    async fn call(
+        &self,
+        req: CertifyRequest,
+        client_cert: Option<&CertBundle>,
+    ) -> Result<CertifyResponse, IssueError> {
+        let connect_err = |reason: String| IssueError::Connect {
+            addr: self.addr.to_string(),
+            reason,
+        };
+        let channel = self.channel(client_cert).await?;
         let mut client = api::identity_client::IdentityClient::new(channel);
         let request = api::CertifyRequest {
             identity: req.identity.clone(),
@@ -421,6 +475,26 @@ impl Issue for GrpcIssuer {
         client_cert: Option<CertBundle>,
     ) -> Result<CertifyResponse, IssueError> {
         match tokio::time::timeout(self.timeout, self.call(req, client_cert.as_ref())).await {
+            Ok(r) => r,
+            Err(_) => Err(IssueError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn trust_bundle(
+        &self,
+    ) -> Result<Option<proxy_lib::trust_bundle::api::Bundle>, IssueError> {
+        let call = async {
+            let channel = self.channel(None).await?;
+            match proxy_lib::trust_bundle::api::get(channel, self.timeout).await {
+                Ok(b) => Ok(Some(b)),
+                Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+                Err(s) => Err(IssueError::Status {
+                    code: s.code(),
+                    message: s.message().to_string(),
+                }),
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
             Err(_) => Err(IssueError::Timeout(self.timeout)),
         }

@@ -49,6 +49,8 @@ pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_VERIFY_ATTEMPTS: u32 = 3;
 /// Default pause between a reload and the verify handshake.
 pub const DEFAULT_VERIFY_DELAY: Duration = Duration::from_millis(500);
+/// Default interval of the daemon's trust-bundle poll between renewals.
+pub const DEFAULT_BUNDLE_POLL: Duration = Duration::from_secs(3600);
 /// Default signal sent to the pid in `reload.pidfile`.
 pub const DEFAULT_RELOAD_SIGNAL: &str = "HUP";
 
@@ -77,7 +79,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ("dir", "the cert dir (..data layout)"),
     (
         "trust_anchors",
-        "anchor bundle: a PEM file path, or PEM text",
+        "bootstrap anchor bundle (a PEM file path, or PEM text): trusted until a signed bundle is installed",
+    ),
+    (
+        "bundle_poll_interval",
+        "how often the daemon fetches the issuer's trust bundle between renewals (0: never)",
     ),
     (
         "token_file",
@@ -330,6 +336,8 @@ impl Sources {
             reload,
             verify,
             metrics_listen: raw.metrics.listen,
+            bundle_poll_interval: Some(raw.bundle_poll_interval.unwrap_or(DEFAULT_BUNDLE_POLL))
+                .filter(|d| !d.is_zero()),
         })
     }
 }
@@ -522,6 +530,9 @@ pub struct Config {
     pub verify: Option<VerifyConfig>,
     /// Metrics listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// How often the daemon fetches the issuer's trust bundle between renewals (`None`:
+    /// never; a renewal always fetches it).
+    pub bundle_poll_interval: Option<Duration>,
 }
 
 #[cfg(test)]

@@ -100,7 +100,9 @@ pub async fn run<I: Issue, R: Reload>(
     }
     // A reload that failed before the restart runs again first.
     let mut machine = Machine::new(rotator.config().policy, rotator.config().verify.is_some())
-        .resuming(state.unfinished.is_some());
+        .resuming(state.unfinished.is_some())
+        .polling_bundle(rotator.config().bundle_poll_interval);
+    rotator.show_trust().await;
     let mut watchdog = opts.watchdog.map(|w| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + w, w);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,6 +125,7 @@ pub async fn run<I: Issue, R: Reload>(
                 }
                 Action::Renew { forced } => busy = Some(Box::pin(renew(&rotator, forced))),
                 Action::Verify => busy = Some(Box::pin(verify(&rotator))),
+                Action::PollBundle => busy = Some(Box::pin(poll_bundle(&rotator))),
                 Action::SetReady(ready) => metrics.set_ready(ready),
                 Action::Notify(notice) => notifier.notify(notice),
                 Action::Persist(changes) => rotator.record_off_thread(changes).await,
@@ -203,6 +206,12 @@ async fn verify<I: Issue, R: Reload>(rotator: &Rotator<I, R>) -> Event {
     Event::Verified { result, disk }
 }
 
+async fn poll_bundle<I: Issue, R: Reload>(rotator: &Rotator<I, R>) -> Event {
+    let result = rotator.poll_bundle().await.map_err(failure);
+    let disk = observe(rotator).await;
+    Event::BundlePolled { result, disk }
+}
+
 fn failure(e: CycleError) -> Failure {
     Failure {
         error: e.to_string(),
@@ -238,6 +247,9 @@ fn log(line: Log) {
         ),
         Log::Status { text, quiet: false } => tracing::info!("{text}"),
         Log::Status { text, quiet: true } => tracing::debug!("{text}"),
+        Log::BundlePollFailed { error, next } => {
+            tracing::warn!(%error, next_poll = %rfc3339(next), "fetching the issuer's trust bundle failed");
+        }
         Log::ShuttingDown => tracing::info!("shutting down"),
     }
 }

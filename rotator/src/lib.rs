@@ -8,6 +8,8 @@
 //! - [`keygen`]: fresh P-256 keys and DER CSRs.
 //! - [`client`]: the [`client::Issue`] trait and the gRPC client for the issuer.
 //! - [`validate`]: checks an answer before anything touches disk.
+//! - [`trust`]: what the host trusts (bootstrap anchors, then the signed bundle it installed)
+//!   and whether it takes the bundle the issuer offers.
 //! - [`reload`]: signal / HTTP / exec hooks; [`verify`]: the served-cert check.
 //! - [`renew`]: one renewal cycle shared by `run` and `rotate`; [`daemon`]: the daemon, a
 //!   sans-IO state machine ([`daemon::machine`]) and the small IO loop that drives it.
@@ -43,6 +45,7 @@ pub mod signals;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod trust;
 pub mod validate;
 pub mod verify;
 

@@ -16,6 +16,15 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// The labels of `rotator_trust_bundle_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundleLabel {
+    /// The anchors' fingerprint (SHA-256 over their DER, first 16 hex digits).
+    pub fingerprint: String,
+    /// The sequence of the signed bundle installed, `bootstrap` on `trust_anchors`.
+    pub sequence: String,
+}
+
 /// The rotator's metrics and readiness flag. Clones share the same values.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -28,6 +37,10 @@ pub struct Metrics {
     pub last_success: Gauge,
     /// `rotator_reloads_total{result}`.
     pub reloads: Family<ResultLabel, Counter>,
+    /// `rotator_trust_bundle_info{fingerprint,sequence}`: 1 for the anchors the host trusts.
+    pub trust_bundle: Family<BundleLabel, Gauge>,
+    /// `rotator_trust_bundle_refusals_total`: bundle changes offered by the issuer and refused.
+    pub bundle_refusals: Counter,
     ready: Arc<AtomicBool>,
 }
 
@@ -45,11 +58,15 @@ impl Metrics {
         let rotations = Family::<ResultLabel, Counter>::default();
         let last_success = Gauge::default();
         let reloads = Family::<ResultLabel, Counter>::default();
+        let trust_bundle = Family::<BundleLabel, Gauge>::default();
+        let bundle_refusals = Counter::default();
         proxy_lib::register_metrics!(reg,
             cert_expiration => "rotator_cert_expiration_timestamp_seconds", "notAfter of the installed certificate (Unix seconds)";
             rotations => "rotator_rotations", "Renewal cycles that installed a certificate (success) or failed (failure)";
             last_success => "rotator_last_success_timestamp_seconds", "When the last rotation succeeded (Unix seconds)";
             reloads => "rotator_reloads", "Reload hook runs and verify checks, by result";
+            trust_bundle => "rotator_trust_bundle_info", "The trust anchors the host trusts: fingerprint (SHA-256 short form) and signed sequence";
+            bundle_refusals => "rotator_trust_bundle_refusals", "Trust bundle changes offered by the issuer and refused";
         );
         Self {
             registry: Arc::new(reg),
@@ -57,6 +74,8 @@ impl Metrics {
             rotations,
             last_success,
             reloads,
+            trust_bundle,
+            bundle_refusals,
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -64,6 +83,18 @@ impl Metrics {
     /// Counts a rotation result.
     pub fn rotation(&self, ok: bool) {
         self.rotations.get_or_create(&label(ok)).inc();
+    }
+
+    /// Shows `trust` as the anchors the host trusts (the only series of the info metric).
+    pub fn set_trust(&self, trust: &crate::trust::Trust) {
+        self.trust_bundle.clear();
+        let label = BundleLabel {
+            fingerprint: proxy_lib::trust_bundle::short(&trust.fingerprint()).to_string(),
+            sequence: trust
+                .sequence()
+                .map_or_else(|| "bootstrap".to_string(), |s| s.to_string()),
+        };
+        self.trust_bundle.get_or_create(&label).set(1);
     }
 
     /// Counts a reload (or verify) result.

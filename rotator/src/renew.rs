@@ -15,6 +15,7 @@ use crate::reload::{Reload, ReloadError};
 use crate::schedule::{self, CertTimes, Decision};
 use crate::state::{Change, Ledger, State};
 use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
+use crate::trust::{Offer, Trust};
 use crate::validate::{self, ValidateError};
 use crate::verify::VerifyError;
 
@@ -322,12 +323,120 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         }
     }
 
+    /// What the host trusts now ([`crate::trust::current`]), read off the runtime thread.
+    async fn trust(&self) -> Result<Trust, CycleError> {
+        let (dir, bootstrap) = (self.config.dir.clone(), self.config.trust_anchors.clone());
+        blocking(move || crate::trust::current(&dir, &bootstrap))
+            .await
+            .map_err(CycleError::Anchors)
+    }
+
+    /// Fetches the issuer's trust bundle. `Ok(None)`: the issuer serves none.
+    async fn fetch_offer(&self) -> Result<Option<Result<Offer, String>>, IssueError> {
+        Ok(self
+            .issuer
+            .trust_bundle()
+            .await?
+            .map(|b| Offer::from_api(b).map_err(|e| format!("malformed trust bundle: {e}"))))
+    }
+
+    /// Decides on an offered bundle for `chain` (leaf first) installed at `at` with the set
+    /// `trust`: the set to install (the offered one when it is acceptable, else `trust`), and
+    /// the state change that records the verdict. Counts and logs a refusal.
+    fn take_offer(
+        &self,
+        trust: &Trust,
+        offer: Option<Result<Offer, String>>,
+        chain: &[rustls_pki_types::CertificateDer<'static>],
+        at: SystemTime,
+    ) -> (Option<Trust>, Change) {
+        let verdict = match offer {
+            None => Ok(None),
+            Some(Err(e)) => Err(e),
+            Some(Ok(offer)) => crate::trust::decide(trust, &offer, chain, at),
+        };
+        match verdict {
+            Ok(new) => {
+                if let Some(t) = &new {
+                    tracing::info!(
+                        fingerprint = %proxy_lib::trust_bundle::short(&t.fingerprint()),
+                        sequence = t.sequence().unwrap_or_default(),
+                        anchors = t.anchors.certs().len(),
+                        "installing a new signed trust bundle"
+                    );
+                }
+                (new, Change::Bundle { error: None })
+            }
+            Err(reason) => {
+                self.metrics.bundle_refusals.inc();
+                tracing::warn!(%reason, "refused the issuer's trust bundle; keeping the anchors in place");
+                (
+                    None,
+                    Change::Bundle {
+                        error: Some(format!("trust bundle refused: {reason}")),
+                    },
+                )
+            }
+        }
+    }
+
+    /// Fetches the issuer's trust bundle between renewals and, when it changed and is
+    /// acceptable (signed by a trusted anchor, a higher sequence, and it validates the chain
+    /// on disk), installs it with the cert and key on disk in one atomic swap, then runs the
+    /// reload hooks (and the verify). A refused bundle keeps the set in place and is recorded
+    /// (`status` warns); only a failed fetch or a failed swap or reload is an error. The
+    /// blocking steps run off the runtime thread.
+    pub async fn poll_bundle(&self) -> Result<(), CycleError> {
+        let offer = self.fetch_offer().await?;
+        if offer.is_none() {
+            return Ok(());
+        }
+        let trust = self.trust().await?;
+        let dir = self.config.dir.clone();
+        let Ok(current) = blocking(move || installed_bundle(&dir)).await else {
+            // No usable set on disk: the renewal that follows fetches the bundle again.
+            return Ok(());
+        };
+        let now = self.clock.now();
+        let (new, change) = self.take_offer(&trust, offer, &current.chain, now);
+        let Some(new) = new else {
+            let recorder = self.recorder();
+            blocking(move || recorder.record(None, &[change])).await;
+            return Ok(());
+        };
+        let (store, fs) = (self.store.clone(), self.fs.clone());
+        let recorder = self.recorder();
+        let (chain, key) = (current.chain.clone(), current.key.clone());
+        let (anchors, sig) = (new.anchors.certs().to_vec(), new.signature_text());
+        blocking(move || {
+            let set = NewSet {
+                chain: &chain,
+                key: &key,
+                anchors: &anchors,
+                anchors_sig: sig.as_deref(),
+            };
+            swap_and_record(&store, fs.as_ref(), &recorder, &set, now, &[change])
+        })
+        .await?;
+        self.metrics.set_trust(&new);
+        let bundle = CertBundle::from_parts(current.chain, current.key, new.anchors)
+            .map_err(|e| CycleError::Installed(e.to_string()))?;
+        self.reload_and_verify(&bundle).await
+    }
+
+    /// Shows the anchors the host trusts now in `/metrics`. Blocks briefly (off the runtime
+    /// thread).
+    pub async fn show_trust(&self) {
+        match self.trust().await {
+            Ok(t) => self.metrics.set_trust(&t),
+            Err(e) => tracing::debug!(error = %e, "cannot read the trusted anchors"),
+        }
+    }
+
     async fn renew(&self) -> Result<Outcome, CycleError> {
         let cfg = &self.config;
-        let anchors = cfg
-            .trust_anchors
-            .load()
-            .map_err(|e| CycleError::Anchors(e.to_string()))?;
+        let trust = self.trust().await?;
+        let anchors = trust.anchors.clone();
         // A read-only or full filesystem is found before a cert is asked for (and thrown away).
         let (store, fs) = (self.store.clone(), self.fs.clone());
         blocking(move || store.check_writable(fs.as_ref()))
@@ -398,29 +507,39 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             *self.bootstrap_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
+        // The issuer's trust bundle, fetched with every renewal; a failed fetch keeps the set.
+        let offer = self.fetch_offer().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot fetch the issuer's trust bundle; keeping the anchors in place");
+            None
+        });
+        let at = received.max(valid.leaf.not_before);
+        let (new_trust, bundle_change) = self.take_offer(&trust, offer, &valid.chain, at);
+        let trust = new_trust.unwrap_or(trust);
+        let anchors = trust.anchors.clone();
         let key = {
             // The swap (flock, writes, fsyncs) and the state file run off the runtime thread.
             let (store, fs, view) = (self.store.clone(), self.fs.clone(), self.view.clone());
             let recorder = self.recorder();
             let (chain, key, anchor_certs) =
                 (valid.chain.clone(), fresh.key, anchors.certs().to_vec());
+            let sig = trust.signature_text();
             let installed = Change::Installed {
                 serial: serial.clone(),
                 received: unix_secs(received),
             };
             let leaf = valid.leaf.clone();
             blocking(move || -> Result<_, StoreError> {
-                let lock = store.lock()?;
                 let set = NewSet {
                     chain: &chain,
                     key: &key,
                     anchors: &anchor_certs,
+                    anchors_sig: sig.as_deref(),
                 };
-                let version = store.swap(fs.as_ref(), &set, received)?;
-                // The new cert and when it was received go into the state file together,
-                // under the same lock.
-                recorder.record(Some(&lock), &[installed]);
-                drop(lock);
+                // The new cert, when it was received and the bundle's verdict go into the
+                // state file together, under the same lock.
+                let changes = [installed, bundle_change];
+                let version =
+                    swap_and_record(&store, fs.as_ref(), &recorder, &set, received, &changes)?;
                 // What was just validated and written is what is on disk: no need to re-read it.
                 view.lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -432,6 +551,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         self.metrics
             .cert_expiration
             .set(unix_secs(valid.leaf.not_after) as i64);
+        self.metrics.set_trust(&trust);
         let next = match schedule::next_renewal(
             &times,
             received,
@@ -554,6 +674,22 @@ fn log_rotated(result: &Result<Outcome, CycleError>) {
     if let Ok(Outcome::Rotated { serial, next, .. }) = result {
         tracing::info!(%serial, next_renewal = %rfc3339(*next), "rotated");
     }
+}
+
+/// Installs `set` (the version dir named for `now`) under the store lock and records
+/// `changes` in the state file under the same lock. Returns the new version dir. Blocks.
+fn swap_and_record(
+    store: &Store,
+    fs: &dyn FsOps,
+    recorder: &Recorder,
+    set: &NewSet<'_>,
+    now: SystemTime,
+    changes: &[Change],
+) -> Result<std::path::PathBuf, StoreError> {
+    let lock = store.lock()?;
+    let version = store.swap(fs, set, now)?;
+    recorder.record(Some(&lock), changes);
+    Ok(version)
 }
 
 /// Everything a state change needs, to be moved onto the blocking pool.

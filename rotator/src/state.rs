@@ -33,6 +33,8 @@ pub struct State {
     /// Serial of an installed cert whose reload hooks or verify failed: the next `rotate`
     /// runs them again rather than saying "not due".
     pub unfinished: Option<String>,
+    /// Why the last trust bundle the issuer offered was refused, while it still is.
+    pub bundle_error: Option<String>,
 }
 
 impl State {
@@ -87,6 +89,7 @@ impl State {
                     }
                 }
                 Change::NextRenewal(t) => self.next_renewal = Some(*t),
+                Change::Bundle { error } => self.bundle_error.clone_from(error),
             }
         }
     }
@@ -141,6 +144,11 @@ pub enum Change {
     },
     /// The planned next renewal.
     NextRenewal(u64),
+    /// The issuer's trust bundle was fetched: refused (why), or taken or unchanged (`None`).
+    Bundle {
+        /// Why it was refused.
+        error: Option<String>,
+    },
 }
 
 /// Applies `changes` to the state file in `dir` in one read-modify-write under the store lock

@@ -87,6 +87,14 @@ pub struct Report {
     /// Why the state file is behind what the daemon knows (it cannot be written), if it is.
     #[serde(default)]
     pub state_file: Option<String>,
+    /// The anchors the host trusts: fingerprint (SHA-256 short form) and the signed bundle's
+    /// sequence, or `bootstrap` on `trust_anchors`.
+    #[serde(default)]
+    pub trust_bundle: Option<String>,
+    /// Why the last trust bundle the issuer offered was refused, while it still is (a
+    /// WARNING at least).
+    #[serde(default)]
+    pub bundle_error: Option<String>,
 }
 
 impl Report {
@@ -106,6 +114,8 @@ impl Report {
             last_success: None,
             last_error: None,
             state_file: None,
+            trust_bundle: None,
+            bundle_error: None,
         }
     }
 
@@ -135,6 +145,8 @@ impl Report {
         line("last success:", &self.last_success);
         line("last error:", &self.last_error);
         line("state file:", &self.state_file);
+        line("trust bundle:", &self.trust_bundle);
+        line("bundle error:", &self.bundle_error);
         s
     }
 }
@@ -323,6 +335,22 @@ pub fn report_from(
                 r.summary = format!("valid until {}", rfc3339(times.not_after));
             }
         }
+    }
+    r.trust_bundle = crate::trust::current(&config.dir, &config.trust_anchors)
+        .ok()
+        .map(|t| {
+            let fp = proxy_lib::trust_bundle::short(&t.fingerprint()).to_string();
+            match t.sequence() {
+                Some(s) => format!("{fp} (signed, sequence {s})"),
+                None => format!("{fp} (bootstrap trust_anchors)"),
+            }
+        });
+    if let Some(why) = &state.bundle_error {
+        if r.status == Level::Ok {
+            r.status = Level::Warning;
+            r.summary.clone_from(why);
+        }
+        r.bundle_error = Some(why.clone());
     }
     if let Some(why) = unsaved {
         if r.status == Level::Ok {

@@ -115,6 +115,7 @@ mod tests {
                 chain: &b.chain,
                 key: &b.key,
                 anchors: b.anchors.certs(),
+                anchors_sig: None,
             };
             last = Some(
                 store

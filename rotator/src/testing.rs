@@ -75,6 +75,8 @@ pub struct FakeIssuer {
     pub csrs: Mutex<Vec<Vec<u8>>>,
     /// The serial of the client certificate each call presented (`None`: none).
     pub presented: Mutex<Vec<Option<String>>>,
+    /// The trust bundle it serves (`None`: it serves none).
+    pub bundle: Mutex<Option<proxy_lib::trust_bundle::api::Bundle>>,
     scripts: Mutex<VecDeque<Script>>,
 }
 
@@ -90,6 +92,7 @@ impl FakeIssuer {
             tokens: Mutex::new(Vec::new()),
             csrs: Mutex::new(Vec::new()),
             presented: Mutex::new(Vec::new()),
+            bundle: Mutex::new(None),
             scripts: Mutex::new(VecDeque::new()),
         })
     }
@@ -172,6 +175,18 @@ impl Issue for Arc<FakeIssuer> {
             });
         }
         Ok(self.sign(&req.csr_der, |_| {}))
+    }
+
+    async fn trust_bundle(
+        &self,
+    ) -> Result<Option<proxy_lib::trust_bundle::api::Bundle>, IssueError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(IssueError::Connect {
+                addr: "fake".into(),
+                reason: "connection refused".into(),
+            });
+        }
+        Ok(self.bundle.lock().unwrap().clone())
     }
 }
 

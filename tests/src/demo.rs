@@ -357,7 +357,7 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 /// Spawns a child with stdout/stderr to `<base>.out` / `<base>.log`.
-fn spawn(cmd: &mut Command, base: &Path) -> Result<ChildGuard> {
+pub fn spawn(cmd: &mut Command, base: &Path) -> Result<ChildGuard> {
     let stdout = std::fs::File::create(base.with_extension("out"))?;
     let stderr = std::fs::File::create(base.with_extension("log"))?;
     let child = cmd
@@ -406,7 +406,7 @@ fn wait_admin(
 }
 
 /// An echo server on 127.0.0.1 (a thread per connection); returns its address.
-fn echo_app() -> Result<SocketAddr> {
+pub fn echo_app() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     std::thread::spawn(move || {

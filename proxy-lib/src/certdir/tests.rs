@@ -129,6 +129,7 @@ fn install(
             chain: &b.chain,
             key: &b.key,
             anchors: b.anchors.certs(),
+            anchors_sig: None,
         },
         at,
     )

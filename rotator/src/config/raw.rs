@@ -37,6 +37,8 @@ pub struct RawConfig {
     pub margin: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     pub clock_skew: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub bundle_poll_interval: Option<Duration>,
     #[serde(default)]
     pub backoff: RawBackoff,
     pub schedule: Option<String>,

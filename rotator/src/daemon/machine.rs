@@ -20,6 +20,11 @@
 //! - Shutdown never interrupts a renewal or a verify in progress: it takes effect when the
 //!   operation ends, after its result is recorded.
 //! - The state file is written once per transition, with every change of that transition.
+//! - With a bundle poll interval, the issuer's trust bundle is fetched between renewals, once
+//!   per interval after the last renewal or poll (a renewal fetches it too). A poll never
+//!   delays a due renewal; one that installed a new bundle whose reload hooks (or verify)
+//!   failed is finished like such a renewal (hooks retried with backoff). The status text and
+//!   the planned next renewal do not move with the polls.
 
 use std::time::SystemTime;
 
@@ -87,6 +92,15 @@ pub enum Event {
         /// The cert dir afterwards.
         disk: Disk,
     },
+    /// A trust-bundle poll (after [`Action::PollBundle`]) ended: `Ok` when the bundle was
+    /// fetched (and installed when it changed, or refused, which the rotator records
+    /// itself); `disk` is the cert dir right after it.
+    BundlePolled {
+        /// How it ended.
+        result: Result<(), Failure>,
+        /// The cert dir afterwards.
+        disk: Disk,
+    },
 }
 
 /// Something to do, in order.
@@ -103,6 +117,9 @@ pub enum Action {
     /// listener serves it; without, run the reload hooks again. Answer with
     /// [`Event::Verified`].
     Verify,
+    /// Fetch the issuer's trust bundle and install it when it changed and is acceptable;
+    /// answer with [`Event::BundlePolled`].
+    PollBundle,
     /// Set `/ready`.
     SetReady(bool),
     /// Tell the service manager.
@@ -162,6 +179,13 @@ pub enum Log {
         /// Whether the failure behind it was logged already.
         quiet: bool,
     },
+    /// A trust-bundle poll failed (warn); the next one is at `next`.
+    BundlePollFailed {
+        /// What failed.
+        error: String,
+        /// The next poll.
+        next: SystemTime,
+    },
     /// The daemon stops (info).
     ShuttingDown,
 }
@@ -185,6 +209,8 @@ pub enum Phase {
     },
     /// A verify (or, without `[verify]`, a run of the reload hooks again) is in progress.
     Verifying,
+    /// A trust-bundle poll is in progress.
+    PollingBundle,
     /// Stopped.
     Stopped,
 }
@@ -222,6 +248,10 @@ pub struct Machine {
     ready_sent: bool,
     last_status: String,
     pending: Vec<Change>,
+    /// Poll the trust bundle this often between renewals (`None`: never).
+    poll_every: Option<std::time::Duration>,
+    /// The next poll, once the first cert is settled.
+    next_poll: Option<SystemTime>,
 }
 
 impl Machine {
@@ -243,7 +273,16 @@ impl Machine {
             ready_sent: false,
             last_status: String::new(),
             pending: Vec::new(),
+            poll_every: None,
+            next_poll: None,
         }
+    }
+
+    /// Polls the issuer's trust bundle every `every` between renewals (none when `None` or
+    /// zero).
+    pub fn polling_bundle(mut self, every: Option<std::time::Duration>) -> Self {
+        self.poll_every = every.filter(|d| !d.is_zero());
+        self
     }
 
     /// A machine started over a state file that says the last reload of the cert on disk
@@ -294,7 +333,10 @@ impl Machine {
             }
             (Event::Shutdown, phase) => {
                 self.stopping = true;
-                if !matches!(phase, Phase::Renewing { .. } | Phase::Verifying) {
+                if !matches!(
+                    phase,
+                    Phase::Renewing { .. } | Phase::Verifying | Phase::PollingBundle
+                ) {
                     self.stop(&mut acts);
                 }
             }
@@ -306,6 +348,10 @@ impl Machine {
             }
             (Event::Verified { result, disk }, Phase::Verifying) => {
                 self.verified(now, jitter, result, &mut acts);
+                self.settle(now, &disk, &mut acts);
+            }
+            (Event::BundlePolled { result, disk }, Phase::PollingBundle) => {
+                self.polled(now, jitter, result, &mut acts);
                 self.settle(now, &disk, &mut acts);
             }
             _ => {}
@@ -354,6 +400,8 @@ impl Machine {
         acts: &mut Vec<Action>,
     ) {
         let at = unix_secs(now);
+        // A renewal fetches the trust bundle too.
+        self.next_poll = self.poll_every.map(|d| now + d);
         match result {
             Ok(()) => {
                 self.retry = None;
@@ -418,6 +466,34 @@ impl Machine {
         }
     }
 
+    fn polled(
+        &mut self,
+        now: SystemTime,
+        jitter: f64,
+        result: Result<(), Failure>,
+        acts: &mut Vec<Action>,
+    ) {
+        let next = self.poll_every.map(|d| now + d);
+        self.next_poll = next;
+        match result {
+            Ok(()) => {}
+            Err(f) if f.installed.is_some() => {
+                // A new bundle is on disk but its reload (or verify) failed: finished like a
+                // rotation whose hooks failed.
+                let retry_at = self.verify_retry(now, jitter);
+                acts.push(Action::Log(Log::InstalledButFailed {
+                    error: f.error.clone(),
+                    retry_at,
+                }));
+                self.pending.push(failed(unix_secs(now), f));
+            }
+            Err(f) => acts.push(Action::Log(Log::BundlePollFailed {
+                error: f.error,
+                next: next.unwrap_or(now),
+            })),
+        }
+    }
+
     /// Decides from what is on disk with nothing in progress: renew, verify, or wait.
     fn settle(&mut self, now: SystemTime, disk: &Disk, acts: &mut Vec<Action>) {
         if self.stopping {
@@ -472,6 +548,15 @@ impl Machine {
         // /ready follows the cert (an expired one while the issuer is down is not ready);
         // READY=1 goes to systemd once, after the first valid (and verified) cert. Without
         // [verify], hooks that failed do not make the cert on disk any less ready.
+        if valid && let Some(every) = self.poll_every {
+            let next = *self.next_poll.get_or_insert(now + every);
+            if next <= now {
+                self.flush(acts);
+                self.phase = Phase::PollingBundle;
+                acts.push(Action::PollBundle);
+                return;
+            }
+        }
         let good = valid && !(self.verify && self.unverified.is_some());
         if self.ready != Some(good) {
             self.ready = Some(good);
@@ -521,6 +606,10 @@ impl Machine {
         }
         self.flush(acts);
         acts.extend(log.map(Action::Log));
+        // The next poll wakes the daemon too, without changing the plan it reports.
+        if valid && let Some(p) = self.next_poll {
+            deadline = deadline.min(p);
+        }
         self.phase = Phase::Waiting { until: deadline };
     }
 }

@@ -159,18 +159,21 @@ pub fn inspect(config: &Config, now: SystemTime) -> Current {
             leaf.dns_sans, leaf.uri_sans, id
         ));
     }
-    // The configured anchors may have rotated: the cert must chain to them too.
-    match config.trust_anchors.load() {
-        Ok(anchors) => {
+    // The trusted anchors may have rotated (the configured ones, until a signed bundle is
+    // installed): the cert must chain to them too.
+    match crate::trust::current(&config.dir, &config.trust_anchors) {
+        Ok(trust) => {
             if let Err(e) =
-                anchors.verify_leaf(&bundle.chain[0], &bundle.chain[1..], now, Usage::Server)
+                trust
+                    .anchors
+                    .verify_leaf(&bundle.chain[0], &bundle.chain[1..], now, Usage::Server)
             {
                 return Current::Unusable(format!(
-                    "the cert does not chain to the configured anchors: {e}"
+                    "the cert does not chain to the trusted anchors: {e}"
                 ));
             }
         }
-        Err(e) => return Current::Unusable(format!("the configured anchors are unusable: {e}")),
+        Err(e) => return Current::Unusable(format!("the trusted anchors are unusable: {e}")),
     }
     let state = State::load(&config.dir);
     let times = match state.received_for(&leaf.serial) {

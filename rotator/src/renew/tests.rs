@@ -1136,4 +1136,5 @@ async fn a_cert_set_whose_key_openssl_wrote_in_each_encoding_is_usable_and_verif
     assert_eq!(issuer.calls.load(Ordering::SeqCst), 0);
 }
 
+mod bundle;
 mod hardening;

@@ -1,6 +1,6 @@
 //! Every event in every state of the daemon's machine (a table), then the rules that take
 //! several transitions: backoff growth and its bound, the retry_serial rule, the verify
-//! retry, READY once, forced renewals and shutdown during an operation.
+//! retry, READY once, forced renewals and shutdown during an operation, the trust-bundle poll.
 
 use super::*;
 use std::time::{Duration, UNIX_EPOCH};
@@ -74,6 +74,7 @@ fn show(a: &Action) -> String {
         Action::Renew { forced: false } => "renew".into(),
         Action::Renew { forced: true } => "renew forced".into(),
         Action::Verify => "verify".into(),
+        Action::PollBundle => "poll bundle".into(),
         Action::SetReady(r) => format!("ready={r}"),
         Action::Notify(Notice::Ready) => "READY".into(),
         Action::Notify(Notice::Status(s)) => format!("STATUS {s}"),
@@ -97,6 +98,8 @@ fn show(a: &Action) -> String {
                         installed: Some(s),
                     } => format!("fail@{} {error} ({s})", at - T0),
                     Change::NextRenewal(n) => format!("next@{}", n - T0),
+                    Change::Bundle { error: None } => "bundle ok".into(),
+                    Change::Bundle { error: Some(e) } => format!("bundle refused: {e}"),
                 })
                 .collect();
             format!("persist {}", c.join(", "))
@@ -125,6 +128,9 @@ fn show(a: &Action) -> String {
         }
         Action::Log(Log::Status { text, quiet }) => {
             format!("log {} {text}", if *quiet { "debug" } else { "info" })
+        }
+        Action::Log(Log::BundlePollFailed { error, next }) => {
+            format!("log bundle poll failed: {error} next={}", t(*next))
         }
         Action::Log(Log::ShuttingDown) => "log shutting down".into(),
         Action::Stop => "stop".into(),
@@ -181,6 +187,21 @@ fn states() -> Vec<(&'static str, Machine)> {
         }
         m
     };
+    // Polling the bundle every second: the first poll is due at T0 + 1 s.
+    let polling = |events: Vec<(u64, Event)>| {
+        let mut m = Machine::new(policy(), false).polling_bundle(Some(Duration::from_secs(1)));
+        for (s, e) in events {
+            m.on(at(s), 1.0, e);
+        }
+        m
+    };
+    let to_poll = vec![(0, Start), (0, Observed(good("A")))];
+    let in_poll = vec![
+        (0, Start),
+        (0, Observed(good("A"))),
+        (1, Deadline),
+        (1, Observed(good("A"))),
+    ];
     vec![
         ("starting", drive(false, vec![])),
         ("observing", drive(false, vec![Start])),
@@ -208,7 +229,18 @@ fn states() -> Vec<(&'static str, Machine)> {
             "stopped",
             drive(false, vec![Start, Observed(good("A")), Shutdown]),
         ),
+        ("waiting, bundle poll at T0 + 1 s", polling(to_poll)),
+        ("polling the bundle", polling(in_poll.clone())),
+        (
+            "polling the bundle, stopping",
+            polling(with_at(in_poll, (1, Shutdown))),
+        ),
     ]
+}
+
+fn with_at(mut v: Vec<(u64, Event)>, e: (u64, Event)) -> Vec<(u64, Event)> {
+    v.push(e);
+    v
 }
 
 /// Every event, in the order of the table's columns.
@@ -244,6 +276,18 @@ fn events() -> Vec<Event> {
             result: Err(fail("served another cert", None)),
             disk: good("A"),
         },
+        BundlePolled {
+            result: Ok(()),
+            disk: good("A"),
+        },
+        BundlePolled {
+            result: Err(fail("issuer down", None)),
+            disk: good("A"),
+        },
+        BundlePolled {
+            result: Err(fail("reload failed", Some("A"))),
+            disk: good("A"),
+        },
     ]
 }
 
@@ -266,12 +310,12 @@ const FIRST_GOOD: &[&str] = &[
 const fn idle(
     start: Row,
     shutdown: Row,
-    results: [Row; 5],
+    results: [Row; 8],
     observed: [Row; 4],
     deadline: Row,
     force: Row,
     watchdog: Row,
-) -> [Row; 14] {
+) -> [Row; 17] {
     [
         start,
         observed[0],
@@ -287,16 +331,19 @@ const fn idle(
         results[2],
         results[3],
         results[4],
+        results[5],
+        results[6],
+        results[7],
     ]
 }
 
 /// A sleeping state with deadline `d`: only the timer, SIGHUP, SIGTERM and the watchdog act.
-const fn sleeping(d: u64) -> [Row; 14] {
+const fn sleeping(d: u64) -> [Row; 17] {
     let n = (NOTHING, Some(d));
     idle(
         n,
         (STOP, None),
-        [n; 5],
+        [n; 8],
         [n; 4],
         (&["observe"], None),
         (&["log forced", "observe"], None),
@@ -306,7 +353,7 @@ const fn sleeping(d: u64) -> [Row; 14] {
 
 /// An operation in progress: the control events are noted, results of other operations and
 /// observations ignored.
-const fn busy(shutdown: &'static [&'static str], results: [Row; 5]) -> [Row; 14] {
+const fn busy(shutdown: &'static [&'static str], results: [Row; 8]) -> [Row; 17] {
     let n = (NOTHING, None);
     idle(
         n,
@@ -320,12 +367,12 @@ const fn busy(shutdown: &'static [&'static str], results: [Row; 5]) -> [Row; 14]
 }
 
 /// Observing: the observation decides.
-const fn observing(observed: [Row; 4]) -> [Row; 14] {
+const fn observing(observed: [Row; 4]) -> [Row; 17] {
     let n = (NOTHING, None);
     idle(
         n,
         (STOP, None),
-        [n; 5],
+        [n; 8],
         observed,
         n,
         (FORCED, None),
@@ -335,14 +382,14 @@ const fn observing(observed: [Row; 4]) -> [Row; 14] {
 
 /// The expected actions and next deadline for each state (rows, in the order of
 /// [`states`]) and event (columns, in the order of [`events`]), all at T0 + 1 s.
-const TABLE: [[Row; 14]; 14] = {
+const TABLE: [[Row; 17]; 17] = {
     let n = (NOTHING, None);
     [
         // starting
         idle(
             (&["observe"], None),
             (STOP, None),
-            [n; 5],
+            [n; 8],
             [n; 4],
             n,
             (FORCED, None),
@@ -394,6 +441,9 @@ const TABLE: [[Row; 14]; 14] = {
                 (INSTALLED_BUT_FAILED, Some(2)),
                 n,
                 n,
+                n,
+                n,
+                n,
             ],
         ),
         // verifying (cert A found at start with [verify])
@@ -423,6 +473,9 @@ const TABLE: [[Row; 14]; 14] = {
                     ],
                     Some(2),
                 ),
+                n,
+                n,
+                n,
             ],
         ),
         // reloading again: a daemon started over a state file that says the last reload failed
@@ -453,6 +506,9 @@ const TABLE: [[Row; 14]; 14] = {
                     ],
                     Some(2),
                 ),
+                n,
+                n,
+                n,
             ],
         ),
         // renewing, stopping: the renewal ends, is recorded, then the daemon stops
@@ -485,12 +541,70 @@ const TABLE: [[Row; 14]; 14] = {
                 ),
                 n,
                 n,
+                n,
+                n,
+                n,
             ],
         ),
         // stopped
-        [n; 14],
+        [n; 17],
+        // waiting, the bundle poll due at T0 + 1 s (before the renewal at T0 + 36000 s)
+        sleeping(1),
+        // polling the bundle
+        busy(
+            NOTHING,
+            [
+                n,
+                n,
+                n,
+                n,
+                n,
+                (NOTHING, Some(2)),
+                (&["log bundle poll failed: issuer down next=@2"], Some(2)),
+                (BUNDLE_INSTALLED_BUT_FAILED, Some(2)),
+            ],
+        ),
+        // polling the bundle, stopping: the poll ends, is recorded, then the daemon stops
+        busy(
+            NOTHING,
+            [
+                n,
+                n,
+                n,
+                n,
+                n,
+                (STOP, None),
+                (
+                    &[
+                        "log bundle poll failed: issuer down next=@2",
+                        "STOPPING",
+                        "log shutting down",
+                        "stop",
+                    ],
+                    None,
+                ),
+                (
+                    &[
+                        "log installed but failed: reload failed retry_at=@2",
+                        "persist fail@1 reload failed (A)",
+                        "STOPPING",
+                        "log shutting down",
+                        "stop",
+                    ],
+                    None,
+                ),
+            ],
+        ),
     ]
 };
+
+/// A new bundle installed by a poll whose reload hooks failed: finished like a rotation.
+const BUNDLE_INSTALLED_BUT_FAILED: &[&str] = &[
+    "log installed but failed: reload failed retry_at=@2",
+    "STATUS the reload hooks failed; running them again at @2",
+    "persist fail@1 reload failed (A), next@2",
+    "log debug the reload hooks failed; running them again at @2",
+];
 
 const FIRST_GOOD_AFTER_RENEWAL: &[&str] = &[
     "ready=true",
@@ -811,4 +925,43 @@ fn failed_hooks_without_verify_run_again_with_backoff_until_they_pass() {
     );
     // Done: back on the cert's schedule, nothing runs again.
     assert_eq!(deadline(&m), Some(NEXT));
+}
+
+#[test]
+fn the_bundle_is_polled_between_renewals_without_moving_the_plan() {
+    use Event::*;
+    let mut m = Machine::new(policy(), false).polling_bundle(Some(Duration::from_secs(600)));
+    on(&mut m, 0, Start);
+    let first = on(&mut m, 0, Observed(good("A")));
+    assert!(
+        first.contains(&"persist next@36000".to_string()),
+        "{first:?}"
+    );
+    assert_eq!(deadline(&m), Some(600), "woken for the poll");
+    assert_eq!(on(&mut m, 600, Deadline), ["observe"]);
+    assert_eq!(on(&mut m, 600, Observed(good("A"))), ["poll bundle"]);
+    // Polled: nothing to report, the plan unchanged, the next poll an interval later.
+    let polled = BundlePolled {
+        result: Ok(()),
+        disk: good("A"),
+    };
+    assert!(on(&mut m, 601, polled).is_empty());
+    assert_eq!(deadline(&m), Some(1201));
+    // A due renewal is never delayed by a poll, and it fetches the bundle too.
+    on(&mut m, 1201, Deadline);
+    assert_eq!(on(&mut m, 1201, Observed(due("A"))), ["renew"]);
+    on(
+        &mut m,
+        1300,
+        Renewed {
+            result: Ok(()),
+            disk: good("B"),
+        },
+    );
+    assert_eq!(deadline(&m), Some(1900));
+    // Zero turns the poll off.
+    let mut off = Machine::new(policy(), false).polling_bundle(Some(Duration::ZERO));
+    on(&mut off, 0, Start);
+    on(&mut off, 0, Observed(good("A")));
+    assert_eq!(deadline(&off), Some(NEXT));
 }
