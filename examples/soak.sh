@@ -176,4 +176,6 @@ if [ "$FAILED" != 0 ] || [ "$ALIVE" != 1 ] || [ "$ROTATIONS" = 0 ]; then
     echo "soak: FAILED (logs in $WORK)"; cat "$WORK/load.err"; trap - EXIT; cleanup; exit 1
 fi
 echo "soak: OK"
+trap - EXIT
+cleanup
 rm -rf "$WORK"
