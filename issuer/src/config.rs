@@ -73,6 +73,8 @@ pub const KEYS: &[&str] = &[
     "auth.kubernetes",
     "auth.audiences",
     "auth.review_cache",
+    "auth.external_workloads",
+    "auth.namespaces",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -177,6 +179,12 @@ pub struct RawAuth {
     /// How long a review's outcome is reused (default 10s, at most 5m; `0s`: never).
     #[serde(default, with = "humantime_serde")]
     pub review_cache: Option<Duration>,
+    /// Honour bootstrap tokens (and every credential but service-account tokens) only from
+    /// the address an ExternalWorkload registers for the identity.
+    pub external_workloads: Option<bool>,
+    /// With `external_workloads`: the namespaces whose ExternalWorkloads are watched
+    /// (default: all).
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// `[audit]`.
@@ -302,6 +310,10 @@ pub struct Config {
     /// `[auth] kubernetes = true`: service-account tokens are also accepted, checked with
     /// TokenReviews for these audiences, outcomes cached this long.
     pub auth_kubernetes: Option<ReviewConfig>,
+    /// `[auth] external_workloads = true`: the namespaces whose ExternalWorkloads are watched
+    /// (empty: all); a credential is honoured only from an address one of them registers for
+    /// the identity (service-account tokens excepted).
+    pub auth_external_workloads: Option<Vec<String>>,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -443,6 +455,17 @@ impl Config {
                 audiences,
                 cache: review_cache,
             });
+        let workload_namespaces = raw.auth.namespaces.clone().unwrap_or_default();
+        for ns in &workload_namespaces {
+            if !proxy_lib::identity::is_dns_label(ns) {
+                problems.push(format!("auth.namespaces: {ns:?} is not a Kubernetes namespace name"));
+            }
+        }
+        let auth_external_workloads = raw
+            .auth
+            .external_workloads
+            .unwrap_or(false)
+            .then_some(workload_namespaces);
         let ca_control_plane_namespace = raw
             .ca
             .control_plane_namespace
@@ -560,6 +583,7 @@ impl Config {
             ca_kubernetes,
             tokens_kubernetes,
             auth_kubernetes,
+            auth_external_workloads,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,

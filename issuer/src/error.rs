@@ -116,6 +116,27 @@ pub enum AuthError {
     /// the review itself): nothing is decided, nothing issued.
     #[error("Kubernetes API server unavailable for token review: {0}")]
     ReviewUnavailable(String),
+    /// `[auth] external_workloads`: no watched ExternalWorkload names the identity.
+    #[error(
+        "no ExternalWorkload in the watched namespaces has meshTLS.identity {spiffe_id:?} (or {identity:?})"
+    )]
+    NotRegistered {
+        /// The identity asked for.
+        identity: String,
+        /// Its SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// `[auth] external_workloads`: ExternalWorkloads name the identity, none at the peer's
+    /// address.
+    #[error("no ExternalWorkload for {identity:?} lists {peer} in workloadIPs (registered: {registered})")]
+    NotRegisteredFrom {
+        /// The identity asked for.
+        identity: String,
+        /// The peer's address.
+        peer: String,
+        /// The ExternalWorkloads that name the identity, `ns/name [ips]`.
+        registered: String,
+    },
 }
 
 impl AuthError {
@@ -134,7 +155,9 @@ impl AuthError {
             Self::WrongIdentity { .. }
             | Self::SourceNotAllowed { .. }
             | Self::PeerUnknown { .. }
-            | Self::ServiceAccountMismatch { .. } => Code::PermissionDenied,
+            | Self::ServiceAccountMismatch { .. }
+            | Self::NotRegistered { .. }
+            | Self::NotRegisteredFrom { .. } => Code::PermissionDenied,
             Self::ReviewsThrottled => Code::ResourceExhausted,
             Self::ReviewUnavailable(_) => Code::Unavailable,
         }
@@ -335,6 +358,9 @@ pub enum Error {
     /// A Kubernetes API call failed or the cluster configuration is unusable.
     #[error("Kubernetes: {0}")]
     Kubernetes(String),
+    /// `issuer workload` refused (a colliding ServiceAccount or Service, nothing to remove).
+    #[error("{0}")]
+    Workload(String),
     /// The listener or server failed.
     #[error("server: {0}")]
     Server(String),
@@ -374,6 +400,7 @@ impl Error {
             | Self::NoSuchToken(_)
             | Self::Server(_)
             | Self::Kubernetes(_)
+            | Self::Workload(_)
             | Self::Sign(_) => exit::FAILURE,
         }
     }
@@ -418,6 +445,23 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (AuthError::ReviewsThrottled.into(), Code::ResourceExhausted),
+            (
+                AuthError::NotRegistered {
+                    identity: "x".into(),
+                    spiffe_id: "spiffe://y".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
+            (
+                AuthError::NotRegisteredFrom {
+                    identity: "x".into(),
+                    peer: "192.0.2.1".into(),
+                    registered: "ns/x [192.0.2.2]".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
             (
                 AuthError::ReviewUnavailable("down".into()).into(),
                 Code::Unavailable,
