@@ -458,7 +458,9 @@ impl Config {
         let workload_namespaces = raw.auth.namespaces.clone().unwrap_or_default();
         for ns in &workload_namespaces {
             if !proxy_lib::identity::is_dns_label(ns) {
-                problems.push(format!("auth.namespaces: {ns:?} is not a Kubernetes namespace name"));
+                problems.push(format!(
+                    "auth.namespaces: {ns:?} is not a Kubernetes namespace name"
+                ));
             }
         }
         let auth_external_workloads = raw

@@ -128,7 +128,9 @@ pub enum AuthError {
     },
     /// `[auth] external_workloads`: ExternalWorkloads name the identity, none at the peer's
     /// address.
-    #[error("no ExternalWorkload for {identity:?} lists {peer} in workloadIPs (registered: {registered})")]
+    #[error(
+        "no ExternalWorkload for {identity:?} lists {peer} in workloadIPs (registered: {registered})"
+    )]
     NotRegisteredFrom {
         /// The identity asked for.
         identity: String,

@@ -140,14 +140,13 @@ impl Issuer {
         identity: &str,
         token: &str,
     ) -> Result<(), tonic::Status> {
-        let mut client =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-                .unwrap()
-                .local_address(Some(from.parse().unwrap()))
-                .connect()
-                .await
-                .map(IdentityClient::new)
-                .unwrap();
+        let mut client = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .local_address(Some(from.parse().unwrap()))
+            .connect()
+            .await
+            .map(IdentityClient::new)
+            .unwrap();
         let (_, csr) = p256_csr(identity);
         certify(&mut client, request(identity, token.as_bytes(), csr))
             .await
@@ -208,7 +207,10 @@ async fn bootstrap_tokens_are_bound_to_external_workloads() {
     );
 
     // Registered at 127.0.0.2: a cert from there, refused from 127.0.0.1 naming both.
-    fake.put(BETA, ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.2"));
+    fake.put(
+        BETA,
+        ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.2"),
+    );
     eventually("the v1beta1 resource to bind", || async {
         issuer.certify_from("127.0.0.2", ID, &token).await.ok()
     })
@@ -236,12 +238,21 @@ async fn bootstrap_tokens_are_bound_to_external_workloads() {
     .await;
 
     // v1alpha1 (`meshTls`), with the DNS form of the identity.
-    fake.put(ALPHA, ew("v1alpha1", NS, "legacy-database", ID, "127.0.0.2"));
+    fake.put(
+        ALPHA,
+        ew("v1alpha1", NS, "legacy-database", ID, "127.0.0.2"),
+    );
     eventually("the v1alpha1 resource to bind", || async {
         issuer.certify_from("127.0.0.2", ID, &token).await.ok()
     })
     .await;
-    assert!(denied(issuer.certify_from("127.0.0.1", ID, &token).await, "127.0.0.1").is_some());
+    assert!(
+        denied(
+            issuer.certify_from("127.0.0.1", ID, &token).await,
+            "127.0.0.1"
+        )
+        .is_some()
+    );
 
     // A pod's service-account token needs no ExternalWorkload.
     let web = Identity::new("web", "emojivoto", &Default::default()).unwrap();
@@ -253,10 +264,9 @@ async fn bootstrap_tokens_are_bound_to_external_workloads() {
     // Every call is a declared one; the watches are cluster-wide by default.
     let requests = fake.requests();
     for (c, _) in &requests {
-        let allowed = WORKLOAD_RULES
-            .iter()
-            .chain(REVIEW_RULES)
-            .any(|r| c.resource.starts_with(r.group) && r.resource == c.plural() && r.verbs.contains(&c.verb));
+        let allowed = WORKLOAD_RULES.iter().chain(REVIEW_RULES).any(|r| {
+            c.resource.starts_with(r.group) && r.resource == c.plural() && r.verbs.contains(&c.verb)
+        });
         assert!(allowed, "undeclared call {c:?}");
         if c.plural() == "externalworkloads" {
             assert_eq!(c.namespace, None, "{c:?}");
@@ -294,7 +304,16 @@ async fn namespaced_watches_and_one_served_version() {
     proxy_lib::install_crypto_provider();
     let tmp = tempfile::tempdir().unwrap();
     let fake = fake_api(&[BETA]).await;
-    fake.put(BETA, ew("v1beta1", "elsewhere", "legacy-database", &spiffe(), "127.0.0.1"));
+    fake.put(
+        BETA,
+        ew(
+            "v1beta1",
+            "elsewhere",
+            "legacy-database",
+            &spiffe(),
+            "127.0.0.1",
+        ),
+    );
     let issuer = Issuer::start(tmp.path(), &format!("namespaces = [\"{NS}\"]\n"), &fake).await;
     assert_eq!(http_get(issuer.admin, "/ready").await.0, 200);
     let token = issuer.token.clone();
@@ -306,7 +325,10 @@ async fn namespaced_watches_and_one_served_version() {
         )
         .is_some()
     );
-    fake.put(BETA, ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.1"));
+    fake.put(
+        BETA,
+        ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.1"),
+    );
     eventually("the watched namespace's resource to bind", || async {
         issuer.certify_from("127.0.0.1", ID, &token).await.ok()
     })
@@ -319,7 +341,10 @@ async fn namespaced_watches_and_one_served_version() {
             .all(|c| c.namespace.as_deref() == Some(NS)),
         "{calls:#?}"
     );
-    assert!(calls.iter().any(|c| c.resource == ALPHA), "v1alpha1 was asked for");
+    assert!(
+        calls.iter().any(|c| c.resource == ALPHA),
+        "v1alpha1 was asked for"
+    );
     issuer.stop().await;
     fake.stop().await;
 }

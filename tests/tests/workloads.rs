@@ -79,7 +79,11 @@ fn rotator_config(dir: &Path, name: &str, port: u16, source: Option<&str>) -> st
 async fn register_rotate_from_the_registered_address_and_remove() {
     let tmp = tempfile::tempdir().unwrap();
     let iss = tmp.path().join("iss");
-    run_ok(Command::new(bin("issuer")).args(["init", "--dir"]).arg(&iss));
+    run_ok(
+        Command::new(bin("issuer"))
+            .args(["init", "--dir"])
+            .arg(&iss),
+    );
     let cfg = iss.join("issuer.toml");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -88,7 +92,10 @@ async fn register_rotate_from_the_registered_address_and_remove() {
 
     let fake = FakeKube::start().await;
     fake.register(BETA, "ExternalWorkload");
-    fake.register("workload.linkerd.io/v1alpha1/externalworkloads", "ExternalWorkload");
+    fake.register(
+        "workload.linkerd.io/v1alpha1/externalworkloads",
+        "ExternalWorkload",
+    );
     fake.register("v1/services", "Service");
     fake.register("v1/serviceaccounts", "ServiceAccount");
     fake.put(
@@ -135,7 +142,10 @@ async fn register_rotate_from_the_registered_address_and_remove() {
         std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
     let shown = readme_objects("<!-- workload-register-objects -->", "127.0.0.2");
     assert_eq!(shown.len(), 2);
     for want in &shown {
@@ -146,8 +156,14 @@ async fn register_rotate_from_the_registered_address_and_remove() {
         let have = fake
             .get(resource, NS, want["metadata"]["name"].as_str().unwrap())
             .unwrap_or_else(|| panic!("no {resource} created"));
-        assert_eq!(have["spec"], want["spec"], "{resource}: spec differs from the README");
-        assert!(contains(&have, want), "{resource}: {have:#} is not the README's {want:#}");
+        assert_eq!(
+            have["spec"], want["spec"],
+            "{resource}: spec differs from the README"
+        );
+        assert!(
+            contains(&have, want),
+            "{resource}: {have:#} is not the README's {want:#}"
+        );
     }
 
     // The rotator from the registered address gets a cert, within the watch delay.
@@ -162,7 +178,8 @@ async fn register_rotate_from_the_registered_address_and_remove() {
     });
     assert!(tmp.path().join("good-certs/tls.crt").exists());
 
-    // The same token from 127.0.0.1: refused, naming the address.
+    // The same token from 127.0.0.1: refused, naming the address (the token itself is bound
+    // to the registered address, and so is the identity by the ExternalWorkload).
     let other = rotator_config(tmp.path(), "other", port, None);
     let out = Command::new(bin("rotator"))
         .args(["rotate", "--config"])
@@ -171,7 +188,10 @@ async fn register_rotate_from_the_registered_address_and_remove() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("127.0.0.1") && err.contains("workloadIPs"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("127.0.0.1"),
+        "{err}"
+    );
 
     // list shows it with its token.
     let out = run_ok(
@@ -193,7 +213,8 @@ async fn register_rotate_from_the_registered_address_and_remove() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ServiceAccount external-services/web exists"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("ServiceAccount external-services/web exists"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -78,7 +78,11 @@ impl TokenBackend {
         }
     }
 
-    pub(super) fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
+    pub(super) fn revoke(
+        &self,
+        id: &str,
+        now: std::time::SystemTime,
+    ) -> Result<crate::tokens::TokenRecord> {
         match self {
             Self::File(p) => crate::tokens::revoke(p, id, now),
             Self::Kubernetes(k) => k.rt.block_on(k.tokens.revoke(id, now)),

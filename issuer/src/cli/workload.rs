@@ -87,7 +87,9 @@ fn check_name(flag: &str, v: &str) -> Result<()> {
     } else {
         Err(Error::Config {
             path: "<flags>".into(),
-            problems: vec![format!("{flag} {v:?} is not a Kubernetes name (a DNS label)")],
+            problems: vec![format!(
+                "{flag} {v:?} is not a Kubernetes name (a DNS label)"
+            )],
         })
     }
 }
@@ -126,7 +128,11 @@ impl Cluster {
 
 /// Creates `obj`, or replaces the object of that name (keeping its resourceVersion, so a
 /// concurrent change is a conflict, not lost). `check` may refuse to replace what is there.
-async fn upsert<K>(api: &Api<K>, mut obj: K, check: impl Fn(&K) -> Result<()>) -> Result<&'static str>
+async fn upsert<K>(
+    api: &Api<K>,
+    mut obj: K,
+    check: impl Fn(&K) -> Result<()>,
+) -> Result<&'static str>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
@@ -243,7 +249,10 @@ pub(super) fn register(a: WorkloadRegisterArgs, clock: SharedClock) -> Result<()
     let labels: BTreeMap<String, String> = if a.labels.is_empty() {
         BTreeMap::from([("app".to_string(), a.name.clone())])
     } else {
-        a.labels.iter().map(|l| (l.0.clone(), l.1.clone())).collect()
+        a.labels
+            .iter()
+            .map(|l| (l.0.clone(), l.1.clone()))
+            .collect()
     };
     let cluster = Cluster::connect()?;
     let ns = a.namespace.as_str();
@@ -397,8 +406,16 @@ pub(super) fn list(a: WorkloadListArgs, clock: SharedClock) -> Result<()> {
                     "{}/{}  {}  {}  {}",
                     w.namespace,
                     w.name,
-                    if w.ips.is_empty() { "-".into() } else { w.ips.join(",") },
-                    if tokens.is_empty() { "-".into() } else { tokens.join(",") },
+                    if w.ips.is_empty() {
+                        "-".into()
+                    } else {
+                        w.ips.join(",")
+                    },
+                    if tokens.is_empty() {
+                        "-".into()
+                    } else {
+                        tokens.join(",")
+                    },
                     w.identity
                 )?;
             }
@@ -455,7 +472,11 @@ pub(super) fn remove(a: WorkloadRemoveArgs, clock: SharedClock) -> Result<()> {
             return Ok(false);
         };
         say(format_args!("{what} deleted"));
-        if let Some(svc) = meta.annotations.as_ref().and_then(|m| m.get(SERVICE_ANNOTATION)) {
+        if let Some(svc) = meta
+            .annotations
+            .as_ref()
+            .and_then(|m| m.get(SERVICE_ANNOTATION))
+        {
             let api: Api<Service> = cluster.api(ns);
             let svc_what = format!("Service {ns}/{svc}");
             match api.get_opt(svc).await {
@@ -476,7 +497,8 @@ pub(super) fn remove(a: WorkloadRemoveArgs, clock: SharedClock) -> Result<()> {
     let now = clock.now();
     let mut revoked = 0;
     for r in store.list()? {
-        if r.status(now) == "active" && proxy_lib::identity::matches_san(&r.identity, identity.as_str())
+        if r.status(now) == "active"
+            && proxy_lib::identity::matches_san(&r.identity, identity.as_str())
         {
             store.revoke(&r.id, now)?;
             say(format_args!("revoked token {} for {}", r.id, r.identity));

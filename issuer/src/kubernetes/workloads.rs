@@ -164,7 +164,8 @@ impl Registered {
     /// Whether `meshTLS.identity` names `identity`: its SPIFFE ID, or the DNS name itself.
     pub fn names(&self, identity: &Identity) -> bool {
         let written = self.identity.trim();
-        written == identity.spiffe_id() || proxy_lib::identity::matches_san(written, identity.as_str())
+        written == identity.spiffe_id()
+            || proxy_lib::identity::matches_san(written, identity.as_str())
     }
 
     /// `ns/name [ips]`, for messages.
@@ -360,7 +361,10 @@ pub fn watch(client: kube::Client, namespaces: &[String]) -> WorkloadWatch {
     let binding = Arc::new(WorkloadBinding::new(scopes.len() * VERSIONS.len()));
     let mut tasks = Vec::new();
     for (i, scope) in scopes.iter().enumerate() {
-        let where_ = scope.map_or_else(|| "all namespaces".to_string(), |n| format!("namespace {n}"));
+        let where_ = scope.map_or_else(
+            || "all namespaces".to_string(),
+            |n| format!("namespace {n}"),
+        );
         let (beta, alpha) = match scope {
             None => (Api::all(client.clone()), Api::all(client.clone())),
             Some(ns) => (
@@ -405,11 +409,24 @@ mod tests {
         let id = Identity::parse("db.ext.serviceaccount.identity.linkerd.cluster.local").unwrap();
         let b = WorkloadBinding::new(2);
         assert!(!b.is_synced());
-        b.replace(0, vec![ew("ext", "db", "spiffe://cluster.local/ns/ext/sa/db", &["10.0.0.5"])]);
+        b.replace(
+            0,
+            vec![ew(
+                "ext",
+                "db",
+                "spiffe://cluster.local/ns/ext/sa/db",
+                &["10.0.0.5"],
+            )],
+        );
         assert!(!b.is_synced());
         b.replace(
             1,
-            vec![ew("ext", "db2", "DB.ext.serviceaccount.identity.linkerd.cluster.local", &["::ffff:10.0.0.6"])],
+            vec![ew(
+                "ext",
+                "db2",
+                "DB.ext.serviceaccount.identity.linkerd.cluster.local",
+                &["::ffff:10.0.0.6"],
+            )],
         );
         assert!(b.is_synced());
         assert_eq!(b.check(&id, Some("10.0.0.5".parse().unwrap())), Ok(()));
@@ -417,11 +434,21 @@ mod tests {
         let e = b.check(&id, Some("10.0.0.7".parse().unwrap())).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         let msg = e.to_string();
-        assert!(msg.contains("10.0.0.7") && msg.contains("ext/db [10.0.0.5]"), "{msg}");
+        assert!(
+            msg.contains("10.0.0.7") && msg.contains("ext/db [10.0.0.5]"),
+            "{msg}"
+        );
         assert!(b.check(&id, None).is_err());
-        let other = Identity::parse("web.ext.serviceaccount.identity.linkerd.cluster.local").unwrap();
-        let e = b.check(&other, Some("10.0.0.5".parse().unwrap())).unwrap_err();
-        assert!(e.to_string().contains("spiffe://cluster.local/ns/ext/sa/web"), "{e}");
+        let other =
+            Identity::parse("web.ext.serviceaccount.identity.linkerd.cluster.local").unwrap();
+        let e = b
+            .check(&other, Some("10.0.0.5".parse().unwrap()))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("spiffe://cluster.local/ns/ext/sa/web"),
+            "{e}"
+        );
         // Deleted: gone from the index.
         b.replace(0, Vec::new());
         b.replace(1, Vec::new());
@@ -445,7 +472,10 @@ mod tests {
         }))
         .unwrap();
         let (b, a) = (beta.registered(), alpha.registered());
-        assert_eq!((b.identity.as_str(), b.server_name.as_str()), ("spiffe://td/ns/n/sa/a", "a.n"));
+        assert_eq!(
+            (b.identity.as_str(), b.server_name.as_str()),
+            ("spiffe://td/ns/n/sa/a", "a.n")
+        );
         assert_eq!((a.identity, a.ips), (b.identity, b.ips));
         assert_eq!(
             serde_json::to_value(&beta).unwrap()["spec"]["meshTLS"]["serverName"],

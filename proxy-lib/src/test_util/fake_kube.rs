@@ -453,7 +453,11 @@ impl FakeKube {
         s.calls
             .iter()
             .cloned()
-            .zip(s.bodies.iter().map(|b| String::from_utf8_lossy(b).into_owned()))
+            .zip(
+                s.bodies
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned()),
+            )
             .collect()
     }
 
