@@ -5,7 +5,7 @@
 //! certificate chain, so Kubernetes tokens and renewal by client certificate can be added
 //! without touching the service.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use proxy_lib::clock::SharedClock;
@@ -59,6 +59,20 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug {
     /// `Ok(Some)`: authenticated and authorised. `Ok(None)`: not a credential this
     /// authenticator knows (the next one is tried). `Err`: a definite refusal.
     async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Option<Principal>, AuthError>;
+
+    /// Whether the chain's [`Binding`] applies to the principals this authenticator accepts
+    /// (default yes; no for Kubernetes service-account tokens, whose pods need no
+    /// ExternalWorkload).
+    fn bound(&self) -> bool {
+        true
+    }
+}
+
+/// An authorisation step after authentication: may `identity` be issued to a caller at
+/// `peer` (e.g. only while an ExternalWorkload registers that identity at that address)?
+pub trait Binding: Send + Sync + std::fmt::Debug {
+    /// `Err` (PERMISSION_DENIED) names what is missing.
+    fn check(&self, identity: &Identity, peer: Option<IpAddr>) -> Result<(), AuthError>;
 }
 
 /// Bootstrap tokens from the token store.
@@ -108,18 +122,31 @@ impl Authenticator for TokenAuthenticator {
 #[derive(Debug, Clone, Default)]
 pub struct AuthChain {
     authenticators: Vec<Arc<dyn Authenticator>>,
+    binding: Option<Arc<dyn Binding>>,
 }
 
 impl AuthChain {
     /// A chain of `authenticators`, tried in the given order.
     pub fn new(authenticators: Vec<Arc<dyn Authenticator>>) -> Self {
-        Self { authenticators }
+        Self {
+            authenticators,
+            binding: None,
+        }
+    }
+
+    /// Applies `binding` to every principal of an authenticator that is [`Authenticator::bound`].
+    pub fn with_binding(mut self, binding: Option<Arc<dyn Binding>>) -> Self {
+        self.binding = binding;
+        self
     }
 
     /// Runs the chain: the first authenticator that recognises the credential decides.
     pub async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Principal, AuthError> {
         for a in &self.authenticators {
             if let Some(p) = a.authenticate(req).await? {
+                if let Some(b) = self.binding.as_ref().filter(|_| a.bound()) {
+                    b.check(req.identity, req.peer.map(|p| p.ip()))?;
+                }
                 return Ok(p);
             }
         }

@@ -1,5 +1,5 @@
 //! The `issuer` command line: `init`, `ca new-issuer|show|sign-bundle`, `token create|list|revoke`,
-//! `serve`. Each subcommand
+//! `revoke`, `workload register|list|remove`, `serve`. Each subcommand
 //! turns its flags into library calls; `main.rs` only parses and maps the exit code.
 
 use std::io::Write;
@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::tokens::IpNet;
 
 mod token;
+pub mod workload;
 
 /// The variable that sets `--log-format` when the flag is not given.
 pub const LOG_FORMAT_ENV: &str = "ISSUER_LOG_FORMAT";
@@ -70,6 +71,10 @@ pub enum Command {
     /// issued before now, and its tokens created before now stop working (a token created
     /// afterwards bootstraps it again).
     Revoke(RevokeArgs),
+    /// Register hosts as Linkerd ExternalWorkloads, each with a bootstrap token bound to its
+    /// identity and address; list and remove them.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
     /// Serve the Certify API.
     Serve(ServeArgs),
 }
@@ -291,6 +296,127 @@ pub struct TokenRevokeArgs {
     pub ids: Vec<String>,
 }
 
+/// `issuer workload ...`.
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCommand {
+    /// Create (or update) the ExternalWorkload of a host, and with --service the headless
+    /// Service selecting it, then a bootstrap token bound to its identity and address:
+    /// printed alone on stdout, or written to --out.
+    Register(WorkloadRegisterArgs),
+    /// List the ExternalWorkloads with their identity, address and active tokens.
+    List(WorkloadListArgs),
+    /// Delete a host's ExternalWorkload (and the Service register created) and revoke every
+    /// token of its identity.
+    Remove(WorkloadRemoveArgs),
+}
+
+/// Where a `workload` subcommand keeps the tokens (the ExternalWorkloads always go to the
+/// cluster of the kubeconfig as kubectl finds it, or the in-cluster config).
+#[derive(Debug, Args)]
+#[group(id = "workload_token_store", required = true, multiple = true)]
+pub struct WorkloadStoreArgs {
+    /// Short for `--config DIR/issuer.toml`: its token store (file or Kubernetes).
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    pub dir: Option<PathBuf>,
+    /// The configuration file naming the token store.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Keep the token records in Kubernetes Secrets.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace of the token Secrets [default: `[auth] namespace` in the configuration,
+    /// else linkerd].
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    pub token_namespace: Option<String>,
+}
+
+impl WorkloadStoreArgs {
+    fn token_store(&self) -> TokenStoreArgs {
+        TokenStoreArgs {
+            dir: self.dir.clone(),
+            config: self.config.clone(),
+            kubernetes: self.kubernetes,
+            namespace: self.token_namespace.clone(),
+        }
+    }
+}
+
+/// `issuer workload register`.
+#[derive(Debug, Args)]
+pub struct WorkloadRegisterArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: WorkloadStoreArgs,
+    /// The ExternalWorkload's name.
+    #[arg(long)]
+    pub name: String,
+    /// Its namespace (also the namespace of its identity).
+    #[arg(long, value_name = "NS")]
+    pub namespace: String,
+    /// The host's address, the one it connects to the issuer from (`workloadIPs`).
+    #[arg(long)]
+    pub ip: std::net::IpAddr,
+    /// A port the host serves, `PORT[:NAME]` (repeatable).
+    #[arg(long = "port", value_name = "PORT[:NAME]")]
+    pub ports: Vec<crate::cli::workload::PortArg>,
+    /// Also create the headless Service NAME selecting the workload (Linkerd 2.15+).
+    #[arg(long, value_name = "NAME", requires = "ports")]
+    pub service: Option<String>,
+    /// Labels of the ExternalWorkload, which the Service selects (`k=v`, repeatable or
+    /// comma-separated) [default: app=NAME].
+    #[arg(long, value_name = "K=V", value_delimiter = ',')]
+    pub labels: Vec<crate::cli::workload::LabelArg>,
+    /// The service-account name of the identity [default: --name].
+    #[arg(long, value_name = "SA")]
+    pub service_account: Option<String>,
+    /// Register even though a ServiceAccount of that name exists in the namespace (the host
+    /// then shares the identity, and the Linkerd policies, of the pods that use it).
+    #[arg(long)]
+    pub allow_existing_service_account: bool,
+    /// How many distinct keys the bootstrap token may certify. The rotator renews by its
+    /// current certificate after its first one, so one is enough; a host that re-bootstraps
+    /// with the same key (a restart, a retry) does not spend another.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub uses: u32,
+    /// Write the token to FILE (created 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// With --out: replace an existing FILE atomically.
+    #[arg(long, requires = "out")]
+    pub force: bool,
+}
+
+/// `issuer workload list`.
+#[derive(Debug, Args)]
+pub struct WorkloadListArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: WorkloadStoreArgs,
+    /// Only this namespace [default: all].
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `issuer workload remove`.
+#[derive(Debug, Args)]
+pub struct WorkloadRemoveArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub store: WorkloadStoreArgs,
+    /// The ExternalWorkload's name.
+    #[arg(long)]
+    pub name: String,
+    /// Its namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: String,
+    /// The service-account name of the identity whose tokens are revoked [default: --name].
+    #[arg(long, value_name = "SA")]
+    pub service_account: Option<String>,
+}
+
 /// `issuer serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -342,6 +468,9 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Token(TokenCommand::List(a)) => token::list(a, clock),
         Command::Token(TokenCommand::Revoke(a)) => token::revoke(a, clock),
         Command::Revoke(a) => token::revoke_identity(a, clock),
+        Command::Workload(WorkloadCommand::Register(a)) => workload::register(a, clock),
+        Command::Workload(WorkloadCommand::List(a)) => workload::list(a, clock),
+        Command::Workload(WorkloadCommand::Remove(a)) => workload::remove(a, clock),
         Command::Serve(a) => serve(a, clock),
     }
 }

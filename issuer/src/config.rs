@@ -75,6 +75,8 @@ pub const KEYS: &[&str] = &[
     "auth.review_cache",
     "auth.renew_by_certificate",
     "auth.max_renewal_age",
+    "auth.external_workloads",
+    "auth.namespaces",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -186,6 +188,12 @@ pub struct RawAuth {
     /// (default: no limit).
     #[serde(default, with = "humantime_serde")]
     pub max_renewal_age: Option<Duration>,
+    /// Honour bootstrap tokens (and every credential but service-account tokens) only from
+    /// the address an ExternalWorkload registers for the identity.
+    pub external_workloads: Option<bool>,
+    /// With `external_workloads`: the namespaces whose ExternalWorkloads are watched
+    /// (default: all).
+    pub namespaces: Option<Vec<String>>,
 }
 
 /// `[audit]`.
@@ -316,6 +324,10 @@ pub struct Config {
     pub renew_by_certificate: bool,
     /// `[auth] max_renewal_age`: the longest a chain of renewals by certificate may run.
     pub max_renewal_age: Option<Duration>,
+    /// `[auth] external_workloads = true`: the namespaces whose ExternalWorkloads are watched
+    /// (empty: all); a credential is honoured only from an address one of them registers for
+    /// the identity (service-account tokens excepted).
+    pub auth_external_workloads: Option<Vec<String>>,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -457,6 +469,19 @@ impl Config {
                 audiences,
                 cache: review_cache,
             });
+        let workload_namespaces = raw.auth.namespaces.clone().unwrap_or_default();
+        for ns in &workload_namespaces {
+            if !proxy_lib::identity::is_dns_label(ns) {
+                problems.push(format!(
+                    "auth.namespaces: {ns:?} is not a Kubernetes namespace name"
+                ));
+            }
+        }
+        let auth_external_workloads = raw
+            .auth
+            .external_workloads
+            .unwrap_or(false)
+            .then_some(workload_namespaces);
         let ca_control_plane_namespace = raw
             .ca
             .control_plane_namespace
@@ -581,6 +606,7 @@ impl Config {
             auth_kubernetes,
             renew_by_certificate: raw.auth.renew_by_certificate.unwrap_or(true),
             max_renewal_age: raw.auth.max_renewal_age,
+            auth_external_workloads,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,

@@ -150,6 +150,29 @@ pub enum AuthError {
     /// The token store could not record a use of a token: nothing is issued.
     #[error("token store unavailable: {0}")]
     StoreUnavailable(String),
+    /// `[auth] external_workloads`: no watched ExternalWorkload names the identity.
+    #[error(
+        "no ExternalWorkload in the watched namespaces has meshTLS.identity {spiffe_id:?} (or {identity:?})"
+    )]
+    NotRegistered {
+        /// The identity asked for.
+        identity: String,
+        /// Its SPIFFE ID.
+        spiffe_id: String,
+    },
+    /// `[auth] external_workloads`: ExternalWorkloads name the identity, none at the peer's
+    /// address.
+    #[error(
+        "no ExternalWorkload for {identity:?} lists {peer} in workloadIPs (registered: {registered})"
+    )]
+    NotRegisteredFrom {
+        /// The identity asked for.
+        identity: String,
+        /// The peer's address.
+        peer: String,
+        /// The ExternalWorkloads that name the identity, `ns/name [ips]`.
+        registered: String,
+    },
 }
 
 impl AuthError {
@@ -172,7 +195,9 @@ impl AuthError {
             | Self::PeerUnknown { .. }
             | Self::ServiceAccountMismatch { .. }
             | Self::IdentityRevoked { .. }
-            | Self::ServingName(_) => Code::PermissionDenied,
+            | Self::ServingName(_)
+            | Self::NotRegistered { .. }
+            | Self::NotRegisteredFrom { .. } => Code::PermissionDenied,
             Self::ReviewsThrottled => Code::ResourceExhausted,
             Self::ReviewUnavailable(_) | Self::StoreUnavailable(_) => Code::Unavailable,
         }
@@ -373,6 +398,9 @@ pub enum Error {
     /// A Kubernetes API call failed or the cluster configuration is unusable.
     #[error("Kubernetes: {0}")]
     Kubernetes(String),
+    /// `issuer workload` refused (a colliding ServiceAccount or Service, nothing to remove).
+    #[error("{0}")]
+    Workload(String),
     /// The listener or server failed.
     #[error("server: {0}")]
     Server(String),
@@ -412,6 +440,7 @@ impl Error {
             | Self::NoSuchToken(_)
             | Self::Server(_)
             | Self::Kubernetes(_)
+            | Self::Workload(_)
             | Self::Sign(_) => exit::FAILURE,
         }
     }
@@ -461,6 +490,14 @@ mod tests {
                 Code::Unauthenticated,
             ),
             (
+                AuthError::NotRegistered {
+                    identity: "x".into(),
+                    spiffe_id: "spiffe://y".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
+            ),
+            (
                 AuthError::IdentityRevoked {
                     identity: "y".into(),
                     at: "t".into(),
@@ -475,6 +512,15 @@ mod tests {
             (
                 AuthError::StoreUnavailable("down".into()).into(),
                 Code::Unavailable,
+            ),
+            (
+                AuthError::NotRegisteredFrom {
+                    identity: "x".into(),
+                    peer: "192.0.2.1".into(),
+                    registered: "ns/x [192.0.2.2]".into(),
+                }
+                .into(),
+                Code::PermissionDenied,
             ),
             (
                 AuthError::ReviewUnavailable("down".into()).into(),

@@ -60,6 +60,7 @@ pub const KUBE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 struct KubeParts {
     ca: Option<Arc<KubeCaSource>>,
     tokens_task: Option<tokio::task::JoinHandle<()>>,
+    workloads: Option<crate::kubernetes::workloads::WorkloadWatch>,
 }
 
 impl Drop for KubeParts {
@@ -110,9 +111,11 @@ impl Server {
         if config.ca_kubernetes.is_some()
             || config.tokens_kubernetes.is_some()
             || config.auth_kubernetes.is_some()
+            || config.auth_external_workloads.is_some()
         {
             return Err(Error::Kubernetes(
-                "the kubernetes CA source, token store and authenticator start with Server::open"
+                "the kubernetes CA source, token store, authenticator and ExternalWorkload \
+                 binding start with Server::open"
                     .into(),
             ));
         }
@@ -136,6 +139,7 @@ impl Server {
         if config.ca_kubernetes.is_none()
             && config.tokens_kubernetes.is_none()
             && config.auth_kubernetes.is_none()
+            && config.auth_external_workloads.is_none()
         {
             return Self::with_authenticators(config, clock, extra);
         }
@@ -154,6 +158,26 @@ impl Server {
             extra.insert(0, Arc::new(a));
         }
         let mut kube = KubeParts::default();
+        if let Some(namespaces) = &config.auth_external_workloads {
+            let w = crate::kubernetes::workloads::watch(client.clone(), namespaces);
+            let mut synced = w.binding.synced();
+            kube.workloads = Some(w);
+            if tokio::time::timeout(KUBE_SYNC_TIMEOUT, synced.wait_for(|s| *s))
+                .await
+                .is_err()
+            {
+                return Err(Error::Kubernetes(format!(
+                    "could not list the ExternalWorkloads ({}) within {}s (is the API server \
+                     reachable, and does RBAC allow list and watch of externalworkloads?)",
+                    if namespaces.is_empty() {
+                        "all namespaces".to_string()
+                    } else {
+                        namespaces.join(", ")
+                    },
+                    KUBE_SYNC_TIMEOUT.as_secs()
+                )));
+            }
+        }
         let tokens = match &config.tokens_kubernetes {
             Some(ns) => {
                 let mut w = crate::kubernetes::tokens::watched_store(client.clone(), ns);
@@ -222,7 +246,11 @@ impl Server {
             clock.clone(),
         )));
         chain.extend(extra);
-        let auth = AuthChain::new(chain);
+        let binding = kube
+            .workloads
+            .as_ref()
+            .map(|w| w.binding.clone() as Arc<dyn crate::auth::Binding>);
+        let auth = AuthChain::new(chain).with_binding(binding);
         let shared = Arc::new(
             Shared::new(
                 ca,
@@ -267,9 +295,16 @@ impl Server {
         &self.registry
     }
 
-    /// `/ready`: the CA in use can issue now and the audit log keeps up.
+    /// `/ready`: the CA in use can issue now, the audit log keeps up, and (with
+    /// `[auth] external_workloads`) the ExternalWorkloads have been listed.
     pub fn ready(&self) -> bool {
-        self.shared.ca_usable() && self.shared.audit.healthy()
+        self.shared.ca_usable()
+            && self.shared.audit.healthy()
+            && self
+                .kube
+                .workloads
+                .as_ref()
+                .is_none_or(|w| w.binding.is_synced())
     }
 
     /// The serving certificate in use.

@@ -211,18 +211,20 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Builds the gRPC client for `config`: TLS verified against the anchors the host trusts
 /// (the signed bundle installed in the cert dir, else the configured anchors; re-read
-/// on every call), or plaintext when configured.
+/// on every call), or plaintext when configured; from `source_addr` when set.
 pub fn issuer_for(config: &Config) -> GrpcIssuer {
-    if config.plaintext {
-        return GrpcIssuer::plaintext(config.issuer_addr.clone(), config.timeout);
-    }
-    GrpcIssuer::tls_trusting(
-        config.issuer_addr.clone(),
-        config.issuer_name.clone(),
-        config.dir.clone(),
-        config.trust_anchors.clone(),
-        config.timeout,
-    )
+    let issuer = if config.plaintext {
+        GrpcIssuer::plaintext(config.issuer_addr.clone(), config.timeout)
+    } else {
+        GrpcIssuer::tls_trusting(
+            config.issuer_addr.clone(),
+            config.issuer_name.clone(),
+            config.dir.clone(),
+            config.trust_anchors.clone(),
+            config.timeout,
+        )
+    };
+    issuer.with_source(config.source_addr)
 }
 
 fn rotate(config: Config, clock: SharedClock, force: bool) -> u8 {

@@ -91,6 +91,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("issuer_addr", "host:port of the issuer"),
     ("issuer_name", "TLS server name of the issuer"),
+    (
+        "source_addr",
+        "local IP to connect to the issuer from (the one its ExternalWorkload registers)",
+    ),
     ("plaintext", "talk to a loopback issuer without TLS"),
     ("timeout", "timeout of one Certify call"),
     ("renew_at", "fraction of the lifetime after which to renew"),
@@ -321,6 +325,7 @@ impl Sources {
             token_file,
             issuer_addr,
             issuer_name,
+            source_addr: raw.source_addr,
             plaintext,
             timeout: raw.timeout.unwrap_or(DEFAULT_TIMEOUT),
             policy: Policy {
@@ -514,6 +519,8 @@ pub struct Config {
     pub issuer_addr: HostPort,
     /// The issuer's TLS server name.
     pub issuer_name: String,
+    /// The local address to connect from (`None`: the OS picks).
+    pub source_addr: Option<std::net::IpAddr>,
     /// Plaintext to a loopback issuer.
     pub plaintext: bool,
     /// Timeout of one Certify call.
@@ -569,6 +576,21 @@ mod tests {
         );
         assert!(c.reload.is_empty());
         assert!(c.verify.is_none() && c.schedule.is_none() && c.metrics_listen.is_none());
+        assert_eq!(c.source_addr, None);
+    }
+
+    #[test]
+    fn source_addr_is_an_ip_from_the_file_or_the_environment() {
+        let c = parse(&(minimal() + "source_addr = \"127.0.0.2\"\n"), &[]).unwrap();
+        assert_eq!(c.source_addr, Some("127.0.0.2".parse().unwrap()));
+        let c = parse(&minimal(), &[("ROTATOR_SOURCE_ADDR", "::1")]).unwrap();
+        assert_eq!(c.source_addr, Some("::1".parse().unwrap()));
+        let Err(ConfigError::Invalid(errs)) =
+            parse(&(minimal() + "source_addr = \"host.example\"\n"), &[])
+        else {
+            panic!("a host name was accepted as source_addr");
+        };
+        assert_eq!(errs[0].key, "source_addr");
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl TokenBackend {
         ))
     }
 
-    fn create(
+    pub(super) fn create(
         &self,
         opts: &crate::tokens::CreateOptions,
         now: std::time::SystemTime,
@@ -71,7 +71,7 @@ impl TokenBackend {
         }
     }
 
-    fn list(&self) -> Result<Vec<crate::tokens::TokenRecord>> {
+    pub(super) fn list(&self) -> Result<Vec<crate::tokens::TokenRecord>> {
         match self {
             Self::File(p) => crate::tokens::list(p),
             Self::Kubernetes(k) => k.rt.block_on(k.tokens.list()),
@@ -93,7 +93,11 @@ impl TokenBackend {
         }
     }
 
-    fn revoke(&self, id: &str, now: std::time::SystemTime) -> Result<crate::tokens::TokenRecord> {
+    pub(super) fn revoke(
+        &self,
+        id: &str,
+        now: std::time::SystemTime,
+    ) -> Result<crate::tokens::TokenRecord> {
         match self {
             Self::File(p) => crate::tokens::revoke(p, id, now),
             Self::Kubernetes(k) => k.rt.block_on(k.tokens.revoke(id, now)),
@@ -111,40 +115,9 @@ pub(super) fn create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
         allowed_ips: a.allow_ip,
         uses: a.uses,
     };
-    if let Some(out) = &a.out
-        && !a.force
-        && std::fs::symlink_metadata(out).is_ok()
-    {
-        return Err(Error::TokenOutExists(out.clone()));
-    }
+    check_out(a.out.as_deref(), a.force)?;
     let t = store.create(&opts, clock.now())?;
-    let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
-    line.push(b'\n');
-    match &a.out {
-        Some(out) => {
-            let written = if a.force {
-                proxy_lib::fs::write_atomic(out, &line, proxy_lib::fs::SECRET_MODE, None)
-            } else {
-                proxy_lib::fs::create_new(out, &line, proxy_lib::fs::SECRET_MODE, None)
-            };
-            if let Err(e) = written {
-                // Do not leave a usable token nobody holds.
-                let _ = store.revoke(&t.record.id, clock.now());
-                return Err(e.into());
-            }
-            say(format_args!("token written to {}", out.display()));
-        }
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(&line)
-                .and_then(|()| stdout.flush())
-                .map_err(|source| Error::Io {
-                    path: "<stdout>".into(),
-                    source,
-                })?;
-        }
-    }
+    deliver(&store, &t, a.out.as_deref(), a.force, &clock)?;
     let validity = match t.record.expires {
         None => "valid until revoked (use --ttl to limit it)".to_string(),
         Some(e) => format!(
@@ -173,6 +146,54 @@ pub(super) fn create(a: TokenCreateArgs, clock: SharedClock) -> Result<()> {
         "created token {} for {}, {validity}, {ips}, {uses}",
         t.record.id, t.record.identity
     ));
+    Ok(())
+}
+
+/// Refuses an existing `--out` FILE unless `--force` (checked before anything is created).
+pub(super) fn check_out(out: Option<&std::path::Path>, force: bool) -> Result<()> {
+    match out {
+        Some(out) if !force && std::fs::symlink_metadata(out).is_ok() => {
+            Err(Error::TokenOutExists(out.to_path_buf()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes a new token alone on stdout, or to `out` (0600; atomically replaced with `force`).
+/// A token that cannot be written is revoked, so no usable token is left that nobody holds.
+pub(super) fn deliver(
+    store: &TokenBackend,
+    t: &crate::tokens::NewToken,
+    out: Option<&std::path::Path>,
+    force: bool,
+    clock: &SharedClock,
+) -> Result<()> {
+    let mut line = zeroize::Zeroizing::new(t.secret.as_bytes().to_vec());
+    line.push(b'\n');
+    match out {
+        Some(out) => {
+            let written = if force {
+                proxy_lib::fs::write_atomic(out, &line, proxy_lib::fs::SECRET_MODE, None)
+            } else {
+                proxy_lib::fs::create_new(out, &line, proxy_lib::fs::SECRET_MODE, None)
+            };
+            if let Err(e) = written {
+                let _ = store.revoke(&t.record.id, clock.now());
+                return Err(e.into());
+            }
+            say(format_args!("token written to {}", out.display()));
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(&line)
+                .and_then(|()| stdout.flush())
+                .map_err(|source| Error::Io {
+                    path: "<stdout>".into(),
+                    source,
+                })?;
+        }
+    }
     Ok(())
 }
 

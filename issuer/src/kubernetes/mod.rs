@@ -6,12 +6,17 @@
 //! The `kubernetes` authenticator ([`review`]) checks service-account tokens with
 //! TokenReviews.
 //!
-//! [`ISSUER_RULES`], [`REVIEW_RULES`] and [`OPERATOR_RULES`] list every API call the code makes, as RBAC rules;
-//! the manifests in `examples/kubernetes/` grant exactly these (a test holds them to it).
+//! ExternalWorkloads ([`workloads`]) bind bootstrap-token (and certificate) identities to the
+//! addresses Linkerd knows the host by.
+//!
+//! [`ISSUER_RULES`], [`REVIEW_RULES`], [`WORKLOAD_RULES`], [`OPERATOR_RULES`] and
+//! [`WORKLOAD_OPERATOR_RULES`] list every API call the code makes, as RBAC rules; the
+//! manifests in `examples/kubernetes/` grant exactly these (tests hold them to it).
 
 pub mod ca;
 pub mod review;
 pub mod tokens;
+pub mod workloads;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -98,6 +103,41 @@ pub const OPERATOR_RULES: &[Rule] = &[Rule {
     names: Names::All,
 }];
 
+/// What `issuer serve` calls with `[auth] external_workloads = true`: list+watch of
+/// `externalworkloads` (both served versions, `v1beta1` and `v1alpha1`), across the cluster
+/// when `[auth] namespaces` is empty (a ClusterRole), else in each namespace named.
+pub const WORKLOAD_RULES: &[Rule] = &[Rule {
+    group: workloads::GROUP,
+    resource: "externalworkloads",
+    verbs: &["list", "watch"],
+    names: Names::All,
+}];
+
+/// What `issuer workload register|list|remove` calls in the workloads' namespaces: the
+/// ExternalWorkload (create, or get+update; list; delete), the headless Service beside it
+/// (get, create, update, delete), and a get of the ServiceAccount of the same name (the
+/// collision check). The token Secrets they create or revoke are [`OPERATOR_RULES`].
+pub const WORKLOAD_OPERATOR_RULES: &[Rule] = &[
+    Rule {
+        group: workloads::GROUP,
+        resource: "externalworkloads",
+        verbs: &["create", "delete", "get", "list", "update"],
+        names: Names::All,
+    },
+    Rule {
+        group: "",
+        resource: "services",
+        verbs: &["create", "delete", "get", "update"],
+        names: Names::All,
+    },
+    Rule {
+        group: "",
+        resource: "serviceaccounts",
+        verbs: &["get"],
+        names: Names::All,
+    },
+];
+
 /// A client from the environment: in a pod, the in-cluster config; elsewhere the kubeconfig
 /// as kubectl finds it (`KUBECONFIG`, then `~/.kube/config`).
 pub async fn client() -> Result<kube::Client> {
@@ -113,7 +153,36 @@ pub(crate) async fn follow<K>(
     api: Api<K>,
     config: watcher::Config,
     what: String,
+    on_change: impl FnMut(&BTreeMap<String, K>) + Send,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    follow_keyed(api, config, what, |o: &K| o.name_any(), on_change, || {}).await;
+}
+
+/// Whether a watch failed because the API server does not serve the resource (404: its
+/// CRD, or this version of it, is not installed).
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
+}
+
+/// [`follow`] with the map keyed by `key`, and `on_absent` called (logged at info, once per
+/// outage) while the API server answers 404 for the resource: not served is a state, an
+/// empty one, not a failure. The watch keeps retrying with backoff, so a CRD installed
+/// later is picked up.
+pub(crate) async fn follow_keyed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    what: String,
+    key: impl Fn(&K) -> String + Send,
     mut on_change: impl FnMut(&BTreeMap<String, K>) + Send,
+    mut on_absent: impl FnMut() + Send,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -125,7 +194,13 @@ pub(crate) async fn follow<K>(
         let ev = match ev {
             Ok(ev) => ev,
             Err(error) => {
-                if !failing {
+                if not_served(&error) {
+                    if !failing {
+                        tracing::info!(%what, "not served by the API server (404); watching for it");
+                    }
+                    current.clear();
+                    on_absent();
+                } else if !failing {
                     tracing::warn!(%error, %what, "Kubernetes watch failed; retrying");
                 }
                 failing = true;
@@ -139,18 +214,18 @@ pub(crate) async fn follow<K>(
         match ev {
             Event::Init => init = Some(BTreeMap::new()),
             Event::InitApply(o) => {
-                init.get_or_insert_default().insert(o.name_any(), o);
+                init.get_or_insert_default().insert(key(&o), o);
             }
             Event::InitDone => {
                 current = init.take().unwrap_or_default();
                 on_change(&current);
             }
             Event::Apply(o) => {
-                current.insert(o.name_any(), o);
+                current.insert(key(&o), o);
                 on_change(&current);
             }
             Event::Delete(o) => {
-                current.remove(&o.name_any());
+                current.remove(&key(&o));
                 on_change(&current);
             }
         }

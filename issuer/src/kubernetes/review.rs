@@ -233,6 +233,11 @@ impl Authenticator for TokenReviewAuthenticator {
         "kubernetes"
     }
 
+    /// A pod's own service-account token needs no ExternalWorkload.
+    fn bound(&self) -> bool {
+        false
+    }
+
     async fn authenticate(&self, req: &AuthRequest<'_>) -> Result<Option<Principal>, AuthError> {
         let token = crate::tokens::trim_token(req.token);
         if !is_jwt_shaped(token) {

@@ -12,7 +12,8 @@
 //!   than the retained history (see [`FakeKube::compact`]) gets an `ERROR` event with a 410
 //!   `Status`, as a real API server sends.
 //!
-//! Every request is recorded ([`FakeKube::calls`]) so a test asserts what the client asked.
+//! Every request is recorded ([`FakeKube::calls`], with bodies [`FakeKube::requests`]) so a
+//! test asserts what the client asked and sent.
 //! [`FakeKube::set_down`] cuts every open connection and refuses new ones until it is brought
 //! back, to test clients that must survive the API server going away.
 
@@ -75,6 +76,8 @@ struct Store {
     oldest: u64,
     kinds: HashMap<String, String>,
     calls: Vec<Call>,
+    /// The request body of each call, by the same index.
+    bodies: Vec<Bytes>,
 }
 
 struct Inner {
@@ -323,6 +326,7 @@ impl FakeKube {
                 oldest: 0,
                 kinds,
                 calls: Vec::new(),
+                bodies: Vec::new(),
             }),
             events,
             down,
@@ -442,6 +446,21 @@ impl FakeKube {
         self.inner.lock().calls.clone()
     }
 
+    /// Every request seen so far with its body (as text, lossily), in order: what a test
+    /// searches for anything that must never be sent (a token outside a TokenReview).
+    pub fn requests(&self) -> Vec<(Call, String)> {
+        let s = self.inner.lock();
+        s.calls
+            .iter()
+            .cloned()
+            .zip(
+                s.bodies
+                    .iter()
+                    .map(|b| String::from_utf8_lossy(b).into_owned()),
+            )
+            .collect()
+    }
+
     /// Waits (up to `timeout`) until a recorded call satisfies `f`; true if one did. Lets a
     /// test wait on "the client has asked X" (e.g. its watch is open) instead of sleeping.
     pub async fn wait_for_call(&self, timeout: Duration, f: impl Fn(&Call) -> bool) -> bool {
@@ -522,18 +541,22 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
         (&Method::DELETE, true) => "delete",
         _ => return error(405, "MethodNotAllowed", format!("{method} {path}")),
     };
-    inner.lock().calls.push(Call {
-        verb,
-        resource: t.resource.clone(),
-        namespace: t.namespace.clone(),
-        name: t.name.clone(),
-        query: query.clone(),
-    });
-    inner.called.send_modify(|n| *n += 1);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(400, "BadRequest", e.to_string()),
     };
+    {
+        let mut s = inner.lock();
+        s.calls.push(Call {
+            verb,
+            resource: t.resource.clone(),
+            namespace: t.namespace.clone(),
+            name: t.name.clone(),
+            query: query.clone(),
+        });
+        s.bodies.push(body.clone());
+    }
+    inner.called.send_modify(|n| *n += 1);
     let Some(kind) = inner.lock().kind_of(&t.resource) else {
         return error(
             404,

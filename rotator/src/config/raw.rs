@@ -25,6 +25,8 @@ pub struct RawConfig {
     #[serde(default, deserialize_with = "de::parsed")]
     pub issuer_addr: Option<HostPort>,
     pub issuer_name: Option<String>,
+    #[serde(default, deserialize_with = "de::parsed")]
+    pub source_addr: Option<std::net::IpAddr>,
     #[serde(default, deserialize_with = "de::switch")]
     pub plaintext: Option<bool>,
     #[serde(default, with = "humantime_serde")]

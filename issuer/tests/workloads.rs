@@ -1,0 +1,442 @@
+//! `[auth] external_workloads`: bootstrap tokens honoured only from the address a watched
+//! Linkerd ExternalWorkload registers for the identity, against the in-process fake API
+//! server (the unmodified kube client); and the example RBAC for it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use issuer::config::Config;
+use issuer::kubernetes::{Names, REVIEW_RULES, Rule, WORKLOAD_OPERATOR_RULES, WORKLOAD_RULES};
+use issuer::server::Server;
+use linkerd2_proxy_api::identity::identity_client::IdentityClient;
+use proxy_lib::clock::{Clock, SystemClock};
+use proxy_lib::identity::Identity;
+use proxy_lib::test_util::LogCapture;
+use proxy_lib::test_util::fake_kube::FakeKube;
+use serde_json::{Value, json};
+use tonic::Code;
+
+const BETA: &str = "workload.linkerd.io/v1beta1/externalworkloads";
+const ALPHA: &str = "workload.linkerd.io/v1alpha1/externalworkloads";
+const NS: &str = "external-services";
+const SA_TOKEN: &str = "fake.emojivoto-web.sig";
+
+/// An ExternalWorkload as Linkerd's CRD spells it in `version`.
+fn ew(version: &str, ns: &str, name: &str, identity: &str, ip: &str) -> Value {
+    let field = if version == "v1alpha1" {
+        "meshTls"
+    } else {
+        "meshTLS"
+    };
+    json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            field: {"identity": identity, "serverName": ID},
+            "workloadIPs": [{"ip": ip}],
+            "ports": [{"port": 5432, "name": "postgres"}],
+        }
+    })
+}
+
+fn spiffe() -> String {
+    Identity::parse(ID).unwrap().spiffe_id()
+}
+
+async fn client_for(fake: &FakeKube) -> kube::Client {
+    let kc = kube::config::Kubeconfig::from_yaml(&fake.kubeconfig("linkerd")).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(cfg).unwrap()
+}
+
+/// The fake API server, serving `versions` of the CRD and answering TokenReviews: the token
+/// [`SA_TOKEN`] is `system:serviceaccount:emojivoto:web`.
+async fn fake_api(versions: &[&str]) -> FakeKube {
+    let fake = FakeKube::start().await;
+    for v in versions {
+        fake.register(v, "ExternalWorkload");
+    }
+    fake.on_create(
+        "authentication.k8s.io/v1/tokenreviews",
+        "TokenReview",
+        Arc::new(|req: &Value| {
+            let ok = req["spec"]["token"] == SA_TOKEN;
+            let status = if ok {
+                json!({"authenticated": true, "audiences": ["identity.l5d.io"],
+                       "user": {"username": "system:serviceaccount:emojivoto:web"}})
+            } else {
+                json!({"authenticated": false})
+            };
+            Ok(json!({"metadata": {}, "spec": req["spec"].clone(), "status": status}))
+        }),
+    );
+    fake
+}
+
+struct Issuer {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<issuer::error::Result<()>>,
+}
+
+impl Issuer {
+    /// An issuer with `[auth] external_workloads = true` and `extra` `[auth]` lines, and a
+    /// bootstrap token for [`ID`] usable from any address (the binding is what restricts it).
+    async fn start(dir: &Path, extra: &str, fake: &FakeKube) -> Self {
+        issuer::init::run_at(&issuer::init::InitOptions::new(dir), SystemClock.now()).unwrap();
+        let token = issuer::tokens::create(
+            &dir.join("tokens"),
+            &issuer::tokens::CreateOptions {
+                identity: Identity::parse(ID).unwrap(),
+                ttl: None,
+                allowed_ips: Vec::new(),
+                uses: None,
+            },
+            SystemClock.now(),
+        )
+        .unwrap()
+        .secret
+        .to_string();
+        let path = dir.join("issuer.toml");
+        let text = format!("plaintext = true\n[auth]\nexternal_workloads = true\n{extra}");
+        let layers = proxy_lib::config_file::Layers::from_toml(&text, &path).unwrap();
+        let mut cfg = Config::from_layers(&layers, &path).unwrap();
+        cfg.audit = issuer::audit::AuditTarget::File(dir.join("audit.log"));
+        let server = Server::open(
+            cfg,
+            Arc::new(SystemClock),
+            Vec::new(),
+            Some(client_for(fake).await),
+        )
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(server.run(listener, Some(admin), async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            admin: admin_addr,
+            token,
+            stop: Some(stop),
+            join,
+        }
+    }
+
+    /// Certify for `identity` with `token`, connecting from `from`.
+    async fn certify_from(
+        &self,
+        from: &str,
+        identity: &str,
+        token: &str,
+    ) -> Result<(), tonic::Status> {
+        let mut client = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .local_address(Some(from.parse().unwrap()))
+            .connect()
+            .await
+            .map(IdentityClient::new)
+            .unwrap();
+        let (_, csr) = p256_csr(identity);
+        certify(&mut client, request(identity, token.as_bytes(), csr))
+            .await
+            .map(|_| ())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.join.await.unwrap().unwrap();
+    }
+}
+
+/// Retries `f` (bounded) until it yields `Some`: the watch delay is asynchronous and there
+/// is nothing else to wait on from outside the server.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn denied(r: Result<(), tonic::Status>, needle: &str) -> Option<()> {
+    let s = r.err()?;
+    (s.code() == Code::PermissionDenied && s.message().contains(needle)).then_some(())
+}
+
+// Acceptance: identity with a matching resource and address gets a certificate; no
+// resource, another address, or the resource deleted (after the watch delay) is
+// PERMISSION_DENIED naming what is missing; v1alpha1 and v1beta1 objects (and the DNS form
+// of meshTLS.identity) all bind. Service-account tokens are not bound. No token reaches a
+// log or any request but the TokenReview's body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_tokens_are_bound_to_external_workloads() {
+    proxy_lib::install_crypto_provider();
+    let (logs, _guard) = LogCapture::start(tracing::Level::TRACE);
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = fake_api(&[BETA, ALPHA]).await;
+    let issuer = Issuer::start(tmp.path(), "kubernetes = true\n", &fake).await;
+    assert_eq!(http_get(issuer.admin, "/ready").await.0, 200);
+    let token = issuer.token.clone();
+
+    // No resource.
+    let e = issuer
+        .certify_from("127.0.0.2", ID, &token)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("no ExternalWorkload") && e.message().contains(&spiffe()),
+        "{e:?}"
+    );
+
+    // Registered at 127.0.0.2: a cert from there, refused from 127.0.0.1 naming both.
+    fake.put(
+        BETA,
+        ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.2"),
+    );
+    eventually("the v1beta1 resource to bind", || async {
+        issuer.certify_from("127.0.0.2", ID, &token).await.ok()
+    })
+    .await;
+    let e = issuer
+        .certify_from("127.0.0.1", ID, &token)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("127.0.0.1")
+            && e.message()
+                .contains("external-services/legacy-database [127.0.0.2]"),
+        "{e:?}"
+    );
+
+    // Deleted: refused again within the watch delay.
+    assert!(fake.delete(BETA, NS, "legacy-database"));
+    eventually("the deletion to stop issuance", || async {
+        denied(
+            issuer.certify_from("127.0.0.2", ID, &token).await,
+            "no ExternalWorkload",
+        )
+    })
+    .await;
+
+    // v1alpha1 (`meshTls`), with the DNS form of the identity.
+    fake.put(
+        ALPHA,
+        ew("v1alpha1", NS, "legacy-database", ID, "127.0.0.2"),
+    );
+    eventually("the v1alpha1 resource to bind", || async {
+        issuer.certify_from("127.0.0.2", ID, &token).await.ok()
+    })
+    .await;
+    assert!(
+        denied(
+            issuer.certify_from("127.0.0.1", ID, &token).await,
+            "127.0.0.1"
+        )
+        .is_some()
+    );
+
+    // A pod's service-account token needs no ExternalWorkload.
+    let web = Identity::new("web", "emojivoto", &Default::default()).unwrap();
+    issuer
+        .certify_from("127.0.0.1", web.as_str(), SA_TOKEN)
+        .await
+        .unwrap();
+
+    // Every call is a declared one; the watches are cluster-wide by default.
+    let requests = fake.requests();
+    for (c, _) in &requests {
+        let allowed = WORKLOAD_RULES.iter().chain(REVIEW_RULES).any(|r| {
+            c.resource.starts_with(r.group) && r.resource == c.plural() && r.verbs.contains(&c.verb)
+        });
+        assert!(allowed, "undeclared call {c:?}");
+        if c.plural() == "externalworkloads" {
+            assert_eq!(c.namespace, None, "{c:?}");
+        }
+    }
+    for version in ["v1beta1", "v1alpha1"] {
+        assert!(
+            requests
+                .iter()
+                .any(|(c, _)| c.verb == "watch" && c.resource.contains(version)),
+            "no watch of {version}"
+        );
+    }
+    // No token in any log line, nor in any request but the TokenReview's body.
+    let text = logs.text();
+    assert!(!text.is_empty());
+    for t in [token.as_str(), SA_TOKEN] {
+        assert!(!text.contains(t), "token logged");
+        for (c, body) in &requests {
+            let in_request = format!("{c:?}").contains(t) || body.contains(t);
+            assert!(
+                !in_request || (c.plural() == "tokenreviews" && t == SA_TOKEN),
+                "token sent in {c:?}"
+            );
+        }
+    }
+    issuer.stop().await;
+    fake.stop().await;
+}
+
+// With `[auth] namespaces`, only those namespaces are watched (per-namespace watches), and
+// an API server that serves only one version of the CRD (404 for the other) is no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_watches_and_one_served_version() {
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = fake_api(&[BETA]).await;
+    fake.put(
+        BETA,
+        ew(
+            "v1beta1",
+            "elsewhere",
+            "legacy-database",
+            &spiffe(),
+            "127.0.0.1",
+        ),
+    );
+    let issuer = Issuer::start(tmp.path(), &format!("namespaces = [\"{NS}\"]\n"), &fake).await;
+    assert_eq!(http_get(issuer.admin, "/ready").await.0, 200);
+    let token = issuer.token.clone();
+    // A resource in a namespace not watched does not bind.
+    assert!(
+        denied(
+            issuer.certify_from("127.0.0.1", ID, &token).await,
+            "no ExternalWorkload"
+        )
+        .is_some()
+    );
+    fake.put(
+        BETA,
+        ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.1"),
+    );
+    eventually("the watched namespace's resource to bind", || async {
+        issuer.certify_from("127.0.0.1", ID, &token).await.ok()
+    })
+    .await;
+    let calls = fake.calls();
+    assert!(
+        calls
+            .iter()
+            .filter(|c| c.plural() == "externalworkloads")
+            .all(|c| c.namespace.as_deref() == Some(NS)),
+        "{calls:#?}"
+    );
+    assert!(
+        calls.iter().any(|c| c.resource == ALPHA),
+        "v1alpha1 was asked for"
+    );
+    issuer.stop().await;
+    fake.stop().await;
+}
+
+fn rbac() -> Vec<Value> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes/rbac.yaml"),
+    )
+    .unwrap();
+    text.split("\n---")
+        .filter(|d| {
+            d.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
+        .map(|d| serde_saphyr::from_str(d).unwrap())
+        .collect()
+}
+
+/// (group, resource, sorted verbs) of every rule of the `kind` named `name`.
+fn granted(docs: &[Value], kind: &str, name: &str) -> Vec<(String, String, Vec<String>)> {
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"));
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    let mut out = Vec::new();
+    for r in role["rules"].as_array().unwrap() {
+        assert!(r.get("resourceNames").is_none(), "{name}: no resourceNames");
+        for g in strs(&r["apiGroups"]) {
+            for res in strs(&r["resources"]) {
+                let mut verbs = strs(&r["verbs"]);
+                verbs.sort();
+                out.push((g.clone(), res, verbs));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn declared(rules: &[Rule]) -> Vec<(String, String, Vec<String>)> {
+    let mut out: Vec<_> = rules
+        .iter()
+        .map(|r| {
+            assert_eq!(r.names, Names::All);
+            (
+                r.group.to_string(),
+                r.resource.to_string(),
+                r.verbs.iter().map(|v| v.to_string()).collect(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+// The server's ClusterRole reads what it watches; the operator's Role (register/remove) is a
+// separate one, never bound to the issuer's ServiceAccount.
+#[test]
+fn example_rbac_for_external_workloads_matches_the_code() {
+    let docs = rbac();
+    assert_eq!(
+        granted(&docs, "ClusterRole", "mesh-issuer-workloads"),
+        declared(WORKLOAD_RULES)
+    );
+    assert_eq!(
+        granted(&docs, "Role", "mesh-workload-operator"),
+        declared(WORKLOAD_OPERATOR_RULES)
+    );
+    let server_binding = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ClusterRoleBinding" && d["roleRef"]["name"] == "mesh-issuer-workloads"
+        })
+        .expect("ClusterRoleBinding of mesh-issuer-workloads");
+    assert_eq!(server_binding["subjects"][0]["name"], "mesh-issuer");
+    for d in &docs {
+        let operator_role = matches!(
+            d["roleRef"]["name"].as_str(),
+            Some("mesh-workload-operator" | "mesh-issuer-tokens")
+        );
+        if operator_role {
+            for s in d["subjects"].as_array().unwrap() {
+                assert_ne!(s["kind"], "ServiceAccount", "operator role bound to {s}");
+            }
+        }
+    }
+}
