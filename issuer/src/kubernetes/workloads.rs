@@ -62,59 +62,51 @@ pub struct WorkloadIp {
     pub ip: String,
 }
 
-/// `workload.linkerd.io/v1beta1`.
-pub mod v1beta1 {
-    use super::*;
+/// One served version of the `ExternalWorkload` CRD: the versions differ only in the spelling
+/// of the `meshTLS` field.
+macro_rules! external_workload_version {
+    ($(#[$doc:meta])* $module:ident, $version:literal, $mesh_tls:literal) => {
+        $(#[$doc])*
+        pub mod $module {
+            use super::*;
 
-    /// The spec of an `ExternalWorkload` (`v1beta1`).
-    #[derive(CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-    #[kube(
-        group = "workload.linkerd.io",
-        version = "v1beta1",
-        kind = "ExternalWorkload",
-        namespaced,
-        schema = "disabled"
-    )]
-    #[serde(rename_all = "camelCase")]
-    pub struct ExternalWorkloadSpec {
-        /// How pods verify the host.
-        #[serde(rename = "meshTLS")]
-        pub mesh_tls: MeshTls,
-        /// The ports it serves.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub ports: Vec<PortSpec>,
-        /// Its address (Linkerd allows one).
-        #[serde(default, rename = "workloadIPs", skip_serializing_if = "Vec::is_empty")]
-        pub workload_ips: Vec<WorkloadIp>,
-    }
+            /// The spec of an `ExternalWorkload` of this version.
+            #[derive(CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+            #[kube(
+                group = "workload.linkerd.io",
+                version = $version,
+                kind = "ExternalWorkload",
+                namespaced,
+                schema = "disabled"
+            )]
+            #[serde(rename_all = "camelCase")]
+            pub struct ExternalWorkloadSpec {
+                /// How pods verify the host.
+                #[serde(rename = $mesh_tls)]
+                pub mesh_tls: MeshTls,
+                /// The ports it serves.
+                #[serde(default, skip_serializing_if = "Vec::is_empty")]
+                pub ports: Vec<PortSpec>,
+                /// Its address (Linkerd allows one).
+                #[serde(default, rename = "workloadIPs", skip_serializing_if = "Vec::is_empty")]
+                pub workload_ips: Vec<WorkloadIp>,
+            }
+        }
+    };
 }
 
-/// `workload.linkerd.io/v1alpha1` (`meshTls`).
-pub mod v1alpha1 {
-    use super::*;
-
-    /// The spec of an `ExternalWorkload` (`v1alpha1`).
-    #[derive(CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-    #[kube(
-        group = "workload.linkerd.io",
-        version = "v1alpha1",
-        kind = "ExternalWorkload",
-        namespaced,
-        schema = "disabled"
-    )]
-    #[serde(rename_all = "camelCase")]
-    pub struct ExternalWorkloadSpec {
-        /// How pods verify the host.
-        #[serde(rename = "meshTls")]
-        pub mesh_tls: MeshTls,
-        /// The ports it serves.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub ports: Vec<PortSpec>,
-        /// Its address (Linkerd allows one).
-        #[serde(default, rename = "workloadIPs", skip_serializing_if = "Vec::is_empty")]
-        pub workload_ips: Vec<WorkloadIp>,
-    }
-}
+external_workload_version!(
+    /// `workload.linkerd.io/v1beta1`.
+    v1beta1,
+    "v1beta1",
+    "meshTLS"
+);
+external_workload_version!(
+    /// `workload.linkerd.io/v1alpha1` (`meshTls`).
+    v1alpha1,
+    "v1alpha1",
+    "meshTls"
+);
 
 /// An ExternalWorkload of either version, as the binding and `issuer workload list` see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
