@@ -5,7 +5,9 @@
 //! verifies against the anchors for client use at the issuer's clock. Under a shared Linkerd
 //! trust the anchors also vouch for every meshed pod, so that is not enough here: the leaf
 //! must be signed by one of this issuer's own issuer certificates, the current one or one a
-//! CA reload replaced within the longest leaf lifetime ([`KnownIssuers`]). It must also be
+//! CA reload replaced within the longest leaf lifetime ([`KnownIssuers`]; those `issuer ca
+//! new-issuer` replaced are also recorded on disk, [`record_retired`], so they survive a
+//! restart). It must also be
 //! valid now, name exactly the requested identity, have been issued after the identity's
 //! last revocation (issuance = notBefore + the backdating the issuer applies), and, with
 //! `max_renewal_age`, belong to a renewal chain that began (at a bootstrap by token) no
@@ -20,11 +22,13 @@
 //! 16-byte serial is the marker byte [`CHAIN_SERIAL_MARKER`], the chain's start in Unix seconds
 //! (4 bytes, big endian) and 11 random bytes (88 random bits).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proxy_lib::clock::SharedClock;
 use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::auth::{AuthRequest, Authenticator, Principal};
@@ -58,8 +62,8 @@ pub fn chain_start_of_serial(serial: &[u8]) -> Option<SystemTime> {
 
 /// The issuer certificates whose leaves count as ours: the one in use and those a reload
 /// replaced less than `keep` ago (at least the longest leaf lifetime, so every leaf they
-/// signed has expired when they are forgotten). Kept in memory: after a restart only the
-/// issuer in use counts.
+/// signed has expired when they are forgotten). Kept in memory; at start the server adds
+/// those recorded by [`record_retired`] ([`KnownIssuers::remember`]).
 #[derive(Debug)]
 pub struct KnownIssuers {
     keep: Duration,
@@ -89,6 +93,15 @@ impl KnownIssuers {
             v[pos].1 = None;
         } else {
             v.push((current.clone(), None));
+        }
+    }
+
+    /// Remembers `cert` as an issuer replaced at `retired` (from [`read_retired`] at start;
+    /// the one in use, or one already known, is left as it is).
+    pub fn remember(&self, cert: CertificateDer<'static>, retired: SystemTime) {
+        let mut v = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|(c, _)| *c == cert) {
+            v.push((cert, Some(retired)));
         }
     }
 
@@ -260,6 +273,54 @@ pub fn chain_start_for(
 mod tests {
     use super::*;
 
+    fn cert(cn: &str, not_after_unix: u64) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::new(vec![format!("{cn}.example")]).unwrap();
+        p.not_before = (UNIX_EPOCH + Duration::from_secs(1_000_000_000)).into();
+        p.not_after = (UNIX_EPOCH + Duration::from_secs(not_after_unix)).into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn retired_issuers_are_recorded_bounded_and_expired_ones_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let path = retired_path(&d.path().join("issuer.crt"));
+        assert!(read_retired(&path).unwrap().is_empty(), "no file: none");
+        let now = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let soon = cert("soon", 2_000_000_100);
+        record_retired(&path, &soon, now).unwrap();
+        let mut later = Vec::new();
+        for i in 0..MAX_RETIRED + 3 {
+            let c = cert(&format!("i{i}"), 2_100_000_000);
+            record_retired(&path, &c, now + Duration::from_secs(i as u64)).unwrap();
+            later.push(c);
+        }
+        let got = read_retired(&path).unwrap();
+        assert_eq!(got.len(), MAX_RETIRED, "bounded");
+        assert_eq!(
+            got.last().unwrap().0,
+            *later.last().unwrap(),
+            "most recent kept"
+        );
+        assert!(!got.iter().any(|(c, _)| *c == soon), "oldest dropped");
+        // An expired one goes at the next record.
+        let d2 = tempfile::tempdir().unwrap();
+        let p2 = retired_path(&d2.path().join("issuer.crt"));
+        record_retired(&p2, &soon, now).unwrap();
+        record_retired(&p2, &later[0], now + Duration::from_secs(200)).unwrap();
+        let got = read_retired(&p2).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, later[0]);
+        assert_eq!(got[0].1, now + Duration::from_secs(200));
+        // A malformed file is reported, naming it.
+        std::fs::write(&p2, b"{not json").unwrap();
+        assert!(
+            read_retired(&p2)
+                .unwrap_err()
+                .contains("retired-issuers.json")
+        );
+    }
+
     #[test]
     fn serial_carries_the_chain_start() {
         let t = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
@@ -296,4 +357,78 @@ mod tests {
         k.observe(&b, t0 + Duration::from_secs(800));
         assert_eq!(k.at(t0 + Duration::from_secs(800)), vec![b]);
     }
+}
+
+/// The file beside `issuer.crt` where `issuer ca new-issuer` records the issuer certificates
+/// it replaced and when, so that an issuer started after a rotation still recognises the
+/// leaves they signed (a CA reload alone only remembers them in memory).
+pub fn retired_path(issuer_cert: &Path) -> PathBuf {
+    issuer_cert.with_file_name("retired-issuers.json")
+}
+
+/// At most this many replaced issuers are recorded (the most recent).
+const MAX_RETIRED: usize = 16;
+
+/// One replaced issuer certificate in [`retired_path`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RetiredIssuer {
+    /// When it was replaced, Unix seconds.
+    retired: u64,
+    /// Its DER, hex.
+    cert: String,
+}
+
+/// The replaced issuers recorded at `path`, with when each was replaced. A missing file is
+/// none; an unreadable or malformed one is reported (the caller decides whether that is fatal).
+pub fn read_retired(path: &Path) -> Result<Vec<(CertificateDer<'static>, SystemTime)>, String> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let list: Vec<RetiredIssuer> =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    list.into_iter()
+        .map(|r| {
+            let der = hex::decode(&r.cert)
+                .map_err(|e| format!("{}: a certificate is not hex: {e}", path.display()))?;
+            Ok((
+                CertificateDer::from(der),
+                UNIX_EPOCH + Duration::from_secs(r.retired),
+            ))
+        })
+        .collect()
+}
+
+/// Records that `replaced` stopped being the issuer at `now`, keeping the list at `path`
+/// bounded: issuer certificates already expired (no leaf they signed can still be valid) and
+/// all but the most recent [`MAX_RETIRED`] are dropped. Written atomically. Blocks.
+pub fn record_retired(
+    path: &Path,
+    replaced: &CertificateDer<'static>,
+    now: SystemTime,
+) -> Result<(), String> {
+    let mut list = read_retired(path)?;
+    list.retain(|(c, _)| c != replaced && !expired(c, now));
+    list.push((replaced.clone(), now));
+    let skip = list.len().saturating_sub(MAX_RETIRED);
+    let out: Vec<RetiredIssuer> = list
+        .iter()
+        .skip(skip)
+        .map(|(c, t)| RetiredIssuer {
+            retired: proxy_lib::clock::unix_secs(*t),
+            cert: hex::encode(c.as_ref()),
+        })
+        .collect();
+    let mut json = serde_json::to_vec_pretty(&out).map_err(|e| e.to_string())?;
+    json.push(b'\n');
+    proxy_lib::fs::write_atomic_keeping_owner(path, &json, proxy_lib::fs::PUBLIC_MODE)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Whether `cert` is past its notAfter at `now` (an unparsable one counts as expired).
+fn expired(cert: &CertificateDer<'_>, now: SystemTime) -> bool {
+    X509Certificate::from_der(cert.as_ref()).map_or(true, |(_, c)| {
+        c.validity().not_after.timestamp() < proxy_lib::clock::unix_secs(now) as i64
+    })
 }

@@ -227,6 +227,15 @@ impl Server {
             ca.cert(),
             config.limits.max_lifetime.max(config.policy.lifetime) + config.policy.clock_skew,
         ));
+        match crate::renewal::read_retired(&crate::renewal::retired_path(&files.cert)) {
+            Ok(retired) => {
+                for (cert, at) in retired {
+                    issuers.remember(cert, at);
+                }
+            }
+            // Not fatal: renewal by certificate then knows only the issuer in use.
+            Err(e) => tracing::warn!(error = %e, "replaced issuers not read"),
+        }
         // A client certificate of ours wins over a token sent with it (a linkerd2-proxy sends
         // both); a token decides when no certificate of ours is presented.
         let mut chain: Vec<Arc<dyn crate::auth::Authenticator>> = Vec::new();

@@ -119,6 +119,31 @@ impl Harness {
             .collect()
     }
 
+    /// Stops the server and starts a new one on the same directory, configuration and clock
+    /// (what a restart of the process sees).
+    async fn restart(mut self) -> Self {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.join.take().unwrap())
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
+        let server = Server::new(self.cfg.clone(), Arc::new(self.clock.clone())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.join = Some(tokio::spawn(server.clone().run(
+            listener,
+            None,
+            async move {
+                let _ = rx.await;
+            },
+        )));
+        self.stop = Some(tx);
+        self.server = server;
+        self
+    }
+
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(10), self.join.take().unwrap())
@@ -516,5 +541,49 @@ async fn leaves_of_a_replaced_issuer_still_renew() {
     h.certify(ID, "", &k3, Some((&renewed, &k2)))
         .await
         .expect("and so does the new one's");
+    h.stop().await;
+}
+
+// `issuer ca new-issuer` records the issuer it replaced, so an issuer restarted after the
+// rotation still renews the leaves the old one signed; a leaf of an issuer that was never ours
+// still is not a credential.
+#[tokio::test]
+async fn leaves_of_a_replaced_issuer_renew_after_a_restart() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token(ID, Some(1));
+    let key = KeyPair::generate().unwrap();
+    let old = h.certify(ID, &token, &key, None).await.unwrap();
+
+    let files = issuer::ca::CaFiles::in_dir(&h.dir);
+    issuer::ca::ops::new_issuer(
+        &files,
+        &h.dir.join("anchor.key"),
+        "next issuer",
+        Duration::from_secs(86_400),
+        h.clock.now(),
+    )
+    .unwrap();
+    let h = h.restart().await;
+
+    let k2 = KeyPair::generate().unwrap();
+    let renewed = h
+        .certify(ID, "", &k2, Some((&old, &key)))
+        .await
+        .expect("a leaf of the replaced issuer renews after a restart");
+    assert_ne!(
+        renewed.intermediate_certificates[0], old.intermediate_certificates[0],
+        "signed by the new issuer"
+    );
+    assert_eq!(last_audit(&h)["authenticator"], "certificate");
+
+    // Without the record, a restarted issuer knows only the issuer in use.
+    std::fs::remove_file(h.dir.join("retired-issuers.json")).unwrap();
+    let h = h.restart().await;
+    let k3 = KeyPair::generate().unwrap();
+    let refused = h
+        .certify(ID, "", &k3, Some((&old, &key)))
+        .await
+        .expect_err("an unrecorded replaced issuer's leaf is no credential");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
     h.stop().await;
 }

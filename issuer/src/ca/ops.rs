@@ -216,6 +216,14 @@ pub fn new_issuer(
         }
         return Err(e.into());
     }
+    // A restarted issuer must still recognise the leaves the replaced issuer signed, for
+    // renewal by certificate: record it beside the new pair. The new pair is in place either
+    // way; failing to record is reported, not undone.
+    if let Some(replaced) = current.first() {
+        let path = crate::renewal::retired_path(&files.cert);
+        crate::renewal::record_retired(&path, replaced, now)
+            .map_err(|reason| Error::CaMaterial { path, reason })?;
+    }
     Ok(NewIssuer {
         files: vec![files.key.clone(), files.cert.clone()],
         subject: ca.info().subject.clone(),
