@@ -79,9 +79,17 @@ pub fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 text for a time, e.g. `2026-11-27T07:36:06Z`, for logs and `status`.
+/// RFC 3339 text for a time, e.g. `2026-11-27T07:36:06Z`, for logs and `status`. Times
+/// outside 1970..=9999 (a certificate may carry any; the formatter would panic on them) are
+/// given as seconds from the epoch instead.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    /// 10000-01-01T00:00:00Z: RFC 3339 years have four digits.
+    const YEAR_10000: u64 = 253_402_300_800;
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) if d.as_secs() < YEAR_10000 => humantime::format_rfc3339_seconds(t).to_string(),
+        Ok(d) => format!("{}s after 1970-01-01T00:00:00Z", d.as_secs()),
+        Err(e) => format!("{}s before 1970-01-01T00:00:00Z", e.duration().as_secs()),
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +105,16 @@ mod tests {
         assert_eq!(unix_secs(c2.now()), 1_005);
         c2.set(UNIX_EPOCH + Duration::from_secs(10));
         assert_eq!(unix_secs(c.now()), 10);
+    }
+
+    #[test]
+    fn rfc3339_never_panics_outside_its_years() {
+        let before = UNIX_EPOCH - std::time::Duration::from_secs(412_751_706);
+        assert_eq!(rfc3339(before), "412751706s before 1970-01-01T00:00:00Z");
+        let after = UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_800);
+        assert_eq!(rfc3339(after), "253402300800s after 1970-01-01T00:00:00Z");
+        let last = UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+        assert_eq!(rfc3339(last), "9999-12-31T23:59:59Z");
     }
 
     #[test]
