@@ -122,12 +122,7 @@ impl Harness {
     /// Stops the server and starts a new one on the same directory, configuration and clock
     /// (what a restart of the process sees).
     async fn restart(mut self) -> Self {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), self.join.take().unwrap())
-            .await
-            .expect("server stops")
-            .unwrap()
-            .unwrap();
+        self.halt().await;
         let server = Server::new(self.cfg.clone(), Arc::new(self.clock.clone())).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         self.addr = listener.local_addr().unwrap();
@@ -144,13 +139,18 @@ impl Harness {
         self
     }
 
-    async fn stop(mut self) {
+    /// Stops the server and waits for it to finish.
+    async fn halt(&mut self) {
         let _ = self.stop.take().unwrap().send(());
         tokio::time::timeout(Duration::from_secs(10), self.join.take().unwrap())
             .await
             .expect("server stops")
             .unwrap()
             .unwrap();
+    }
+
+    async fn stop(mut self) {
+        self.halt().await;
     }
 }
 
