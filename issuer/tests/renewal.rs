@@ -545,8 +545,8 @@ async fn leaves_of_a_replaced_issuer_still_renew() {
 }
 
 // `issuer ca new-issuer` records the issuer it replaced, so an issuer restarted after the
-// rotation still renews the leaves the old one signed; a leaf of an issuer that was never ours
-// still is not a credential.
+// rotation still renews the leaves the old one signed; without that record, a restarted
+// issuer knows only the issuer in use.
 #[tokio::test]
 async fn leaves_of_a_replaced_issuer_renew_after_a_restart() {
     let h = Harness::start(|_| {}).await;

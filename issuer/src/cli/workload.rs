@@ -507,19 +507,19 @@ pub(super) fn remove(a: WorkloadRemoveArgs, clock: SharedClock) -> Result<()> {
             revoked += 1;
         }
     }
-    // Certificates already issued renew by themselves: revoke the identity so they stop too.
-    let rev = store.revoke_identity(&identity, Some("issuer workload remove"), now)?;
-    say(format_args!(
-        "revoked identity {identity}: its certificates issued before {} no longer renew",
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(rev.revoked)
-        )
-    ));
     if !removed && revoked == 0 {
         return Err(Error::Workload(format!(
             "no {what} and no active token for {identity}: nothing to remove"
         )));
     }
+    // Certificates already issued renew by themselves: revoke the identity so they stop too.
+    let rev = store.revoke_identity(&identity, Some("issuer workload remove"), now)?;
+    say(format_args!(
+        "revoked identity {identity}: its certificates issued before {} no longer renew",
+        proxy_lib::clock::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(rev.revoked)
+        )
+    ));
     if !removed {
         say(format_args!("no {what} found (its tokens are revoked)"));
     }
