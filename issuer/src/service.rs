@@ -301,6 +301,9 @@ impl IdentityApi for CertifyService {
                         "{failure}; retry later"
                     )));
                 }
+                if let (Some(r), Some(store)) = (reservation, &s.tokens) {
+                    store.commit(r).await;
+                }
                 s.metrics.certify("issued", started.elapsed().as_secs_f64());
                 crate::bundle::count_issued(&s.metrics, &ca);
                 tracing::debug!(

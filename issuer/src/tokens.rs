@@ -10,13 +10,17 @@
 //! with a recorded key stays valid (a restarted linkerd2-proxy reuses its key, a lost answer is
 //! retried with the same key), any other key is refused once the uses are spent. A use is
 //! reserved before signing ([`TokenStore::reserve`]: the file under its lock, the Kubernetes
-//! Secret with a resourceVersion precondition) and released when nothing was issued.
+//! Secret with a resourceVersion precondition) and released when nothing was issued. Requests
+//! with the same key may overlap (a retry while the first attempt is still running): each
+//! holds the key ([`TokenRecord::in_flight`] counts them), and the key is unbound only when
+//! the last of them is released with none having issued ([`TokenRecord::settle`]).
 //!
 //! Identity revocations ([`revoke_identity`]) live in the same store (the file's
 //! `revocations` list, or one Secret per identity next to the token Secrets): every
 //! certificate of the identity issued before the revocation, and every token for it created
 //! before then, stops authenticating it.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -121,6 +125,13 @@ pub struct TokenRecord {
     /// with it, first first; only for a token with `uses`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bound_keys: Vec<String>,
+    /// Bound keys nothing has been issued for yet, with how many requests hold a reservation
+    /// on each: such a key is unbound (its use given back) only when the last of them is
+    /// released with none having issued. A bound key not listed here has been certified and
+    /// stays bound. A reservation whose server died before it committed or released leaves
+    /// its count behind: the use then stays spent (never over-issued).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub in_flight: BTreeMap<String, u32>,
 }
 
 /// The outcome of [`TokenRecord::bind`].
@@ -132,6 +143,17 @@ pub enum Binding {
     Known,
     /// The key was just bound, spending a use (released if nothing is issued).
     Fresh,
+    /// The key was bound by a request still in flight, nothing issued for it yet: this one
+    /// holds it too (released or committed like [`Binding::Fresh`]).
+    Joined,
+}
+
+impl Binding {
+    /// Whether the reservation holds an in-flight count on its key: it must be committed
+    /// after an issuance, released otherwise.
+    pub fn held(self) -> bool {
+        matches!(self, Self::Fresh | Self::Joined)
+    }
 }
 
 impl TokenRecord {
@@ -148,13 +170,21 @@ impl TokenRecord {
             .map(|u| u.saturating_sub(u32::try_from(self.bound_keys.len()).unwrap_or(u32::MAX)))
     }
 
-    /// Binds `key` (a fingerprint) when a use is left; a key already bound is fine.
+    /// Binds `key` (a fingerprint) when a use is left; a key already bound is fine. A
+    /// [`Binding::held`] outcome counts one request in flight on the key: end it with
+    /// [`TokenRecord::commit`] or [`TokenRecord::release`].
     pub fn bind(&mut self, key: &str) -> std::result::Result<Binding, AuthError> {
         if self.uses.is_none() {
             return Ok(Binding::Unlimited);
         }
         if self.bound_keys.iter().any(|k| k == key) {
-            return Ok(Binding::Known);
+            return Ok(match self.in_flight.get_mut(key) {
+                Some(n) => {
+                    *n = n.saturating_add(1);
+                    Binding::Joined
+                }
+                None => Binding::Known,
+            });
         }
         if self.uses_left() == Some(0) {
             return Err(AuthError::KeyNotBound {
@@ -162,12 +192,37 @@ impl TokenRecord {
             });
         }
         self.bound_keys.push(key.to_string());
+        self.in_flight.insert(key.to_string(), 1);
         Ok(Binding::Fresh)
     }
 
-    /// Gives back the use `key` took (after a [`Binding::Fresh`] that issued nothing).
-    pub fn unbind(&mut self, key: &str) {
-        self.bound_keys.retain(|k| k != key);
+    /// Ends one held reservation on `key` that issued nothing: the key is unbound (its use
+    /// given back) when no other request holds it and none issued for it.
+    pub fn release(&mut self, key: &str) {
+        let Some(n) = self.in_flight.get_mut(key) else {
+            // Certified meanwhile (or never held): the key stays bound.
+            return;
+        };
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.in_flight.remove(key);
+            self.bound_keys.retain(|k| k != key);
+        }
+    }
+
+    /// Ends a held reservation on `key` that issued a certificate: the key stays bound for
+    /// good, whatever the other requests holding it do.
+    pub fn commit(&mut self, key: &str) {
+        self.in_flight.remove(key);
+    }
+
+    /// [`TokenRecord::commit`] when `issued`, else [`TokenRecord::release`].
+    pub fn settle(&mut self, key: &str, issued: bool) {
+        if issued {
+            self.commit(key);
+        } else {
+            self.release(key);
+        }
     }
 
     /// `active`, `expired` or `revoked` at `now`.
@@ -337,6 +392,7 @@ pub fn mint(opts: &CreateOptions, now: SystemTime) -> NewToken {
         revoked: None,
         uses: opts.uses,
         bound_keys: Vec::new(),
+        in_flight: BTreeMap::new(),
     };
     NewToken { secret, record }
 }
@@ -460,17 +516,19 @@ pub fn reserve_in_file(
     })
 }
 
-/// Gives back a use [`reserve_in_file`] took. Blocks.
-pub fn release_in_file(path: &Path, id: &str, key: &str) -> Result<()> {
+/// Ends a held reservation [`reserve_in_file`] made, under the lock: `issued` commits it
+/// ([`TokenRecord::commit`]), otherwise it is released ([`TokenRecord::release`]). Blocks.
+pub fn settle_in_file(path: &Path, id: &str, key: &str, issued: bool) -> Result<()> {
     modify(path, |f| {
         if let Some(rec) = f.tokens.iter_mut().find(|r| r.id == id) {
-            rec.unbind(key);
+            rec.settle(key, issued);
         }
         Ok(())
     })
 }
 
-/// A use of a token held for one request: [`TokenStore::release`] it when nothing was issued.
+/// A use of a token held for one request: [`TokenStore::commit`] it once a certificate was
+/// issued, [`TokenStore::release`] it when nothing was.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     id: String,
@@ -667,26 +725,42 @@ impl TokenStore {
         })
     }
 
-    /// Gives back the use `r` took, if it took one (nothing was issued). Failures are logged:
-    /// the use then stays spent.
+    /// Gives back the use `r` took, unless another request holding the same key issued or
+    /// still holds it (nothing was issued for `r`). Failures are logged: the use then stays
+    /// spent.
     pub async fn release(&self, r: Reservation) {
-        if r.binding != Binding::Fresh {
+        self.settle(r, false).await;
+    }
+
+    /// Records that `r` issued a certificate: its key stays bound whatever the other requests
+    /// holding it do. Failures are logged: the key then stays bound anyway.
+    pub async fn commit(&self, r: Reservation) {
+        self.settle(r, true).await;
+    }
+
+    async fn settle(&self, r: Reservation, issued: bool) {
+        if !r.binding.held() {
             return;
         }
         let res = match &self.source {
             Source::File { path, .. } => {
                 let (path, id, key) = (path.clone(), r.id.clone(), r.key.clone());
-                tokio::task::spawn_blocking(move || release_in_file(&path, &id, &key))
+                tokio::task::spawn_blocking(move || settle_in_file(&path, &id, &key, issued))
                     .await
                     .unwrap_or_else(|e| Err(Error::Server(e.to_string())))
             }
             Source::Fed {
                 writer: Some(w), ..
-            } => w.release(&r.id, &r.key).await,
+            } => w.settle(&r.id, &r.key, issued).await,
             Source::Fed { .. } => Ok(()),
         };
         if let Err(error) = res {
-            tracing::warn!(%error, token = %r.id, "a token use could not be given back");
+            let what = if issued {
+                "a token use could not be marked issued"
+            } else {
+                "a token use could not be given back"
+            };
+            tracing::warn!(%error, token = %r.id, "{what}");
         }
     }
 
@@ -1055,13 +1129,15 @@ mod tests {
                 .unwrap();
             assert_eq!(rec.bound_keys.len(), uses as usize);
             assert_eq!(rec.uses_left(), Some(0));
-            // a bound key stays valid, and releasing gives the use back
+            // a bound key stays valid (still in flight: the request joins it), and releasing
+            // both reservations gives the use back
             let bound = rec.bound_keys[0].clone();
             assert_eq!(
                 reserve_in_file(&p, &t.record.id, &bound).unwrap(),
-                Ok(Binding::Known)
+                Ok(Binding::Joined)
             );
-            release_in_file(&p, &t.record.id, &bound).unwrap();
+            settle_in_file(&p, &t.record.id, &bound, false).unwrap();
+            settle_in_file(&p, &t.record.id, &bound, false).unwrap();
             assert_eq!(
                 reserve_in_file(&p, &t.record.id, "late").unwrap(),
                 Ok(Binding::Fresh)
@@ -1087,6 +1163,91 @@ mod tests {
         assert_eq!(
             reserve_in_file(&p, "nosuch", "k").unwrap(),
             Err(AuthError::UnknownToken)
+        );
+    }
+
+    /// Two requests with the same key on a counted token overlap: whatever order they end
+    /// in, a release never takes away the binding another still relies on or one that issued.
+    #[test]
+    fn overlapping_reservations_of_one_key_release_only_when_none_issued_or_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("tokens");
+        let now = UNIX_EPOCH + Duration::from_secs(10);
+        let t = create(
+            &p,
+            &CreateOptions {
+                uses: Some(1),
+                ..opts("a")
+            },
+            now,
+        )
+        .unwrap();
+        let id = t.record.id.as_str();
+        let rec = || list(&p).unwrap().remove(0);
+        let reserve = |key: &str| reserve_in_file(&p, id, key).unwrap();
+        let settle = |key: &str, issued| settle_in_file(&p, id, key, issued).unwrap();
+
+        // first fails after the second reserved, then the second issues: the key stays bound
+        assert_eq!(reserve("k"), Ok(Binding::Fresh));
+        assert_eq!(reserve("k"), Ok(Binding::Joined));
+        settle("k", false);
+        assert_eq!(rec().bound_keys, ["k"], "the second still relies on it");
+        assert!(matches!(reserve("other"), Err(AuthError::KeyNotBound { .. })));
+        settle("k", true);
+        assert_eq!(rec().bound_keys, ["k"]);
+        assert!(rec().in_flight.is_empty());
+        // once issued, a failing request on the same key never unbinds it
+        assert_eq!(reserve("k"), Ok(Binding::Known));
+        assert!(!Binding::Known.held(), "nothing to settle");
+        assert_eq!(rec().bound_keys, ["k"]);
+
+        // second issues first, then the first fails: the key stays bound
+        let t2 = create(
+            &p,
+            &CreateOptions {
+                uses: Some(1),
+                ..opts("a")
+            },
+            now,
+        )
+        .unwrap();
+        let id2 = t2.record.id.as_str();
+        let rec2 = || {
+            list(&p)
+                .unwrap()
+                .into_iter()
+                .find(|r| r.id == id2)
+                .unwrap()
+        };
+        assert_eq!(reserve_in_file(&p, id2, "k").unwrap(), Ok(Binding::Fresh));
+        assert_eq!(reserve_in_file(&p, id2, "k").unwrap(), Ok(Binding::Joined));
+        settle_in_file(&p, id2, "k", true).unwrap();
+        settle_in_file(&p, id2, "k", false).unwrap();
+        assert_eq!(rec2().bound_keys, ["k"]);
+        assert_eq!(rec2().uses_left(), Some(0));
+
+        // both fail: only the last release gives the use back
+        let t3 = create(
+            &p,
+            &CreateOptions {
+                uses: Some(1),
+                ..opts("a")
+            },
+            now,
+        )
+        .unwrap();
+        let id3 = t3.record.id.as_str();
+        assert_eq!(reserve_in_file(&p, id3, "k").unwrap(), Ok(Binding::Fresh));
+        assert_eq!(reserve_in_file(&p, id3, "k").unwrap(), Ok(Binding::Joined));
+        settle_in_file(&p, id3, "k", false).unwrap();
+        assert!(matches!(
+            reserve_in_file(&p, id3, "other").unwrap(),
+            Err(AuthError::KeyNotBound { .. })
+        ));
+        settle_in_file(&p, id3, "k", false).unwrap();
+        assert_eq!(
+            reserve_in_file(&p, id3, "other").unwrap(),
+            Ok(Binding::Fresh)
         );
     }
 

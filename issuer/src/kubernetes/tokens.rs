@@ -259,10 +259,12 @@ impl KubeTokens {
         }
     }
 
-    /// Gives back the use `key` took of token `id`.
-    pub async fn release(&self, id: &str, key: &str) -> Result<()> {
+    /// Ends a held reservation of `key` on token `id`: committed when `issued`, else released
+    /// (see [`TokenRecord::settle`]); conditional on the resourceVersion read, like
+    /// [`KubeTokens::reserve`].
+    pub async fn settle(&self, id: &str, key: &str, issued: bool) -> Result<()> {
         self.update(id, |rec| {
-            rec.unbind(key);
+            rec.settle(key, issued);
             Ok::<_, std::convert::Infallible>(())
         })
         .await
