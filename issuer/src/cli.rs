@@ -242,7 +242,10 @@ pub struct TokenCreateArgs {
     /// Time to live (default: until revoked).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
-    /// A source address or CIDR network the token may be used from (repeatable).
+    /// A source address or CIDR network the token may be used from (repeatable). It also
+    /// binds renewal by certificate: while any non-revoked token of the identity (used-up
+    /// ones included) restricts addresses, the identity renews only from inside the union of
+    /// those networks.
     #[arg(long = "allow-ip", value_name = "IP[/PREFIX]")]
     pub allow_ip: Vec<IpNet>,
     /// Write the token to FILE (created 0600) instead of stdout. Refuses an existing FILE

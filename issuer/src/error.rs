@@ -144,6 +144,19 @@ pub enum AuthError {
         /// The configured maximum.
         max: String,
     },
+    /// Renewal by certificate from an address none of the identity's token records allows
+    /// (the union of their `allowed_ips`, when any of them restricts addresses).
+    #[error(
+        "renewal by certificate for {identity} is not allowed from {peer}: its tokens allow only {allowed}"
+    )]
+    RenewalSourceNotAllowed {
+        /// The identity asked for.
+        identity: String,
+        /// The peer's address (`an unknown address` when the transport did not give one).
+        peer: String,
+        /// The networks allowed, comma-separated.
+        allowed: String,
+    },
     /// No certificate is issued for the issuer's own serving name, whoever asks.
     #[error("identity {0:?} is the issuer's own serving name and is never issued")]
     ServingName(String),
@@ -192,6 +205,7 @@ impl AuthError {
             | Self::RenewalTooOld { .. } => Code::Unauthenticated,
             Self::WrongIdentity { .. }
             | Self::SourceNotAllowed { .. }
+            | Self::RenewalSourceNotAllowed { .. }
             | Self::PeerUnknown { .. }
             | Self::ServiceAccountMismatch { .. }
             | Self::IdentityRevoked { .. }

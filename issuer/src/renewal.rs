@@ -9,7 +9,10 @@
 //! new-issuer` replaced are also recorded on disk, [`record_retired`], so they survive a
 //! restart). It must also be
 //! valid now, name exactly the requested identity, have been issued after the identity's
-//! last revocation (issuance = notBefore + the backdating the issuer applies), and, with
+//! last revocation (issuance = notBefore + the backdating the issuer applies), come from an
+//! address the identity's token records allow (when any non-revoked record for it, used-up
+//! counted tokens included, restricts addresses, the peer must be inside the union of those
+//! restrictions; [`TokenStore::check_renewal_source`]), and, with
 //! `max_renewal_age`, belong to a renewal chain that began (at a bootstrap by token) no
 //! longer ago than that.
 //!
@@ -229,6 +232,12 @@ impl Authenticator for CertAuthenticator {
                 identity: identity.to_string(),
                 at: proxy_lib::clock::rfc3339(UNIX_EPOCH + Duration::from_secs(revoked)),
             });
+        }
+        if let Err(e) = self
+            .store
+            .check_renewal_source(identity, req.peer.map(|p| p.ip()))
+        {
+            return refuse(e);
         }
         if let Some(max) = self.policy.max_renewal_age
             && now.duration_since(own.chain_start).unwrap_or_default() > max

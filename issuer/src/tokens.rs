@@ -799,6 +799,47 @@ impl TokenStore {
         }
     }
 
+    /// Where renewal by certificate for `identity` may come from: `None` (anywhere) when no
+    /// non-revoked record for it restricts addresses, else the union of the `allowed_ips` of
+    /// those that do (records of used-up counted tokens included: they are kept).
+    pub fn renewal_sources(&self, identity: &str) -> Option<Vec<IpNet>> {
+        let loaded = self.loaded.load();
+        let nets: Vec<IpNet> = loaded
+            .records
+            .iter()
+            .map(|(r, _)| r)
+            .filter(|r| {
+                r.revoked.is_none() && proxy_lib::identity::matches_san(&r.identity, identity)
+            })
+            .flat_map(|r| r.allowed_ips.iter().copied())
+            .collect();
+        (!nets.is_empty()).then_some(nets)
+    }
+
+    /// Checks a renewal by certificate for `identity` from `peer` against
+    /// [`TokenStore::renewal_sources`]: PERMISSION_DENIED naming the address otherwise.
+    pub fn check_renewal_source(
+        &self,
+        identity: &str,
+        peer: Option<IpAddr>,
+    ) -> std::result::Result<(), AuthError> {
+        let Some(nets) = self.renewal_sources(identity) else {
+            return Ok(());
+        };
+        if peer.is_some_and(|ip| nets.iter().any(|n| n.contains(ip))) {
+            return Ok(());
+        }
+        Err(AuthError::RenewalSourceNotAllowed {
+            identity: identity.to_string(),
+            peer: peer.map_or_else(|| "an unknown address".into(), |ip| ip.to_string()),
+            allowed: nets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
     /// Looks a presented token up and checks it for `identity`, from `peer`, at `now`.
     /// `Ok(None)`: the token is not one of ours (another authenticator may know it).
     pub fn check(

@@ -111,6 +111,39 @@ impl Harness {
         certify(&mut client, request(identity, token.as_bytes(), csr)).await
     }
 
+    /// Renews by certificate (no token) from the loopback address `source`.
+    async fn renew_from(
+        &self,
+        source: &str,
+        identity: &str,
+        key: &KeyPair,
+        cert: (&CertifyResponse, &KeyPair),
+    ) -> Result<CertifyResponse, tonic::Status> {
+        let mut client = tls_client_with_cert_from(
+            Some(source.parse().unwrap()),
+            self.addr,
+            &self.anchors_pem(),
+            &self.cfg.server_name,
+            chain_of(cert.0),
+            cert.1.serialize_der(),
+        )
+        .await;
+        certify(&mut client, request(identity, b"", csr_with(identity, key))).await
+    }
+
+    /// A token for `identity` usable only from `allowed`.
+    fn token_from(&self, identity: &str, allowed: &str) -> issuer::tokens::NewToken {
+        let o = CreateOptions {
+            identity: Identity::parse(identity).unwrap(),
+            ttl: None,
+            allowed_ips: vec![allowed.parse().unwrap()],
+            uses: Some(1),
+        };
+        let t = tokens::create(&self.cfg.tokens, &o, self.clock.now()).unwrap();
+        self.server.refresh_tokens();
+        t
+    }
+
     fn audit_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("audit.log"))
             .unwrap_or_default()
@@ -293,6 +326,62 @@ async fn a_single_use_token_bootstraps_once_and_certificates_renew() {
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    h.stop().await;
+}
+
+// A token's allowed addresses bind renewal by certificate too: from another address the
+// identity's certificate is refused (PERMISSION_DENIED naming it, audited), unless another
+// non-revoked token of the identity allows that address; an identity whose tokens restrict
+// nothing renews from anywhere.
+#[tokio::test]
+async fn renewal_by_certificate_only_from_addresses_the_tokens_allow() {
+    let h = Harness::start(|_| {}).await;
+    let t = h.token_from(ID, "127.0.0.1");
+    let key = KeyPair::generate().unwrap();
+    let cert = h.certify(ID, &t.secret, &key, None).await.expect("bootstrap");
+    // The token is used up; its record still restricts renewals.
+    assert_eq!(tokens::list(&h.cfg.tokens).unwrap()[0].uses_left(), Some(0));
+    let k2 = KeyPair::generate().unwrap();
+    let renewed = h
+        .renew_from("127.0.0.1", ID, &k2, (&cert, &key))
+        .await
+        .expect("renewal from the allowed address");
+    assert_eq!(last_audit(&h)["authenticator"], "certificate");
+
+    let k3 = KeyPair::generate().unwrap();
+    let st = h
+        .renew_from("127.0.0.2", ID, &k3, (&renewed, &k2))
+        .await
+        .expect_err("renewal from another host");
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+    assert!(st.message().contains("127.0.0.2"), "{st:?}");
+    let line = last_audit(&h);
+    assert_eq!(line["decision"], "refused");
+    assert_eq!(line["peer"].as_str().unwrap().split(':').next(), Some("127.0.0.2"));
+    assert!(line["reason"].as_str().unwrap().contains("127.0.0.2"), "{line}");
+
+    // Another token of the identity allowing 127.0.0.2: the union is allowed.
+    let second = h.token_from(ID, "127.0.0.2/32");
+    h.renew_from("127.0.0.2", ID, &k3, (&renewed, &k2))
+        .await
+        .expect("renewal from an address another token allows");
+    // Revoked records restrict nothing and allow nothing: back to 127.0.0.1 only.
+    tokens::revoke(&h.cfg.tokens, &second.record.id, h.clock.now()).unwrap();
+    h.server.refresh_tokens();
+    let k4 = KeyPair::generate().unwrap();
+    let st = h
+        .renew_from("127.0.0.2", ID, &k4, (&renewed, &k2))
+        .await
+        .expect_err("the revoked token's address no longer counts");
+    assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
+
+    // An identity whose tokens restrict no address renews from any.
+    let free = h.token(OTHER, Some(1));
+    let ok = KeyPair::generate().unwrap();
+    let other = h.certify(OTHER, &free, &ok, None).await.expect("bootstrap");
+    h.renew_from("127.0.0.2", OTHER, &k4, (&other, &ok))
+        .await
+        .expect("unrestricted identity renews from another host");
     h.stop().await;
 }
 

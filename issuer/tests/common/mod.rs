@@ -84,6 +84,19 @@ pub async fn tls_client_with_cert(
     chain: Vec<Vec<u8>>,
     key_pkcs8: Vec<u8>,
 ) -> Client {
+    tls_client_with_cert_from(None, addr, anchors_pem, server_name, chain, key_pkcs8).await
+}
+
+/// [`tls_client_with_cert`] connecting from `source` (a loopback address such as 127.0.0.2,
+/// to play another host), or from whatever the system picks.
+pub async fn tls_client_with_cert_from(
+    source: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    anchors_pem: &[u8],
+    server_name: &str,
+    chain: Vec<Vec<u8>>,
+    key_pkcs8: Vec<u8>,
+) -> Client {
     let anchors = TrustAnchors::from_bytes(anchors_pem, "ca.crt").expect("anchors");
     let cfg = rustls::ClientConfig::builder_with_provider(proxy_lib::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -102,7 +115,18 @@ pub async fn tls_client_with_cert(
             let connector = connector.clone();
             let name = name.clone();
             async move {
-                let tcp = TcpStream::connect(addr).await?;
+                let tcp = match source {
+                    Some(ip) => {
+                        let socket = if ip.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        socket.bind(SocketAddr::new(ip, 0))?;
+                        socket.connect(addr).await?
+                    }
+                    None => TcpStream::connect(addr).await?,
+                };
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
