@@ -1,13 +1,15 @@
 //! The trust bundle the issuer hands to hosts, and the offline `issuer ca sign-bundle`.
 //!
-//! The issuer serves the anchors it uses (its `ca.crt`) over
-//! `meshcerts.trust.v1.TrustBundle/Get` ([`proxy_lib::trust_bundle::api`]) beside Certify,
-//! on the same port and TLS. When `ca.crt.sig` beside `ca.crt` holds a signature over exactly
-//! those anchors, by the key of one of them, the signature goes with them; otherwise the
+//! The issuer serves the anchors it uses (its `ca.crt`, or the trust-roots ConfigMap's
+//! `ca-bundle.crt`) over `meshcerts.trust.v1.TrustBundle/Get` ([`proxy_lib::trust_bundle::api`])
+//! beside Certify, on the same port and TLS. When `ca.crt.sig` beside `ca.crt` (or the
+//! ConfigMap's `ca-bundle.crt.sig`, the same bytes) holds a signature over exactly those
+//! anchors, by the key of one of them, the signature goes with them; otherwise the
 //! bundle goes out unsigned, and hosts keep the set they have (they accept no change without
 //! a signature). The issuer never signs a bundle itself: `issuer ca sign-bundle` does, offline,
-//! with an anchor's key. The signature file is read on every request, so a published bundle
-//! is served as soon as the CA reload has taken the new `ca.crt` (within seconds).
+//! with an anchor's key. The signature file is read on every request (the ConfigMap comes
+//! with its watch), so a published bundle is served as soon as the CA reload has taken the
+//! new anchors (within seconds).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,17 +29,42 @@ pub fn sig_path(anchors: &Path) -> PathBuf {
     anchors.with_file_name(name)
 }
 
-/// The bundle to serve now: the anchors in use, and the signature at `sig` when it is one over
-/// them by one of them. Blocks (reads the small signature file).
-pub fn current(shared: &Shared, sig: Option<&Path>) -> api::Bundle {
+/// Where the detached signature of the anchors is published.
+#[derive(Debug, Clone)]
+pub enum Published {
+    /// `ca.crt.sig` beside `ca.crt` (file CA source), read on every request.
+    File(PathBuf),
+    /// The trust-roots ConfigMap's [`TRUST_ROOTS_SIG_KEY`] (`kubernetes` CA source), as its
+    /// watch last saw it.
+    ///
+    /// [`TRUST_ROOTS_SIG_KEY`]: crate::kubernetes::ca::TRUST_ROOTS_SIG_KEY
+    ConfigMap(Arc<crate::kubernetes::ca::KubeCaSource>),
+}
+
+impl Published {
+    /// The signature text as published now, if any, and where it was read from.
+    fn read(&self) -> Option<(Vec<u8>, String)> {
+        match self {
+            Self::File(p) => std::fs::read(p)
+                .ok()
+                .map(|text| (text, p.display().to_string())),
+            Self::ConfigMap(src) => src.signature().map(|text| (text, src.signature_source())),
+        }
+    }
+}
+
+/// The bundle to serve now: the anchors in use, and the signature published at `sig` when it
+/// is one over exactly them by one of them (otherwise the anchors go out unsigned, and the
+/// reason is logged at debug level). Blocks (reads the small signature file).
+pub fn current(shared: &Shared, sig: Option<&Published>) -> api::Bundle {
     let ca = shared.ca.load();
     let anchors = ca.anchors().certs();
     let signature = sig
-        .and_then(|p| std::fs::read(p).ok())
-        .and_then(|text| match published(&text, anchors) {
+        .and_then(Published::read)
+        .and_then(|(text, source)| match published(&text, anchors) {
             Ok(s) => Some(s.to_text()),
             Err(reason) => {
-                tracing::debug!(%reason, "serving the anchors unsigned");
+                tracing::debug!(%source, %reason, "serving the anchors unsigned");
                 None
             }
         })
@@ -55,14 +82,13 @@ fn published(
 ) -> std::result::Result<Signature, String> {
     let sig = Signature::parse(text).map_err(|e| e.to_string())?;
     trust_bundle::verify(&sig, anchors, anchors)
-        .map_err(|e| format!("ca.crt.sig does not match the anchors in use: {e}"))?;
+        .map_err(|e| format!("the signature does not match the anchors in use: {e}"))?;
     Ok(sig)
 }
 
-/// The `TrustBundle` service over `shared`, with the signature file `sig` (none for a CA
-/// from Kubernetes).
-pub fn service(shared: Arc<Shared>, sig: Option<PathBuf>) -> api::TrustBundleServer {
-    api::TrustBundleServer::new(Arc::new(move || Ok(current(&shared, sig.as_deref()))))
+/// The `TrustBundle` service over `shared`, with the signature published at `sig`.
+pub fn service(shared: Arc<Shared>, sig: Option<Published>) -> api::TrustBundleServer {
+    api::TrustBundleServer::new(Arc::new(move || Ok(current(&shared, sig.as_ref()))))
 }
 
 /// Counts one certificate issued by `ca` under the anchor it chains to

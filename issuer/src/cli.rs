@@ -174,6 +174,14 @@ pub struct CaSignBundleArgs {
     /// [default: the current Unix time in seconds].
     #[arg(long, value_name = "N")]
     pub sequence: Option<u64>,
+    /// Also print, on stdout, the trust-roots ConfigMap NAME holding the bundle
+    /// (`ca-bundle.crt`) and its signature (`ca-bundle.crt.sig`), as YAML for
+    /// `kubectl apply -f -` (the issuer's `[ca] source = "kubernetes"` serves it signed).
+    #[arg(long, value_name = "NAME")]
+    pub configmap: Option<String>,
+    /// The ConfigMap's namespace (with --configmap).
+    #[arg(long, value_name = "NS", default_value = crate::kubernetes::DEFAULT_NAMESPACE, requires = "configmap")]
+    pub namespace: String,
 }
 
 /// `issuer ca new-issuer`.
@@ -573,6 +581,27 @@ fn ca_sign_bundle(a: CaSignBundleArgs, clock: SharedClock) -> Result<()> {
         proxy_lib::trust_bundle::short(&s.signer),
         proxy_lib::trust_bundle::short(&s.fingerprint),
     ));
+    if let Some(name) = &a.configmap {
+        // Exactly the bytes just written, so the ConfigMap and the files agree.
+        let read = |p: &std::path::Path| -> Result<String> {
+            std::fs::read_to_string(p).map_err(|source| Error::Io {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let sig = read(&a.out.join(proxy_lib::trust_bundle::SIG_FILE))?;
+        let anchors = read(&a.out.join(proxy_lib::trust_bundle::BUNDLE_FILE))?;
+        let yaml =
+            crate::kubernetes::ca::trust_roots_yaml(&a.namespace, name, &anchors, &sig);
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(yaml.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|source| Error::Io {
+                path: "<stdout>".into(),
+                source,
+            })?;
+    }
     Ok(())
 }
 

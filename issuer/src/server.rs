@@ -500,12 +500,14 @@ impl Server {
                 .saturating_mul(4)
                 .max(1 << 20),
         );
-        // The anchors' signature file; a CA from Kubernetes has none (served unsigned).
-        let sig = self
-            .kube
-            .ca
-            .is_none()
-            .then(|| crate::bundle::sig_path(&self.config.ca_files.anchors));
+        // Where the anchors' signature is published: beside ca.crt, or in the trust-roots
+        // ConfigMap.
+        let sig = Some(match &self.kube.ca {
+            Some(src) => crate::bundle::Published::ConfigMap(src.clone()),
+            None => crate::bundle::Published::File(crate::bundle::sig_path(
+                &self.config.ca_files.anchors,
+            )),
+        });
         let res = tonic::transport::Server::builder()
             .add_service(svc)
             .add_service(crate::bundle::service(self.shared.clone(), sig))

@@ -733,6 +733,33 @@ async fn token_uses_and_identity_revocations_live_in_secrets() {
         Ok(issuer::tokens::Binding::Fresh)
     );
 
+    // the same key through two writers (a retry overlapping the first attempt): the first
+    // failing does not unbind the key the second holds, and the second's success keeps it
+    let t3 = tokens.create(&opts, SystemClock.now()).await.unwrap();
+    assert_eq!(
+        tokens.reserve(&t3.record.id, "k").await,
+        Ok(issuer::tokens::Binding::Fresh)
+    );
+    assert_eq!(
+        other.reserve(&t3.record.id, "k").await,
+        Ok(issuer::tokens::Binding::Joined)
+    );
+    tokens.release(&t3.record.id, "k").await.unwrap();
+    assert!(matches!(
+        tokens.reserve(&t3.record.id, "x").await,
+        Err(issuer::error::AuthError::KeyNotBound { .. })
+    ));
+    other.settle(&t3.record.id, "k", true).await.unwrap();
+    let rec = tokens
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.id == t3.record.id)
+        .unwrap();
+    assert_eq!(rec.bound_keys, ["k"]);
+    assert!(rec.in_flight.is_empty(), "{rec:?}");
+
     // an identity revocation (dated after the token's creation) stops the token
     let later = SystemClock.now() + Duration::from_secs(5);
     let backend = issuer::tokens::Backend::Kubernetes(Box::new(tokens.clone()));
@@ -765,8 +792,107 @@ async fn token_uses_and_identity_revocations_live_in_secrets() {
     assert_eq!(st.code(), Code::PermissionDenied, "{st:?}");
     assert!(st.message().contains("revoked"), "{st:?}");
     // `token list` skips the revocation Secret
-    assert_eq!(tokens.list().await.unwrap().len(), 2);
+    assert_eq!(tokens.list().await.unwrap().len(), 3);
 
     let _ = stop.send(());
     join.await.unwrap().unwrap();
+}
+
+/// The bundle the issuer at `addr` serves (TrustBundle/Get, plaintext).
+async fn served_bundle(addr: SocketAddr) -> proxy_lib::trust_bundle::api::Bundle {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    proxy_lib::trust_bundle::api::get(channel, Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
+// With the CA from Kubernetes, the anchors' signature is published beside them in the
+// trust-roots ConfigMap (`ca-bundle.crt.sig`, as `issuer ca sign-bundle --configmap` prints
+// it) and served with them, so a host accepts a bundle change; a signature that does not
+// verify over the roots is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trust_roots_configmap_publishes_the_bundle_signature() {
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let [anchor_a, _, issuer_a, key_a] = init_ca(&tmp.path().join("a"));
+    let [anchor_b, ..] = init_ca(&tmp.path().join("b"));
+    // Offline: sign A+B with A's key, as an operator adding a new root does.
+    let both = tmp.path().join("both.pem");
+    std::fs::write(&both, format!("{anchor_a}{anchor_b}")).unwrap();
+    let out = tmp.path().join("signed");
+    issuer::bundle::sign_bundle(
+        &tmp.path().join("a/anchor.key"),
+        &both,
+        &out,
+        Some(7),
+        SystemClock.now(),
+    )
+    .unwrap();
+    let sig = std::fs::read_to_string(out.join("ca.crt.sig")).unwrap();
+    let signed_roots = std::fs::read_to_string(out.join("ca.crt")).unwrap();
+    let yaml = issuer::kubernetes::ca::trust_roots_yaml(NS, ROOTS, &signed_roots, &sig);
+    let cm: Value = serde_saphyr::from_str(&yaml).unwrap();
+    assert_eq!(cm["data"]["ca-bundle.crt.sig"], sig.as_str(), "exact bytes");
+    assert_eq!(cm["data"]["ca-bundle.crt"], signed_roots.as_str());
+
+    let fake = FakeKube::start().await;
+    fake.put("v1/configmaps", cm.clone());
+    fake.put(
+        "v1/secrets",
+        secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]),
+    );
+    let client = client_for(&fake).await;
+    let cfg = config(tmp.path(), "plaintext = true\n[ca]\nsource = \"kubernetes\"\n");
+    let server = Server::open(cfg, Arc::new(SystemClock), Vec::new(), Some(client))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(server.clone().run(listener, None, async move {
+        let _ = stopped.await;
+    }));
+
+    // Served signed; a host trusting only A accepts the change to A+B.
+    let b = served_bundle(addr).await;
+    assert_eq!(b.signature, sig);
+    let certs: Vec<rustls_pki_types::CertificateDer<'static>> =
+        b.anchors.iter().map(|d| d.clone().into()).collect();
+    assert_eq!(certs.len(), 2);
+    let trusted = [der(&anchor_a).into()];
+    let host = proxy_lib::trust_bundle::Trusted {
+        certs: &trusted,
+        sequence: Some(3),
+    };
+    let parsed = proxy_lib::trust_bundle::Signature::parse(b.signature.as_bytes()).unwrap();
+    assert_eq!(
+        proxy_lib::trust_bundle::evaluate(&host, &certs, Some(&parsed)),
+        Ok(proxy_lib::trust_bundle::Verdict::Accept)
+    );
+
+    // A tampered signature (another sequence than the one signed) is not served.
+    let tampered = sig.replace("sequence: 7", "sequence: 8");
+    assert_ne!(tampered, sig);
+    let mut bad = cm.clone();
+    bad["data"]["ca-bundle.crt.sig"] = Value::String(tampered);
+    fake.put("v1/configmaps", bad);
+    eventually("the tampered signature to be dropped", || async {
+        served_bundle(addr).await.signature.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(served_bundle(addr).await.anchors.len(), 2, "anchors still served");
+    // Put right again: served signed again.
+    fake.put("v1/configmaps", cm);
+    eventually("the signature to be served again", || async {
+        (served_bundle(addr).await.signature == sig).then_some(())
+    })
+    .await;
+
+    let _ = stop.send(());
+    join.await.unwrap().unwrap();
+    fake.stop().await;
 }

@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 
 /// The ConfigMap key holding the trust anchors.
 pub const TRUST_ROOTS_KEY: &str = "ca-bundle.crt";
+/// The ConfigMap key holding the anchors' detached signature: the exact bytes `issuer ca
+/// sign-bundle` writes as `ca.crt.sig`. Served with the anchors only when it verifies over
+/// the anchors in use.
+pub const TRUST_ROOTS_SIG_KEY: &str = "ca-bundle.crt.sig";
 /// The two Secret layouts: (certificate key, private key key).
 pub const SECRET_LAYOUTS: [(&str, &str); 2] = [("tls.crt", "tls.key"), ("crt.pem", "key.pem")];
 
@@ -80,6 +84,23 @@ impl std::fmt::Debug for Seen {
 }
 
 impl Seen {
+    /// The trust-roots ConfigMap's [`TRUST_ROOTS_SIG_KEY`], if it has one.
+    pub fn roots_signature(&self) -> Option<Vec<u8>> {
+        let roots = self.roots.as_ref()?.as_ref()?;
+        roots
+            .data
+            .as_ref()
+            .and_then(|d| d.get(TRUST_ROOTS_SIG_KEY))
+            .map(|t| t.as_bytes().to_vec())
+            .or_else(|| {
+                roots
+                    .binary_data
+                    .as_ref()
+                    .and_then(|d| d.get(TRUST_ROOTS_SIG_KEY))
+                    .map(|b| b.0.clone())
+            })
+    }
+
     /// Both objects have been listed at least once.
     pub fn synced(&self) -> bool {
         self.secret.is_some() && self.roots.is_some()
@@ -184,10 +205,40 @@ impl KubeCaSource {
         self.seen.clone()
     }
 
+    /// The anchors' signature as the ConfigMap holds it now ([`TRUST_ROOTS_SIG_KEY`]).
+    pub fn signature(&self) -> Option<Vec<u8>> {
+        self.seen.borrow().roots_signature()
+    }
+
+    /// Names where [`KubeCaSource::signature`] comes from, for logs.
+    pub fn signature_source(&self) -> String {
+        format!(
+            "ConfigMap {}/{} key {TRUST_ROOTS_SIG_KEY}",
+            self.names.namespace, self.names.trust_roots
+        )
+    }
+
     /// Validates what was last seen at `now`, exactly like a file reload.
     pub fn load(&self, now: SystemTime) -> Result<Ca> {
         load(&self.names, &self.seen.borrow(), now)
     }
+}
+
+/// The trust-roots ConfigMap `namespace/name` holding `anchors_pem` and its signature
+/// `sig_text` (what `issuer ca sign-bundle --configmap` prints), as YAML for `kubectl apply
+/// -f -`.
+pub fn trust_roots_yaml(namespace: &str, name: &str, anchors_pem: &str, sig_text: &str) -> String {
+    let block = |text: &str| {
+        text.lines()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    };
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {namespace}\n\
+         data:\n  {TRUST_ROOTS_KEY}: |\n{}  {TRUST_ROOTS_SIG_KEY}: |\n{}",
+        block(anchors_pem),
+        block(sig_text)
+    )
 }
 
 /// Builds the CA from the objects `seen`, through [`Ca::from_pem`]. Errors name the Secret

@@ -259,6 +259,11 @@ impl KubeTokens {
         }
     }
 
+    /// Gives back the use `key` took of token `id` ([`KubeTokens::settle`], nothing issued).
+    pub async fn release(&self, id: &str, key: &str) -> Result<()> {
+        self.settle(id, key, false).await
+    }
+
     /// Ends a held reservation of `key` on token `id`: committed when `issued`, else released
     /// (see [`TokenRecord::settle`]); conditional on the resourceVersion read, like
     /// [`KubeTokens::reserve`].
