@@ -549,7 +549,19 @@ fn ca_new_issuer(a: CaNewIssuerArgs, clock: SharedClock) -> Result<()> {
         cfg.policy.trust_domain.as_str(),
     );
     let now = clock.now();
-    let out = crate::ca::ops::new_issuer(&cfg.ca_files, &a.anchor_key, &cn, a.lifetime, now)?;
+    let keep = crate::renewal::retirement_keep(
+        cfg.policy.lifetime,
+        cfg.limits.max_lifetime,
+        cfg.policy.clock_skew,
+    );
+    let out = crate::ca::ops::new_issuer(
+        &cfg.ca_files,
+        &a.anchor_key,
+        &cn,
+        a.lifetime,
+        now,
+        Some(keep),
+    )?;
     for f in &out.files {
         say(format_args!("wrote {}", f.display()));
     }

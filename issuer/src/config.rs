@@ -67,6 +67,7 @@ pub const KEYS: &[&str] = &[
     "ca.namespace",
     "ca.secret",
     "ca.trust_roots",
+    "ca.retired_issuers",
     "auth.tokens",
     "auth.store",
     "auth.namespace",
@@ -156,6 +157,9 @@ pub struct RawCa {
     pub secret: Option<String>,
     /// `kubernetes`: the trust-roots ConfigMap (key `ca-bundle.crt`).
     pub trust_roots: Option<String>,
+    /// `kubernetes`: the ConfigMap (created by the operator) where replaced issuer
+    /// certificates are recorded (key `retired-issuers.json`).
+    pub retired_issuers: Option<String>,
     /// Warn when the issuer certificate has less than this left.
     #[serde(default, with = "humantime_serde")]
     pub warn_before: Option<Duration>,
@@ -428,6 +432,11 @@ impl Config {
                 "ca.trust_roots",
                 &raw.ca.trust_roots,
                 crate::kubernetes::DEFAULT_TRUST_ROOTS,
+            ),
+            retired: kube_name(
+                "ca.retired_issuers",
+                &raw.ca.retired_issuers,
+                crate::kubernetes::DEFAULT_RETIRED_ISSUERS,
             ),
         };
         let tokens_namespace = kube_name("auth.namespace", &raw.auth.namespace, &ca_namespace);
@@ -909,11 +918,12 @@ per_credential_per_minute = 0
         assert_eq!(c.tokens_kubernetes.as_deref(), Some("linkerd"));
         let c = parse(
             "[ca]\nsource = \"kubernetes\"\nnamespace = \"mesh\"\nsecret = \"iss\"\n\
-             trust_roots = \"roots\"\n[auth]\nstore = \"kubernetes\"\n",
+             trust_roots = \"roots\"\nretired_issuers = \"old\"\n[auth]\nstore = \"kubernetes\"\n",
             &Overrides::default(),
         )
         .unwrap();
         let names = c.ca_kubernetes.unwrap();
+        assert_eq!(names.retired, "old");
         assert_eq!(
             (
                 names.namespace.as_str(),

@@ -4,6 +4,7 @@
 //! swapped in; a refused pair is logged and counted, the old one kept, whatever the source.
 
 use proxy_lib::fs::FileStamp;
+use rustls_pki_types::CertificateDer;
 
 use crate::ca::{Ca, CaFiles};
 use crate::error::Result;
@@ -58,18 +59,22 @@ impl Watch {
 }
 
 /// Loads the CA files and swaps them in if they validate at the shared clock's now; otherwise
-/// logs, counts and keeps the CA in use. Returns the load error, if any. Blocks.
-pub fn reload(shared: &Shared, files: &CaFiles) -> Result<()> {
+/// logs, counts and keeps the CA in use. Returns the issuer certificate replaced (see
+/// [`apply`]) or the load error. Blocks.
+pub fn reload(shared: &Shared, files: &CaFiles) -> Result<Option<CertificateDer<'static>>> {
     apply(shared, Ca::load(files, shared.clock.now()))
 }
 
 /// Swaps in a CA that validated (any source) or, for a load error, logs and counts the
-/// refusal and keeps the CA in use. Returns the load error, if any.
-pub fn apply(shared: &Shared, loaded: Result<Ca>) -> Result<()> {
+/// refusal and keeps the CA in use. Returns the issuer certificate the new CA replaced (when
+/// it brought another issuer; the caller records it so a restart still knows it), or the
+/// load error.
+pub fn apply(shared: &Shared, loaded: Result<Ca>) -> Result<Option<CertificateDer<'static>>> {
     match loaded {
         Ok(ca) => {
             let old = shared.ca.load();
             let changed = old.cert() != ca.cert();
+            let replaced = changed.then(|| old.cert().clone());
             let not_after = ca.window().not_after;
             tracing::info!(
                 serial = %ca.info().serial,
@@ -88,7 +93,7 @@ pub fn apply(shared: &Shared, loaded: Result<Ca>) -> Result<()> {
                 .ca_reloads
                 .get_or_create(&ResultLabel { result: "loaded" })
                 .inc();
-            Ok(())
+            Ok(replaced)
         }
         Err(error) => {
             tracing::error!(%error, "issuer ca refused; keeping the one in use");

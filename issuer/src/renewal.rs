@@ -5,9 +5,11 @@
 //! verifies against the anchors for client use at the issuer's clock. Under a shared Linkerd
 //! trust the anchors also vouch for every meshed pod, so that is not enough here: the leaf
 //! must be signed by one of this issuer's own issuer certificates, the current one or one a
-//! CA reload replaced within the longest leaf lifetime ([`KnownIssuers`]; those `issuer ca
-//! new-issuer` replaced are also recorded on disk, [`record_retired`], so they survive a
-//! restart). It must also be
+//! CA reload replaced within the longest leaf lifetime ([`KnownIssuers`]). Every replaced
+//! issuer is also recorded, so it survives a restart: in `retired-issuers.json` beside
+//! `issuer.crt` ([`record_retired`]; by `issuer ca new-issuer` and by the CA reload that
+//! picks up a pair replaced by hand), or, with the CA from Kubernetes, in the ConfigMap
+//! [`crate::kubernetes::retired`] names. It must also be
 //! valid now, name exactly the requested identity, have been issued after the identity's
 //! last revocation (issuance = notBefore + the backdating the issuer applies), come from an
 //! address the identity's token records allow (when any non-revoked record for it, used-up
@@ -106,6 +108,11 @@ impl KnownIssuers {
         if !v.iter().any(|(c, _)| *c == cert) {
             v.push((cert, Some(retired)));
         }
+    }
+
+    /// How long a replaced issuer is remembered.
+    pub fn keep(&self) -> Duration {
+        self.keep
     }
 
     /// The issuers that count at `now`.
@@ -297,11 +304,11 @@ mod tests {
         assert!(read_retired(&path).unwrap().is_empty(), "no file: none");
         let now = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
         let soon = cert("soon", 2_000_000_100);
-        record_retired(&path, &soon, now).unwrap();
+        record_retired(&path, &soon, now, None).unwrap();
         let mut later = Vec::new();
         for i in 0..MAX_RETIRED + 3 {
             let c = cert(&format!("i{i}"), 2_100_000_000);
-            record_retired(&path, &c, now + Duration::from_secs(i as u64)).unwrap();
+            record_retired(&path, &c, now + Duration::from_secs(i as u64), None).unwrap();
             later.push(c);
         }
         let got = read_retired(&path).unwrap();
@@ -315,12 +322,22 @@ mod tests {
         // An expired one goes at the next record.
         let d2 = tempfile::tempdir().unwrap();
         let p2 = retired_path(&d2.path().join("issuer.crt"));
-        record_retired(&p2, &soon, now).unwrap();
-        record_retired(&p2, &later[0], now + Duration::from_secs(200)).unwrap();
+        record_retired(&p2, &soon, now, None).unwrap();
+        record_retired(&p2, &later[0], now + Duration::from_secs(200), None).unwrap();
         let got = read_retired(&p2).unwrap();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, later[0]);
         assert_eq!(got[0].1, now + Duration::from_secs(200));
+        // One retired longer than `keep` ago (every leaf it signed has expired) goes too.
+        let p3 = retired_path(&d2.path().join("x").join("issuer.crt"));
+        std::fs::create_dir(p3.parent().unwrap()).unwrap();
+        let keep = Some(Duration::from_secs(100));
+        record_retired(&p3, &later[1], now, keep).unwrap();
+        record_retired(&p3, &later[2], now + Duration::from_secs(99), keep).unwrap();
+        assert_eq!(read_retired(&p3).unwrap().len(), 2, "within keep");
+        record_retired(&p3, &later[3], now + Duration::from_secs(100), keep).unwrap();
+        let got: Vec<_> = read_retired(&p3).unwrap().into_iter().map(|r| r.0).collect();
+        assert_eq!(got, [later[2].clone(), later[3].clone()]);
         // A malformed file is reported, naming it.
         std::fs::write(&p2, b"{not json").unwrap();
         assert!(
@@ -368,17 +385,24 @@ mod tests {
     }
 }
 
-/// The file beside `issuer.crt` where `issuer ca new-issuer` records the issuer certificates
-/// it replaced and when, so that an issuer started after a rotation still recognises the
-/// leaves they signed (a CA reload alone only remembers them in memory).
+/// The file beside `issuer.crt` where the issuer certificates replaced in that directory
+/// (by `issuer ca new-issuer`, or by hand and picked up by a CA reload) are recorded with
+/// when, so that an issuer started after a rotation still recognises the leaves they signed.
 pub fn retired_path(issuer_cert: &Path) -> PathBuf {
     issuer_cert.with_file_name("retired-issuers.json")
+}
+
+/// How long a replaced issuer's leaves may still be valid after it was replaced: the longest
+/// leaf lifetime (`max(lifetime, [limits] max_lifetime)`) plus the clock skew allowed; past
+/// that a retired issuer is forgotten.
+pub fn retirement_keep(lifetime: Duration, max_lifetime: Duration, clock_skew: Duration) -> Duration {
+    max_lifetime.max(lifetime) + clock_skew
 }
 
 /// At most this many replaced issuers are recorded (the most recent).
 const MAX_RETIRED: usize = 16;
 
-/// One replaced issuer certificate in [`retired_path`].
+/// One replaced issuer certificate in a retired-issuers record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RetiredIssuer {
     /// When it was replaced, Unix seconds.
@@ -387,20 +411,17 @@ struct RetiredIssuer {
     cert: String,
 }
 
-/// The replaced issuers recorded at `path`, with when each was replaced. A missing file is
-/// none; an unreadable or malformed one is reported (the caller decides whether that is fatal).
-pub fn read_retired(path: &Path) -> Result<Vec<(CertificateDer<'static>, SystemTime)>, String> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
+/// A list of replaced issuers with when each was replaced.
+pub type Retired = Vec<(CertificateDer<'static>, SystemTime)>;
+
+/// Parses a retired-issuers record (the JSON [`record_retired`] writes) read from `what`.
+pub fn parse_retired(text: &[u8], what: &str) -> Result<Retired, String> {
     let list: Vec<RetiredIssuer> =
-        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(text).map_err(|e| format!("{what}: {e}"))?;
     list.into_iter()
         .map(|r| {
             let der = hex::decode(&r.cert)
-                .map_err(|e| format!("{}: a certificate is not hex: {e}", path.display()))?;
+                .map_err(|e| format!("{what}: a certificate is not hex: {e}"))?;
             Ok((
                 CertificateDer::from(der),
                 UNIX_EPOCH + Duration::from_secs(r.retired),
@@ -409,16 +430,18 @@ pub fn read_retired(path: &Path) -> Result<Vec<(CertificateDer<'static>, SystemT
         .collect()
 }
 
-/// Records that `replaced` stopped being the issuer at `now`, keeping the list at `path`
-/// bounded: issuer certificates already expired (no leaf they signed can still be valid) and
-/// all but the most recent [`MAX_RETIRED`] are dropped. Written atomically. Blocks.
-pub fn record_retired(
-    path: &Path,
+/// `list` with `replaced` recorded as replaced at `now`, as JSON, bounded: issuer
+/// certificates already expired, those retired longer than `keep` ago (every leaf they signed
+/// has expired; `None`: not known here), and all but the most recent [`MAX_RETIRED`] dropped.
+pub fn with_retired(
+    mut list: Retired,
     replaced: &CertificateDer<'static>,
     now: SystemTime,
-) -> Result<(), String> {
-    let mut list = read_retired(path)?;
-    list.retain(|(c, _)| c != replaced && !expired(c, now));
+    keep: Option<Duration>,
+) -> Result<Vec<u8>, String> {
+    list.retain(|(c, at)| {
+        c != replaced && !expired(c, now) && keep.is_none_or(|k| now < *at + k)
+    });
     list.push((replaced.clone(), now));
     let skip = list.len().saturating_sub(MAX_RETIRED);
     let out: Vec<RetiredIssuer> = list
@@ -431,6 +454,28 @@ pub fn record_retired(
         .collect();
     let mut json = serde_json::to_vec_pretty(&out).map_err(|e| e.to_string())?;
     json.push(b'\n');
+    Ok(json)
+}
+
+/// The replaced issuers recorded at `path`, with when each was replaced. A missing file is
+/// none; an unreadable or malformed one is reported (the caller decides whether that is fatal).
+pub fn read_retired(path: &Path) -> Result<Retired, String> {
+    match std::fs::read(path) {
+        Ok(t) => parse_retired(&t, &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Records in the file at `path` that `replaced` stopped being the issuer at `now` (see
+/// [`with_retired`]; never a key). Written atomically. Blocks.
+pub fn record_retired(
+    path: &Path,
+    replaced: &CertificateDer<'static>,
+    now: SystemTime,
+    keep: Option<Duration>,
+) -> Result<(), String> {
+    let json = with_retired(read_retired(path)?, replaced, now, keep)?;
     proxy_lib::fs::write_atomic_keeping_owner(path, &json, proxy_lib::fs::PUBLIC_MODE)
         .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -61,6 +61,8 @@ struct KubeParts {
     ca: Option<Arc<KubeCaSource>>,
     tokens_task: Option<tokio::task::JoinHandle<()>>,
     workloads: Option<crate::kubernetes::workloads::WorkloadWatch>,
+    /// Where replaced issuers are recorded (the CA from Kubernetes), and what it held at start.
+    retired: Option<(crate::kubernetes::retired::RetiredIssuers, crate::renewal::Retired)>,
 }
 
 impl Drop for KubeParts {
@@ -199,6 +201,17 @@ impl Server {
         };
         let ca = match &config.ca_kubernetes {
             Some(names) => {
+                let retired = crate::kubernetes::retired::RetiredIssuers::new(
+                    client.clone(),
+                    &names.namespace,
+                    &names.retired,
+                );
+                let seed = retired.read().await.unwrap_or_else(|error| {
+                    // Not fatal: renewal by certificate then knows only the issuer in use.
+                    tracing::warn!(%error, "replaced issuers not read");
+                    Vec::new()
+                });
+                kube.retired = Some((retired, seed));
                 let src = KubeCaSource::start(client, names.clone());
                 src.synced(KUBE_SYNC_TIMEOUT).await?;
                 let ca = src.load(clock.now())?;
@@ -225,9 +238,17 @@ impl Server {
         let metrics = Metrics::new(&mut registry);
         let issuers = Arc::new(crate::renewal::KnownIssuers::new(
             ca.cert(),
-            config.limits.max_lifetime.max(config.policy.lifetime) + config.policy.clock_skew,
+            crate::renewal::retirement_keep(
+                config.policy.lifetime,
+                config.limits.max_lifetime,
+                config.policy.clock_skew,
+            ),
         ));
-        match crate::renewal::read_retired(&crate::renewal::retired_path(&files.cert)) {
+        let retired = match &kube.retired {
+            Some((_, seed)) => Ok(seed.clone()),
+            None => crate::renewal::read_retired(&crate::renewal::retired_path(&files.cert)),
+        };
+        match retired {
             Ok(retired) => {
                 for (cert, at) in retired {
                     issuers.remember(cert, at);
@@ -324,7 +345,7 @@ impl Server {
     /// Reloads the CA now (what SIGHUP does): the files, or the Kubernetes objects as last
     /// seen. Blocks.
     pub fn reload_ca(&self) -> Result<()> {
-        let res = if let Some(src) = &self.kube.ca {
+        let replaced = if let Some(src) = &self.kube.ca {
             crate::reload::apply(&self.shared, src.load(self.shared.clock.now()))
         } else {
             let files = &self.config.ca_files;
@@ -334,9 +355,45 @@ impl Server {
                 .tried(fingerprint(files));
             crate::reload::reload(&self.shared, files)
         };
+        let res = replaced.map(|r| self.retire(r));
         self.refresh_serving(true);
         self.warn_if_expiring();
         res
+    }
+
+    /// Records the issuer certificate a CA reload replaced, so an issuer restarted within one
+    /// leaf lifetime still renews the leaves it signed: in `retired-issuers.json` beside
+    /// `issuer.crt` (file source; blocks briefly), or in the retired-issuers ConfigMap (the CA
+    /// from Kubernetes; written in the background). A failure is logged: the replaced issuer
+    /// is then remembered in memory only.
+    fn retire(&self, replaced: Option<rustls_pki_types::CertificateDer<'static>>) {
+        let Some(cert) = replaced else {
+            return;
+        };
+        let now = self.shared.clock.now();
+        let keep = self.shared.issuers.keep();
+        match &self.kube.retired {
+            Some((store, _)) => {
+                let store = store.clone();
+                let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                    tracing::warn!("replaced issuer not recorded: no runtime to write with");
+                    return;
+                };
+                rt.spawn(async move {
+                    match store.record(&cert, now, keep).await {
+                        Ok(()) => tracing::info!(at = ?store, "replaced issuer recorded"),
+                        Err(error) => tracing::warn!(%error, "replaced issuer not recorded"),
+                    }
+                });
+            }
+            None => {
+                let path = crate::renewal::retired_path(&self.config.ca_files.cert);
+                match crate::renewal::record_retired(&path, &cert, now, Some(keep)) {
+                    Ok(()) => tracing::info!(path = %path.display(), "replaced issuer recorded"),
+                    Err(error) => tracing::warn!(%error, "replaced issuer not recorded"),
+                }
+            }
+        }
     }
 
     /// One maintenance step: re-read a changed token file, reload changed CA files
@@ -352,7 +409,9 @@ impl Server {
                 .unwrap_or_else(|e| e.into_inner())
                 .poll(fingerprint(files));
         if due {
-            let _ = crate::reload::reload(&self.shared, files);
+            if let Ok(replaced) = crate::reload::reload(&self.shared, files) {
+                self.retire(replaced);
+            }
             self.warn_if_expiring();
         }
         self.refresh_serving(false);
@@ -543,7 +602,8 @@ async fn follow_kube_ca(server: Arc<Server>, src: Arc<KubeCaSource>) {
         let names = src.names().clone();
         let _ = tokio::task::spawn_blocking(move || {
             let loaded = crate::kubernetes::ca::load(&names, &now_seen, me.shared.clock.now());
-            if crate::reload::apply(&me.shared, loaded).is_ok() {
+            if let Ok(replaced) = crate::reload::apply(&me.shared, loaded) {
+                me.retire(replaced);
                 me.refresh_serving(false);
                 me.warn_if_expiring();
             }

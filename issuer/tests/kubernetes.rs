@@ -24,6 +24,7 @@ use tonic::Code;
 const NS: &str = "linkerd";
 const SECRET: &str = "linkerd-identity-issuer";
 const ROOTS: &str = "linkerd-identity-trust-roots";
+const RETIRED: &str = issuer::kubernetes::DEFAULT_RETIRED_ISSUERS;
 
 /// An issuer Secret with `data` (k8s-openapi encodes it as Kubernetes JSON does: base64).
 fn secret(data: &[(&str, &str)]) -> Value {
@@ -110,11 +111,11 @@ fn assert_calls_within(calls: &[Call], rules: &[Rule]) {
                 && r.verbs.contains(&c.verb)
                 && match r.names {
                     Names::All => true,
-                    Names::IssuerSecret | Names::TrustRoots => {
-                        let want = if r.names == Names::IssuerSecret {
-                            SECRET
-                        } else {
-                            ROOTS
+                    Names::IssuerSecret | Names::TrustRoots | Names::RetiredIssuers => {
+                        let want = match r.names {
+                            Names::IssuerSecret => SECRET,
+                            Names::TrustRoots => ROOTS,
+                            _ => RETIRED,
                         };
                         c.name.as_deref() == Some(want)
                             || c.query.get("fieldSelector").map(String::as_str)
@@ -276,15 +277,16 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     assert!(st.message().contains("revoked"), "{st:?}");
 
     // Everything the server and the store asked is within the declared RBAC rules, and the
-    // CA objects were only ever asked for by name.
+    // CA objects were only ever asked for by name (the server's only other calls: the
+    // retired-issuers ConfigMap, absent here).
     let (ours, operator): (Vec<_>, Vec<_>) = fake
         .calls()
         .into_iter()
-        .partition(|c| matches!(c.verb, "list" | "watch"));
+        .partition(|c| matches!(c.verb, "list" | "watch") || c.plural() == "configmaps");
     assert_calls_within(&ours, ISSUER_RULES);
     assert_calls_within(&operator, OPERATOR_RULES);
     for c in &ours {
-        if c.plural() == "configmaps" {
+        if c.plural() == "configmaps" && c.name.is_none() {
             assert_eq!(c.query["fieldSelector"], format!("metadata.name={ROOTS}"));
         }
         if c.plural() == "secrets" && !c.query.contains_key("fieldSelector") {
@@ -547,6 +549,7 @@ fn declared(rules: &[Rule]) -> Vec<(String, Vec<String>, Vec<String>)> {
             let names = match r.names {
                 Names::IssuerSecret => vec![SECRET.to_string()],
                 Names::TrustRoots => vec![ROOTS.to_string()],
+                Names::RetiredIssuers => vec![RETIRED.to_string()],
                 Names::All => Vec::new(),
             };
             (
@@ -894,5 +897,118 @@ async fn the_trust_roots_configmap_publishes_the_bundle_signature() {
 
     let _ = stop.send(());
     join.await.unwrap().unwrap();
+    fake.stop().await;
+}
+
+/// Starts `cfg` against the fake API server on a loopback port: (address, stop, join).
+async fn start_server(
+    fake: &FakeKube,
+    cfg: Config,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<issuer::Result<()>>,
+) {
+    let client = client_for(fake).await;
+    let server = Server::open(cfg, Arc::new(SystemClock), Vec::new(), Some(client))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(server.run(listener, None, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, join)
+}
+
+// With the CA from Kubernetes, the issuer a new pair replaces is recorded in the
+// retired-issuers ConfigMap (get + update by name, nothing else), so an issuer restarted
+// afterwards still renews by certificate the leaves the old pair signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_kubernetes_issuer_still_renews_leaves_of_the_replaced_pair() {
+    proxy_lib::install_crypto_provider();
+    let tmp = tempfile::tempdir().unwrap();
+    let [anchor, anchor_key, issuer_a, key_a] = init_ca(&tmp.path().join("a"));
+    let now = SystemClock.now();
+    let (issuer_b, key_b) = issuer_pair(
+        &anchor,
+        &anchor_key,
+        "second issuer",
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(30 * 86_400),
+        true,
+    );
+    let fake = FakeKube::start().await;
+    fake.put("v1/configmaps", roots(&anchor));
+    fake.put(
+        "v1/secrets",
+        secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]),
+    );
+    // The operator creates the ConfigMap, empty.
+    fake.put(
+        "v1/configmaps",
+        json!({"metadata": {"name": RETIRED, "namespace": NS}}),
+    );
+    let cfg = config(tmp.path(), "[ca]\nsource = \"kubernetes\"\n");
+    let token = issuer::tokens::create(
+        &cfg.tokens,
+        &issuer::tokens::CreateOptions {
+            identity: Identity::parse(ID).unwrap(),
+            ttl: None,
+            allowed_ips: Vec::new(),
+            uses: Some(1),
+        },
+        now,
+    )
+    .unwrap();
+
+    let (addr, stop, join) = start_server(&fake, cfg.clone()).await;
+    let mut client = tls_client(addr, anchor.as_bytes(), &cfg.server_name).await;
+    let (key, csr) = p256_csr(ID);
+    let old = certify(&mut client, request(ID, token.secret.as_bytes(), csr))
+        .await
+        .expect("bootstrap");
+    assert_eq!(old.intermediate_certificates[0], der(&issuer_a));
+
+    // A new pair: the replaced issuer certificate lands in the ConfigMap.
+    fake.put(
+        "v1/secrets",
+        secret(&[("crt.pem", &issuer_b), ("key.pem", &key_b)]),
+    );
+    eventually("the replaced issuer to be recorded", || async {
+        let cm = fake.get("v1/configmaps", NS, RETIRED)?;
+        let text = cm["data"][issuer::kubernetes::retired::RETIRED_KEY].as_str()?;
+        let list = issuer::renewal::parse_retired(text.as_bytes(), "test").unwrap();
+        (list.len() == 1 && list[0].0.as_ref() == der(&issuer_a).as_slice()).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    join.await.unwrap().unwrap();
+
+    // A fresh process: it reads the record and accepts the old leaf as a renewal credential.
+    let (addr, stop, join) = start_server(&fake, cfg.clone()).await;
+    let mut client = tls_client_with_cert(
+        addr,
+        anchor.as_bytes(),
+        &cfg.server_name,
+        std::iter::once(old.leaf_certificate.clone())
+            .chain(old.intermediate_certificates.iter().cloned())
+            .collect(),
+        key.serialize_der(),
+    )
+    .await;
+    let (_, csr) = p256_csr(ID);
+    let renewed = certify(&mut client, request(ID, b"", csr))
+        .await
+        .expect("a leaf of the replaced pair renews after a restart");
+    assert_eq!(renewed.intermediate_certificates[0], der(&issuer_b));
+    let _ = stop.send(());
+    join.await.unwrap().unwrap();
+
+    // Every call the servers made is one the declared rules allow.
+    let calls = fake.calls();
+    assert!(calls.iter().any(|c| c.verb == "update" && c.plural() == "configmaps"));
+    assert_calls_within(&calls, ISSUER_RULES);
     fake.stop().await;
 }

@@ -650,6 +650,7 @@ async fn leaves_of_a_replaced_issuer_renew_after_a_restart() {
         "next issuer",
         Duration::from_secs(86_400),
         h.clock.now(),
+        None,
     )
     .unwrap();
     let h = h.restart().await;
@@ -674,5 +675,52 @@ async fn leaves_of_a_replaced_issuer_renew_after_a_restart() {
         .await
         .expect_err("an unrecorded replaced issuer's leaf is no credential");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    h.stop().await;
+}
+
+// An issuer pair replaced by hand (the files rewritten, picked up by the CA reload) is
+// recorded in retired-issuers.json like one `ca new-issuer` replaced: an issuer restarted
+// afterwards still renews the leaves the old pair signed.
+#[tokio::test]
+async fn leaves_of_an_issuer_replaced_by_hand_renew_after_a_restart() {
+    let h = Harness::start(|_| {}).await;
+    let token = h.token(ID, Some(1));
+    let key = KeyPair::generate().unwrap();
+    let old = h.certify(ID, &token, &key, None).await.unwrap();
+    assert!(!h.dir.join("retired-issuers.json").exists());
+
+    let anchor_pem = std::fs::read_to_string(h.dir.join("ca.crt")).unwrap();
+    let anchor_key = std::fs::read_to_string(h.dir.join("anchor.key")).unwrap();
+    let now = h.clock.now();
+    let (cert, new_key) = issuer_pair(
+        &anchor_pem,
+        &anchor_key,
+        "hand-made issuer",
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(86_400),
+        true,
+    );
+    proxy_lib::fs::write_atomic(&h.dir.join("issuer.key"), new_key.as_bytes(), 0o600, None)
+        .unwrap();
+    proxy_lib::fs::write_atomic(&h.dir.join("issuer.crt"), cert.as_bytes(), 0o644, None).unwrap();
+    // What the maintenance loop does once the files are stable (or SIGHUP).
+    h.server.reload_ca().unwrap();
+    let recorded = issuer::renewal::read_retired(&h.dir.join("retired-issuers.json")).unwrap();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].0.as_ref(), old.intermediate_certificates[0].as_slice());
+    let text = std::fs::read_to_string(h.dir.join("retired-issuers.json")).unwrap();
+    assert!(!text.contains("PRIVATE"), "never a key");
+
+    let h = h.restart().await;
+    let k2 = KeyPair::generate().unwrap();
+    let renewed = h
+        .certify(ID, "", &k2, Some((&old, &key)))
+        .await
+        .expect("a leaf of the hand-replaced issuer renews after a restart");
+    assert_ne!(
+        renewed.intermediate_certificates[0], old.intermediate_certificates[0],
+        "signed by the new issuer"
+    );
+    assert_eq!(last_audit(&h)["authenticator"], "certificate");
     h.stop().await;
 }

@@ -158,13 +158,16 @@ pub struct NewIssuer {
 /// the new pair exactly as the server will, then replaces `issuer.key` and `issuer.crt`, each
 /// atomically (temp file, fsync, rename), keeping the owner the old files had. The running
 /// server loads the new pair once both files are stable (or on SIGHUP). The signing key is
-/// only read. Blocks.
+/// only read. The replaced issuer certificate is recorded in `retired-issuers.json`
+/// ([`crate::renewal::record_retired`], dropping entries retired longer than `keep` ago).
+/// Blocks.
 pub fn new_issuer(
     files: &CaFiles,
     signer_key: &Path,
     cn: &str,
     validity: Duration,
     now: SystemTime,
+    keep: Option<Duration>,
 ) -> Result<NewIssuer> {
     let anchors_pem = read_material(&files.anchors)?;
     let anchors = certs_in(&anchors_pem, &files.anchors)?;
@@ -221,7 +224,7 @@ pub fn new_issuer(
     // way; failing to record is reported, not undone.
     if let Some(replaced) = current.first() {
         let path = crate::renewal::retired_path(&files.cert);
-        crate::renewal::record_retired(&path, replaced, now)
+        crate::renewal::record_retired(&path, replaced, now, keep)
             .map_err(|reason| Error::CaMaterial { path, reason })?;
     }
     Ok(NewIssuer {

@@ -36,6 +36,9 @@ pub struct KubeCaNames {
     pub secret: String,
     /// The trust-roots ConfigMap.
     pub trust_roots: String,
+    /// The ConfigMap where replaced issuer certificates are recorded
+    /// ([`super::retired`]).
+    pub retired: String,
 }
 
 impl Default for KubeCaNames {
@@ -44,6 +47,7 @@ impl Default for KubeCaNames {
             namespace: super::DEFAULT_NAMESPACE.into(),
             secret: super::DEFAULT_SECRET.into(),
             trust_roots: super::DEFAULT_TRUST_ROOTS.into(),
+            retired: super::DEFAULT_RETIRED_ISSUERS.into(),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! manifests in `examples/kubernetes/` grant exactly these (tests hold them to it).
 
 pub mod ca;
+pub mod retired;
 pub mod review;
 pub mod tokens;
 pub mod workloads;
@@ -35,6 +36,8 @@ pub const DEFAULT_NAMESPACE: &str = "linkerd";
 pub const DEFAULT_SECRET: &str = "linkerd-identity-issuer";
 /// Default name of the trust-roots ConfigMap.
 pub const DEFAULT_TRUST_ROOTS: &str = "linkerd-identity-trust-roots";
+/// Default name of the ConfigMap where replaced issuer certificates are recorded.
+pub const DEFAULT_RETIRED_ISSUERS: &str = "mesh-issuer-retired-issuers";
 
 /// Which objects an RBAC rule covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub enum Names {
     IssuerSecret,
     /// Only the configured trust-roots ConfigMap (`resourceNames`).
     TrustRoots,
+    /// Only the configured retired-issuers ConfigMap (`resourceNames`).
+    RetiredIssuers,
     /// Every object of the resource in the namespace.
     All,
 }
@@ -62,8 +67,10 @@ pub struct Rule {
 
 /// What `issuer serve` calls: list+watch of the CA Secret and the roots ConfigMap (a watch
 /// on one object is a list and a watch with `fieldSelector=metadata.name=...`, which RBAC
-/// restricts by `resourceNames`), and list+watch of the token Secrets, with get+update to
-/// record a use of a token that has a use count.
+/// restricts by `resourceNames`), get+update of the retired-issuers ConfigMap (by name: the
+/// operator creates it, the server records replaced issuer certificates in it), and
+/// list+watch of the token Secrets, with get+update to record a use of a token that has a use
+/// count.
 pub const ISSUER_RULES: &[Rule] = &[
     Rule {
         group: "",
@@ -76,6 +83,12 @@ pub const ISSUER_RULES: &[Rule] = &[
         resource: "configmaps",
         verbs: &["list", "watch"],
         names: Names::TrustRoots,
+    },
+    Rule {
+        group: "",
+        resource: "configmaps",
+        verbs: &["get", "update"],
+        names: Names::RetiredIssuers,
     },
     Rule {
         group: "",
