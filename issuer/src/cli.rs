@@ -603,8 +603,7 @@ fn ca_sign_bundle(a: CaSignBundleArgs, clock: SharedClock) -> Result<()> {
         };
         let sig = read(&a.out.join(proxy_lib::trust_bundle::SIG_FILE))?;
         let anchors = read(&a.out.join(proxy_lib::trust_bundle::BUNDLE_FILE))?;
-        let yaml =
-            crate::kubernetes::ca::trust_roots_yaml(&a.namespace, name, &anchors, &sig);
+        let yaml = crate::kubernetes::ca::trust_roots_yaml(&a.namespace, name, &anchors, &sig);
         let mut stdout = std::io::stdout().lock();
         stdout
             .write_all(yaml.as_bytes())

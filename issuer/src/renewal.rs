@@ -336,7 +336,11 @@ mod tests {
         record_retired(&p3, &later[2], now + Duration::from_secs(99), keep).unwrap();
         assert_eq!(read_retired(&p3).unwrap().len(), 2, "within keep");
         record_retired(&p3, &later[3], now + Duration::from_secs(100), keep).unwrap();
-        let got: Vec<_> = read_retired(&p3).unwrap().into_iter().map(|r| r.0).collect();
+        let got: Vec<_> = read_retired(&p3)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(got, [later[2].clone(), later[3].clone()]);
         // A malformed file is reported, naming it.
         std::fs::write(&p2, b"{not json").unwrap();
@@ -395,7 +399,11 @@ pub fn retired_path(issuer_cert: &Path) -> PathBuf {
 /// How long a replaced issuer's leaves may still be valid after it was replaced: the longest
 /// leaf lifetime (`max(lifetime, [limits] max_lifetime)`) plus the clock skew allowed; past
 /// that a retired issuer is forgotten.
-pub fn retirement_keep(lifetime: Duration, max_lifetime: Duration, clock_skew: Duration) -> Duration {
+pub fn retirement_keep(
+    lifetime: Duration,
+    max_lifetime: Duration,
+    clock_skew: Duration,
+) -> Duration {
     max_lifetime.max(lifetime) + clock_skew
 }
 
@@ -439,9 +447,7 @@ pub fn with_retired(
     now: SystemTime,
     keep: Option<Duration>,
 ) -> Result<Vec<u8>, String> {
-    list.retain(|(c, at)| {
-        c != replaced && !expired(c, now) && keep.is_none_or(|k| now < *at + k)
-    });
+    list.retain(|(c, at)| c != replaced && !expired(c, now) && keep.is_none_or(|k| now < *at + k));
     list.push((replaced.clone(), now));
     let skip = list.len().saturating_sub(MAX_RETIRED);
     let out: Vec<RetiredIssuer> = list

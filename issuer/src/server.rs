@@ -62,7 +62,10 @@ struct KubeParts {
     tokens_task: Option<tokio::task::JoinHandle<()>>,
     workloads: Option<crate::kubernetes::workloads::WorkloadWatch>,
     /// Where replaced issuers are recorded (the CA from Kubernetes), and what it held at start.
-    retired: Option<(crate::kubernetes::retired::RetiredIssuers, crate::renewal::Retired)>,
+    retired: Option<(
+        crate::kubernetes::retired::RetiredIssuers,
+        crate::renewal::Retired,
+    )>,
 }
 
 impl Drop for KubeParts {

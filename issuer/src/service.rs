@@ -91,7 +91,11 @@ impl Shared {
         let per_minute = limits.per_credential_per_minute;
         let issuers = Arc::new(crate::renewal::KnownIssuers::new(
             ca.cert(),
-            crate::renewal::retirement_keep(policy.lifetime, limits.max_lifetime, policy.clock_skew),
+            crate::renewal::retirement_keep(
+                policy.lifetime,
+                limits.max_lifetime,
+                policy.clock_skew,
+            ),
         ));
         metrics
             .ca_expiration

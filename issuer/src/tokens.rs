@@ -1233,7 +1233,10 @@ mod tests {
         assert_eq!(reserve("k"), Ok(Binding::Joined));
         settle("k", false);
         assert_eq!(rec().bound_keys, ["k"], "the second still relies on it");
-        assert!(matches!(reserve("other"), Err(AuthError::KeyNotBound { .. })));
+        assert!(matches!(
+            reserve("other"),
+            Err(AuthError::KeyNotBound { .. })
+        ));
         settle("k", true);
         assert_eq!(rec().bound_keys, ["k"]);
         assert!(rec().in_flight.is_empty());
@@ -1253,13 +1256,7 @@ mod tests {
         )
         .unwrap();
         let id2 = t2.record.id.as_str();
-        let rec2 = || {
-            list(&p)
-                .unwrap()
-                .into_iter()
-                .find(|r| r.id == id2)
-                .unwrap()
-        };
+        let rec2 = || list(&p).unwrap().into_iter().find(|r| r.id == id2).unwrap();
         assert_eq!(reserve_in_file(&p, id2, "k").unwrap(), Ok(Binding::Fresh));
         assert_eq!(reserve_in_file(&p, id2, "k").unwrap(), Ok(Binding::Joined));
         settle_in_file(&p, id2, "k", true).unwrap();

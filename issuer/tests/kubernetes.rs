@@ -849,7 +849,10 @@ async fn the_trust_roots_configmap_publishes_the_bundle_signature() {
         secret(&[("crt.pem", &issuer_a), ("key.pem", &key_a)]),
     );
     let client = client_for(&fake).await;
-    let cfg = config(tmp.path(), "plaintext = true\n[ca]\nsource = \"kubernetes\"\n");
+    let cfg = config(
+        tmp.path(),
+        "plaintext = true\n[ca]\nsource = \"kubernetes\"\n",
+    );
     let server = Server::open(cfg, Arc::new(SystemClock), Vec::new(), Some(client))
         .await
         .unwrap();
@@ -887,7 +890,11 @@ async fn the_trust_roots_configmap_publishes_the_bundle_signature() {
         served_bundle(addr).await.signature.is_empty().then_some(())
     })
     .await;
-    assert_eq!(served_bundle(addr).await.anchors.len(), 2, "anchors still served");
+    assert_eq!(
+        served_bundle(addr).await.anchors.len(),
+        2,
+        "anchors still served"
+    );
     // Put right again: served signed again.
     fake.put("v1/configmaps", cm);
     eventually("the signature to be served again", || async {
@@ -1008,7 +1015,11 @@ async fn a_restarted_kubernetes_issuer_still_renews_leaves_of_the_replaced_pair(
 
     // Every call the servers made is one the declared rules allow.
     let calls = fake.calls();
-    assert!(calls.iter().any(|c| c.verb == "update" && c.plural() == "configmaps"));
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.verb == "update" && c.plural() == "configmaps")
+    );
     assert_calls_within(&calls, ISSUER_RULES);
     fake.stop().await;
 }

@@ -338,7 +338,10 @@ async fn renewal_by_certificate_only_from_addresses_the_tokens_allow() {
     let h = Harness::start(|_| {}).await;
     let t = h.token_from(ID, "127.0.0.1");
     let key = KeyPair::generate().unwrap();
-    let cert = h.certify(ID, &t.secret, &key, None).await.expect("bootstrap");
+    let cert = h
+        .certify(ID, &t.secret, &key, None)
+        .await
+        .expect("bootstrap");
     // The token is used up; its record still restricts renewals.
     assert_eq!(tokens::list(&h.cfg.tokens).unwrap()[0].uses_left(), Some(0));
     let k2 = KeyPair::generate().unwrap();
@@ -357,8 +360,14 @@ async fn renewal_by_certificate_only_from_addresses_the_tokens_allow() {
     assert!(st.message().contains("127.0.0.2"), "{st:?}");
     let line = last_audit(&h);
     assert_eq!(line["decision"], "refused");
-    assert_eq!(line["peer"].as_str().unwrap().split(':').next(), Some("127.0.0.2"));
-    assert!(line["reason"].as_str().unwrap().contains("127.0.0.2"), "{line}");
+    assert_eq!(
+        line["peer"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.2")
+    );
+    assert!(
+        line["reason"].as_str().unwrap().contains("127.0.0.2"),
+        "{line}"
+    );
 
     // Another token of the identity allowing 127.0.0.2: the union is allowed.
     let second = h.token_from(ID, "127.0.0.2/32");
@@ -707,7 +716,10 @@ async fn leaves_of_an_issuer_replaced_by_hand_renew_after_a_restart() {
     h.server.reload_ca().unwrap();
     let recorded = issuer::renewal::read_retired(&h.dir.join("retired-issuers.json")).unwrap();
     assert_eq!(recorded.len(), 1);
-    assert_eq!(recorded[0].0.as_ref(), old.intermediate_certificates[0].as_slice());
+    assert_eq!(
+        recorded[0].0.as_ref(),
+        old.intermediate_certificates[0].as_slice()
+    );
     let text = std::fs::read_to_string(h.dir.join("retired-issuers.json")).unwrap();
     assert!(!text.contains("PRIVATE"), "never a key");
 

@@ -106,7 +106,11 @@ impl RetiredIssuers {
                 .get_or_insert_default()
                 .insert(RETIRED_KEY.to_string(), text);
             // `cm` keeps the resourceVersion it was read at: the replace is conditional.
-            match self.api.replace(&self.name, &PostParams::default(), &cm).await {
+            match self
+                .api
+                .replace(&self.name, &PostParams::default(), &cm)
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(kube::Error::Api(s)) if s.code == 409 => continue,
                 Err(e) => return Err(format!("updating {}: {e}", self.what())),
