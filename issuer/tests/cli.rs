@@ -212,6 +212,51 @@ fn init_writes_the_ca_and_refuses_a_second_run() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), names.len());
 }
 
+// `ca sign-bundle --configmap` also prints the trust-roots ConfigMap, both keys holding the
+// exact bytes written to the files, as YAML kubectl applies.
+#[test]
+fn sign_bundle_prints_the_trust_roots_configmap() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("ca");
+    init(&dir, &[]);
+    let out = d.path().join("signed");
+    let (code, stdout, err) = run(&[
+        "ca",
+        "sign-bundle",
+        "--anchor-key",
+        dir.join("anchor.key").to_str().unwrap(),
+        "--bundle",
+        dir.join("ca.crt").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--configmap",
+        "roots",
+        "--namespace",
+        "mesh",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("wrote"), "{err}");
+    let cm: serde_json::Value = serde_saphyr::from_str(&stdout).unwrap();
+    assert_eq!(cm["kind"], "ConfigMap");
+    assert_eq!(cm["metadata"]["name"], "roots");
+    assert_eq!(cm["metadata"]["namespace"], "mesh");
+    let file = |n: &str| std::fs::read_to_string(out.join(n)).unwrap();
+    assert_eq!(cm["data"]["ca-bundle.crt"], file("ca.crt").as_str());
+    assert_eq!(cm["data"]["ca-bundle.crt.sig"], file("ca.crt.sig").as_str());
+    // --namespace alone is a usage error
+    let (code, _, _) = run(&[
+        "ca",
+        "sign-bundle",
+        "--anchor-key",
+        "k",
+        "--bundle",
+        "b",
+        "--namespace",
+        "mesh",
+    ]);
+    assert_eq!(code, 64);
+}
+
 // `init --owner` with an unknown user or group is a usage error naming it, and writes nothing.
 #[test]
 fn init_owner_names_an_unknown_user_or_group_and_writes_nothing() {
