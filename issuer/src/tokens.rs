@@ -829,14 +829,12 @@ impl TokenStore {
         if peer.is_some_and(|ip| nets.iter().any(|n| n.contains(ip))) {
             return Ok(());
         }
+        let allowed: Vec<String> = nets.iter().map(ToString::to_string).collect();
+        let peer = peer.map_or_else(|| "an unknown address".into(), |ip| ip.to_string());
         Err(AuthError::RenewalSourceNotAllowed {
             identity: identity.to_string(),
-            peer: peer.map_or_else(|| "an unknown address".into(), |ip| ip.to_string()),
-            allowed: nets
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
+            peer,
+            allowed: allowed.join(", "),
         })
     }
 
@@ -1214,15 +1212,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("tokens");
         let now = UNIX_EPOCH + Duration::from_secs(10);
-        let t = create(
-            &p,
-            &CreateOptions {
+        let counted = || {
+            let o = CreateOptions {
                 uses: Some(1),
                 ..opts("a")
-            },
-            now,
-        )
-        .unwrap();
+            };
+            create(&p, &o, now).unwrap()
+        };
+        let t = counted();
         let id = t.record.id.as_str();
         let rec = || list(&p).unwrap().remove(0);
         let reserve = |key: &str| reserve_in_file(&p, id, key).unwrap();
@@ -1246,15 +1243,7 @@ mod tests {
         assert_eq!(rec().bound_keys, ["k"]);
 
         // second issues first, then the first fails: the key stays bound
-        let t2 = create(
-            &p,
-            &CreateOptions {
-                uses: Some(1),
-                ..opts("a")
-            },
-            now,
-        )
-        .unwrap();
+        let t2 = counted();
         let id2 = t2.record.id.as_str();
         let rec2 = || list(&p).unwrap().into_iter().find(|r| r.id == id2).unwrap();
         assert_eq!(reserve_in_file(&p, id2, "k").unwrap(), Ok(Binding::Fresh));
@@ -1265,15 +1254,7 @@ mod tests {
         assert_eq!(rec2().uses_left(), Some(0));
 
         // both fail: only the last release gives the use back
-        let t3 = create(
-            &p,
-            &CreateOptions {
-                uses: Some(1),
-                ..opts("a")
-            },
-            now,
-        )
-        .unwrap();
+        let t3 = counted();
         let id3 = t3.record.id.as_str();
         assert_eq!(reserve_in_file(&p, id3, "k").unwrap(), Ok(Binding::Fresh));
         assert_eq!(reserve_in_file(&p, id3, "k").unwrap(), Ok(Binding::Joined));

@@ -144,6 +144,27 @@ impl Harness {
         t
     }
 
+    /// Rewrites issuer.key and issuer.crt with a new pair named `cn` under the same anchor, as
+    /// an operator might by hand (the server picks it up on its next CA reload).
+    fn replace_pair_by_hand(&self, cn: &str) {
+        let anchor_pem = std::fs::read_to_string(self.dir.join("ca.crt")).unwrap();
+        let anchor_key = std::fs::read_to_string(self.dir.join("anchor.key")).unwrap();
+        let now = self.clock.now();
+        let (cert, new_key) = issuer_pair(
+            &anchor_pem,
+            &anchor_key,
+            cn,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(86_400),
+            true,
+        );
+        let write = |name: &str, text: &str, mode| {
+            proxy_lib::fs::write_atomic(&self.dir.join(name), text.as_bytes(), mode, None).unwrap()
+        };
+        write("issuer.key", &new_key, 0o600);
+        write("issuer.crt", &cert, 0o644);
+    }
+
     fn audit_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("audit.log"))
             .unwrap_or_default()
@@ -610,20 +631,7 @@ async fn leaves_of_a_replaced_issuer_still_renew() {
     let key = KeyPair::generate().unwrap();
     let old = h.certify(ID, &token, &key, None).await.unwrap();
 
-    let anchor_pem = std::fs::read_to_string(h.dir.join("ca.crt")).unwrap();
-    let anchor_key = std::fs::read_to_string(h.dir.join("anchor.key")).unwrap();
-    let now = h.clock.now();
-    let (cert, new_key) = issuer_pair(
-        &anchor_pem,
-        &anchor_key,
-        "next issuer",
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(86_400),
-        true,
-    );
-    proxy_lib::fs::write_atomic(&h.dir.join("issuer.key"), new_key.as_bytes(), 0o600, None)
-        .unwrap();
-    proxy_lib::fs::write_atomic(&h.dir.join("issuer.crt"), cert.as_bytes(), 0o644, None).unwrap();
+    h.replace_pair_by_hand("next issuer");
     h.server.reload_ca().unwrap();
 
     let k2 = KeyPair::generate().unwrap();
@@ -698,20 +706,7 @@ async fn leaves_of_an_issuer_replaced_by_hand_renew_after_a_restart() {
     let old = h.certify(ID, &token, &key, None).await.unwrap();
     assert!(!h.dir.join("retired-issuers.json").exists());
 
-    let anchor_pem = std::fs::read_to_string(h.dir.join("ca.crt")).unwrap();
-    let anchor_key = std::fs::read_to_string(h.dir.join("anchor.key")).unwrap();
-    let now = h.clock.now();
-    let (cert, new_key) = issuer_pair(
-        &anchor_pem,
-        &anchor_key,
-        "hand-made issuer",
-        now - Duration::from_secs(60),
-        now + Duration::from_secs(86_400),
-        true,
-    );
-    proxy_lib::fs::write_atomic(&h.dir.join("issuer.key"), new_key.as_bytes(), 0o600, None)
-        .unwrap();
-    proxy_lib::fs::write_atomic(&h.dir.join("issuer.crt"), cert.as_bytes(), 0o644, None).unwrap();
+    h.replace_pair_by_hand("hand-made issuer");
     // What the maintenance loop does once the files are stable (or SIGHUP).
     h.server.reload_ca().unwrap();
     let recorded = issuer::renewal::read_retired(&h.dir.join("retired-issuers.json")).unwrap();
