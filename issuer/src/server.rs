@@ -393,7 +393,11 @@ impl Server {
                 let path = crate::renewal::retired_path(&self.config.ca_files.cert);
                 match crate::renewal::record_retired(&path, &cert, now, Some(keep)) {
                     Ok(()) => tracing::info!(path = %path.display(), "replaced issuer recorded"),
-                    Err(error) => tracing::warn!(%error, "replaced issuer not recorded"),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "replaced issuer not recorded (is the CA dir writable?): after a restart \
+                         within one leaf lifetime, hosts holding its leaves must bootstrap again"
+                    ),
                 }
             }
         }

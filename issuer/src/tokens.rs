@@ -128,8 +128,9 @@ pub struct TokenRecord {
     /// Bound keys nothing has been issued for yet, with how many requests hold a reservation
     /// on each: such a key is unbound (its use given back) only when the last of them is
     /// released with none having issued. A bound key not listed here has been certified and
-    /// stays bound. A reservation whose server died before it committed or released leaves
-    /// its count behind: the use then stays spent (never over-issued).
+    /// stays bound. A reservation whose server died (or whose request was dropped) before it
+    /// committed or released leaves its count behind: the use then stays spent (never
+    /// over-issued).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub in_flight: BTreeMap<String, u32>,
 }
