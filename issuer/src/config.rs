@@ -77,6 +77,7 @@ pub const KEYS: &[&str] = &[
     "auth.max_renewal_age",
     "auth.external_workloads",
     "auth.namespaces",
+    "auth.last_issued_flush",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -194,6 +195,10 @@ pub struct RawAuth {
     /// With `external_workloads`: the namespaces whose ExternalWorkloads are watched
     /// (default: all).
     pub namespaces: Option<Vec<String>>,
+    /// With `external_workloads`: how often the last issuance is written to the
+    /// ExternalWorkloads (default 10s, from 1s to 1h).
+    #[serde(default, with = "humantime_serde")]
+    pub last_issued_flush: Option<Duration>,
 }
 
 /// `[audit]`.
@@ -328,6 +333,9 @@ pub struct Config {
     /// (empty: all); a credential is honoured only from an address one of them registers for
     /// the identity (service-account tokens excepted).
     pub auth_external_workloads: Option<Vec<String>>,
+    /// `[auth] last_issued_flush`: with `external_workloads`, how often the last issuances
+    /// are written to the ExternalWorkloads (each at most once per interval).
+    pub last_issued_flush: Duration,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -477,6 +485,16 @@ impl Config {
                 ));
             }
         }
+        let last_issued_flush = raw
+            .auth
+            .last_issued_flush
+            .unwrap_or(crate::kubernetes::last_issued::DEFAULT_FLUSH);
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&last_issued_flush) {
+            problems.push(format!(
+                "auth.last_issued_flush = {}: must be from 1s to 1h",
+                humantime::format_duration(last_issued_flush)
+            ));
+        }
         let auth_external_workloads = raw
             .auth
             .external_workloads
@@ -607,6 +625,7 @@ impl Config {
             renew_by_certificate: raw.auth.renew_by_certificate.unwrap_or(true),
             max_renewal_age: raw.auth.max_renewal_age,
             auth_external_workloads,
+            last_issued_flush,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,
