@@ -612,7 +612,8 @@ async fn workload_list(fake: &FakeKube, dir: &Path, json: bool) -> String {
 // `workload list` shows it (`never` for a host without one); a renewal by certificate
 // updates it; many issuances within one interval make one PATCH; only merge patches of
 // registered objects are sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: the log capture sees the server's tasks.
+#[tokio::test]
 async fn the_last_issuance_is_recorded_on_the_external_workload() {
     let (logs, _guard) = LogCapture::start(tracing::Level::DEBUG);
     let fake = fake_api(&[BETA, ALPHA]).await;
@@ -764,7 +765,8 @@ async fn the_last_issuance_is_recorded_on_the_external_workload() {
 
 // The API server away: issuance still succeeds, the failed patch is counted and logged at
 // warn (without the token), and the record is written once the API server is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One thread: the log capture sees the server's tasks.
+#[tokio::test]
 async fn an_api_server_away_fails_the_record_not_the_issuance() {
     let (logs, _guard) = LogCapture::start(tracing::Level::DEBUG);
     let fake = fake_api(&[BETA]).await;
