@@ -16,10 +16,10 @@ use issuer::server::Server;
 use linkerd2_proxy_api::identity::CertifyResponse;
 use linkerd2_proxy_api::identity::identity_client::IdentityClient;
 use proxy_lib::clock::{Clock, FakeClock, SystemClock};
-use rcgen::KeyPair;
 use proxy_lib::identity::Identity;
 use proxy_lib::test_util::LogCapture;
 use proxy_lib::test_util::fake_kube::{FakeKube, MERGE_PATCH};
+use rcgen::KeyPair;
 use serde_json::{Value, json};
 use tonic::Code;
 
@@ -548,7 +548,8 @@ impl Recording {
         let recorder = self.server.last_issued().expect("a last-issued recorder");
         let mut flushes = recorder.flushes();
         let before = *flushes.borrow_and_update();
-        self.clock.advance(issuer::kubernetes::last_issued::DEFAULT_FLUSH);
+        self.clock
+            .advance(issuer::kubernetes::last_issued::DEFAULT_FLUSH);
         tokio::time::timeout(Duration::from_secs(30), flushes.wait_for(|n| *n > before))
             .await
             .expect("a flush within 30s")
@@ -661,12 +662,7 @@ async fn the_last_issuance_is_recorded_on_the_external_workload() {
             call.name.as_deref(),
             call.content_type.as_deref(),
         ),
-        (
-            BETA,
-            Some(NS),
-            Some("legacy-database"),
-            Some(MERGE_PATCH)
-        )
+        (BETA, Some(NS), Some("legacy-database"), Some(MERGE_PATCH))
     );
     let body: Value = serde_json::from_str(body).unwrap();
     assert_eq!(
@@ -708,7 +704,8 @@ async fn the_last_issuance_is_recorded_on_the_external_workload() {
     let (renewed, _) = issuer.certify(Some((&first, &key))).await;
     let renewed_at = proxy_lib::clock::rfc3339(issuer.clock.now());
     issuer.flush().await;
-    let annotations = fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"].clone();
+    let annotations =
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"].clone();
     assert_eq!(annotations["meshcerts.io/last-issued"], renewed_at.as_str());
     assert_eq!(
         annotations["meshcerts.io/last-issued-serial"],
@@ -724,8 +721,7 @@ async fn the_last_issuance_is_recorded_on_the_external_workload() {
     issuer.flush().await;
     assert_eq!(patches(&fake).len(), 3, "{:#?}", patches(&fake));
     assert_eq!(
-        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]
-            ["meshcerts.io/last-issued-serial"],
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]["meshcerts.io/last-issued-serial"],
         serial_of(&last.unwrap()).as_str()
     );
     // A flush with nothing queued sends nothing.
@@ -794,8 +790,7 @@ async fn an_api_server_away_fails_the_record_not_the_issuance() {
     );
     issuer.flush().await;
     assert_eq!(
-        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]
-            ["meshcerts.io/last-issued-serial"],
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]["meshcerts.io/last-issued-serial"],
         serial_of(&leaf).as_str()
     );
     issuer.stop().await;

@@ -85,12 +85,10 @@ async fn register_rotate_from_the_registered_address_and_remove() {
             .arg(&iss),
     );
     let cfg = iss.join("issuer.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            "[auth]\n",
-            "[auth]\nexternal_workloads = true\nlast_issued_flush = \"1s\"\n",
-        );
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[auth]\n",
+        "[auth]\nexternal_workloads = true\nlast_issued_flush = \"1s\"\n",
+    );
     std::fs::write(&cfg, text).unwrap();
 
     let fake = FakeKube::start().await;
@@ -198,21 +196,32 @@ async fn register_rotate_from_the_registered_address_and_remove() {
 
     // list shows it with its token and, once the issuer has flushed (every second here),
     // the time of its last issuance.
-    let listed: Value = wait_for("the last issuance recorded", Duration::from_secs(30), || {
-        let out = run_ok(
-            issuer(&kubeconfig)
-                .args(["workload", "list", "--json", "--dir"])
-                .arg(&iss),
-        );
-        let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
-        listed[0]["last_issued"].is_string().then_some(listed)
-    });
+    let listed: Value = wait_for(
+        "the last issuance recorded",
+        Duration::from_secs(30),
+        || {
+            let out = run_ok(
+                issuer(&kubeconfig)
+                    .args(["workload", "list", "--json", "--dir"])
+                    .arg(&iss),
+            );
+            let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+            listed[0]["last_issued"].is_string().then_some(listed)
+        },
+    );
     let at = listed[0]["last_issued"].as_str().unwrap();
     assert!(at.len() == 20 && at.ends_with('Z'), "{at}");
-    let table = run_ok(issuer(&kubeconfig).args(["workload", "list", "--dir"]).arg(&iss));
+    let table = run_ok(
+        issuer(&kubeconfig)
+            .args(["workload", "list", "--dir"])
+            .arg(&iss),
+    );
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(
-        table.lines().nth(1).is_some_and(|l| l.ends_with(&format!("  {at}"))),
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with(&format!("  {at}"))),
         "{table}"
     );
     assert_eq!(listed[0]["name"], "legacy-database");

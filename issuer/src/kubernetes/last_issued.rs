@@ -305,10 +305,9 @@ mod tests {
             0,
             vec![registered("db", "10.0.0.5"), registered("db2", "10.0.0.5")],
         );
-        let client = kube::Client::try_from(kube::Config::new(
-            "http://127.0.0.1:9".parse().unwrap(),
-        ))
-        .unwrap();
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
         let clock = FakeClock::at_unix(1_700_000_000);
         let mut reg = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut reg);
@@ -361,6 +360,9 @@ mod tests {
                 serial: None
             }
         );
-        assert_eq!(LastIssued::of(&ObjectMeta::default()), LastIssued::default());
+        assert_eq!(
+            LastIssued::of(&ObjectMeta::default()),
+            LastIssued::default()
+        );
     }
 }

@@ -475,7 +475,10 @@ mod tests {
             "meshcerts.io/last-issued": "2026-01-01T00:00:00Z",
             "meshcerts.io/last-issued-serial": "4f00",
         }));
-        assert!(!b.replace(0, vec![patched.registered()]), "churn on an annotation");
+        assert!(
+            !b.replace(0, vec![patched.registered()]),
+            "churn on an annotation"
+        );
         assert!(b.is_synced());
         let mut moved = patched.clone();
         moved.spec.workload_ips[0].ip = "192.0.2.2".into();

@@ -607,7 +607,10 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
         }
         "watch" => watch_response(inner, t, query),
         "patch"
-            if content_type.as_deref().and_then(|c| c.split(';').next()).map(str::trim)
+            if content_type
+                .as_deref()
+                .and_then(|c| c.split(';').next())
+                .map(str::trim)
                 != Some(MERGE_PATCH) =>
         {
             error(
