@@ -281,8 +281,7 @@ impl Server {
                 w.binding.clone(),
                 clock.clone(),
                 metrics.clone(),
-                config.last_issued_flush,
-                crate::kubernetes::last_issued::MAX_PENDING,
+                crate::kubernetes::last_issued::Limits::every(config.last_issued_flush),
             ))),
             _ => None,
         };

@@ -81,6 +81,43 @@ async fn fake_api(versions: &[&str]) -> FakeKube {
     fake
 }
 
+/// `issuer init` in `dir`, and a bootstrap token for [`ID`] usable from any address (the
+/// binding is what restricts it).
+fn init_with_token(dir: &Path, now: std::time::SystemTime) -> String {
+    issuer::init::run_at(&issuer::init::InitOptions::new(dir), now).unwrap();
+    issuer::tokens::create(
+        &dir.join("tokens"),
+        &issuer::tokens::CreateOptions {
+            identity: Identity::parse(ID).unwrap(),
+            ttl: None,
+            allowed_ips: Vec::new(),
+            uses: None,
+        },
+        now,
+    )
+    .unwrap()
+    .secret
+    .to_string()
+}
+
+type Running = (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<issuer::error::Result<()>>,
+);
+
+/// Serves `server` on an ephemeral port of 127.0.0.1 (and the admin endpoints on `admin`)
+/// until the sender returned is used.
+async fn serve(server: Arc<Server>, admin: Option<tokio::net::TcpListener>) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(server.run(listener, admin, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, join)
+}
+
 struct Issuer {
     addr: SocketAddr,
     admin: SocketAddr,
@@ -93,20 +130,7 @@ impl Issuer {
     /// An issuer with `[auth] external_workloads = true` and `extra` `[auth]` lines, and a
     /// bootstrap token for [`ID`] usable from any address (the binding is what restricts it).
     async fn start(dir: &Path, extra: &str, fake: &FakeKube) -> Self {
-        issuer::init::run_at(&issuer::init::InitOptions::new(dir), SystemClock.now()).unwrap();
-        let token = issuer::tokens::create(
-            &dir.join("tokens"),
-            &issuer::tokens::CreateOptions {
-                identity: Identity::parse(ID).unwrap(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
-            SystemClock.now(),
-        )
-        .unwrap()
-        .secret
-        .to_string();
+        let token = init_with_token(dir, SystemClock.now());
         let path = dir.join("issuer.toml");
         let text = format!("plaintext = true\n[auth]\nexternal_workloads = true\n{extra}");
         let layers = proxy_lib::config_file::Layers::from_toml(&text, &path).unwrap();
@@ -120,13 +144,9 @@ impl Issuer {
         )
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let join = tokio::spawn(server.run(listener, Some(admin), async move {
-            let _ = stopped.await;
-        }));
+        let admin_addr = admin.local_addr().unwrap();
+        let (addr, stop, join) = serve(server, Some(admin)).await;
         Self {
             addr,
             admin: admin_addr,
@@ -461,21 +481,8 @@ impl Recording {
         proxy_lib::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let now = SystemClock.now();
-        issuer::init::run_at(&issuer::init::InitOptions::new(dir.path()), now).unwrap();
+        let token = init_with_token(dir.path(), now);
         let clock = FakeClock::new(now);
-        let token = issuer::tokens::create(
-            &dir.path().join("tokens"),
-            &issuer::tokens::CreateOptions {
-                identity: Identity::parse(ID).unwrap(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
-            now,
-        )
-        .unwrap()
-        .secret
-        .to_string();
         let path = dir.path().join("issuer.toml");
         let text = std::fs::read_to_string(&path)
             .unwrap()
@@ -492,12 +499,7 @@ impl Recording {
         )
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let join = tokio::spawn(server.clone().run(listener, None, async move {
-            let _ = stopped.await;
-        }));
+        let (addr, stop, join) = serve(server.clone(), None).await;
         Self {
             dir,
             clock,

@@ -88,8 +88,7 @@ pub struct Recorder {
     binding: Arc<WorkloadBinding>,
     clock: SharedClock,
     metrics: Metrics,
-    every: Duration,
-    capacity: usize,
+    limits: Limits,
     pending: Mutex<HashMap<Key, Issued>>,
     last_flush: Mutex<SystemTime>,
     flushes: tokio::sync::watch::Sender<u64>,
@@ -98,34 +97,49 @@ pub struct Recorder {
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recorder")
-            .field("every", &self.every)
-            .field("capacity", &self.capacity)
+            .field("limits", &self.limits)
             .field("queued", &self.queued())
             .finish()
     }
 }
 
+/// How often a [`Recorder`] writes, and how much it queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// At most one flush per this interval (by the recorder's clock).
+    pub every: Duration,
+    /// The most workloads queued at once.
+    pub capacity: usize,
+}
+
+impl Limits {
+    /// Flushes every `every`, at most [`MAX_PENDING`] workloads queued.
+    pub fn every(every: Duration) -> Self {
+        Self {
+            every,
+            capacity: MAX_PENDING,
+        }
+    }
+}
+
 impl Recorder {
-    /// A recorder finding workloads in `binding`, patching through `client`, writing at most
-    /// once per `every` (by `clock`), queueing at most `capacity` workloads.
+    /// A recorder finding workloads in `binding` and patching them through `client`, within
+    /// `limits` (judged by `clock`).
     pub fn new(
         client: kube::Client,
         binding: Arc<WorkloadBinding>,
         clock: SharedClock,
         metrics: Metrics,
-        every: Duration,
-        capacity: usize,
+        limits: Limits,
     ) -> Self {
-        let now = clock.now();
         Self {
+            last_flush: Mutex::new(clock.now()),
             client,
             binding,
             clock,
             metrics,
-            every,
-            capacity,
+            limits,
             pending: Mutex::new(HashMap::new()),
-            last_flush: Mutex::new(now),
             flushes: tokio::sync::watch::channel(0).0,
         }
     }
@@ -146,7 +160,7 @@ impl Recorder {
         let mut pending = self.pending();
         for w in matched.iter().filter(|w| w.addrs().any(|a| a == ip)) {
             let key = (w.namespace.clone(), w.name.clone());
-            if pending.len() >= self.capacity && !pending.contains_key(&key) {
+            if pending.len() >= self.limits.capacity && !pending.contains_key(&key) {
                 self.metrics.last_issued_dropped.inc();
                 continue;
             }
@@ -176,7 +190,7 @@ impl Recorder {
     fn due(&self) -> bool {
         let last = *self.last_flush.lock().unwrap_or_else(|e| e.into_inner());
         match self.clock.now().duration_since(last) {
-            Ok(since) => since >= self.every,
+            Ok(since) => since >= self.limits.every,
             Err(_) => true,
         }
     }
@@ -215,7 +229,7 @@ impl Recorder {
             if example.is_none() {
                 example = Some((format!("{}/{}", key.0, key.1), error));
             }
-            if !pending.contains_key(&key) && pending.len() < self.capacity {
+            if !pending.contains_key(&key) && pending.len() < self.limits.capacity {
                 pending.insert(key, issued);
             }
         }
@@ -316,8 +330,10 @@ mod tests {
             binding,
             Arc::new(clock.clone()),
             metrics.clone(),
-            DEFAULT_FLUSH,
-            1,
+            Limits {
+                every: DEFAULT_FLUSH,
+                capacity: 1,
+            },
         );
         let id = Identity::parse("db.ext.serviceaccount.identity.linkerd.cluster.local").unwrap();
         // Another address, or none: nothing matched.

@@ -709,16 +709,15 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
             let Some(current) = s.objects.get(&key).cloned() else {
                 return not_found(t);
             };
+            // A resourceVersion in an update or a patch is a precondition.
+            if stale(&incoming, &current) {
+                return error(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
             let obj = if verb == "update" {
-                let want = incoming["metadata"]["resourceVersion"].as_str();
-                if want.is_some_and(|w| Some(w) != current["metadata"]["resourceVersion"].as_str())
-                {
-                    return error(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    );
-                }
                 let mut obj = incoming;
                 obj["metadata"]["namespace"] = current["metadata"]["namespace"].clone();
                 obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
@@ -726,16 +725,6 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
             } else {
                 if !incoming.is_object() {
                     return error(400, "BadRequest", "a merge patch must be a JSON object");
-                }
-                // A resourceVersion in a patch is a precondition, as on a real API server.
-                let want = incoming["metadata"]["resourceVersion"].as_str();
-                if want.is_some_and(|w| Some(w) != current["metadata"]["resourceVersion"].as_str())
-                {
-                    return error(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    );
                 }
                 let mut obj = current.clone();
                 merge_patch(&mut obj, &incoming);
@@ -758,6 +747,12 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
     let ev = s.commit(&t.resource, obj, kind);
     let _ = inner.events.send(ev.clone());
     json_response(if kind == "ADDED" { 201 } else { 200 }, &ev.object)
+}
+
+/// Whether `incoming` names a resourceVersion other than `current`'s.
+fn stale(incoming: &Value, current: &Value) -> bool {
+    let want = incoming["metadata"]["resourceVersion"].as_str();
+    want.is_some_and(|w| Some(w) != current["metadata"]["resourceVersion"].as_str())
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
