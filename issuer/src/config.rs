@@ -814,6 +814,28 @@ per_credential_per_minute = 0
     }
 
     #[test]
+    fn the_last_issued_flush_defaults_to_10s_and_is_bounded() {
+        let c = parse("[auth]\nexternal_workloads = true\n", &Overrides::default()).unwrap();
+        assert_eq!(c.last_issued_flush, Duration::from_secs(10));
+        let c = parse(
+            "[auth]\nlast_issued_flush = \"1s\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.last_issued_flush, Duration::from_secs(1));
+        for bad in ["0s", "2h"] {
+            let text = format!("[auth]\nlast_issued_flush = \"{bad}\"\n");
+            let Err(Error::Config { problems, .. }) = parse(&text, &Overrides::default()) else {
+                panic!("last_issued_flush = {bad} was accepted");
+            };
+            assert!(
+                problems.join("\n").contains("auth.last_issued_flush"),
+                "{problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn connection_caps_and_the_failure_throttle_are_configurable() {
         let c = parse("", &Overrides::default()).unwrap();
         assert_eq!(

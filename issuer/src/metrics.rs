@@ -138,6 +138,8 @@ mod tests {
         m.certify("unauthenticated", 0.001);
         m.ca_expiration.set(42);
         m.issued_under("0123456789abcdef");
+        m.last_issued_patch("failed");
+        m.last_issued_dropped.inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         assert!(
@@ -154,6 +156,11 @@ mod tests {
         );
         assert!(
             text.contains("issuer_ca_expiration_timestamp_seconds 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("issuer_last_issued_patches_total{result=\"failed\"} 1")
+                && text.contains("issuer_last_issued_dropped_total 1"),
             "{text}"
         );
     }

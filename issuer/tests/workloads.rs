@@ -729,6 +729,8 @@ async fn the_last_issuance_is_recorded_on_the_external_workload() {
     // A flush with nothing queued sends nothing.
     issuer.flush().await;
     assert_eq!(patches(&fake).len(), 3);
+    // What is queued when the server stops is written as it stops.
+    let (at_stop, _) = issuer.certify(None).await;
 
     // Every call is a declared one (the server's, and the CLI's lists); every patch is a
     // merge patch of the registered object that got the certificates; no token anywhere.
@@ -758,6 +760,10 @@ async fn the_last_issuance_is_recorded_on_the_external_workload() {
     assert!(matches!(&e, kube::Error::Api(s) if s.code == 415), "{e:?}");
     assert!(!logs.text().contains(&issuer.token), "token logged");
     issuer.stop().await;
+    assert_eq!(
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]["meshcerts.io/last-issued-serial"],
+        serial_of(&at_stop).as_str()
+    );
     fake.stop().await;
 }
 
