@@ -228,6 +228,22 @@ async fn register_rotate_from_the_registered_address_and_remove() {
     assert_eq!(listed[0]["ips"], json!(["127.0.0.2"]));
     let id = listed[0]["tokens"][0].as_str().unwrap().to_string();
 
+    // Registering it again (an update) keeps the record of its last issuance.
+    run_ok(
+        issuer(&kubeconfig)
+            .args(["workload", "register", "--dir"])
+            .arg(&iss)
+            .args(["--name", "legacy-database", "--namespace", NS])
+            .args(["--ip", "127.0.0.2", "--port", "5432:postgres"])
+            .args(["--service", "legacy-database", "--out"])
+            .arg(tmp.path().join("token-again")),
+    );
+    let again = fake.get(BETA, NS, "legacy-database").unwrap();
+    assert_eq!(
+        again["metadata"]["annotations"]["meshcerts.io/last-issued"], at,
+        "{again:#}"
+    );
+
     // A name colliding with an existing ServiceAccount is refused, nothing created.
     let out = issuer(&kubeconfig)
         .args(["workload", "register", "--dir"])

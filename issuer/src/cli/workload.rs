@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::token::{TokenBackend, check_out, deliver};
 use super::*;
-use crate::kubernetes::last_issued::LastIssued;
+use crate::kubernetes::last_issued::{LAST_ISSUED, LAST_ISSUED_SERIAL, LastIssued};
 use crate::kubernetes::workloads::{
     AsRegistered, MANAGED_BY, MeshTls, PortSpec, Registered, WorkloadIp, v1alpha1, v1beta1,
 };
@@ -128,7 +128,8 @@ impl Cluster {
 }
 
 /// Creates `obj`, or replaces the object of that name (keeping its resourceVersion, so a
-/// concurrent change is a conflict, not lost). `check` may refuse to replace what is there.
+/// concurrent change is a conflict, not lost, and the issuer's last-issued annotations).
+/// `check` may refuse to replace what is there.
 async fn upsert<K>(
     api: &Api<K>,
     mut obj: K,
@@ -150,6 +151,15 @@ where
         .map_err(kube_err(format!("reading {what}")))?;
     check(&current)?;
     obj.meta_mut().resource_version = current.meta().resource_version.clone();
+    // The issuer's record of the last issuance survives a re-registration.
+    for key in [LAST_ISSUED, LAST_ISSUED_SERIAL] {
+        if let Some(v) = current.meta().annotations.as_ref().and_then(|a| a.get(key)) {
+            obj.meta_mut()
+                .annotations
+                .get_or_insert_default()
+                .insert(key.to_string(), v.clone());
+        }
+    }
     api.replace(&name, &PostParams::default(), &obj)
         .await
         .map_err(kube_err(format!("updating {what}")))?;
