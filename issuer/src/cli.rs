@@ -314,7 +314,8 @@ pub enum WorkloadCommand {
     /// Service selecting it, then a bootstrap token bound to its identity and address:
     /// printed alone on stdout, or written to --out.
     Register(WorkloadRegisterArgs),
-    /// List the ExternalWorkloads with their identity, address and active tokens.
+    /// List the ExternalWorkloads with their identity, address, active tokens and last
+    /// issuance (the `meshcerts.io/last-issued` annotation the issuer keeps; `never`).
     List(WorkloadListArgs),
     /// Delete a host's ExternalWorkload (and the Service register created) and revoke every
     /// token of its identity.

@@ -78,6 +78,7 @@ pub const KEYS: &[&str] = &[
     "auth.max_renewal_age",
     "auth.external_workloads",
     "auth.namespaces",
+    "auth.last_issued_flush",
     "audit.path",
     "limits.max_request_bytes",
     "limits.max_concurrent_signing",
@@ -198,6 +199,10 @@ pub struct RawAuth {
     /// With `external_workloads`: the namespaces whose ExternalWorkloads are watched
     /// (default: all).
     pub namespaces: Option<Vec<String>>,
+    /// With `external_workloads`: how often the last issuance is written to the
+    /// ExternalWorkloads (default 10s, from 1s to 1h).
+    #[serde(default, with = "humantime_serde")]
+    pub last_issued_flush: Option<Duration>,
 }
 
 /// `[audit]`.
@@ -332,6 +337,9 @@ pub struct Config {
     /// (empty: all); a credential is honoured only from an address one of them registers for
     /// the identity (service-account tokens excepted).
     pub auth_external_workloads: Option<Vec<String>>,
+    /// `[auth] last_issued_flush`: with `external_workloads`, how often the last issuances
+    /// are written to the ExternalWorkloads (each at most once per interval).
+    pub last_issued_flush: Duration,
     /// Warn when the issuer certificate has less than this left.
     pub ca_warn_before: Duration,
     /// The control-plane namespace in Linkerd names (default `linkerd`).
@@ -486,6 +494,16 @@ impl Config {
                 ));
             }
         }
+        let last_issued_flush = raw
+            .auth
+            .last_issued_flush
+            .unwrap_or(crate::kubernetes::last_issued::DEFAULT_FLUSH);
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&last_issued_flush) {
+            problems.push(format!(
+                "auth.last_issued_flush = {}: must be from 1s to 1h",
+                humantime::format_duration(last_issued_flush)
+            ));
+        }
         let auth_external_workloads = raw
             .auth
             .external_workloads
@@ -616,6 +634,7 @@ impl Config {
             renew_by_certificate: raw.auth.renew_by_certificate.unwrap_or(true),
             max_renewal_age: raw.auth.max_renewal_age,
             auth_external_workloads,
+            last_issued_flush,
             ca_warn_before,
             ca_control_plane_namespace,
             tokens,
@@ -801,6 +820,28 @@ per_credential_per_minute = 0
         assert!(parse("", &long).is_err());
         let c = parse("[limits]\nmax_lifetime = \"90d\"\n", &long).unwrap();
         assert_eq!(c.policy.lifetime, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn the_last_issued_flush_defaults_to_10s_and_is_bounded() {
+        let c = parse("[auth]\nexternal_workloads = true\n", &Overrides::default()).unwrap();
+        assert_eq!(c.last_issued_flush, Duration::from_secs(10));
+        let c = parse(
+            "[auth]\nlast_issued_flush = \"1s\"\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.last_issued_flush, Duration::from_secs(1));
+        for bad in ["0s", "2h"] {
+            let text = format!("[auth]\nlast_issued_flush = \"{bad}\"\n");
+            let Err(Error::Config { problems, .. }) = parse(&text, &Overrides::default()) else {
+                panic!("last_issued_flush = {bad} was accepted");
+            };
+            assert!(
+                problems.join("\n").contains("auth.last_issued_flush"),
+                "{problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub struct Metrics {
     /// `issuer_certify_by_anchor_total{anchor}`: certificates issued, by the trust anchor the
     /// issuer in use chains to (its SHA-256, first 16 hex digits).
     pub issued_by_anchor: Family<AnchorLabel, Counter>,
+    /// `issuer_last_issued_patches_total{result}`: `meshcerts.io/last-issued` patches of
+    /// ExternalWorkloads, by result (`patched`, `failed`, `gone`: the object was deleted).
+    pub last_issued_patches: Family<ResultLabel, Counter>,
+    /// `issuer_last_issued_dropped_total`: issuances not queued for recording because the
+    /// queue of workloads to patch was full.
+    pub last_issued_dropped: Counter,
 }
 
 /// The `anchor` label: a trust anchor's SHA-256, first 16 hex digits.
@@ -65,6 +71,8 @@ impl Metrics {
             connections_shed: Counter::default(),
             audit_failures: Family::default(),
             issued_by_anchor: Family::default(),
+            last_issued_patches: Family::default(),
+            last_issued_dropped: Counter::default(),
         };
         proxy_lib::register_metrics!(registry,
             m.certify => "issuer_certify", "Certify decisions by result";
@@ -75,6 +83,8 @@ impl Metrics {
             m.connections_shed => "issuer_connections_shed", "Quiet connections closed to make room for new ones";
             m.audit_failures => "issuer_audit_failures", "Audit records not written, by reason (an issuance then fails)";
             m.issued_by_anchor => "issuer_certify_by_anchor", "Certificates issued, by the trust anchor (SHA-256 short form) the issuer in use chains to";
+            m.last_issued_patches => "issuer_last_issued_patches", "Patches recording the last issuance on ExternalWorkloads, by result";
+            m.last_issued_dropped => "issuer_last_issued_dropped", "Issuances not recorded on their ExternalWorkload because the queue was full";
         );
         m
     }
@@ -102,6 +112,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one `meshcerts.io/last-issued` patch (`patched`, `failed`, `gone`).
+    pub fn last_issued_patch(&self, result: &'static str) {
+        self.last_issued_patches
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
     /// Counts one Certify decision.
     pub fn certify(&self, result: &'static str, seconds: f64) {
         self.certify.get_or_create(&ResultLabel { result }).inc();
@@ -121,6 +138,8 @@ mod tests {
         m.certify("unauthenticated", 0.001);
         m.ca_expiration.set(42);
         m.issued_under("0123456789abcdef");
+        m.last_issued_patch("failed");
+        m.last_issued_dropped.inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         assert!(
@@ -137,6 +156,11 @@ mod tests {
         );
         assert!(
             text.contains("issuer_ca_expiration_timestamp_seconds 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("issuer_last_issued_patches_total{result=\"failed\"} 1")
+                && text.contains("issuer_last_issued_dropped_total 1"),
             "{text}"
         );
     }

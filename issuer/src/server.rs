@@ -20,6 +20,7 @@ use crate::ca::Ca;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kubernetes::ca::KubeCaSource;
+use crate::kubernetes::last_issued::Recorder as LastIssuedRecorder;
 use crate::metrics::Metrics;
 use crate::reload::{Watch, fingerprint};
 use crate::service::Shared;
@@ -55,7 +56,8 @@ pub struct ServingInfo {
 /// How long `Server::open` waits for the first list of the Kubernetes objects it needs.
 pub const KUBE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What runs for the `kubernetes` sources: the CA watch and the token watch's task.
+/// What runs for the `kubernetes` sources: the CA watch, the token watch's task, the
+/// ExternalWorkload watch with the client that records last issuances on them.
 #[derive(Debug, Default)]
 struct KubeParts {
     ca: Option<Arc<KubeCaSource>>,
@@ -66,6 +68,18 @@ struct KubeParts {
         crate::kubernetes::retired::RetiredIssuers,
         crate::renewal::Retired,
     )>,
+    workloads_client: Option<WorkloadsClient>,
+    last_issued: Option<Arc<LastIssuedRecorder>>,
+}
+
+/// The client the ExternalWorkloads are watched (and patched) with.
+#[derive(Clone)]
+struct WorkloadsClient(kube::Client);
+
+impl std::fmt::Debug for WorkloadsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("kube::Client")
+    }
 }
 
 impl Drop for KubeParts {
@@ -167,6 +181,7 @@ impl Server {
             let w = crate::kubernetes::workloads::watch(client.clone(), namespaces);
             let mut synced = w.binding.synced();
             kube.workloads = Some(w);
+            kube.workloads_client = Some(WorkloadsClient(client.clone()));
             if tokio::time::timeout(KUBE_SYNC_TIMEOUT, synced.wait_for(|s| *s))
                 .await
                 .is_err()
@@ -232,7 +247,7 @@ impl Server {
         extra: Vec<Arc<dyn crate::auth::Authenticator>>,
         ca: Ca,
         tokens: Arc<TokenStore>,
-        kube: KubeParts,
+        mut kube: KubeParts,
     ) -> Result<Arc<Self>> {
         let files = config.ca_files.clone();
         let watch = Watch::new(fingerprint(&files));
@@ -284,18 +299,28 @@ impl Server {
             .as_ref()
             .map(|w| w.binding.clone() as Arc<dyn crate::auth::Binding>);
         let auth = AuthChain::new(chain).with_binding(binding);
-        let shared = Arc::new(
-            Shared::new(
-                ca,
-                config.policy.clone(),
-                auth,
-                config.limits.clone(),
-                audit,
-                metrics,
-                clock,
-            )
-            .with_renewal(issuers, tokens.clone(), &config.server_name),
-        );
+        kube.last_issued = match (&kube.workloads, &kube.workloads_client) {
+            (Some(w), Some(client)) => Some(Arc::new(LastIssuedRecorder::new(
+                client.0.clone(),
+                w.binding.clone(),
+                clock.clone(),
+                metrics.clone(),
+                crate::kubernetes::last_issued::Limits::every(config.last_issued_flush),
+            ))),
+            _ => None,
+        };
+        let mut shared = Shared::new(
+            ca,
+            config.policy.clone(),
+            auth,
+            config.limits.clone(),
+            audit,
+            metrics,
+            clock,
+        )
+        .with_renewal(issuers, tokens.clone(), &config.server_name);
+        shared.last_issued = kube.last_issued.clone();
+        let shared = Arc::new(shared);
         let (tls, serving) = mint_serving(&shared, &config.server_name)?;
         let server = Arc::new(Self {
             config,
@@ -321,6 +346,12 @@ impl Server {
     /// The shared state (CA, policy, metrics...).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// With `[auth] external_workloads`: what records the last issuances on the
+    /// ExternalWorkloads (tests wait on its flushes).
+    pub fn last_issued(&self) -> Option<&Arc<LastIssuedRecorder>> {
+        self.kube.last_issued.as_ref()
     }
 
     /// The metrics registry served on `/metrics`.
@@ -545,6 +576,13 @@ impl Server {
         if let Some(src) = self.kube.ca.clone() {
             tasks.push(tokio::spawn(follow_kube_ca(self.clone(), src)));
         }
+        // Stopped after the gRPC server, so the issuances it made are written.
+        let (recorder_stop, recorder_stopped) = watch::channel(false);
+        let recorder = self
+            .kube
+            .last_issued
+            .clone()
+            .map(|r| tokio::spawn(r.run(wait_stop(recorder_stopped))));
         let (tx, rx) = mpsc::channel::<io::Result<Conn>>(256);
         tasks.push(tokio::spawn(accept_loop(
             self.clone(),
@@ -584,6 +622,14 @@ impl Server {
             .await
             .map_err(|e| Error::Server(e.to_string()));
         stopper.abort();
+        let _ = recorder_stop.send(true);
+        if let Some(t) = recorder {
+            let abort = t.abort_handle();
+            let grace = crate::kubernetes::last_issued::FINAL_FLUSH_TIMEOUT + TICK;
+            if tokio::time::timeout(grace, t).await.is_err() {
+                abort.abort();
+            }
+        }
         for t in tasks {
             t.abort();
             let _ = t.await;

@@ -66,6 +66,9 @@ pub struct Shared {
     pub tokens: Option<Arc<TokenStore>>,
     /// The issuer's own serving name: never issued to a requester.
     pub serving_name: Option<String>,
+    /// With `[auth] external_workloads`: where issuances are queued to be recorded on their
+    /// ExternalWorkload.
+    pub last_issued: Option<Arc<crate::kubernetes::last_issued::Recorder>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -118,6 +121,7 @@ impl Shared {
             issuers,
             tokens: None,
             serving_name: None,
+            last_issued: None,
         }
     }
 
@@ -310,6 +314,9 @@ impl IdentityApi for CertifyService {
                 }
                 s.metrics.certify("issued", started.elapsed().as_secs_f64());
                 crate::bundle::count_issued(&s.metrics, &ca);
+                if let (Some(r), Ok(id)) = (&s.last_issued, s.policy.identity(&req.identity)) {
+                    r.issued(&id, peer.addr.map(|a| a.ip()), &leaf.serial);
+                }
                 tracing::debug!(
                     identity = %identity,
                     serial = %leaf.serial,

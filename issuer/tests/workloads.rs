@@ -13,11 +13,13 @@ use common::*;
 use issuer::config::Config;
 use issuer::kubernetes::{Names, REVIEW_RULES, Rule, WORKLOAD_OPERATOR_RULES, WORKLOAD_RULES};
 use issuer::server::Server;
+use linkerd2_proxy_api::identity::CertifyResponse;
 use linkerd2_proxy_api::identity::identity_client::IdentityClient;
-use proxy_lib::clock::{Clock, SystemClock};
+use proxy_lib::clock::{Clock, FakeClock, SystemClock};
 use proxy_lib::identity::Identity;
 use proxy_lib::test_util::LogCapture;
-use proxy_lib::test_util::fake_kube::FakeKube;
+use proxy_lib::test_util::fake_kube::{FakeKube, MERGE_PATCH};
+use rcgen::KeyPair;
 use serde_json::{Value, json};
 use tonic::Code;
 
@@ -79,6 +81,43 @@ async fn fake_api(versions: &[&str]) -> FakeKube {
     fake
 }
 
+/// `issuer init` in `dir`, and a bootstrap token for [`ID`] usable from any address (the
+/// binding is what restricts it).
+fn init_with_token(dir: &Path, now: std::time::SystemTime) -> String {
+    issuer::init::run_at(&issuer::init::InitOptions::new(dir), now).unwrap();
+    issuer::tokens::create(
+        &dir.join("tokens"),
+        &issuer::tokens::CreateOptions {
+            identity: Identity::parse(ID).unwrap(),
+            ttl: None,
+            allowed_ips: Vec::new(),
+            uses: None,
+        },
+        now,
+    )
+    .unwrap()
+    .secret
+    .to_string()
+}
+
+type Running = (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<issuer::error::Result<()>>,
+);
+
+/// Serves `server` on an ephemeral port of 127.0.0.1 (and the admin endpoints on `admin`)
+/// until the sender returned is used.
+async fn serve(server: Arc<Server>, admin: Option<tokio::net::TcpListener>) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(server.run(listener, admin, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, join)
+}
+
 struct Issuer {
     addr: SocketAddr,
     admin: SocketAddr,
@@ -91,20 +130,7 @@ impl Issuer {
     /// An issuer with `[auth] external_workloads = true` and `extra` `[auth]` lines, and a
     /// bootstrap token for [`ID`] usable from any address (the binding is what restricts it).
     async fn start(dir: &Path, extra: &str, fake: &FakeKube) -> Self {
-        issuer::init::run_at(&issuer::init::InitOptions::new(dir), SystemClock.now()).unwrap();
-        let token = issuer::tokens::create(
-            &dir.join("tokens"),
-            &issuer::tokens::CreateOptions {
-                identity: Identity::parse(ID).unwrap(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
-            SystemClock.now(),
-        )
-        .unwrap()
-        .secret
-        .to_string();
+        let token = init_with_token(dir, SystemClock.now());
         let path = dir.join("issuer.toml");
         let text = format!("plaintext = true\n[auth]\nexternal_workloads = true\n{extra}");
         let layers = proxy_lib::config_file::Layers::from_toml(&text, &path).unwrap();
@@ -118,13 +144,9 @@ impl Issuer {
         )
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let join = tokio::spawn(server.run(listener, Some(admin), async move {
-            let _ = stopped.await;
-        }));
+        let admin_addr = admin.local_addr().unwrap();
+        let (addr, stop, join) = serve(server, Some(admin)).await;
         Self {
             addr,
             admin: admin_addr,
@@ -439,4 +461,346 @@ fn example_rbac_for_external_workloads_matches_the_code() {
             }
         }
     }
+}
+
+/// An issuer over TLS with `[auth] external_workloads = true` on a fake clock, for the last
+/// issuance records: flushes happen only when the test moves the clock.
+struct Recording {
+    dir: tempfile::TempDir,
+    clock: FakeClock,
+    server: Arc<Server>,
+    cfg: Config,
+    addr: SocketAddr,
+    token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<issuer::error::Result<()>>,
+}
+
+impl Recording {
+    async fn start(fake: &FakeKube) -> Self {
+        proxy_lib::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemClock.now();
+        let token = init_with_token(dir.path(), now);
+        let clock = FakeClock::new(now);
+        let path = dir.path().join("issuer.toml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("[auth]\n", "[auth]\nexternal_workloads = true\n");
+        std::fs::write(&path, text).unwrap();
+        let mut cfg = Config::load(&path, &issuer::config::Overrides::default()).unwrap();
+        assert!(cfg.auth_external_workloads.is_some(), "{path:?}");
+        cfg.audit = issuer::audit::AuditTarget::File(dir.path().join("audit.log"));
+        let server = Server::open(
+            cfg.clone(),
+            Arc::new(clock.clone()),
+            Vec::new(),
+            Some(client_for(fake).await),
+        )
+        .await
+        .unwrap();
+        let (addr, stop, join) = serve(server.clone(), None).await;
+        Self {
+            dir,
+            clock,
+            server,
+            cfg,
+            addr,
+            token,
+            stop: Some(stop),
+            join,
+        }
+    }
+
+    /// A certificate for [`ID`] with the bootstrap token, or (with `held`) renewing by the
+    /// certificate and key held, without a token.
+    async fn certify(
+        &self,
+        held: Option<(&CertifyResponse, &KeyPair)>,
+    ) -> (CertifyResponse, KeyPair) {
+        let anchors = std::fs::read(self.dir.path().join("ca.crt")).unwrap();
+        let (mut client, token) = match held {
+            None => (
+                tls_client(self.addr, &anchors, &self.cfg.server_name).await,
+                self.token.as_str(),
+            ),
+            Some((resp, key)) => (
+                tls_client_with_cert(
+                    self.addr,
+                    &anchors,
+                    &self.cfg.server_name,
+                    std::iter::once(resp.leaf_certificate.clone())
+                        .chain(resp.intermediate_certificates.iter().cloned())
+                        .collect(),
+                    key.serialize_der(),
+                )
+                .await,
+                "",
+            ),
+        };
+        let (key, csr) = p256_csr(ID);
+        let resp = certify(&mut client, request(ID, token.as_bytes(), csr))
+            .await
+            .unwrap();
+        (resp, key)
+    }
+
+    /// Moves the clock one flush interval on and waits for the recorder's flush to end.
+    async fn flush(&self) {
+        let recorder = self.server.last_issued().expect("a last-issued recorder");
+        let mut flushes = recorder.flushes();
+        let before = *flushes.borrow_and_update();
+        self.clock
+            .advance(issuer::kubernetes::last_issued::DEFAULT_FLUSH);
+        tokio::time::timeout(Duration::from_secs(30), flushes.wait_for(|n| *n > before))
+            .await
+            .expect("a flush within 30s")
+            .unwrap();
+    }
+
+    fn metric(&self, name: &str) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, self.server.registry()).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.rsplit(' ').next().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.join.await.unwrap().unwrap();
+    }
+}
+
+fn serial_of(resp: &CertifyResponse) -> String {
+    proxy_lib::cert::CertInfo::from_der(&resp.leaf_certificate)
+        .unwrap()
+        .serial
+}
+
+fn patches(fake: &FakeKube) -> Vec<(proxy_lib::test_util::fake_kube::Call, String)> {
+    fake.requests()
+        .into_iter()
+        .filter(|(c, _)| c.verb == "patch")
+        .collect()
+}
+
+/// `issuer workload list --dir D [--json]` against the fake: its stdout.
+async fn workload_list(fake: &FakeKube, dir: &Path, json: bool) -> String {
+    let kubeconfig = dir.join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig, "default");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_issuer"));
+    cmd.args(["workload", "list", "--dir"])
+        .arg(dir)
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", dir);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+// Acceptance: a certificate issued to a registered host is recorded on its ExternalWorkload
+// after the flush (the two annotations, by a merge patch that touches nothing else);
+// `workload list` shows it (`never` for a host without one); a renewal by certificate
+// updates it; many issuances within one interval make one PATCH; only merge patches of
+// registered objects are sent.
+// One thread: the log capture sees the server's tasks.
+#[tokio::test]
+async fn the_last_issuance_is_recorded_on_the_external_workload() {
+    let (logs, _guard) = LogCapture::start(tracing::Level::DEBUG);
+    let fake = fake_api(&[BETA, ALPHA]).await;
+    let mut db = ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.1");
+    db["metadata"]["annotations"] = json!({"team": "dba"});
+    let db = fake.put(BETA, db);
+    // A v1alpha1 host that never gets a certificate.
+    fake.put(
+        ALPHA,
+        ew(
+            "v1alpha1",
+            NS,
+            "billing",
+            "spiffe://cluster.local/ns/external-services/sa/billing",
+            "127.0.0.9",
+        ),
+    );
+    let issuer = Recording::start(&fake).await;
+
+    // Issued: nothing is written before the flush, then exactly the two annotations.
+    let (first, key) = issuer.certify(None).await;
+    let issued_at = proxy_lib::clock::rfc3339(issuer.clock.now());
+    assert!(patches(&fake).is_empty(), "patched on the request path");
+    issuer.flush().await;
+    let have = fake.get(BETA, NS, "legacy-database").unwrap();
+    let annotations = &have["metadata"]["annotations"];
+    assert_eq!(annotations["meshcerts.io/last-issued"], issued_at.as_str());
+    assert_eq!(
+        annotations["meshcerts.io/last-issued-serial"],
+        serial_of(&first).as_str()
+    );
+    assert_eq!(annotations["team"], "dba", "another annotation was touched");
+    assert_eq!(have["spec"], db["spec"], "the spec was touched");
+    assert_ne!(
+        have["metadata"]["resourceVersion"], db["metadata"]["resourceVersion"],
+        "the patch bumps the resourceVersion"
+    );
+    let sent = patches(&fake);
+    assert_eq!(sent.len(), 1, "{sent:#?}");
+    let (call, body) = &sent[0];
+    assert_eq!(
+        (
+            call.resource.as_str(),
+            call.namespace.as_deref(),
+            call.name.as_deref(),
+            call.content_type.as_deref(),
+        ),
+        (BETA, Some(NS), Some("legacy-database"), Some(MERGE_PATCH))
+    );
+    let body: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        body,
+        json!({"metadata": {"annotations": {
+            "meshcerts.io/last-issued": issued_at,
+            "meshcerts.io/last-issued-serial": serial_of(&first),
+        }}})
+    );
+    assert_eq!(issuer.metric("issuer_last_issued_patches_total"), "1");
+
+    // The table and the JSON show it, and `never` for the host without one.
+    let dir = issuer.dir.path().to_path_buf();
+    let table = workload_list(&fake, &dir, false).await;
+    let mut lines = table.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "NAMESPACE/NAME  IP  TOKENS  IDENTITY  LAST ISSUED"
+    );
+    let billing = lines.next().unwrap();
+    assert!(
+        billing.starts_with("external-services/billing  127.0.0.9  -  ")
+            && billing.ends_with("  never"),
+        "{table}"
+    );
+    let db_line = lines.next().unwrap();
+    assert!(
+        db_line.starts_with("external-services/legacy-database  127.0.0.1  ")
+            && db_line.ends_with(&format!("{}  {issued_at}", spiffe())),
+        "{table}"
+    );
+    let listed: Value = serde_json::from_str(&workload_list(&fake, &dir, true).await).unwrap();
+    assert_eq!(listed[0]["last_issued"], Value::Null);
+    assert_eq!(listed[1]["last_issued"], issued_at.as_str());
+    assert_eq!(listed[1]["last_issued_serial"], serial_of(&first).as_str());
+
+    // A renewal by certificate (no token) updates it.
+    issuer.clock.advance(Duration::from_secs(2));
+    let (renewed, _) = issuer.certify(Some((&first, &key))).await;
+    let renewed_at = proxy_lib::clock::rfc3339(issuer.clock.now());
+    issuer.flush().await;
+    let annotations =
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"].clone();
+    assert_eq!(annotations["meshcerts.io/last-issued"], renewed_at.as_str());
+    assert_eq!(
+        annotations["meshcerts.io/last-issued-serial"],
+        serial_of(&renewed).as_str()
+    );
+    assert_eq!(patches(&fake).len(), 2);
+
+    // Many issuances within one interval: one PATCH, with the newest.
+    let mut last = None;
+    for _ in 0..5 {
+        last = Some(issuer.certify(None).await.0);
+    }
+    issuer.flush().await;
+    assert_eq!(patches(&fake).len(), 3, "{:#?}", patches(&fake));
+    assert_eq!(
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]["meshcerts.io/last-issued-serial"],
+        serial_of(&last.unwrap()).as_str()
+    );
+    // A flush with nothing queued sends nothing.
+    issuer.flush().await;
+    assert_eq!(patches(&fake).len(), 3);
+    // What is queued when the server stops is written as it stops.
+    let (at_stop, _) = issuer.certify(None).await;
+
+    // Every call is a declared one (the server's, and the CLI's lists); every patch is a
+    // merge patch of the registered object that got the certificates; no token anywhere.
+    for (c, body) in fake.requests() {
+        let allowed = WORKLOAD_RULES.iter().any(|r| {
+            c.resource.starts_with(r.group) && r.resource == c.plural() && r.verbs.contains(&c.verb)
+        });
+        assert!(allowed, "undeclared call {c:?}");
+        if c.verb == "patch" {
+            assert_eq!(c.content_type.as_deref(), Some(MERGE_PATCH), "{c:?}");
+            assert_eq!(c.name.as_deref(), Some("legacy-database"), "{c:?}");
+        }
+        assert!(!body.contains(&issuer.token), "token sent in {c:?}");
+    }
+
+    // The fake applies merge patches only, as an API server does for a custom resource.
+    let api: kube::Api<issuer::kubernetes::workloads::v1beta1::ExternalWorkload> =
+        kube::Api::namespaced(client_for(&fake).await, NS);
+    let e = api
+        .patch(
+            "legacy-database",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(json!({"metadata": {"labels": {"a": "b"}}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, kube::Error::Api(s) if s.code == 415), "{e:?}");
+    assert!(!logs.text().contains(&issuer.token), "token logged");
+    issuer.stop().await;
+    assert_eq!(
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]["meshcerts.io/last-issued-serial"],
+        serial_of(&at_stop).as_str()
+    );
+    fake.stop().await;
+}
+
+// The API server away: issuance still succeeds, the failed patch is counted and logged at
+// warn (without the token), and the record is written once the API server is back.
+// One thread: the log capture sees the server's tasks.
+#[tokio::test]
+async fn an_api_server_away_fails_the_record_not_the_issuance() {
+    let (logs, _guard) = LogCapture::start(tracing::Level::DEBUG);
+    let fake = fake_api(&[BETA]).await;
+    fake.put(
+        BETA,
+        ew("v1beta1", NS, "legacy-database", &spiffe(), "127.0.0.1"),
+    );
+    let issuer = Recording::start(&fake).await;
+    fake.set_down(true);
+    let (leaf, _) = issuer.certify(None).await;
+    issuer.flush().await;
+    let failed = "issuer_last_issued_patches_total{result=\"failed\"}";
+    assert_eq!(issuer.metric(failed), "1");
+    let text = logs.text();
+    assert!(
+        text.contains("WARN") && text.contains("last issuance not recorded"),
+        "{text}"
+    );
+    assert!(!text.contains(&issuer.token), "token logged");
+    // Back: the record queued again is written at the next flush.
+    fake.set_down(false);
+    assert!(
+        issuer.server.last_issued().unwrap().queued() == 1,
+        "the failed record is queued again"
+    );
+    issuer.flush().await;
+    assert_eq!(
+        fake.get(BETA, NS, "legacy-database").unwrap()["metadata"]["annotations"]["meshcerts.io/last-issued-serial"],
+        serial_of(&leaf).as_str()
+    );
+    issuer.stop().await;
+    fake.stop().await;
 }

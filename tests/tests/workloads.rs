@@ -85,9 +85,10 @@ async fn register_rotate_from_the_registered_address_and_remove() {
             .arg(&iss),
     );
     let cfg = iss.join("issuer.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("[auth]\n", "[auth]\nexternal_workloads = true\n");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[auth]\n",
+        "[auth]\nexternal_workloads = true\nlast_issued_flush = \"1s\"\n",
+    );
     std::fs::write(&cfg, text).unwrap();
 
     let fake = FakeKube::start().await;
@@ -193,16 +194,55 @@ async fn register_rotate_from_the_registered_address_and_remove() {
         "{err}"
     );
 
-    // list shows it with its token.
-    let out = run_ok(
+    // list shows it with its token and, once the issuer has flushed (every second here),
+    // the time of its last issuance.
+    let listed: Value = wait_for(
+        "the last issuance recorded",
+        Duration::from_secs(30),
+        || {
+            let out = run_ok(
+                issuer(&kubeconfig)
+                    .args(["workload", "list", "--json", "--dir"])
+                    .arg(&iss),
+            );
+            let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+            listed[0]["last_issued"].is_string().then_some(listed)
+        },
+    );
+    let at = listed[0]["last_issued"].as_str().unwrap();
+    assert!(at.len() == 20 && at.ends_with('Z'), "{at}");
+    let table = run_ok(
         issuer(&kubeconfig)
-            .args(["workload", "list", "--json", "--dir"])
+            .args(["workload", "list", "--dir"])
             .arg(&iss),
     );
-    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with(&format!("  {at}"))),
+        "{table}"
+    );
     assert_eq!(listed[0]["name"], "legacy-database");
     assert_eq!(listed[0]["ips"], json!(["127.0.0.2"]));
     let id = listed[0]["tokens"][0].as_str().unwrap().to_string();
+
+    // Registering it again (an update) keeps the record of its last issuance.
+    run_ok(
+        issuer(&kubeconfig)
+            .args(["workload", "register", "--dir"])
+            .arg(&iss)
+            .args(["--name", "legacy-database", "--namespace", NS])
+            .args(["--ip", "127.0.0.2", "--port", "5432:postgres"])
+            .args(["--service", "legacy-database", "--out"])
+            .arg(tmp.path().join("token-again")),
+    );
+    let again = fake.get(BETA, NS, "legacy-database").unwrap();
+    assert_eq!(
+        again["metadata"]["annotations"]["meshcerts.io/last-issued"], at,
+        "{again:#}"
+    );
 
     // A name colliding with an existing ServiceAccount is refused, nothing created.
     let out = issuer(&kubeconfig)

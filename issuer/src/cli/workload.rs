@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::token::{TokenBackend, check_out, deliver};
 use super::*;
+use crate::kubernetes::last_issued::{LAST_ISSUED, LAST_ISSUED_SERIAL, LastIssued};
 use crate::kubernetes::workloads::{
     AsRegistered, MANAGED_BY, MeshTls, PortSpec, Registered, WorkloadIp, v1alpha1, v1beta1,
 };
@@ -127,7 +128,8 @@ impl Cluster {
 }
 
 /// Creates `obj`, or replaces the object of that name (keeping its resourceVersion, so a
-/// concurrent change is a conflict, not lost). `check` may refuse to replace what is there.
+/// concurrent change is a conflict, not lost, and the issuer's last-issued annotations).
+/// `check` may refuse to replace what is there.
 async fn upsert<K>(
     api: &Api<K>,
     mut obj: K,
@@ -149,6 +151,15 @@ where
         .map_err(kube_err(format!("reading {what}")))?;
     check(&current)?;
     obj.meta_mut().resource_version = current.meta().resource_version.clone();
+    // The issuer's record of the last issuance survives a re-registration.
+    for key in [LAST_ISSUED, LAST_ISSUED_SERIAL] {
+        if let Some(v) = current.meta().annotations.as_ref().and_then(|a| a.get(key)) {
+            obj.meta_mut()
+                .annotations
+                .get_or_insert_default()
+                .insert(key.to_string(), v.clone());
+        }
+    }
     api.replace(&name, &PostParams::default(), &obj)
         .await
         .map_err(kube_err(format!("updating {what}")))?;
@@ -337,14 +348,22 @@ pub(super) fn register(a: WorkloadRegisterArgs, clock: SharedClock) -> Result<()
 }
 
 /// Every ExternalWorkload of both versions in `ns` (all when `None`), a version the API
-/// server does not serve counting as none; one entry per namespace/name.
-async fn all_workloads(client: &kube::Client, ns: Option<&str>) -> Result<Vec<Registered>> {
-    async fn one<K>(api: Api<K>) -> Result<Vec<Registered>>
+/// server does not serve counting as none; one entry per namespace/name, with what its
+/// annotations say of its last issuance.
+async fn all_workloads(
+    client: &kube::Client,
+    ns: Option<&str>,
+) -> Result<Vec<(Registered, LastIssued)>> {
+    async fn one<K>(api: Api<K>) -> Result<Vec<(Registered, LastIssued)>>
     where
         K: Resource + AsRegistered + Clone + DeserializeOwned + std::fmt::Debug,
     {
         match api.list(&ListParams::default()).await {
-            Ok(l) => Ok(l.items.iter().map(AsRegistered::registered).collect()),
+            Ok(l) => Ok(l
+                .items
+                .iter()
+                .map(|o| (o.registered(), LastIssued::of(o.meta())))
+                .collect()),
             Err(e) if is_status(&e, 404) => Ok(Vec::new()),
             Err(e) => Err(kube_err("listing ExternalWorkloads".into())(e)),
         }
@@ -358,8 +377,8 @@ async fn all_workloads(client: &kube::Client, ns: Option<&str>) -> Result<Vec<Re
     };
     let mut out = one(beta).await?;
     out.extend(one(alpha).await?);
-    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    out.dedup_by(|a, b| a.namespace == b.namespace && a.name == b.name);
+    out.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.dedup_by(|(a, _), (b, _)| a.namespace == b.namespace && a.name == b.name);
     Ok(out)
 }
 
@@ -386,7 +405,7 @@ pub(super) fn list(a: WorkloadListArgs, clock: SharedClock) -> Result<()> {
     let res = if a.json {
         let rows: Vec<_> = workloads
             .iter()
-            .map(|w| {
+            .map(|(w, last)| {
                 serde_json::json!({
                     "namespace": w.namespace,
                     "name": w.name,
@@ -394,18 +413,20 @@ pub(super) fn list(a: WorkloadListArgs, clock: SharedClock) -> Result<()> {
                     "server_name": w.server_name,
                     "ips": w.ips,
                     "tokens": tokens_of(w),
+                    "last_issued": last.at,
+                    "last_issued_serial": last.serial,
                 })
             })
             .collect();
         writeln!(out, "{}", serde_json::Value::Array(rows))
     } else {
         (|| {
-            writeln!(out, "NAMESPACE/NAME  IP  TOKENS  IDENTITY")?;
-            for w in &workloads {
+            writeln!(out, "NAMESPACE/NAME  IP  TOKENS  IDENTITY  LAST ISSUED")?;
+            for (w, last) in &workloads {
                 let tokens = tokens_of(w);
                 writeln!(
                     out,
-                    "{}/{}  {}  {}  {}",
+                    "{}/{}  {}  {}  {}  {}",
                     w.namespace,
                     w.name,
                     if w.ips.is_empty() {
@@ -418,7 +439,8 @@ pub(super) fn list(a: WorkloadListArgs, clock: SharedClock) -> Result<()> {
                     } else {
                         tokens.join(",")
                     },
-                    w.identity
+                    w.identity,
+                    last.at.as_deref().unwrap_or("never"),
                 )?;
             }
             Ok(())

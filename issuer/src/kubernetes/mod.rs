@@ -7,13 +7,15 @@
 //! TokenReviews.
 //!
 //! ExternalWorkloads ([`workloads`]) bind bootstrap-token (and certificate) identities to the
-//! addresses Linkerd knows the host by.
+//! addresses Linkerd knows the host by; the issuer records each one's last issuance on it
+//! ([`last_issued`]).
 //!
 //! [`ISSUER_RULES`], [`REVIEW_RULES`], [`WORKLOAD_RULES`], [`OPERATOR_RULES`] and
 //! [`WORKLOAD_OPERATOR_RULES`] list every API call the code makes, as RBAC rules; the
 //! manifests in `examples/kubernetes/` grant exactly these (tests hold them to it).
 
 pub mod ca;
+pub mod last_issued;
 pub mod retired;
 pub mod review;
 pub mod tokens;
@@ -118,11 +120,14 @@ pub const OPERATOR_RULES: &[Rule] = &[Rule {
 
 /// What `issuer serve` calls with `[auth] external_workloads = true`: list+watch of
 /// `externalworkloads` (both served versions, `v1beta1` and `v1alpha1`), across the cluster
-/// when `[auth] namespaces` is empty (a ClusterRole), else in each namespace named.
+/// when `[auth] namespaces` is empty (a ClusterRole), else in each namespace named; and patch
+/// of them, only to record the last issuance: a JSON merge patch of the two annotations
+/// [`last_issued::LAST_ISSUED`] and [`last_issued::LAST_ISSUED_SERIAL`], never the spec
+/// (RBAC cannot narrow a patch to fields; the code sends nothing else).
 pub const WORKLOAD_RULES: &[Rule] = &[Rule {
     group: workloads::GROUP,
     resource: "externalworkloads",
-    verbs: &["list", "watch"],
+    verbs: &["list", "patch", "watch"],
     names: Names::All,
 }];
 

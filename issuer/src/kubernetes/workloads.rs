@@ -223,10 +223,16 @@ impl WorkloadBinding {
         }
     }
 
-    /// Sets what source `slot` sees (a version not served: empty) and republishes.
-    pub fn replace(&self, slot: usize, items: Vec<Registered>) {
+    /// Sets what source `slot` sees (a version not served: empty) and republishes; false
+    /// (nothing republished) when the slot already held exactly `items`. [`Registered`]
+    /// holds no annotations, so the issuer's own `meshcerts.io/last-issued` patches, which
+    /// its watch sees as changes, cause no churn.
+    pub fn replace(&self, slot: usize, items: Vec<Registered>) -> bool {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slots.get_mut(slot) {
+            if s.as_ref() == Some(&items) {
+                return false;
+            }
             *s = Some(items);
         }
         let mut index = Index::default();
@@ -245,6 +251,7 @@ impl WorkloadBinding {
             *s = all;
             changed
         });
+        true
     }
 
     /// Becomes true once every watch has listed (or found its version not served).
@@ -335,10 +342,14 @@ where
         |o: &K| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()),
         move |all| {
             let items: Vec<Registered> = all.values().map(AsRegistered::registered).collect();
-            tracing::debug!(slot, workloads = items.len(), "ExternalWorkloads updated");
-            binding.replace(slot, items);
+            let n = items.len();
+            if binding.replace(slot, items) {
+                tracing::debug!(slot, workloads = n, "ExternalWorkloads updated");
+            }
         },
-        move || absent.replace(slot, Vec::new()),
+        move || {
+            absent.replace(slot, Vec::new());
+        },
     ))
 }
 
@@ -445,6 +456,36 @@ mod tests {
         b.replace(0, Vec::new());
         b.replace(1, Vec::new());
         assert!(b.check(&id, Some("10.0.0.5".parse().unwrap())).is_err());
+    }
+
+    #[test]
+    fn an_annotation_change_republishes_nothing() {
+        let obj = |annotations: serde_json::Value| -> v1beta1::ExternalWorkload {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "workload.linkerd.io/v1beta1", "kind": "ExternalWorkload",
+                "metadata": {"name": "a", "namespace": "n", "annotations": annotations},
+                "spec": {"meshTLS": {"identity": "spiffe://td/ns/n/sa/a", "serverName": "a.n"},
+                         "workloadIPs": [{"ip": "192.0.2.1"}]}
+            }))
+            .unwrap()
+        };
+        let b = WorkloadBinding::new(1);
+        assert!(b.replace(0, vec![obj(serde_json::json!({})).registered()]));
+        let patched = obj(serde_json::json!({
+            "meshcerts.io/last-issued": "2026-01-01T00:00:00Z",
+            "meshcerts.io/last-issued-serial": "4f00",
+        }));
+        assert!(
+            !b.replace(0, vec![patched.registered()]),
+            "churn on an annotation"
+        );
+        assert!(b.is_synced());
+        let mut moved = patched.clone();
+        moved.spec.workload_ips[0].ip = "192.0.2.2".into();
+        assert!(b.replace(0, vec![moved.registered()]));
+        // An emptied slot (a 404) followed by the same list republishes.
+        assert!(b.replace(0, Vec::new()));
+        assert!(b.replace(0, vec![moved.registered()]));
     }
 
     #[test]

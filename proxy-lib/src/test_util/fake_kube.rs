@@ -6,7 +6,10 @@
 //! speaks real Kubernetes JSON for:
 //! - get, list (with `labelSelector` and `fieldSelector` on `metadata.name` /
 //!   `metadata.namespace`), create, update (optimistic concurrency on `resourceVersion`),
-//!   JSON merge patch and delete, namespaced and cluster-scoped;
+//!   JSON merge patch (`application/merge-patch+json`, RFC 7386: a `resourceVersion` in the
+//!   patch is a precondition, name, namespace and uid stay, the resourceVersion is bumped and
+//!   watchers see MODIFIED; other patch types get 415, as for a custom resource) and delete,
+//!   namespaced and cluster-scoped;
 //! - watch (`?watch=true|1&resourceVersion=N`): newline-delimited `WatchEvent`s, replayed from
 //!   history after `N`, then live; `timeoutSeconds` ends the stream. A `resourceVersion` older
 //!   than the retained history (see [`FakeKube::compact`]) gets an `ERROR` event with a 410
@@ -35,6 +38,9 @@ use tokio_stream::StreamExt;
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// The content type of a JSON merge patch (RFC 7386), the only patch the fake applies.
+pub const MERGE_PATCH: &str = "application/merge-patch+json";
+
 /// One request as the fake saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
@@ -48,6 +54,8 @@ pub struct Call {
     pub name: Option<String>,
     /// The query parameters.
     pub query: BTreeMap<String, String>,
+    /// The request's `content-type` (a PATCH's says which kind of patch it is).
+    pub content_type: Option<String>,
 }
 
 impl Call {
@@ -530,6 +538,11 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
     let Some(t) = parse_path(&path) else {
         return error(404, "NotFound", format!("the server could not find {path}"));
     };
+    let content_type = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (&method, t.name.is_some()) {
         (&Method::GET, true) => "get",
@@ -553,6 +566,7 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
             namespace: t.namespace.clone(),
             name: t.name.clone(),
             query: query.clone(),
+            content_type: content_type.clone(),
         });
         s.bodies.push(body.clone());
     }
@@ -592,6 +606,22 @@ async fn handle(inner: &Inner, req: Request<Incoming>) -> Response<Body> {
             )
         }
         "watch" => watch_response(inner, t, query),
+        "patch"
+            if content_type
+                .as_deref()
+                .and_then(|c| c.split(';').next())
+                .map(str::trim)
+                != Some(MERGE_PATCH) =>
+        {
+            error(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types \
+                     include: {MERGE_PATCH} (got {content_type:?})"
+                ),
+            )
+        }
         "create" | "update" | "patch" => write(inner, verb, &t, &body),
         "delete" => {
             let mut s = inner.lock();
@@ -679,23 +709,36 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
             let Some(current) = s.objects.get(&key).cloned() else {
                 return not_found(t);
             };
+            // A resourceVersion in an update or a patch is a precondition.
+            if stale(&incoming, &current) {
+                return error(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
             let obj = if verb == "update" {
-                let want = incoming["metadata"]["resourceVersion"].as_str();
-                if want.is_some_and(|w| Some(w) != current["metadata"]["resourceVersion"].as_str())
-                {
-                    return error(
-                        409,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    );
-                }
                 let mut obj = incoming;
                 obj["metadata"]["namespace"] = current["metadata"]["namespace"].clone();
                 obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
                 obj
             } else {
-                let mut obj = current;
+                if !incoming.is_object() {
+                    return error(400, "BadRequest", "a merge patch must be a JSON object");
+                }
+                let mut obj = current.clone();
                 merge_patch(&mut obj, &incoming);
+                // What identifies the object is not the patch's to change.
+                for k in ["name", "namespace", "uid", "creationTimestamp"] {
+                    match current["metadata"].get(k) {
+                        Some(v) => obj["metadata"][k] = v.clone(),
+                        None => {
+                            if let Some(m) = obj["metadata"].as_object_mut() {
+                                m.remove(k);
+                            }
+                        }
+                    }
+                }
                 obj
             };
             (obj, "MODIFIED")
@@ -704,6 +747,12 @@ fn write(inner: &Inner, verb: &str, t: &Target, body: &[u8]) -> Response<Body> {
     let ev = s.commit(&t.resource, obj, kind);
     let _ = inner.events.send(ev.clone());
     json_response(if kind == "ADDED" { 201 } else { 200 }, &ev.object)
+}
+
+/// Whether `incoming` names a resourceVersion other than `current`'s.
+fn stale(incoming: &Value, current: &Value) -> bool {
+    let want = incoming["metadata"]["resourceVersion"].as_str();
+    want.is_some_and(|w| Some(w) != current["metadata"]["resourceVersion"].as_str())
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {
