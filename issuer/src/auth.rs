@@ -190,12 +190,7 @@ mod tests {
         let id = Identity::parse("a.b.serviceaccount.identity.linkerd.cluster.local").unwrap();
         let t = crate::tokens::create(
             &p,
-            &crate::tokens::CreateOptions {
-                identity: id.clone(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
+            &crate::tokens::CreateOptions::new(id.clone()),
             clock.now(),
         )
         .unwrap();

@@ -305,6 +305,18 @@ pub struct CreateOptions {
     pub uses: Option<u32>,
 }
 
+impl CreateOptions {
+    /// A token for `identity`: no expiry, any source address, no use count.
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            identity,
+            ttl: None,
+            allowed_ips: Vec::new(),
+            uses: None,
+        }
+    }
+}
+
 /// The fingerprint a token binds: SHA-256 of a public key's SubjectPublicKeyInfo DER, hex.
 pub fn key_fingerprint(spki_der: &[u8]) -> String {
     hex::encode(Sha256::digest(spki_der))
@@ -918,12 +930,7 @@ mod tests {
     }
 
     fn opts(sa: &str) -> CreateOptions {
-        CreateOptions {
-            identity: id(sa),
-            ttl: None,
-            allowed_ips: Vec::new(),
-            uses: None,
-        }
+        CreateOptions::new(id(sa))
     }
 
     #[test]

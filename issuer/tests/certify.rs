@@ -89,12 +89,7 @@ impl Harness {
     }
 
     fn token(&self, identity: &str, f: impl FnOnce(&mut CreateOptions)) -> (String, String) {
-        let mut o = CreateOptions {
-            identity: Identity::parse(identity).unwrap(),
-            ttl: None,
-            allowed_ips: Vec::new(),
-            uses: None,
-        };
+        let mut o = CreateOptions::new(Identity::parse(identity).unwrap());
         f(&mut o);
         let t = tokens::create(&self.cfg.tokens, &o, self.clock.now()).unwrap();
         // What the server's maintenance loop does within a second.

@@ -72,12 +72,7 @@ impl Issuer {
     }
 
     fn token(&self) -> String {
-        let o = CreateOptions {
-            identity: Identity::parse(ID).unwrap(),
-            ttl: None,
-            allowed_ips: Vec::new(),
-            uses: None,
-        };
+        let o = CreateOptions::new(Identity::parse(ID).unwrap());
         let secret = tokens::create(&self.cfg.tokens, &o, SystemClock.now())
             .unwrap()
             .secret

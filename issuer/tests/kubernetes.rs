@@ -176,12 +176,7 @@ async fn kubernetes_ca_and_tokens_follow_the_api_server() {
     let tokens = issuer::kubernetes::tokens::KubeTokens::new(client.clone(), NS);
     let t = tokens
         .create(
-            &issuer::tokens::CreateOptions {
-                identity: Identity::parse(ID).unwrap(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
+            &issuer::tokens::CreateOptions::new(Identity::parse(ID).unwrap()),
             SystemClock.now(),
         )
         .await
@@ -682,10 +677,8 @@ async fn token_uses_and_identity_revocations_live_in_secrets() {
 
     let tokens = issuer::kubernetes::tokens::KubeTokens::new(client.clone(), NS);
     let opts = issuer::tokens::CreateOptions {
-        identity: Identity::parse(ID).unwrap(),
-        ttl: None,
-        allowed_ips: Vec::new(),
         uses: Some(1),
+        ..issuer::tokens::CreateOptions::new(Identity::parse(ID).unwrap())
     };
     let t = tokens.create(&opts, SystemClock.now()).await.unwrap();
     let token = t.secret.to_string();
@@ -961,10 +954,8 @@ async fn a_restarted_kubernetes_issuer_still_renews_leaves_of_the_replaced_pair(
     let token = issuer::tokens::create(
         &cfg.tokens,
         &issuer::tokens::CreateOptions {
-            identity: Identity::parse(ID).unwrap(),
-            ttl: None,
-            allowed_ips: Vec::new(),
             uses: Some(1),
+            ..issuer::tokens::CreateOptions::new(Identity::parse(ID).unwrap())
         },
         now,
     )

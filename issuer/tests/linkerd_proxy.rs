@@ -313,12 +313,7 @@ impl Issuer {
     fn token_file(&self, identity: &str) -> PathBuf {
         let t = tokens::create(
             &self.cfg.tokens,
-            &CreateOptions {
-                identity: Identity::parse(identity).unwrap(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
+            &CreateOptions::new(Identity::parse(identity).unwrap()),
             self.clock.now(),
         )
         .unwrap();

@@ -238,12 +238,7 @@ async fn certify_once(
     let anchors = std::fs::read(dir.join("ca.crt")).unwrap();
     let token = issuer::tokens::create(
         &cfg.tokens,
-        &issuer::tokens::CreateOptions {
-            identity: Identity::parse(id).unwrap(),
-            ttl: None,
-            allowed_ips: Vec::new(),
-            uses: None,
-        },
+        &issuer::tokens::CreateOptions::new(Identity::parse(id).unwrap()),
         clock.now(),
     )
     .unwrap();

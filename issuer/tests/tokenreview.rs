@@ -92,12 +92,7 @@ impl Issuer {
         issuer::init::run_at(&issuer::init::InitOptions::new(dir), clock.now()).unwrap();
         let bootstrap = issuer::tokens::create(
             &dir.join("tokens"),
-            &issuer::tokens::CreateOptions {
-                identity: Identity::parse(ID).unwrap(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            },
+            &issuer::tokens::CreateOptions::new(Identity::parse(ID).unwrap()),
             clock.now(),
         )
         .unwrap()

@@ -87,12 +87,7 @@ fn init_with_token(dir: &Path, now: std::time::SystemTime) -> String {
     issuer::init::run_at(&issuer::init::InitOptions::new(dir), now).unwrap();
     issuer::tokens::create(
         &dir.join("tokens"),
-        &issuer::tokens::CreateOptions {
-            identity: Identity::parse(ID).unwrap(),
-            ttl: None,
-            allowed_ips: Vec::new(),
-            uses: None,
-        },
+        &issuer::tokens::CreateOptions::new(Identity::parse(ID).unwrap()),
         now,
     )
     .unwrap()

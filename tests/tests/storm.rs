@@ -83,12 +83,7 @@ async fn a_fleet_renewing_at_once_converges_with_only_resource_exhausted_refusal
                 "host-{i}.fleet.serviceaccount.identity.linkerd.cluster.local"
             ))
             .unwrap();
-            let o = CreateOptions {
-                identity: id.clone(),
-                ttl: None,
-                allowed_ips: Vec::new(),
-                uses: None,
-            };
+            let o = CreateOptions::new(id.clone());
             let t = tokens::create(&cfg.tokens, &o, now).unwrap();
             (id, t.secret.to_string())
         })
