@@ -8,6 +8,16 @@
 //! and the Linkerd inbound downgrade: HTTP/1.1 requests/s straight to an HTTP/1.1 app (kept-alive
 //! connections) vs the same requests sent as linkerd2-proxy sends them (HTTP/2 over mTLS with
 //! `l5d-orig-proto: HTTP/1.1`) through a Linkerd inbound listener that downgrades them.
+//!
+//! It also measures the handshake crypto ceiling: full TLS 1.3 mTLS handshakes (no resumption)
+//! between a rustls `ClientConnection` and `ServerConnection` through in-memory buffers, one
+//! loop per core, with the configs the proxies build (`proxy_lib::tls::server_config` and
+//! `client_config`: the same certificates, verifiers, suites and key exchange). That is what the
+//! signatures, chain verifications and key agreement of both sides cost on this machine with
+//! no I/O at all, and the proxy's inbound full-handshake rate is printed as a share of it, beside
+//! its share of plain connect+echo. Interleaved with the other figures in the same rounds.
+//!
+//! It ends with the headline figures as Markdown table rows (`| what | measured | aim |`).
 //! `BENCH_SECS` sets the seconds per figure (default 3).
 
 use std::future::Future;
@@ -63,6 +73,10 @@ struct Setup {
     admin: SocketAddr,
     server: Identity,
     client_tls: Arc<rustls::ClientConfig>,
+    /// The inbound proxy's config without resumption, for the crypto ceiling.
+    ceiling_server: Arc<rustls::ServerConfig>,
+    /// The outbound proxy's config without resumption, for the crypto ceiling.
+    ceiling_client: Arc<rustls::ClientConfig>,
     pki: TestPki,
     server_dir: tempfile::TempDir,
     _client_dir: tempfile::TempDir,
@@ -119,6 +133,17 @@ async fn setup() -> Setup {
         .with_client_auth_cert(me.chain.clone(), me.key.to_rustls())
         .expect("client config");
     tls.resumption = rustls::client::Resumption::disabled();
+    let clock: proxy_lib::clock::SharedClock = Arc::new(SystemClock);
+    let (server_leaf, client_leaf) = (leaf(&server), leaf(&client));
+    let ceiling_server = proxy_lib::tls::server_config(
+        &server_leaf,
+        &server_leaf.anchors,
+        &proxy_lib::tls::AllowList::default(),
+        &clock,
+    )
+    .expect("server config");
+    let ceiling_client = proxy_lib::tls::client_config(&client_leaf, &client_leaf.anchors, &clock)
+        .expect("client config");
     Setup {
         app,
         http_app,
@@ -128,6 +153,8 @@ async fn setup() -> Setup {
         admin,
         server,
         client_tls: Arc::new(tls),
+        ceiling_server: Arc::new(ceiling_server),
+        ceiling_client: Arc::new(ceiling_client),
         pki,
         server_dir,
         _client_dir: client_dir,
@@ -328,8 +355,10 @@ async fn run(dur: Duration) {
     // Figures are measured in interleaved rounds so that load from anything else on the
     // machine drifts into every figure alike and the ratios stay meaningful.
     let slice = dur / ROUNDS;
-    let mut t = [Tally::default(); 8];
+    let mut t = [Tally::default(); 9];
+    let ceiling_name = ServerName::try_from(s.server.to_string()).expect("name");
     for _ in 0..ROUNDS {
+        t[8] += handshake_ceiling(slice, &s.ceiling_server, &s.ceiling_client, &ceiling_name);
         // Connection rates: connect (+ handshake), echo 16 bytes, close.
         t[0] += rate(slice, move || async move { ping(plain().await?).await }).await;
         let m = mtls.clone();
@@ -365,6 +394,7 @@ async fn run(dur: Duration) {
     let out_bulk = t[5].per_sec() / 1e6;
     let h1_direct = t[6].per_sec();
     let h2_downgraded = t[7].per_sec();
+    let ceiling = t[8].per_sec();
 
     let (answered, serving) = reload_latency(&s).await;
 
@@ -380,6 +410,11 @@ async fn run(dur: Duration) {
         "  outbound -> inbound                  {out_conn:>10.0}   {:>5.1} % of plain   \
          (proxy-to-proxy resumption allowed)",
         pct(out_conn, plain_conn)
+    );
+    println!(
+        "  handshake crypto ceiling (in memory) {ceiling:>10.0}   inbound is {:>5.1} % of it   \
+         (aim >= 80 %)",
+        pct(in_conn, ceiling)
     );
     println!("bulk echo (MB/s of payload each way)");
     println!("  plain TCP to the app                 {plain_bulk:>10.1}");
@@ -405,6 +440,125 @@ async fn run(dur: Duration) {
     println!(
         "  ... and a new handshake has the cert {:>6.2} / {:>6.2}   (aim p50 < 20 ms)",
         serving.0, serving.1
+    );
+    println!(
+        "| mtls-proxy full mTLS handshakes vs plain TCP connect+echo | {} vs {} /s = **{:.1} %** | ≥ 20 % |",
+        thousands(in_conn),
+        thousands(plain_conn),
+        pct(in_conn, plain_conn)
+    );
+    println!(
+        "| mtls-proxy full mTLS handshakes vs handshake crypto ceiling (both sides, in memory) | {} vs {} /s = **{:.0} %** | ≥ 80 % |",
+        thousands(in_conn),
+        thousands(ceiling),
+        pct(in_conn, ceiling)
+    );
+    println!(
+        "| mtls-proxy bulk echo through inbound vs plain TCP | {in_bulk:.0} vs {plain_bulk:.0} MB/s = **{:.0} %** | ≥ 30 % |",
+        pct(in_bulk, plain_bulk)
+    );
+    println!(
+        "| mtls-proxy HTTP/2 → HTTP/1 downgrade vs HTTP/1.1 direct | {} vs {} req/s = **{:.0} %** | |",
+        thousands(h2_downgraded),
+        thousands(h1_direct),
+        pct(h2_downgraded, h1_direct)
+    );
+    println!(
+        "| mtls-proxy reload → new cert served, p50 / p99 | {:.2} / {:.2} ms | p50 < 20 ms |",
+        serving.0, serving.1
+    );
+}
+
+/// `n` rounded, with thousands separators (`12,345`).
+fn thousands(n: f64) -> String {
+    let digits = format!("{:.0}", n.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Full TLS 1.3 mTLS handshakes completed over `dur`, one loop per core, each between a fresh
+/// `ClientConnection` and `ServerConnection` through in-memory buffers (no I/O, no
+/// resumption): the crypto and protocol work of both sides alone.
+fn handshake_ceiling(
+    dur: Duration,
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+) -> Tally {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let done = AtomicU64::new(0);
+    let start = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..cores {
+            let done = &done;
+            scope.spawn(move || {
+                let mut n = 0;
+                let mut buf = Vec::with_capacity(8192);
+                while start.elapsed() < dur {
+                    in_memory_handshake(server, client, name, &mut buf);
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    Tally {
+        units: done.load(Ordering::Relaxed) as f64,
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
+/// One full handshake between fresh connections over `buf`; panics if it fails or stalls (a
+/// ceiling that skips work is no ceiling).
+fn in_memory_handshake(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+    buf: &mut Vec<u8>,
+) {
+    let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).expect("client");
+    let mut s = rustls::ServerConnection::new(server.clone()).expect("server");
+    fn pass(from: &mut dyn FnMut(&mut Vec<u8>) -> bool, to: &mut dyn FnMut(&[u8]), buf: &mut Vec<u8>) -> bool {
+        buf.clear();
+        while from(buf) {}
+        if buf.is_empty() {
+            return false;
+        }
+        to(buf);
+        true
+    }
+    while c.is_handshaking() || s.is_handshaking() {
+        let moved_c = pass(
+            &mut |b| c.wants_write() && c.write_tls(b).expect("client write") > 0,
+            &mut |mut b| {
+                while !b.is_empty() {
+                    s.read_tls(&mut b).expect("server read");
+                    s.process_new_packets().expect("server handshake");
+                }
+            },
+            buf,
+        );
+        let moved_s = pass(
+            &mut |b| s.wants_write() && s.write_tls(b).expect("server write") > 0,
+            &mut |mut b| {
+                while !b.is_empty() {
+                    c.read_tls(&mut b).expect("client read");
+                    c.process_new_packets().expect("client handshake");
+                }
+            },
+            buf,
+        );
+        assert!(moved_c || moved_s, "in-memory handshake stalled");
+    }
+    assert!(
+        s.peer_certificates().is_some_and(|c| !c.is_empty()),
+        "the client certificate was not presented"
     );
 }
 
