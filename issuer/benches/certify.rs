@@ -14,8 +14,12 @@
 //!   same kind from the same CA, the CSR parsed and its signature checked by rcgen and a leaf
 //!   signed with the same issuer key; no authentication, audit, limits or metrics.
 //!
-//! and the ratios issuer / ceiling (aim ≥ 50 %) and issuer / naive (aim ≥ 1.1 ×). It ends with
-//! those as Markdown table rows (`| what | measured | aim |`).
+//! and the ratios issuer / ceiling (aim ≥ 50 %) and issuer / naive (aim ≥ 1.1 ×). It then
+//! prints where the cores went, as on-CPU time per request from Linux `schedstat` (so other
+//! load on the machine does not skew it): the ceiling's verify+sign, the issuer's server and
+//! audit threads, the naive server's threads and the load generator; and the end-to-end share a
+//! server doing nothing but verify+sign could reach while this client shares its cores. It ends
+//! with the headline figures as Markdown table rows (`| what | measured | aim |`).
 //! `BENCH_SECS` sets the seconds per figure (default 3); `BENCH_CLIENTS` the requests in
 //! flight (default 32, over 4 HTTP/2 connections).
 
@@ -87,13 +91,15 @@ fn main() {
     let server = issuer::server::Server::new(cfg.clone(), Arc::new(SystemClock)).expect("server");
     let shared = server.shared().clone();
     // In-process ceiling: verify + sign on every core, for `d`.
-    let ceiling_round = |d: Duration| -> (u64, Duration) {
+    let ceiling_round = |d: Duration| -> Round {
         let done = AtomicU64::new(0);
+        let cpu_ns = AtomicU64::new(0);
         let start = Instant::now();
         std::thread::scope(|s| {
             for t in 0..cores {
-                let (shared, csrs, id, done) = (&shared, &csrs, &id, &done);
-                s.spawn(move || {
+                let (shared, csrs, id, done, cpu_ns) = (&shared, &csrs, &id, &done, &cpu_ns);
+                let worker = move || {
+                    let cpu0 = thread_cpu();
                     let mut i = t;
                     let mut n = 0;
                     while start.elapsed() < d {
@@ -115,10 +121,21 @@ fn main() {
                         n += 1;
                     }
                     done.fetch_add(n, Ordering::Relaxed);
-                });
+                    let cpu = thread_cpu().saturating_sub(cpu0);
+                    cpu_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+                };
+                std::thread::Builder::new()
+                    .name("ceiling".into())
+                    .spawn_scoped(s, worker)
+                    .expect("ceiling thread");
             }
         });
-        (done.load(Ordering::Relaxed), start.elapsed())
+        Round {
+            n: done.load(Ordering::Relaxed),
+            took: start.elapsed(),
+            server_cpu: Duration::from_nanos(cpu_ns.load(Ordering::Relaxed)),
+            ..Round::default()
+        }
     };
 
     // End to end over TLS on loopback: the servers on one runtime, the load on another.
@@ -136,11 +153,11 @@ fn main() {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let serving = server_rt.spawn(server.clone().run(
-        listener,
-        None,
-        wait_stop(stop_rx.clone()),
-    ));
+    let serving = server_rt.spawn(
+        server
+            .clone()
+            .run(listener, None, wait_stop(stop_rx.clone())),
+    );
     // The reference server on a runtime of its own (its threads apart in a profile).
     let naive_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("naive-server")
@@ -161,9 +178,10 @@ fn main() {
         .build()
         .unwrap();
     let quit = Arc::new(AtomicBool::new(false));
-    let start_load = |addr| {
+    let start_load = |addr, server_threads| {
         load_rt.block_on(Load::start(
             addr,
+            server_threads,
             &anchors,
             &cfg.server_name,
             clients,
@@ -172,15 +190,15 @@ fn main() {
             &quit,
         ))
     };
-    let real = start_load(addr);
-    let reference = start_load(naive_addr);
+    let real = start_load(addr, &["issuer-server", "audit"]);
+    let reference = start_load(naive_addr, &["naive-server"]);
 
     // Interleave short rounds so that load from other processes hits every figure alike.
     let rounds = secs.as_secs().max(1) * 2;
     let round = Duration::from_millis(500);
-    let mut ceiling = Tally::default();
-    let mut e2e = Tally::default();
-    let mut naive = Tally::default();
+    let mut ceiling = Round::default();
+    let mut e2e = Round::default();
+    let mut naive = Round::default();
     for _ in 0..rounds {
         ceiling.add(ceiling_round(round));
         e2e.add(real.round(round));
@@ -195,6 +213,14 @@ fn main() {
     let _ = stop_tx.send(true);
     server_rt.block_on(serving).unwrap().unwrap();
 
+    // On-CPU time per request (Linux schedstat), whatever else the machine runs: where the
+    // cores go, and the end-to-end share a server doing nothing but the ceiling's work could
+    // reach with this load generator on the same cores.
+    let us = |t: Duration, n: u64| t.as_secs_f64() * 1e6 / n.max(1) as f64;
+    let crypto_us = us(ceiling.server_cpu, ceiling.n);
+    let issuer_us = us(e2e.server_cpu, e2e.n);
+    let naive_us = us(naive.server_cpu, naive.n);
+    let load_us = us(e2e.load_cpu + naive.load_cpu, e2e.n + naive.n);
     let (ceiling, e2e, naive) = (ceiling.per_sec(), e2e.per_sec(), naive.per_sec());
     let share = 100.0 * e2e / ceiling;
     let times = e2e / naive;
@@ -204,6 +230,24 @@ fn main() {
     println!("naive tonic+rcgen server, same load:     {naive:>9.0} /s");
     println!("ratio end-to-end / ceiling:              {share:>9.1} %  (aim: >= 50 %)");
     println!("ratio end-to-end / naive server:         {times:>9.2} x  (aim: >= 1.1 x)");
+    if crypto_us > 0.0 {
+        println!("CPU per request (on-CPU time, µs):");
+        println!("  ceiling, verify+sign                   {crypto_us:>9.1}");
+        println!(
+            "  issuer server threads + audit writer   {issuer_us:>9.1}   verify+sign is {:.0} % of it",
+            100.0 * crypto_us / issuer_us
+        );
+        println!(
+            "  naive server threads                   {naive_us:>9.1}   verify+sign is {:.0} % of it",
+            100.0 * crypto_us / naive_us
+        );
+        println!("  load generator (client side)           {load_us:>9.1}");
+        println!(
+            "  end-to-end bound with this client on the same cores, zero-overhead server: \
+             {:.0} % of the ceiling",
+            100.0 * crypto_us / (crypto_us + load_us)
+        );
+    }
     println!(
         "| issuer Certify over TLS vs in-process ceiling | {} vs {} /s = **{share:.0} %** | ≥ 50 % |",
         thousands(e2e),
@@ -229,17 +273,22 @@ fn thousands(n: f64) -> String {
     out
 }
 
-/// Operations over time, summed over rounds.
+/// One measured round (or their sum): operations, time, and the on-CPU time of the threads
+/// doing the work (the server's, or the ceiling's) and of the load generator's.
 #[derive(Debug, Default, Clone, Copy)]
-struct Tally {
+struct Round {
     n: u64,
     took: Duration,
+    server_cpu: Duration,
+    load_cpu: Duration,
 }
 
-impl Tally {
-    fn add(&mut self, (n, took): (u64, Duration)) {
-        self.n += n;
-        self.took += took;
+impl Round {
+    fn add(&mut self, r: Round) {
+        self.n += r.n;
+        self.took += r.took;
+        self.server_cpu += r.server_cpu;
+        self.load_cpu += r.load_cpu;
     }
 
     fn per_sec(self) -> f64 {
@@ -247,17 +296,52 @@ impl Tally {
     }
 }
 
+/// On-CPU time of this process's threads named one of `names` (Linux `schedstat`; zero where
+/// it is not available).
+fn cpu_of(names: &[&str]) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let mut total = Duration::ZERO;
+    for t in tasks.flatten() {
+        let p = t.path();
+        let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
+            continue;
+        };
+        if names.contains(&comm.trim()) {
+            total += schedstat(&p.join("schedstat"));
+        }
+    }
+    total
+}
+
+/// On-CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    schedstat(std::path::Path::new("/proc/thread-self/schedstat"))
+}
+
+fn schedstat(path: &std::path::Path) -> Duration {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
 /// A load generator: `clients` Certify loops over [`CONNECTIONS`] HTTP/2 connections to one
 /// server, sending only while `running`.
 struct Load {
+    /// The names of the server's threads, for their CPU time.
+    server_threads: &'static [&'static str],
     running: Arc<AtomicBool>,
     count: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Load {
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         addr: SocketAddr,
+        server_threads: &'static [&'static str],
         anchors: &[u8],
         server_name: &str,
         clients: usize,
@@ -301,6 +385,7 @@ impl Load {
             }));
         }
         Self {
+            server_threads,
             running,
             count,
             tasks,
@@ -308,17 +393,25 @@ impl Load {
     }
 
     /// Requests answered over `d` (after a ramp-up), then the load is paused and drained.
-    fn round(&self, d: Duration) -> (u64, Duration) {
+    fn round(&self, d: Duration) -> Round {
+        const LOAD: &[&str] = &["load-generator"];
         self.running.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(100)); // ramp up
         let base = self.count.load(Ordering::Relaxed);
+        let (server0, load0) = (cpu_of(self.server_threads), cpu_of(LOAD));
         let t0 = Instant::now();
         std::thread::sleep(d);
         let n = self.count.load(Ordering::Relaxed) - base;
         let took = t0.elapsed();
+        let (server1, load1) = (cpu_of(self.server_threads), cpu_of(LOAD));
         self.running.store(false, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50)); // drain
-        (n, took)
+        Round {
+            n,
+            took,
+            server_cpu: server1.saturating_sub(server0),
+            load_cpu: load1.saturating_sub(load0),
+        }
     }
 }
 
@@ -352,10 +445,9 @@ mod naive {
             request: tonic::Request<CertifyRequest>,
         ) -> Result<tonic::Response<CertifyResponse>, tonic::Status> {
             let req = request.into_inner();
-            let csr = CertificateSigningRequestParams::from_der(
-                &req.certificate_signing_request.into(),
-            )
-            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            let csr =
+                CertificateSigningRequestParams::from_der(&req.certificate_signing_request.into())
+                    .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
             let now = SystemTime::now();
             let not_after = now + Duration::from_secs(24 * 3600);
             let mut params = csr.params;

@@ -524,7 +524,11 @@ fn in_memory_handshake(
 ) {
     let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).expect("client");
     let mut s = rustls::ServerConnection::new(server.clone()).expect("server");
-    fn pass(from: &mut dyn FnMut(&mut Vec<u8>) -> bool, to: &mut dyn FnMut(&[u8]), buf: &mut Vec<u8>) -> bool {
+    fn pass(
+        from: &mut dyn FnMut(&mut Vec<u8>) -> bool,
+        to: &mut dyn FnMut(&[u8]),
+        buf: &mut Vec<u8>,
+    ) -> bool {
         buf.clear();
         while from(buf) {}
         if buf.is_empty() {
