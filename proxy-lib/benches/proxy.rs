@@ -16,6 +16,8 @@
 //! signatures, chain verifications and key agreement of both sides cost on this machine with
 //! no I/O at all, and the proxy's inbound full-handshake rate is printed as a share of it, beside
 //! its share of plain connect+echo. Interleaved with the other figures in the same rounds.
+//! Because wall-clock rates move with whatever else the machine runs, the on-CPU time per
+//! connection (Linux `schedstat`) is printed too for plain, inbound and the ceiling.
 //!
 //! It ends with the headline figures as Markdown table rows (`| what | measured | aim |`).
 //! `BENCH_SECS` sets the seconds per figure (default 3).
@@ -395,6 +397,10 @@ async fn run(dur: Duration) {
     let h1_direct = t[6].per_sec();
     let h2_downgraded = t[7].per_sec();
     let ceiling = t[8].per_sec();
+    // On-CPU time per connection, which other load on the machine does not skew: every
+    // thread of this process (client, proxies, app) for the connection rates, the ceiling's
+    // own threads for the ceiling.
+    let (plain_cpu, in_cpu, ceiling_cpu) = (t[0].cpu_us(), t[1].cpu_us(), t[8].cpu_us());
 
     let (answered, serving) = reload_latency(&s).await;
 
@@ -416,6 +422,15 @@ async fn run(dur: Duration) {
          (aim >= 80 %)",
         pct(in_conn, ceiling)
     );
+    if in_cpu > 0.0 {
+        println!("  on-CPU time per connection (µs, every thread of the process):");
+        println!(
+            "    plain {plain_cpu:.0}, inbound full handshake {in_cpu:.0}, ceiling handshake \
+             {ceiling_cpu:.0}: the ceiling is {:.1} % of the inbound cost, plain is {:.1} %",
+            pct(ceiling_cpu, in_cpu),
+            pct(plain_cpu, in_cpu)
+        );
+    }
     println!("bulk echo (MB/s of payload each way)");
     println!("  plain TCP to the app                 {plain_bulk:>10.1}");
     println!(
@@ -448,10 +463,11 @@ async fn run(dur: Duration) {
         pct(in_conn, plain_conn)
     );
     println!(
-        "| mtls-proxy full mTLS handshakes vs handshake crypto ceiling (both sides, in memory) | {} vs {} /s = **{:.0} %** | ≥ 80 % |",
+        "| mtls-proxy full mTLS handshakes vs handshake crypto ceiling (both sides, in memory) | {} vs {} /s = **{:.0} %** (by CPU per handshake: {:.0} %) | ≥ 80 % |",
         thousands(in_conn),
         thousands(ceiling),
-        pct(in_conn, ceiling)
+        pct(in_conn, ceiling),
+        pct(ceiling_cpu, in_cpu)
     );
     println!(
         "| mtls-proxy bulk echo through inbound vs plain TCP | {in_bulk:.0} vs {plain_bulk:.0} MB/s = **{:.0} %** | ≥ 30 % |",
@@ -493,11 +509,13 @@ fn handshake_ceiling(
 ) -> Tally {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let done = AtomicU64::new(0);
+    let cpu_ns = AtomicU64::new(0);
     let start = std::time::Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..cores {
-            let done = &done;
+            let (done, cpu_ns) = (&done, &cpu_ns);
             scope.spawn(move || {
+                let cpu0 = thread_cpu();
                 let mut n = 0;
                 let mut buf = Vec::with_capacity(8192);
                 while start.elapsed() < dur {
@@ -505,12 +523,15 @@ fn handshake_ceiling(
                     n += 1;
                 }
                 done.fetch_add(n, Ordering::Relaxed);
+                let cpu = thread_cpu().saturating_sub(cpu0);
+                cpu_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
             });
         }
     });
     Tally {
         units: done.load(Ordering::Relaxed) as f64,
         secs: start.elapsed().as_secs_f64(),
+        cpu: cpu_ns.load(Ordering::Relaxed) as f64 / 1e9,
     }
 }
 
@@ -642,6 +663,7 @@ async fn tally(start: Instant, done: &AtomicU64, tasks: Vec<tokio::task::JoinHan
     Tally {
         units: done.load(Ordering::Relaxed) as f64,
         secs: start.elapsed().as_secs_f64(),
+        cpu: 0.0,
     }
 }
 
@@ -653,11 +675,18 @@ const ROUNDS: u32 = 3;
 struct Tally {
     units: f64,
     secs: f64,
+    /// On-CPU seconds of the threads doing the work (Linux `schedstat`; 0 where unavailable).
+    cpu: f64,
 }
 
 impl Tally {
     fn per_sec(self) -> f64 {
         self.units / self.secs
+    }
+
+    /// On-CPU microseconds per unit.
+    fn cpu_us(self) -> f64 {
+        1e6 * self.cpu / self.units.max(1.0)
     }
 }
 
@@ -665,7 +694,31 @@ impl std::ops::AddAssign for Tally {
     fn add_assign(&mut self, o: Tally) {
         self.units += o.units;
         self.secs += o.secs;
+        self.cpu += o.cpu;
     }
+}
+
+/// On-CPU time of every thread of this process (Linux `schedstat`; zero where unavailable).
+fn process_cpu() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .map(|t| schedstat(&t.path().join("schedstat")))
+        .sum()
+}
+
+/// On-CPU time of the calling thread.
+fn thread_cpu() -> Duration {
+    schedstat(std::path::Path::new("/proc/thread-self/schedstat"))
+}
+
+fn schedstat(path: &std::path::Path) -> Duration {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
 /// Completed operations over `dur`, `CONNECT_CLIENTS` at a time. Fails loudly on any error:
@@ -680,6 +733,7 @@ where
         op().await.expect("warm-up connection");
     }
     let done = Arc::new(AtomicU64::new(0));
+    let cpu0 = process_cpu();
     let start = Instant::now();
     let deadline = start + dur;
     let mut tasks = Vec::new();
@@ -693,7 +747,9 @@ where
             }
         }));
     }
-    tally(start, &done, tasks).await
+    let mut t = tally(start, &done, tasks).await;
+    t.cpu = process_cpu().saturating_sub(cpu0).as_secs_f64();
+    t
 }
 
 /// Payload bytes echoed over `dur` by `BULK_STREAMS` streams (written, and read back intact
@@ -745,5 +801,6 @@ where
     Tally {
         units: total as f64,
         secs: start.elapsed().as_secs_f64(),
+        cpu: 0.0,
     }
 }
