@@ -36,6 +36,7 @@ use linkerd2_proxy_api::identity::CertifyRequest;
 use linkerd2_proxy_api::identity::identity_client::IdentityClient;
 use proxy_lib::clock::{Clock, SystemClock};
 use proxy_lib::identity::Identity;
+use proxy_lib::test_util::bench::{thousands, thread_cpu, threads_cpu};
 use proxy_lib::verify::TrustAnchors;
 use rustls_pki_types::ServerName;
 
@@ -260,19 +261,6 @@ fn main() {
     );
 }
 
-/// `n` rounded, with thousands separators (`12,345`).
-fn thousands(n: f64) -> String {
-    let digits = format!("{:.0}", n.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// One measured round (or their sum): operations, time, and the on-CPU time of the threads
 /// doing the work (the server's, or the ceiling's) and of the load generator's.
 #[derive(Debug, Default, Clone, Copy)]
@@ -294,37 +282,6 @@ impl Round {
     fn per_sec(self) -> f64 {
         self.n as f64 / self.took.as_secs_f64()
     }
-}
-
-/// On-CPU time of this process's threads named one of `names` (Linux `schedstat`; zero where
-/// it is not available).
-fn cpu_of(names: &[&str]) -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    let mut total = Duration::ZERO;
-    for t in tasks.flatten() {
-        let p = t.path();
-        let Ok(comm) = std::fs::read_to_string(p.join("comm")) else {
-            continue;
-        };
-        if names.contains(&comm.trim()) {
-            total += schedstat(&p.join("schedstat"));
-        }
-    }
-    total
-}
-
-/// On-CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    schedstat(std::path::Path::new("/proc/thread-self/schedstat"))
-}
-
-fn schedstat(path: &std::path::Path) -> Duration {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos)
 }
 
 /// A load generator: `clients` Certify loops over [`CONNECTIONS`] HTTP/2 connections to one
@@ -394,16 +351,22 @@ impl Load {
 
     /// Requests answered over `d` (after a ramp-up), then the load is paused and drained.
     fn round(&self, d: Duration) -> Round {
-        const LOAD: &[&str] = &["load-generator"];
+        const LOAD: &str = "load-generator";
         self.running.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(100)); // ramp up
         let base = self.count.load(Ordering::Relaxed);
-        let (server0, load0) = (cpu_of(self.server_threads), cpu_of(LOAD));
+        let cpu = || {
+            (
+                threads_cpu(|n| self.server_threads.contains(&n)),
+                threads_cpu(|n| n == LOAD),
+            )
+        };
+        let (server0, load0) = cpu();
         let t0 = Instant::now();
         std::thread::sleep(d);
         let n = self.count.load(Ordering::Relaxed) - base;
         let took = t0.elapsed();
-        let (server1, load1) = (cpu_of(self.server_threads), cpu_of(LOAD));
+        let (server1, load1) = cpu();
         self.running.store(false, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50)); // drain
         Round {

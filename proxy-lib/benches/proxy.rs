@@ -37,6 +37,7 @@ use proxy_lib::identity::{Identity, TrustDomain};
 use proxy_lib::proxy::config::{Inbound, Limits, Outbound};
 use proxy_lib::proxy::linkerd::LinkerdListener;
 use proxy_lib::proxy::{Config, Proxy};
+use proxy_lib::test_util::bench::{thousands, thread_cpu, threads_cpu};
 use proxy_lib::test_util::{TestPki, write_data_dir};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -485,19 +486,6 @@ async fn run(dur: Duration) {
     );
 }
 
-/// `n` rounded, with thousands separators (`12,345`).
-fn thousands(n: f64) -> String {
-    let digits = format!("{:.0}", n.max(0.0));
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// Full TLS 1.3 mTLS handshakes completed over `dur`, one loop per core, each between a fresh
 /// `ClientConnection` and `ServerConnection` through in-memory buffers (no I/O, no
 /// resumption): the crypto and protocol work of both sides alone.
@@ -543,48 +531,36 @@ fn in_memory_handshake(
     name: &ServerName<'static>,
     buf: &mut Vec<u8>,
 ) {
-    let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).expect("client");
-    let mut s = rustls::ServerConnection::new(server.clone()).expect("server");
-    fn pass(
-        from: &mut dyn FnMut(&mut Vec<u8>) -> bool,
-        to: &mut dyn FnMut(&[u8]),
-        buf: &mut Vec<u8>,
-    ) -> bool {
-        buf.clear();
-        while from(buf) {}
-        if buf.is_empty() {
-            return false;
-        }
-        to(buf);
-        true
-    }
+    let mut c: rustls::Connection = rustls::ClientConnection::new(client.clone(), name.clone())
+        .expect("client")
+        .into();
+    let mut s: rustls::Connection = rustls::ServerConnection::new(server.clone())
+        .expect("server")
+        .into();
     while c.is_handshaking() || s.is_handshaking() {
-        let moved_c = pass(
-            &mut |b| c.wants_write() && c.write_tls(b).expect("client write") > 0,
-            &mut |mut b| {
-                while !b.is_empty() {
-                    s.read_tls(&mut b).expect("server read");
-                    s.process_new_packets().expect("server handshake");
-                }
-            },
-            buf,
-        );
-        let moved_s = pass(
-            &mut |b| s.wants_write() && s.write_tls(b).expect("server write") > 0,
-            &mut |mut b| {
-                while !b.is_empty() {
-                    c.read_tls(&mut b).expect("client read");
-                    c.process_new_packets().expect("client handshake");
-                }
-            },
-            buf,
-        );
+        let moved_c = flight(&mut c, &mut s, buf);
+        let moved_s = flight(&mut s, &mut c, buf);
         assert!(moved_c || moved_s, "in-memory handshake stalled");
     }
     assert!(
         s.peer_certificates().is_some_and(|c| !c.is_empty()),
         "the client certificate was not presented"
     );
+}
+
+/// Moves what `from` has to send into `to` through `buf` and lets `to` process it; whether
+/// anything moved.
+fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection, buf: &mut Vec<u8>) -> bool {
+    buf.clear();
+    while from.wants_write() {
+        from.write_tls(buf).expect("write_tls");
+    }
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest).expect("read_tls");
+        to.process_new_packets().expect("handshake refused");
+    }
+    !buf.is_empty()
 }
 
 /// Reloads measured.
@@ -698,29 +674,6 @@ impl std::ops::AddAssign for Tally {
     }
 }
 
-/// On-CPU time of every thread of this process (Linux `schedstat`; zero where unavailable).
-fn process_cpu() -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    tasks
-        .flatten()
-        .map(|t| schedstat(&t.path().join("schedstat")))
-        .sum()
-}
-
-/// On-CPU time of the calling thread.
-fn thread_cpu() -> Duration {
-    schedstat(std::path::Path::new("/proc/thread-self/schedstat"))
-}
-
-fn schedstat(path: &std::path::Path) -> Duration {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .map_or(Duration::ZERO, Duration::from_nanos)
-}
-
 /// Completed operations over `dur`, `CONNECT_CLIENTS` at a time. Fails loudly on any error:
 /// a benchmark that drops connections has no figure to report.
 async fn rate<F, Fut>(dur: Duration, op: F) -> Tally
@@ -733,7 +686,7 @@ where
         op().await.expect("warm-up connection");
     }
     let done = Arc::new(AtomicU64::new(0));
-    let cpu0 = process_cpu();
+    let cpu0 = threads_cpu(|_| true);
     let start = Instant::now();
     let deadline = start + dur;
     let mut tasks = Vec::new();
@@ -748,7 +701,7 @@ where
         }));
     }
     let mut t = tally(start, &done, tasks).await;
-    t.cpu = process_cpu().saturating_sub(cpu0).as_secs_f64();
+    t.cpu = threads_cpu(|_| true).saturating_sub(cpu0).as_secs_f64();
     t
 }
 
