@@ -392,7 +392,9 @@ mod naive {
     use std::pin::Pin;
     use std::sync::Arc;
     use std::task::{Context, Poll};
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
+
+    use proxy_lib::clock::{Clock, SystemClock};
 
     use linkerd2_proxy_api::identity::identity_server::{Identity, IdentityServer};
     use linkerd2_proxy_api::identity::{CertifyRequest, CertifyResponse};
@@ -416,7 +418,7 @@ mod naive {
             let csr =
                 CertificateSigningRequestParams::from_der(&req.certificate_signing_request.into())
                     .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-            let now = SystemTime::now();
+            let now = SystemClock.now();
             let not_after = now + Duration::from_secs(24 * 3600);
             let mut params = csr.params;
             params.not_before = now.into();
