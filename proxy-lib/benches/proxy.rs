@@ -8,6 +8,18 @@
 //! and the Linkerd inbound downgrade: HTTP/1.1 requests/s straight to an HTTP/1.1 app (kept-alive
 //! connections) vs the same requests sent as linkerd2-proxy sends them (HTTP/2 over mTLS with
 //! `l5d-orig-proto: HTTP/1.1`) through a Linkerd inbound listener that downgrades them.
+//!
+//! It also measures the handshake crypto ceiling: full TLS 1.3 mTLS handshakes (no resumption)
+//! between a rustls `ClientConnection` and `ServerConnection` through in-memory buffers, one
+//! loop per core, with the configs the proxies build (`proxy_lib::tls::server_config` and
+//! `client_config`: the same certificates, verifiers, suites and key exchange). That is what the
+//! signatures, chain verifications and key agreement of both sides cost on this machine with
+//! no I/O at all, and the proxy's inbound full-handshake rate is printed as a share of it, beside
+//! its share of plain connect+echo. Interleaved with the other figures in the same rounds.
+//! Because wall-clock rates move with whatever else the machine runs, the on-CPU time per
+//! connection (Linux `schedstat`) is printed too for plain, inbound and the ceiling.
+//!
+//! It ends with the headline figures as Markdown table rows (`| what | measured | aim |`).
 //! `BENCH_SECS` sets the seconds per figure (default 3).
 
 use std::future::Future;
@@ -25,6 +37,7 @@ use proxy_lib::identity::{Identity, TrustDomain};
 use proxy_lib::proxy::config::{Inbound, Limits, Outbound};
 use proxy_lib::proxy::linkerd::LinkerdListener;
 use proxy_lib::proxy::{Config, Proxy};
+use proxy_lib::test_util::bench::{thousands, thread_cpu, threads_cpu};
 use proxy_lib::test_util::{TestPki, write_data_dir};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -63,6 +76,10 @@ struct Setup {
     admin: SocketAddr,
     server: Identity,
     client_tls: Arc<rustls::ClientConfig>,
+    /// The inbound proxy's config without resumption, for the crypto ceiling.
+    ceiling_server: Arc<rustls::ServerConfig>,
+    /// The outbound proxy's config without resumption, for the crypto ceiling.
+    ceiling_client: Arc<rustls::ClientConfig>,
     pki: TestPki,
     server_dir: tempfile::TempDir,
     _client_dir: tempfile::TempDir,
@@ -119,6 +136,17 @@ async fn setup() -> Setup {
         .with_client_auth_cert(me.chain.clone(), me.key.to_rustls())
         .expect("client config");
     tls.resumption = rustls::client::Resumption::disabled();
+    let clock: proxy_lib::clock::SharedClock = Arc::new(SystemClock);
+    let (server_leaf, client_leaf) = (leaf(&server), leaf(&client));
+    let ceiling_server = proxy_lib::tls::server_config(
+        &server_leaf,
+        &server_leaf.anchors,
+        &proxy_lib::tls::AllowList::default(),
+        &clock,
+    )
+    .expect("server config");
+    let ceiling_client = proxy_lib::tls::client_config(&client_leaf, &client_leaf.anchors, &clock)
+        .expect("client config");
     Setup {
         app,
         http_app,
@@ -128,6 +156,8 @@ async fn setup() -> Setup {
         admin,
         server,
         client_tls: Arc::new(tls),
+        ceiling_server: Arc::new(ceiling_server),
+        ceiling_client: Arc::new(ceiling_client),
         pki,
         server_dir,
         _client_dir: client_dir,
@@ -328,8 +358,10 @@ async fn run(dur: Duration) {
     // Figures are measured in interleaved rounds so that load from anything else on the
     // machine drifts into every figure alike and the ratios stay meaningful.
     let slice = dur / ROUNDS;
-    let mut t = [Tally::default(); 8];
+    let mut t = [Tally::default(); 9];
+    let ceiling_name = ServerName::try_from(s.server.to_string()).expect("name");
     for _ in 0..ROUNDS {
+        t[8] += handshake_ceiling(slice, &s.ceiling_server, &s.ceiling_client, &ceiling_name);
         // Connection rates: connect (+ handshake), echo 16 bytes, close.
         t[0] += rate(slice, move || async move { ping(plain().await?).await }).await;
         let m = mtls.clone();
@@ -365,6 +397,11 @@ async fn run(dur: Duration) {
     let out_bulk = t[5].per_sec() / 1e6;
     let h1_direct = t[6].per_sec();
     let h2_downgraded = t[7].per_sec();
+    let ceiling = t[8].per_sec();
+    // On-CPU time per connection, which other load on the machine does not skew: every
+    // thread of this process (client, proxies, app) for the connection rates, the ceiling's
+    // own threads for the ceiling.
+    let (plain_cpu, in_cpu, ceiling_cpu) = (t[0].cpu_us(), t[1].cpu_us(), t[8].cpu_us());
 
     let (answered, serving) = reload_latency(&s).await;
 
@@ -381,6 +418,20 @@ async fn run(dur: Duration) {
          (proxy-to-proxy resumption allowed)",
         pct(out_conn, plain_conn)
     );
+    println!(
+        "  handshake crypto ceiling (in memory) {ceiling:>10.0}   inbound is {:>5.1} % of it   \
+         (aim >= 80 %)",
+        pct(in_conn, ceiling)
+    );
+    if in_cpu > 0.0 {
+        println!("  on-CPU time per connection (µs, every thread of the process):");
+        println!(
+            "    plain {plain_cpu:.0}, inbound full handshake {in_cpu:.0}, ceiling handshake \
+             {ceiling_cpu:.0}: the ceiling is {:.1} % of the inbound cost, plain is {:.1} %",
+            pct(ceiling_cpu, in_cpu),
+            pct(plain_cpu, in_cpu)
+        );
+    }
     println!("bulk echo (MB/s of payload each way)");
     println!("  plain TCP to the app                 {plain_bulk:>10.1}");
     println!(
@@ -406,6 +457,110 @@ async fn run(dur: Duration) {
         "  ... and a new handshake has the cert {:>6.2} / {:>6.2}   (aim p50 < 20 ms)",
         serving.0, serving.1
     );
+    println!(
+        "| mtls-proxy full mTLS handshakes vs plain TCP connect+echo | {} vs {} /s = **{:.1} %** | ≥ 20 % |",
+        thousands(in_conn),
+        thousands(plain_conn),
+        pct(in_conn, plain_conn)
+    );
+    println!(
+        "| mtls-proxy full mTLS handshakes vs handshake crypto ceiling (both sides, in memory) | {} vs {} /s = **{:.0} %** (by CPU per handshake: {:.0} %) | ≥ 80 % |",
+        thousands(in_conn),
+        thousands(ceiling),
+        pct(in_conn, ceiling),
+        pct(ceiling_cpu, in_cpu)
+    );
+    println!(
+        "| mtls-proxy bulk echo through inbound vs plain TCP | {in_bulk:.0} vs {plain_bulk:.0} MB/s = **{:.0} %** | ≥ 30 % |",
+        pct(in_bulk, plain_bulk)
+    );
+    println!(
+        "| mtls-proxy HTTP/2 → HTTP/1 downgrade vs HTTP/1.1 direct | {} vs {} req/s = **{:.0} %** | |",
+        thousands(h2_downgraded),
+        thousands(h1_direct),
+        pct(h2_downgraded, h1_direct)
+    );
+    println!(
+        "| mtls-proxy reload → new cert served, p50 / p99 | {:.2} / {:.2} ms | p50 < 20 ms |",
+        serving.0, serving.1
+    );
+}
+
+/// Full TLS 1.3 mTLS handshakes completed over `dur`, one loop per core, each between a fresh
+/// `ClientConnection` and `ServerConnection` through in-memory buffers (no I/O, no
+/// resumption): the crypto and protocol work of both sides alone.
+fn handshake_ceiling(
+    dur: Duration,
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+) -> Tally {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let done = AtomicU64::new(0);
+    let cpu_ns = AtomicU64::new(0);
+    let start = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..cores {
+            let (done, cpu_ns) = (&done, &cpu_ns);
+            scope.spawn(move || {
+                let cpu0 = thread_cpu();
+                let mut n = 0;
+                let mut buf = Vec::with_capacity(8192);
+                while start.elapsed() < dur {
+                    in_memory_handshake(server, client, name, &mut buf);
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+                let cpu = thread_cpu().saturating_sub(cpu0);
+                cpu_ns.fetch_add(cpu.as_nanos() as u64, Ordering::Relaxed);
+            });
+        }
+    });
+    Tally {
+        units: done.load(Ordering::Relaxed) as f64,
+        secs: start.elapsed().as_secs_f64(),
+        cpu: cpu_ns.load(Ordering::Relaxed) as f64 / 1e9,
+    }
+}
+
+/// One full handshake between fresh connections over `buf`; panics if it fails or stalls (a
+/// ceiling that skips work is no ceiling).
+fn in_memory_handshake(
+    server: &Arc<rustls::ServerConfig>,
+    client: &Arc<rustls::ClientConfig>,
+    name: &ServerName<'static>,
+    buf: &mut Vec<u8>,
+) {
+    let mut c: rustls::Connection = rustls::ClientConnection::new(client.clone(), name.clone())
+        .expect("client")
+        .into();
+    let mut s: rustls::Connection = rustls::ServerConnection::new(server.clone())
+        .expect("server")
+        .into();
+    while c.is_handshaking() || s.is_handshaking() {
+        let moved_c = flight(&mut c, &mut s, buf);
+        let moved_s = flight(&mut s, &mut c, buf);
+        assert!(moved_c || moved_s, "in-memory handshake stalled");
+    }
+    assert!(
+        s.peer_certificates().is_some_and(|c| !c.is_empty()),
+        "the client certificate was not presented"
+    );
+}
+
+/// Moves what `from` has to send into `to` through `buf` and lets `to` process it; whether
+/// anything moved.
+fn flight(from: &mut rustls::Connection, to: &mut rustls::Connection, buf: &mut Vec<u8>) -> bool {
+    buf.clear();
+    while from.wants_write() {
+        from.write_tls(buf).expect("write_tls");
+    }
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        to.read_tls(&mut rest).expect("read_tls");
+        to.process_new_packets().expect("handshake refused");
+    }
+    !buf.is_empty()
 }
 
 /// Reloads measured.
@@ -484,6 +639,7 @@ async fn tally(start: Instant, done: &AtomicU64, tasks: Vec<tokio::task::JoinHan
     Tally {
         units: done.load(Ordering::Relaxed) as f64,
         secs: start.elapsed().as_secs_f64(),
+        cpu: 0.0,
     }
 }
 
@@ -495,11 +651,18 @@ const ROUNDS: u32 = 3;
 struct Tally {
     units: f64,
     secs: f64,
+    /// On-CPU seconds of the threads doing the work (Linux `schedstat`; 0 where unavailable).
+    cpu: f64,
 }
 
 impl Tally {
     fn per_sec(self) -> f64 {
         self.units / self.secs
+    }
+
+    /// On-CPU microseconds per unit.
+    fn cpu_us(self) -> f64 {
+        1e6 * self.cpu / self.units.max(1.0)
     }
 }
 
@@ -507,6 +670,7 @@ impl std::ops::AddAssign for Tally {
     fn add_assign(&mut self, o: Tally) {
         self.units += o.units;
         self.secs += o.secs;
+        self.cpu += o.cpu;
     }
 }
 
@@ -522,6 +686,7 @@ where
         op().await.expect("warm-up connection");
     }
     let done = Arc::new(AtomicU64::new(0));
+    let cpu0 = threads_cpu(|_| true);
     let start = Instant::now();
     let deadline = start + dur;
     let mut tasks = Vec::new();
@@ -535,7 +700,9 @@ where
             }
         }));
     }
-    tally(start, &done, tasks).await
+    let mut t = tally(start, &done, tasks).await;
+    t.cpu = threads_cpu(|_| true).saturating_sub(cpu0).as_secs_f64();
+    t
 }
 
 /// Payload bytes echoed over `dur` by `BULK_STREAMS` streams (written, and read back intact
@@ -587,5 +754,6 @@ where
     Tally {
         units: total as f64,
         secs: start.elapsed().as_secs_f64(),
+        cpu: 0.0,
     }
 }

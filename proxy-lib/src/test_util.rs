@@ -2,6 +2,7 @@
 //! dirs written by the real [`crate::certdir::Writer`], fast temp dirs, and log capture. Never
 //! used by shipped code paths.
 
+pub mod bench;
 #[cfg(feature = "fake-kube")]
 pub mod fake_kube;
 mod kit;
