@@ -15,9 +15,9 @@ use crate::reload::{Reload, ReloadError};
 use crate::schedule::{self, CertTimes, Decision};
 use crate::state::{Change, Ledger, State};
 use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
+use crate::timing::{LastRotation, ReloadTiming, RotationTiming, Stopwatch, micros};
 use crate::trust::{Offer, Trust};
 use crate::validate::{self, ValidateError};
-use crate::timing::{LastRotation, ReloadTiming, RotationTiming, Stopwatch, micros};
 use crate::verify::VerifyError;
 
 /// Why a renewal cycle failed.
@@ -496,17 +496,19 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         };
         let bootstrap = presented.is_none();
         watch.timing.keygen_csr_us = watch.lap();
-        let resp = self
-            .issuer
-            .certify_presenting(
-                CertifyRequest {
-                    identity: cfg.identity.to_string(),
-                    token,
-                    csr_der: fresh.csr_der.clone(),
-                },
-                presented,
-            )
-            .await?;
+        let certify = self.issuer.certify_presenting(
+            CertifyRequest {
+                identity: cfg.identity.to_string(),
+                token,
+                csr_der: fresh.csr_der.clone(),
+            },
+            presented,
+        );
+        // The issuer's trust bundle, fetched with every renewal, beside the Certify call (two
+        // round trips at once rather than one after the other); its answer is looked at only
+        // once the new cert is validated.
+        let (resp, offer) = tokio::join!(certify, self.fetch_offer());
+        let resp = resp?;
         watch.timing.certify_us = watch.lap();
         let received = self.clock.now();
         let valid = validate::validate(
@@ -525,8 +527,8 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             *self.bootstrap_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
-        // The issuer's trust bundle, fetched with every renewal; a failed fetch keeps the set.
-        let offer = self.fetch_offer().await.unwrap_or_else(|e| {
+        // A failed fetch of the trust bundle keeps the set.
+        let offer = offer.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot fetch the issuer's trust bundle; keeping the anchors in place");
             None
         });

@@ -26,11 +26,11 @@ pub struct RotationTiming {
     pub prepare_us: u64,
     /// Generating the P-256 key and the CSR.
     pub keygen_csr_us: u64,
-    /// The Certify round trip (connection included).
+    /// The Certify round trip (connection included), with the trust bundle fetched beside it.
     pub certify_us: u64,
     /// Validating the answer (chain to the anchors, identity, key, times).
     pub validate_us: u64,
-    /// Fetching the issuer's trust bundle and deciding on it.
+    /// Deciding on the issuer's trust bundle (fetched beside the Certify call).
     pub bundle_us: u64,
     /// The atomic swap with its fsyncs, and the state file.
     pub swap_us: u64,
