@@ -3,8 +3,8 @@
 //! `GET /status` as `last_rotation` (and in a debug log line). Measuring costs a few
 //! `Instant::now()` calls per rotation; nothing is kept beyond the last one.
 //!
-//! The decision time is the real wall clock (microseconds since the Unix epoch), never the
-//! injectable clock, so that another process on the host (the rotation bench) can compare it
+//! The decision time is the real wall clock (microseconds since the Unix epoch, read through
+//! `SystemClock`), never the rotator's injectable clock, so that another process on the host (the rotation bench) can compare it
 //! with the moment it first sees the new cert served.
 
 use std::sync::{Arc, Mutex};
@@ -60,7 +60,7 @@ impl Stopwatch {
     /// Starts now: the decision.
     pub(crate) fn start(forced: bool) -> Self {
         let now = Instant::now();
-        let decided = SystemTime::now()
+        let decided = proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock)
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         Self {
@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn laps_add_up_to_at_most_the_total_and_the_decision_is_wall_clock() {
         let before = micros(
-            SystemTime::now()
+            proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock)
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap(),
         );

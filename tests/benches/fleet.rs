@@ -22,8 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -35,9 +34,8 @@ use proxy_lib::verify::TrustAnchors;
 use rand::Rng;
 use rotator::client::{CertifyRequest, GrpcIssuer, Issue, IssueError};
 use rustls_pki_types::CertificateDer;
-use testkit::bench::{ProcUsage, proc_usage, quantile};
-use testkit::demo::{spawn, wait_admin};
-use testkit::{ChildGuard, bin, free_port, run_ok};
+use testkit::ChildGuard;
+use testkit::bench::{ProcUsage, issuer_init, issuer_serve, proc_usage, quantile};
 use zeroize::Zeroizing;
 
 /// Each host renews this often: 24 h / 100.
@@ -70,17 +68,11 @@ fn main() -> Result<()> {
         hosts as f64 / PERIOD.as_secs_f64()
     );
     let state = root.path().join("issuer");
-    run_ok(
-        Command::new(bin("issuer"))
-            .args(["init", "--dir"])
-            .arg(&state),
+    let audit = state.join("audit.log");
+    issuer_init(
+        &state,
+        &[("path = \"-\"", &format!("path = \"{}\"", audit.display()))],
     );
-    let toml = state.join("issuer.toml");
-    let text = std::fs::read_to_string(&toml)?.replace(
-        "path = \"-\"",
-        &format!("path = \"{}\"", state.join("audit.log").display()),
-    );
-    std::fs::write(&toml, text)?;
 
     let t = Instant::now();
     let tokens = make_tokens(&state, hosts)?;
@@ -138,7 +130,7 @@ fn main() -> Result<()> {
     let st = rt.block_on(run_phase(&fleet, &issuers, "steady state", deadline, |f| {
         steady_state(f, steady)
     }))?;
-    let expired = fleet.expired(SystemTime::now());
+    let expired = fleet.expired(proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock));
     println!("  hosts without a valid cert at the end of the steady state: {expired}");
     rows.push(format!(
         "| fleet steady state, {hosts} hosts at 100× a 24 h fleet's renewal rate ({:.0}/s asked) | {:.0} Certify/s, p50 {:.1} ms, p99 {:.1} ms, refused {}, issuers {:.0} % CPU, peak RSS {} MiB; {expired} hosts without a valid cert | every host valid |",
@@ -159,7 +151,7 @@ fn main() -> Result<()> {
         deadline,
         |f| all_at_once(f, true),
     ))?;
-    let expired = fleet.expired(SystemTime::now());
+    let expired = fleet.expired(proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock));
     if expired > 0 {
         bail!("{expired} hosts hold no valid cert after the full-fleet restart");
     }
@@ -467,7 +459,7 @@ async fn renew_once(fleet: &Fleet, i: usize, by_cert: bool) -> Result<Duration, 
         &host.identity,
         &fresh.spki_der,
         &fleet.anchors,
-        SystemTime::now(),
+        proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock),
         Duration::from_secs(20),
     )
     .map_err(|e| format!("invalid answer: {e}"))?;
@@ -484,7 +476,7 @@ async fn renew_once(fleet: &Fleet, i: usize, by_cert: bool) -> Result<Duration, 
 /// rest minted by `issuer::tokens::mint` and appended to its records.
 fn make_tokens(state: &Path, hosts: usize) -> Result<Vec<(Identity, Zeroizing<Vec<u8>>)>> {
     let store = state.join("tokens");
-    let now = SystemTime::now();
+    let now = proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock);
     let opts = |i: usize| -> Result<issuer::tokens::CreateOptions> {
         Ok(issuer::tokens::CreateOptions {
             identity: Identity::parse(&format!(
@@ -522,24 +514,7 @@ struct IssuerProc {
 
 impl IssuerProc {
     fn start(state: &Path, root: &Path, n: usize, lifetime: Duration) -> Result<Self> {
-        let (port, admin) = (free_port(), free_port());
-        let log: PathBuf = root.join(format!("issuer-{n}"));
-        let mut child = spawn(
-            Command::new(bin("issuer"))
-                .args(["serve", "--dir"])
-                .arg(state)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--admin", &format!("127.0.0.1:{admin}")])
-                .args(["--lifetime", &format!("{}s", lifetime.as_secs())]),
-            &log,
-        )?;
-        wait_admin(
-            &mut child,
-            "the issuer",
-            admin,
-            "/ready",
-            Duration::from_secs(120),
-        )?;
+        let (child, port) = issuer_serve(state, &root.join(format!("issuer-{n}")), lifetime)?;
         Ok(Self { port, child })
     }
 

@@ -26,7 +26,7 @@ use proxy_lib::proxy::tls::AllowList;
 use proxy_lib::proxy::{Reloader, Source};
 use rotator::timing::RotationTiming;
 use rustls_pki_types::ServerName;
-use testkit::bench::{fs_kind, fsync_cost, quantile};
+use testkit::bench::{fs_kind, fsync_cost, issuer_init, issuer_serve, quantile};
 use testkit::demo::{DEMO_IDENTITY, echo_app, spawn, wait_admin};
 use testkit::{ChildGuard, bin, free_port, http_get, run_ok};
 
@@ -87,35 +87,15 @@ struct Issuer {
 impl Issuer {
     fn start(root: &Path) -> Result<Self> {
         let dir = root.join("issuer");
-        run_ok(
-            Command::new(bin("issuer"))
-                .args(["init", "--dir"])
-                .arg(&dir),
-        );
         // A hundred forced rotations a minute for one host is what this bench does.
-        let toml = dir.join("issuer.toml");
-        let text = std::fs::read_to_string(&toml)?.replace(
-            "per_credential_per_minute = 600",
-            "per_credential_per_minute = 100000",
+        issuer_init(
+            &dir,
+            &[(
+                "per_credential_per_minute = 600",
+                "per_credential_per_minute = 100000",
+            )],
         );
-        std::fs::write(&toml, text)?;
-        let (port, admin) = (free_port(), free_port());
-        let mut child = spawn(
-            Command::new(bin("issuer"))
-                .args(["serve", "--dir"])
-                .arg(&dir)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--admin", &format!("127.0.0.1:{admin}")])
-                .args(["--lifetime", "1h"]),
-            &root.join("issuer"),
-        )?;
-        wait_admin(
-            &mut child,
-            "the issuer",
-            admin,
-            "/ready",
-            Duration::from_secs(30),
-        )?;
+        let (child, port) = issuer_serve(&dir, &root.join("issuer"), Duration::from_secs(3600))?;
         Ok(Self {
             dir,
             port,
@@ -305,13 +285,13 @@ impl Run {
             if let Some(status) = self.rotator.0.try_wait()? {
                 bail!("the rotator exited ({status})");
             }
-            let hup = SystemTime::now();
+            let hup = proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock);
             rustix::process::kill_process(pid, rustix::process::Signal::HUP)?;
             let deadline = Instant::now() + Duration::from_secs(10);
             let seen = loop {
                 handshakes += 1;
                 let now_serial = self.served();
-                let at = SystemTime::now();
+                let at = proxy_lib::clock::Clock::now(&proxy_lib::clock::SystemClock);
                 match now_serial {
                     Ok(s) if s != serial => break (s, at),
                     _ if Instant::now() > deadline => {

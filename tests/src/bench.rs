@@ -100,6 +100,50 @@ pub fn proc_usage(pid: u32) -> std::io::Result<ProcUsage> {
     Ok(ProcUsage { cpu, peak_rss })
 }
 
+/// `issuer init --dir state`, then `edits` (pairs of text to find and its replacement) applied
+/// to the `issuer.toml` it wrote. Panics naming what failed.
+pub fn issuer_init(state: &Path, edits: &[(&str, &str)]) {
+    crate::run_ok(
+        std::process::Command::new(crate::bin("issuer"))
+            .args(["init", "--dir"])
+            .arg(state),
+    );
+    let toml = state.join("issuer.toml");
+    let mut text = std::fs::read_to_string(&toml).expect("read issuer.toml");
+    for (from, to) in edits {
+        assert!(text.contains(from), "issuer.toml has no {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(&toml, text).expect("write issuer.toml");
+}
+
+/// An `issuer serve --dir state` on a free loopback port with leaf `lifetime`, its stdout and
+/// stderr in `log.out` / `log.log`, once its `/ready` answers. Returns it and its port.
+pub fn issuer_serve(
+    state: &Path,
+    log: &Path,
+    lifetime: Duration,
+) -> anyhow::Result<(crate::ChildGuard, u16)> {
+    let (port, admin) = (crate::free_port(), crate::free_port());
+    let mut child = crate::demo::spawn(
+        std::process::Command::new(crate::bin("issuer"))
+            .args(["serve", "--dir"])
+            .arg(state)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--lifetime", &format!("{}s", lifetime.as_secs())]),
+        log,
+    )?;
+    crate::demo::wait_admin(
+        &mut child,
+        "the issuer",
+        admin,
+        "/ready",
+        Duration::from_secs(120),
+    )?;
+    Ok((child, port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
