@@ -559,6 +559,10 @@ impl Reservation {
 #[derive(Default)]
 struct Loaded {
     records: Vec<(TokenRecord, [u8; 32])>,
+    /// Index into `records` by token hash and by id: a request looks one record up, not
+    /// every one (a fleet's store holds a record per host).
+    by_hash: std::collections::HashMap<[u8; 32], usize>,
+    by_id: std::collections::HashMap<String, usize>,
     revocations: std::collections::HashMap<String, IdentityRevocation>,
 }
 
@@ -651,7 +655,7 @@ impl TokenStore {
 
     /// Replaces every record and every identity revocation at once.
     pub fn replace_all(&self, records: Vec<TokenRecord>, revocations: Vec<IdentityRevocation>) {
-        let records = records
+        let records: Vec<(TokenRecord, [u8; 32])> = records
             .into_iter()
             .filter_map(|r| {
                 let mut h = [0u8; 32];
@@ -659,6 +663,14 @@ impl TokenStore {
                 Some((r, h))
             })
             .collect();
+        // As the scans these replace did: the last record of a hash is the one checked, the
+        // first of an id the one a use is recorded in (as `reserve_in_file` finds it).
+        let mut by_hash = std::collections::HashMap::with_capacity(records.len());
+        let mut by_id = std::collections::HashMap::with_capacity(records.len());
+        for (i, (r, h)) in records.iter().enumerate() {
+            by_hash.insert(*h, i);
+            by_id.entry(r.id.clone()).or_insert(i);
+        }
         let mut by_identity = std::collections::HashMap::<String, IdentityRevocation>::new();
         for r in revocations {
             match by_identity.get_mut(&r.identity) {
@@ -681,6 +693,8 @@ impl TokenStore {
         }
         self.loaded.store(Arc::new(Loaded {
             records,
+            by_hash,
+            by_id,
             revocations: by_identity,
         }));
     }
@@ -704,12 +718,12 @@ impl TokenStore {
         id: &str,
         key: &str,
     ) -> std::result::Result<Reservation, AuthError> {
-        let limited = self
-            .loaded
-            .load()
-            .records
-            .iter()
-            .any(|(r, _)| r.id == id && r.uses.is_some());
+        let loaded = self.loaded.load();
+        let limited = loaded
+            .by_id
+            .get(id)
+            .is_some_and(|&i| loaded.records[i].0.uses.is_some());
+        drop(loaded);
         let binding = if !limited {
             Binding::Unlimited
         } else {
@@ -866,13 +880,16 @@ impl TokenStore {
         }
         let h = sha256_of(token);
         let loaded = self.loaded.load();
-        // Compare against every record so the time taken does not depend on which matched.
-        let mut found: Option<&TokenRecord> = None;
-        for (rec, hash) in &loaded.records {
-            if bool::from(hash.ct_eq(&h)) {
-                found = Some(rec);
-            }
-        }
+        // Looked up by the SHA-256 of the presented token in a randomly keyed hash map: the
+        // time taken says nothing about any stored hash an attacker could use (it is the hash
+        // of a 256-bit secret), and the candidate is still compared in constant time. (A scan
+        // of every record cost a fleet's bootstrap O(records) per request.)
+        let found = loaded
+            .by_hash
+            .get(&h)
+            .map(|&i| &loaded.records[i])
+            .filter(|(_, hash)| bool::from(hash.ct_eq(&h)))
+            .map(|(rec, _)| rec);
         let Some(rec) = found else {
             return Ok(None);
         };

@@ -13,7 +13,8 @@
 //! - [`reload`]: signal / HTTP / exec hooks; [`verify`]: the served-cert check.
 //! - [`renew`]: one renewal cycle shared by `run` and `rotate`; [`daemon`]: the daemon, a
 //!   sans-IO state machine ([`daemon::machine`]) and the small IO loop that drives it.
-//! - [`status`], [`state`], [`metrics`], [`notify`], [`signals`], [`bootstrap`].
+//! - [`status`], [`state`], [`metrics`], [`notify`], [`signals`], [`bootstrap`]; [`timing`]: where
+//!   the time of the last rotation went (`/status` shows it).
 //!
 //! In-process use (what `rotator rotate` does):
 //! ```no_run
@@ -45,6 +46,7 @@ pub mod signals;
 pub mod state;
 pub mod status;
 pub mod store;
+pub mod timing;
 pub mod trust;
 pub mod validate;
 pub mod verify;

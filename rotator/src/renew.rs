@@ -15,6 +15,7 @@ use crate::reload::{Reload, ReloadError};
 use crate::schedule::{self, CertTimes, Decision};
 use crate::state::{Change, Ledger, State};
 use crate::store::{FsOps, NewSet, RealFs, Store, StoreError};
+use crate::timing::{LastRotation, ReloadTiming, RotationTiming, Stopwatch, micros};
 use crate::trust::{Offer, Trust};
 use crate::validate::{self, ValidateError};
 use crate::verify::VerifyError;
@@ -146,6 +147,8 @@ pub struct Rotator<I, R> {
     ledger: Arc<Mutex<Ledger>>,
     /// The key of a bootstrap not yet certified, re-sent by the next attempt.
     bootstrap_key: Mutex<Option<keygen::KeyAndCsr>>,
+    /// The stages of the last successful rotation (`/status` shows them).
+    last_rotation: LastRotation,
 }
 
 impl<I: Issue, R: Reload> Rotator<I, R> {
@@ -165,6 +168,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             view: Arc::new(Mutex::new(view)),
             ledger: Arc::default(),
             bootstrap_key: Mutex::new(None),
+            last_rotation: LastRotation::default(),
         }
     }
 
@@ -193,6 +197,15 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
     /// `/status`): it stays right when the state file cannot be written.
     pub fn status_source(&self) -> crate::status::Source {
         crate::status::Source::new(self.config.clone(), self.clock.clone(), self.ledger.clone())
+            .with_last_rotation(self.last_rotation.clone())
+    }
+
+    /// The stages of the last successful rotation, if there was one in this process.
+    pub fn last_rotation(&self) -> Option<RotationTiming> {
+        self.last_rotation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn view(&self) -> MutexGuard<'_, disk::View> {
@@ -271,7 +284,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
 
     async fn renew_traced(&self, force: bool) -> Result<Outcome, CycleError> {
         let span = tracing::info_span!("renewal", identity = %self.config.identity, forced = force);
-        tracing::Instrument::instrument(self.renew(), span).await
+        tracing::Instrument::instrument(self.renew(force), span).await
     }
 
     /// Records a renewal attempt in the metrics and the state file. A failure is not logged
@@ -433,7 +446,8 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         }
     }
 
-    async fn renew(&self) -> Result<Outcome, CycleError> {
+    async fn renew(&self, forced: bool) -> Result<Outcome, CycleError> {
+        let mut watch = Stopwatch::start(forced);
         let cfg = &self.config;
         let trust = self.trust().await?;
         let anchors = trust.anchors.clone();
@@ -466,6 +480,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         };
         // A bootstrap (no cert to present) keeps its key until it succeeds: a retry re-sends
         // the same key and CSR, which a single-use token bound to that key still accepts.
+        watch.timing.prepare_us = watch.lap();
         let fresh = if presented.is_some() {
             keygen::generate(&cfg.identity, false)?
         } else {
@@ -480,17 +495,21 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             }
         };
         let bootstrap = presented.is_none();
-        let resp = self
-            .issuer
-            .certify_presenting(
-                CertifyRequest {
-                    identity: cfg.identity.to_string(),
-                    token,
-                    csr_der: fresh.csr_der.clone(),
-                },
-                presented,
-            )
-            .await?;
+        watch.timing.keygen_csr_us = watch.lap();
+        let certify = self.issuer.certify_presenting(
+            CertifyRequest {
+                identity: cfg.identity.to_string(),
+                token,
+                csr_der: fresh.csr_der.clone(),
+            },
+            presented,
+        );
+        // The issuer's trust bundle, fetched with every renewal, beside the Certify call (two
+        // round trips at once rather than one after the other); its answer is looked at only
+        // once the new cert is validated.
+        let (resp, offer) = tokio::join!(certify, self.fetch_offer());
+        let resp = resp?;
+        watch.timing.certify_us = watch.lap();
         let received = self.clock.now();
         let valid = validate::validate(
             &resp.leaf,
@@ -501,14 +520,15 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             received,
             cfg.policy.clock_skew,
         )?;
+        watch.timing.validate_us = watch.lap();
         let serial = valid.leaf.serial.clone();
         if bootstrap {
             // Certified: the next bootstrap, if ever, starts with a new key.
             *self.bootstrap_key.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         let times = CertTimes::received(received, valid.leaf.not_before, valid.leaf.not_after);
-        // The issuer's trust bundle, fetched with every renewal; a failed fetch keeps the set.
-        let offer = self.fetch_offer().await.unwrap_or_else(|e| {
+        // A failed fetch of the trust bundle keeps the set.
+        let offer = offer.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot fetch the issuer's trust bundle; keeping the anchors in place");
             None
         });
@@ -516,6 +536,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         let (new_trust, bundle_change) = self.take_offer(&trust, offer, &valid.chain, at);
         let trust = new_trust.unwrap_or(trust);
         let anchors = trust.anchors.clone();
+        watch.timing.bundle_us = watch.lap();
         let key = {
             // The swap (flock, writes, fsyncs) and the state file run off the runtime thread.
             let (store, fs, view) = (self.store.clone(), self.fs.clone(), self.view.clone());
@@ -548,6 +569,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             })
             .await?
         };
+        watch.timing.swap_us = watch.lap();
         self.metrics
             .cert_expiration
             .set(unix_secs(valid.leaf.not_after) as i64);
@@ -564,7 +586,12 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
         };
         let bundle = CertBundle::from_parts(valid.chain.clone(), key, anchors)
             .map_err(|e| CycleError::Anchors(e.to_string()))?;
-        self.reload_and_verify(&bundle).await?;
+        let reload = self.reload_and_verify_timed(&bundle).await?;
+        watch.timing.hook_us = reload.hook_us;
+        watch.timing.reload_wait_us = reload.reload_wait_us;
+        watch.timing.verify_us = reload.verify_us;
+        watch.timing.verify_attempts = reload.verify_attempts;
+        crate::timing::record(&self.last_rotation, watch.finish(&serial));
         Ok(Outcome::Rotated {
             serial,
             sha256: valid.leaf.sha256,
@@ -576,12 +603,28 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
     /// Runs the reload hooks, then (with `[verify]`) checks the listener serves `bundle`,
     /// running the hooks again between attempts.
     pub async fn reload_and_verify(&self, bundle: &CertBundle) -> Result<(), CycleError> {
+        self.reload_and_verify_timed(bundle).await.map(drop)
+    }
+
+    /// [`Rotator::reload_and_verify`], saying where its time went.
+    async fn reload_and_verify_timed(
+        &self,
+        bundle: &CertBundle,
+    ) -> Result<ReloadTiming, CycleError> {
         let serial = bundle.leaf.serial.clone();
         let attempts = self.config.verify.as_ref().map_or(1, |v| v.attempts.max(1));
         let mut last = None;
         let mut errors = Vec::new();
+        let mut timing = ReloadTiming::default();
+        let start = std::time::Instant::now();
+        let mut hooked = None;
         for attempt in 1..=attempts {
             let outcomes = self.reload.reload().await;
+            let hooks_done = std::time::Instant::now();
+            if hooked.is_none() {
+                timing.hook_us = micros(hooks_done - start);
+                hooked = Some(hooks_done);
+            }
             errors.clear();
             for o in outcomes {
                 self.metrics.reload(o.result.is_ok());
@@ -591,7 +634,7 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
             }
             let Some(v) = &self.config.verify else {
                 if errors.is_empty() {
-                    return Ok(());
+                    return Ok(timing);
                 }
                 return Err(CycleError::Reload { serial, errors });
             };
@@ -600,13 +643,17 @@ impl<I: Issue, R: Reload> Rotator<I, R> {
                 .server_name
                 .clone()
                 .unwrap_or_else(|| self.config.identity.to_string());
+            let asked = std::time::Instant::now();
             match crate::verify::served_leaf_matches(&v.addr, &name, bundle, self.config.timeout)
                 .await
             {
                 Ok(_) => {
                     self.metrics.reload(true);
                     tracing::info!(%serial, attempt, "listener serves the new cert");
-                    return Ok(());
+                    timing.reload_wait_us = micros(asked - hooked.unwrap_or(start));
+                    timing.verify_us = micros(asked.elapsed());
+                    timing.verify_attempts = attempt;
+                    return Ok(timing);
                 }
                 Err(e) => {
                     self.metrics.reload(false);

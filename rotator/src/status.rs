@@ -95,6 +95,10 @@ pub struct Report {
     /// WARNING at least).
     #[serde(default)]
     pub bundle_error: Option<String>,
+    /// Where the time of the daemon's last successful rotation went (decision time and each
+    /// stage); only the daemon's `/status` has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<crate::timing::RotationTiming>,
 }
 
 impl Report {
@@ -116,6 +120,7 @@ impl Report {
             state_file: None,
             trust_bundle: None,
             bundle_error: None,
+            last_rotation: None,
         }
     }
 
@@ -212,6 +217,7 @@ pub struct Source {
     config: Arc<Config>,
     clock: SharedClock,
     ledger: Arc<Mutex<Ledger>>,
+    last_rotation: crate::timing::LastRotation,
 }
 
 impl std::fmt::Debug for Source {
@@ -228,7 +234,14 @@ impl Source {
             config,
             clock,
             ledger,
+            last_rotation: Default::default(),
         }
+    }
+
+    /// Shows `last` as the report's `last_rotation`.
+    pub(crate) fn with_last_rotation(mut self, last: crate::timing::LastRotation) -> Self {
+        self.last_rotation = last;
+        self
     }
 
     /// The report now: the state as the daemon recorded it last (the state file before the
@@ -240,7 +253,13 @@ impl Source {
             .unwrap_or_else(|p| p.into_inner())
             .snapshot();
         let state = state.unwrap_or_else(|| State::load(&self.config.dir));
-        report_from(&self.config, self.clock.now(), &state, unsaved)
+        let mut report = report_from(&self.config, self.clock.now(), &state, unsaved);
+        report.last_rotation = self
+            .last_rotation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        report
     }
 
     /// The `GET /status` route: [`Source::report`] as JSON (built off the runtime thread).

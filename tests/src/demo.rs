@@ -380,7 +380,7 @@ fn wait_live(child: &mut ChildGuard, what: &str, admin: u16, timeout: Duration) 
 }
 
 /// Polls an admin endpoint every 50 ms until it answers 200; fails early when the child exits.
-fn wait_admin(
+pub fn wait_admin(
     child: &mut ChildGuard,
     what: &str,
     admin: u16,

@@ -2,6 +2,7 @@
 //! child processes that are always stopped, and free loopback ports.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod demo;
 
 use std::io::{Read, Write};

@@ -153,6 +153,15 @@ async fn first_cycle_installs_and_second_is_not_due() {
         m.contains("rotator_rotations_total{result=\"success\"} 1"),
         "{m}"
     );
+    // The rotation's stages are kept for `/status`: the new serial, not forced, no verify.
+    let t = r.last_rotation().expect("the stages of the rotation");
+    assert_eq!(t.serial, serial);
+    assert!(!t.forced);
+    assert_eq!((t.verify_attempts, t.verify_us), (0, 0));
+    let stages = t.prepare_us + t.keygen_csr_us + t.certify_us + t.validate_us;
+    assert!(stages + t.bundle_us + t.swap_us + t.hook_us <= t.total_us);
+    assert!(t.decided_unix_us > 0);
+    assert_eq!(r.status_source().report().last_rotation, Some(t));
 }
 
 // A bootstrap that fails is retried with the same key and CSR (a single-use token is bound to
