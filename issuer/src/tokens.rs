@@ -563,6 +563,9 @@ struct Loaded {
     /// every one (a fleet's store holds a record per host).
     by_hash: std::collections::HashMap<[u8; 32], usize>,
     by_id: std::collections::HashMap<String, usize>,
+    /// The `allowed_ips` of the non-revoked records that restrict addresses, by identity
+    /// ([`proxy_lib::identity::normalize_name`]): where renewal by certificate may come from.
+    renewal_nets: std::collections::HashMap<String, Vec<IpNet>>,
     revocations: std::collections::HashMap<String, IdentityRevocation>,
 }
 
@@ -671,6 +674,16 @@ impl TokenStore {
             by_hash.insert(*h, i);
             by_id.entry(r.id.clone()).or_insert(i);
         }
+        let mut renewal_nets = std::collections::HashMap::<String, Vec<IpNet>>::new();
+        for (r, _) in records
+            .iter()
+            .filter(|(r, _)| r.revoked.is_none() && !r.allowed_ips.is_empty())
+        {
+            renewal_nets
+                .entry(proxy_lib::identity::normalize_name(&r.identity))
+                .or_default()
+                .extend(r.allowed_ips.iter().copied());
+        }
         let mut by_identity = std::collections::HashMap::<String, IdentityRevocation>::new();
         for r in revocations {
             match by_identity.get_mut(&r.identity) {
@@ -695,6 +708,7 @@ impl TokenStore {
             records,
             by_hash,
             by_id,
+            renewal_nets,
             revocations: by_identity,
         }));
     }
@@ -830,17 +844,11 @@ impl TokenStore {
     /// non-revoked record for it restricts addresses, else the union of the `allowed_ips` of
     /// those that do (records of used-up counted tokens included: they are kept).
     pub fn renewal_sources(&self, identity: &str) -> Option<Vec<IpNet>> {
-        let loaded = self.loaded.load();
-        let nets: Vec<IpNet> = loaded
-            .records
-            .iter()
-            .map(|(r, _)| r)
-            .filter(|r| {
-                r.revoked.is_none() && proxy_lib::identity::matches_san(&r.identity, identity)
-            })
-            .flat_map(|r| r.allowed_ips.iter().copied())
-            .collect();
-        (!nets.is_empty()).then_some(nets)
+        self.loaded
+            .load()
+            .renewal_nets
+            .get(&proxy_lib::identity::normalize_name(identity))
+            .cloned()
     }
 
     /// Checks a renewal by certificate for `identity` from `peer` against
