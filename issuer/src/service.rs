@@ -165,7 +165,15 @@ impl CertifyService {
         req: &CertifyRequest,
         peer: &PeerInfo,
         principal: &mut Option<Principal>,
-    ) -> Result<(Leaf, Arc<Ca>, Option<Reservation>), RequestError> {
+    ) -> Result<
+        (
+            Leaf,
+            Arc<Ca>,
+            Option<Reservation>,
+            proxy_lib::identity::Identity,
+        ),
+        RequestError,
+    > {
         let s = &*self.shared;
         // A throttled source never gets here: the front refuses it before decoding.
         let source = peer.addr.map(|a| a.ip());
@@ -249,7 +257,7 @@ impl CertifyService {
             &grant,
             LeafKind::Renewable(chain_start),
         ) {
-            Ok(leaf) => Ok((leaf, ca, reservation)),
+            Ok(leaf) => Ok((leaf, ca, reservation, identity)),
             Err(e) => {
                 if let (Some(r), Some(store)) = (reservation, &s.tokens) {
                     store.release(r).await;
@@ -292,7 +300,7 @@ impl IdentityApi for CertifyService {
             reason: None,
         };
         match outcome {
-            Ok((leaf, ca, reservation)) => {
+            Ok((leaf, ca, reservation, issued_to)) => {
                 event.serial = Some(&leaf.serial);
                 event.sha256 = Some(&leaf.sha256);
                 event.not_after = Some(proxy_lib::clock::rfc3339(leaf.not_after));
@@ -314,8 +322,8 @@ impl IdentityApi for CertifyService {
                 }
                 s.metrics.certify("issued", started.elapsed().as_secs_f64());
                 crate::bundle::count_issued(&s.metrics, &ca);
-                if let (Some(r), Ok(id)) = (&s.last_issued, s.policy.identity(&req.identity)) {
-                    r.issued(&id, peer.addr.map(|a| a.ip()), &leaf.serial);
+                if let Some(r) = &s.last_issued {
+                    r.issued(&issued_to, peer.addr.map(|a| a.ip()), &leaf.serial);
                 }
                 tracing::debug!(
                     identity = %identity,
